@@ -1,0 +1,1 @@
+"""Command-line front end of poolformer: parses options, calls the library, renders the results."""

@@ -1,0 +1,46 @@
+"""The `poolformer` Typer app. Each command lives in its own module and imports torch only when it runs,
+so `poolformer --help` and `--version` stay fast."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from poolformer import __version__
+
+from . import zoo
+
+app = typer.Typer(
+    name="poolformer",
+    help="Analyse, benchmark and run PoolFormer / MetaFormer vision models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"poolformer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+                                           help="Print the version and exit."),
+) -> None:
+    """Analyse, benchmark and run PoolFormer / MetaFormer vision models."""
+
+
+app.command("list")(zoo.list_command)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

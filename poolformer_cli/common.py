@@ -1,0 +1,94 @@
+"""What every command shares: consoles, one-line errors with exit codes, model-name and list options.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, NoReturn
+
+import typer
+from rich.console import Console
+
+from poolformer.errors import PoolformerError, UnknownModelError
+from poolformer.zoo import get_spec
+
+console = Console()
+err_console = Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print `error: message` on stderr as one line and exit with `code`."""
+    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True, markup=True)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the library's errors (and Ctrl-C) into one-line messages with their exit codes, no traceback."""
+    try:
+        yield
+    except PoolformerError as err:
+        fail(str(err), err.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+def resolve_model(name: str) -> str:
+    """The canonical name for a model name or alias, or exit 2 with the closest names."""
+    try:
+        return get_spec(name).name
+    except UnknownModelError as err:
+        fail(str(err), 2)
+
+
+def parse_int_list(text: str, option: str, minimum: int = 1) -> list[int]:
+    """'224,288' -> [224, 288]; exit 2 naming the option on anything that is not an integer >= minimum."""
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            value = int(part)
+        except ValueError:
+            fail(f"{option} takes integers separated by commas, got {part!r}")
+        if value < minimum:
+            fail(f"{option} values must be >= {minimum}, got {value}")
+        values.append(value)
+    return values
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write text to path via a temporary file in the same folder and a rename: never a half-written file."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def print_json(value: Any) -> None:
+    """Machine-readable output on stdout, untouched by Rich."""
+    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def human(n: float | None, unit: str = "") -> str:
+    """1822580736 -> '1.82G' (decimal prefixes); None -> '-'."""
+    if n is None:
+        return "-"
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f}{prefix}{unit}"
+    return f"{n:g}{unit}"
