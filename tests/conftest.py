@@ -1,0 +1,33 @@
+"""Shared fixtures: small inputs and checkpoints made here from random initialisation (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from poolformer import create_model
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter random values (not the init's ones and zeros), so norms' affines, LayerScale and
+    biases all matter in comparisons."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
+    return model
+
+
+@pytest.fixture
+def s12_random() -> torch.nn.Module:
+    return randomize_(create_model("s12"))
+
+
+@pytest.fixture
+def s12_checkpoint(tmp_path, s12_random):
+    """A poolformer_s12 checkpoint in the official sail-sg layout, written as a plain state_dict .pth.tar."""
+    from poolformer.weights import export_state_dict
+
+    path = tmp_path / "poolformer_s12.pth.tar"
+    torch.save(export_state_dict(s12_random, "official"), path)
+    return path
