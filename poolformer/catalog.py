@@ -22,7 +22,8 @@ class ZooEntry:
     macs: int | None  # published, fvcore at 224x224: one multiply-add counts 1
     top1: float | None  # published ImageNet-1k top-1, %
     crop_pct: float
-    weights: str
+    weights: str  # primary source: hf-hub:<repo> (timm layout), or the release URL
+    weights_url: str | None  # the authors' release file, the fallback
 
 
 def count_params(spec: ModelSpec) -> tuple[int, int]:
@@ -43,6 +44,6 @@ def catalog(family: str | None = None) -> list[ZooEntry]:
             name=spec.name, aliases=spec.aliases, family=spec.family, description=spec.description,
             params=total, trainable_params=trainable, published_params=spec.published.params,
             macs=spec.published.macs, top1=spec.published.top1, crop_pct=spec.crop_pct,
-            weights=spec.weights_source,
+            weights=spec.weights_source, weights_url=spec.url,
         ))
     return rows
