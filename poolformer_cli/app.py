@@ -10,6 +10,7 @@ import typer
 from poolformer import __version__
 
 from . import zoo
+from . import bench as bench_cli
 
 app = typer.Typer(
     name="poolformer",
@@ -36,6 +37,8 @@ def _root(
 
 
 app.command("list")(zoo.list_command)
+app.command("bench")(bench_cli.bench_command)
+app.command("profile")(bench_cli.profile_command)
 
 
 def main() -> None:

@@ -1,0 +1,495 @@
+"""Inference benchmark engine: throughput, latency distribution and peak memory per configuration.
+
+How a configuration (model, implementation, device, batch size, resolution, precision, memory format,
+compile) is measured, in order:
+
+1. build the model (random weights: speed does not depend on the values), move it to the device, convert it
+   to channels_last if asked, wrap it in torch.compile if asked;
+2. reset the peak-memory counters (CUDA allocator peaks; on CPU the process's peak resident set via
+   /proc/self/clear_refs);
+3. time the first call on its own (with compile, this is the compile time) - it is never mixed into the
+   steady-state numbers;
+4. run `warmup` untimed steps;
+5. time every step separately - CUDA events around each step on a GPU (read after one synchronisation, so
+   the timer does not stall the queue), time.perf_counter on the CPU - for `iters` steps or until
+   `min_time_s` has passed;
+6. report the median, 90th percentile and inter-quartile range of the per-step latencies, throughput =
+   batch_size / median latency, and flag the measurement as noisy when IQR / median exceeds a threshold.
+
+All steps run under torch.inference_mode() and, for bf16/fp16, torch.autocast (weights stay fp32; matmuls
+and convolutions run in the low precision). Out-of-memory at a configuration gives a row with status
+"oom", frees the memory and the run goes on; any other failure gives status "error" with a one-line reason.
+
+In normalised mode a fixed reference workload (a small plain-torch network, independent of this package's
+code) is timed interleaved step by step with the model, so that throughput can be compared relative to the
+machine's speed at that moment (see poolformer.regression).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+STATUSES = ("ok", "oom", "error")
+MIN_TIMED_STEPS = 5  # a distribution needs a few points even when --min-time is tiny
+
+BuildModel = Callable[..., nn.Module]  # (name, impl, **create_kwargs) -> nn.Module, like implementations.build
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One row of a benchmark: everything that changes the number."""
+
+    model: str
+    impl: str = "ours"
+    device: str = "cpu"
+    batch_size: int = 1
+    resolution: int = 224
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class BenchSettings:
+    """How long and how carefully to measure; the same for every configuration of a run."""
+
+    warmup: int = 10
+    iters: int = 50
+    min_time_s: float | None = None  # when set, time steps until this much time has passed (>= 5 steps)
+    threads: int | None = None  # torch.set_num_threads for CPU runs; None keeps torch's default
+    normalised: bool = False  # also time the reference workload, interleaved with the model's steps
+    noisy_iqr_ratio: float = 0.10  # IQR / median above this flags the measurement as noisy
+    compile_backend: str = "inductor"
+
+
+@dataclass
+class LatencyStats:
+    """Summary of per-step latencies in milliseconds."""
+
+    median: float
+    p90: float
+    iqr: float
+    mean: float
+    min: float
+
+    @classmethod
+    def from_steps(cls, steps_ms: list[float]) -> "LatencyStats":
+        ordered = sorted(steps_ms)
+        return cls(median=statistics.median(ordered), p90=percentile(ordered, 90),
+                   iqr=percentile(ordered, 75) - percentile(ordered, 25),
+                   mean=statistics.fmean(ordered), min=ordered[0])
+
+
+@dataclass
+class BenchResult:
+    """The measurement of one `BenchConfig`. throughput is images/s; latencies are per step (one batch)."""
+
+    config: BenchConfig
+    status: str  # ok | oom | error
+    throughput: float | None = None
+    latency_ms: LatencyStats | None = None
+    steps_ms: list[float] = field(default_factory=list)
+    peak_memory_bytes: int | None = None  # GPU: peak allocated by tensors; CPU: process peak resident set
+    peak_reserved_bytes: int | None = None  # GPU only: peak held by the caching allocator
+    first_call_ms: float | None = None  # the first forward on its own (includes compilation with compile)
+    noisy: bool = False
+    reference_ms: float | None = None  # normalised mode: median latency of the reference workload
+    error: str | None = None
+    telemetry: dict[str, Any] | None = None
+
+    @property
+    def relative_throughput(self) -> float | None:
+        """Images per reference-workload run: throughput with the machine's momentary speed divided out."""
+        if self.throughput is None or self.reference_ms is None:
+            return None
+        return self.throughput * self.reference_ms / 1000.0
+
+    def to_row(self) -> dict[str, Any]:
+        """The JSON row: the documented keys first, then the details."""
+        lat = self.latency_ms
+        row: dict[str, Any] = {**asdict(self.config), "status": self.status, "throughput": self.throughput,
+                               "latency_ms": {"median": lat.median if lat else None, "p90": lat.p90 if lat else None,
+                                              "iqr": lat.iqr if lat else None},
+                               "peak_memory_bytes": self.peak_memory_bytes}
+        if lat:
+            row["latency_ms"].update(mean=lat.mean, min=lat.min, steps=self.steps_ms)
+        row.update(peak_reserved_bytes=self.peak_reserved_bytes, first_call_ms=self.first_call_ms,
+                   compile_ms=self.first_call_ms if self.config.compile else None, noisy=self.noisy,
+                   reference_ms=self.reference_ms, relative_throughput=self.relative_throughput,
+                   error=self.error, telemetry=self.telemetry)
+        return row
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """q-th percentile of sorted values with linear interpolation (numpy's default method)."""
+    if not ordered:
+        raise ValueError("percentile of no values")
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+# ----------------------------------------------------------------------------------- validation
+
+
+def resolve_device(text: str | None) -> str:
+    """'cpu', 'cuda' or 'cuda:N' -> 'cpu' / 'cuda:N'; None -> 'cuda:0' when a GPU is present, else 'cpu'."""
+    if text is None:
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    text = text.strip().lower()
+    if text == "cpu":
+        return "cpu"
+    kind, _, index = text.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ConfigError(f"unknown device {text!r}; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {text!r} requested but no CUDA GPU is available (torch.cuda.is_available() "
+                          "is False); use --device cpu")
+    n = int(index or 0)
+    if n >= torch.cuda.device_count():
+        raise ConfigError(f"device {text!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+    return f"cuda:{n}"
+
+
+def check_precision(device: str, precision: str) -> None:
+    """Raise ConfigError unless autocast in `precision` really runs a convolution on `device`."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return
+    dev = torch.device(device)
+    if dev.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"bf16 is not supported on {torch.cuda.get_device_name(dev)}; use fp16 or fp32")
+    dtype = _AUTOCAST_DTYPES[precision]
+    try:
+        conv = nn.Conv2d(3, 4, 3).to(dev)
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype):
+            out = conv(torch.randn(1, 3, 8, 8, device=dev))
+    except Exception as err:
+        raise ConfigError(f"{precision} autocast is not supported on {device}: {_one_line(err)}") from None
+    if out.dtype != dtype:  # autocast silently disabled itself (it warns instead of failing)
+        raise ConfigError(f"{precision} autocast is not supported on {device} by torch {torch.__version__}")
+
+
+def check_settings(settings: BenchSettings) -> None:
+    if settings.warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {settings.warmup}")
+    if settings.iters < 1:
+        raise ConfigError(f"--iters must be >= 1, got {settings.iters}")
+    if settings.min_time_s is not None and settings.min_time_s <= 0:
+        raise ConfigError(f"--min-time must be > 0 seconds, got {settings.min_time_s}")
+    if settings.threads is not None and settings.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {settings.threads}")
+
+
+# ----------------------------------------------------------------------------------- timing
+
+
+class _Stopwatch:
+    """Times calls on one device. CPU: perf_counter now. CUDA: a pair of events per call, read in `resolve`
+    after a single synchronisation, so that timing does not insert a sync between steps."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def time(self, fn: Callable[[], Any]) -> Any:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            return start, end
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1000.0
+
+    def resolve(self, handles: list[Any]) -> list[float]:
+        if not self.cuda:
+            return list(handles)
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in handles]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], Any], device: torch.device, *, warmup: int, iters: int,
+               min_time_s: float | None = None, reference: Callable[[], Any] | None = None
+               ) -> tuple[list[float], list[float]]:
+    """Per-step latencies (ms) of `step` after `warmup` untimed steps, and of `reference` when given (run
+    right after each model step, so both see the same machine state). Runs `iters` steps, or with
+    min_time_s until that much wall time has passed and at least MIN_TIMED_STEPS were taken."""
+    for _ in range(warmup):
+        step()
+        if reference is not None:
+            reference()
+    synchronize(device)
+    watch = _Stopwatch(device)
+    step_handles, reference_handles = [], []
+    started = time.perf_counter()
+    while True:
+        step_handles.append(watch.time(step))
+        if reference is not None:
+            reference_handles.append(watch.time(reference))
+        taken = len(step_handles)
+        if min_time_s is None:
+            if taken >= iters:
+                break
+        elif taken >= MIN_TIMED_STEPS and time.perf_counter() - started >= min_time_s:
+            break
+    return watch.resolve(step_handles), watch.resolve(reference_handles)
+
+
+def time_once(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall time of one call in ms, synchronised on both sides (used for the first call / compile)."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return (time.perf_counter() - t0) * 1000.0
+
+
+# ----------------------------------------------------------------------------------- memory
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    # Linux: writing 5 to clear_refs resets the process's peak resident set size (VmHWM).
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_memory(device: torch.device) -> tuple[int | None, int | None]:
+    """(peak allocated, peak reserved) bytes on a GPU; (process peak resident set, None) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, None
+    except OSError:
+        pass
+    try:
+        import resource  # not resettable: the peak of the whole process so far (kB on Linux)
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, None
+    except (ImportError, OSError):
+        return None, None
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA), or the CPU allocator's failure, which is a plain RuntimeError."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    message = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+# ----------------------------------------------------------------------------------- the run
+
+
+def _default_build() -> BuildModel:
+    from .implementations import build
+
+    return build
+
+
+def _build_kwargs(config: BenchConfig) -> dict[str, Any]:
+    """Models with token-count dependent parts (random / spatial-FC mixers, position embeddings) are sized
+    for the input resolution; v1/v2 models work at any resolution and are built as published."""
+    from .zoo import get_spec
+
+    return {} if get_spec(config.model).family in ("v1", "v2") else {"img_size": config.resolution}
+
+
+def prepare_model(config: BenchConfig, build_model: BuildModel | None = None,
+                  compile_backend: str = "inductor") -> nn.Module:
+    """The model for `config` on its device, in eval mode, channels_last and compiled as asked."""
+    build_model = build_model or _default_build()
+    model = build_model(config.model, config.impl, **_build_kwargs(config)).eval().to(config.device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if config.compile:
+        model = torch.compile(model, backend=compile_backend)
+    return model
+
+
+def make_input(config: BenchConfig) -> torch.Tensor:
+    """A random image batch [batch_size, 3, resolution, resolution] on the config's device and memory format."""
+    x = torch.randn(config.batch_size, 3, config.resolution, config.resolution, device=config.device)
+    return x.contiguous(memory_format=torch.channels_last) if config.channels_last else x
+
+
+def _autocast(config: BenchConfig) -> contextlib.AbstractContextManager:
+    if config.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(config.device).type, dtype=_AUTOCAST_DTYPES[config.precision])
+
+
+def reference_workload(device: str) -> Callable[[], Any]:
+    """A fixed plain-torch network, independent of this package's code, with PoolFormer's op mix (strided
+    conv stem, one-group GroupNorm, 1x1-conv MLP with GELU, 3x3 average pooling) on a fixed batch
+    [2, 3, 160, 160], fp32. Its speed tracks the machine, not our code; see BenchSettings.normalised."""
+    generator = torch.Generator().manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 64, 7, stride=4, padding=2), nn.GroupNorm(1, 64),
+        nn.Conv2d(64, 256, 1), nn.GELU(), nn.Conv2d(256, 64, 1),
+        nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),
+    ).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    net = net.to(device)
+    x = torch.randn(2, 3, 160, 160, generator=generator).to(device)
+    device_type = torch.device(device).type
+
+    def run() -> None:
+        # always fp32: it runs interleaved inside the model's autocast region
+        with torch.inference_mode(), torch.autocast(device_type, enabled=False):
+            net(x)
+
+    return run
+
+
+def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildModel | None = None,
+               reference: Callable[[], Any] | None = None) -> BenchResult:
+    """Measure one configuration. Never raises for OOM or a failing model: the status says what happened."""
+    device = torch.device(config.device)
+    model = x = None
+    try:
+        model = prepare_model(config, build_model, settings.compile_backend)
+        _free_memory(device)
+        _reset_peak_memory(device)
+        x = make_input(config)
+        with torch.inference_mode(), _autocast(config):
+            def step() -> Any:
+                return model(x)
+
+            first_call_ms = time_once(step, device)
+            steps_ms, reference_ms = time_steps(step, device, warmup=settings.warmup, iters=settings.iters,
+                                                min_time_s=settings.min_time_s, reference=reference)
+        peak, reserved = _peak_memory(device)
+        stats = LatencyStats.from_steps(steps_ms)
+        return BenchResult(
+            config=config, status="ok", throughput=config.batch_size * 1000.0 / stats.median,
+            latency_ms=stats, steps_ms=steps_ms, peak_memory_bytes=peak, peak_reserved_bytes=reserved,
+            first_call_ms=first_call_ms, noisy=stats.iqr > settings.noisy_iqr_ratio * stats.median,
+            reference_ms=statistics.median(reference_ms) if reference_ms else None)
+    except Exception as err:
+        status = "oom" if is_out_of_memory(err) else "error"
+        return BenchResult(config=config, status=status, error=_one_line(err))
+    finally:
+        del model, x
+        _free_memory(device)
+
+
+def expand_configs(models: Iterable[str], impls: Iterable[str], device: str, batch_sizes: Iterable[int],
+                   resolutions: Iterable[int], precisions: Iterable[str], channels_last: bool,
+                   compile: bool) -> list[BenchConfig]:
+    """Every combination, in the order model > impl > precision > resolution > batch size."""
+    return [BenchConfig(m, i, device, b, r, p, channels_last, compile)
+            for m in models for i in impls for p in precisions for r in resolutions for b in batch_sizes]
+
+
+def apply_settings(settings: BenchSettings, device: str) -> None:
+    """Process-wide settings that affect speed (recorded in the environment block)."""
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # pick the fastest convolution algorithm, as timm does
+
+
+def run_benchmark(configs: Iterable[BenchConfig], settings: BenchSettings,
+                  build_model: BuildModel | None = None) -> Iterator[BenchResult]:
+    """Measure each configuration in turn, yielding each result as soon as it is known (so a caller can save
+    finished rows before a Ctrl-C). GPU runs carry NVML telemetry (or the reason it is absent)."""
+    from .envinfo import NvmlTelemetry
+
+    check_settings(settings)
+    references: dict[str, Callable[[], Any]] = {}
+    for config in configs:
+        apply_settings(settings, config.device)
+        reference = None
+        if settings.normalised:
+            reference = references.setdefault(config.device, reference_workload(config.device))
+        if config.device.startswith("cuda"):
+            with NvmlTelemetry(torch.device(config.device).index or 0) as telemetry:
+                result = run_config(config, settings, build_model, reference)
+            result.telemetry = telemetry.summary.to_dict()
+        else:
+            result = run_config(config, settings, build_model, reference)
+        yield result
+
+
+# ----------------------------------------------------------------------------------- max batch
+
+
+def fits(config: BenchConfig, build_model: BuildModel | None = None) -> bool:
+    """Whether two forward passes of `config` run without running out of memory (other errors propagate)."""
+    device = torch.device(config.device)
+    model = x = None
+    try:
+        model = prepare_model(replace(config, compile=False), build_model)
+        x = make_input(config)
+        with torch.inference_mode(), _autocast(config):
+            model(x)
+            model(x)
+        synchronize(device)
+        return True
+    except Exception as err:
+        if is_out_of_memory(err):
+            return False
+        raise
+    finally:
+        del model, x
+        _free_memory(device)
+
+
+def find_max_batch(config: BenchConfig, limit: int = 4096, build_model: BuildModel | None = None) -> int | None:
+    """The largest batch size <= limit that fits in memory for `config` (doubling, then bisection), or None
+    when not even batch 1 fits. Assumes memory grows with batch size."""
+    if not fits(replace(config, batch_size=1), build_model):
+        return None
+    good, bad = 1, None
+    while bad is None and good < limit:
+        trial = min(good * 2, limit)
+        if fits(replace(config, batch_size=trial), build_model):
+            good = trial
+        else:
+            bad = trial
+    while bad is not None and bad - good > 1:
+        middle = (good + bad) // 2
+        if fits(replace(config, batch_size=middle), build_model):
+            good = middle
+        else:
+            bad = middle
+    return good

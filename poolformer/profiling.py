@@ -1,0 +1,127 @@
+"""Where the time goes: one benchmark configuration under torch.profiler, summarised per operator.
+
+Times are *self* times (the time spent in an operator itself, not in the operators it calls), so the shares
+add up to 100% without double counting: aten::conv2d, for example, has almost no self time because the work
+is done in the convolution kernel it calls. On a GPU the self time is the device (kernel) time; on the CPU
+it is the host time. Operators are also grouped into categories (convolution, normalisation, pooling,
+elementwise, ...) to show why a PoolFormer is slower than its MACs suggest: the normalisations, the pooling
+mixer and the elementwise ops (LayerScale, residual adds, GELU) do few MACs but move a lot of memory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bench import BenchConfig, BuildModel, _autocast, make_input, prepare_model, synchronize
+
+# first match wins; matched against the lower-case operator name without the "aten::" prefix
+_CATEGORIES = (
+    ("convolution", ("conv", "mkldnn_convolution", "cudnn_convolution")),
+    ("normalisation", ("group_norm", "layer_norm", "batch_norm", "native_norm", "rms_norm")),
+    ("pooling", ("pool",)),
+    ("matmul", ("addmm", "matmul", "mm", "linear", "bmm", "baddbmm", "scaled_dot_product")),
+    ("elementwise", ("add", "sub", "mul", "div", "gelu", "relu", "silu", "sigmoid", "tanh", "pow", "sqrt",
+                     "rsqrt", "exp", "clamp", "where", "softmax", "neg", "mean", "sum", "var")),
+    ("memory", ("copy", "contiguous", "empty", "clone", "cat", "reshape", "view", "permute", "transpose",
+                "flatten", "expand", "as_strided", "fill", "zero")),
+)
+_EXACT = {"to": "memory", "to_copy": "memory"}  # too short to match as substrings
+
+
+@dataclass
+class OperatorTime:
+    name: str
+    category: str
+    self_ms: float  # per profiled step
+    calls: int  # per profiled step
+    share: float  # fraction of the total self time, 0..1
+
+
+@dataclass
+class ProfileReport:
+    config: BenchConfig
+    steps: int
+    time_kind: str  # "cpu" (host self time) or "cuda" (kernel self time)
+    total_ms: float  # total self time per step
+    operators: list[OperatorTime]  # slowest first
+    categories: dict[str, float] = field(default_factory=dict)  # category -> share of total, largest first
+    trace_path: str | None = None
+
+
+def categorize(op_name: str) -> str:
+    """'aten::native_group_norm' -> 'normalisation'; unknown operators -> 'other'."""
+    name = op_name.lower().split("::")[-1].lstrip("_")
+    if name in _EXACT:
+        return _EXACT[name]
+    for category, needles in _CATEGORIES:
+        if any(needle in name for needle in needles):
+            return category
+    return "other"
+
+
+def profile_model(config: BenchConfig, *, warmup: int = 3, steps: int = 5, trace_path: str | Path | None = None,
+                  build_model: BuildModel | None = None) -> ProfileReport:
+    """Profile `steps` forward passes of `config` after `warmup` unprofiled ones. trace_path: also write a
+    Chrome trace (open in chrome://tracing or https://ui.perfetto.dev), atomically."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if warmup < 0 or steps < 1:
+        raise ValueError("profile needs warmup >= 0 and steps >= 1")
+    device = torch.device(config.device)
+    model = prepare_model(config, build_model)
+    x = make_input(config)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.inference_mode(), _autocast(config):
+        for _ in range(warmup):
+            model(x)
+        synchronize(device)
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                model(x)
+            synchronize(device)
+    report = summarize(prof.key_averages(), steps, "cuda" if device.type == "cuda" else "cpu", config)
+    if trace_path is not None:
+        report.trace_path = _export_trace(prof, Path(trace_path))
+    return report
+
+
+def _self_time_us(event: Any, time_kind: str) -> float:
+    if time_kind == "cuda":
+        return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+    return float(event.self_cpu_time_total)
+
+
+def summarize(events: Any, steps: int, time_kind: str, config: BenchConfig) -> ProfileReport:
+    """Per-operator self time, calls and share from profiler key averages, slowest first."""
+    rows = [(e.key, _self_time_us(e, time_kind), e.count) for e in events]
+    rows = [(name, us, count) for name, us, count in rows if us > 0]
+    total_us = sum(us for _, us, _ in rows) or 1.0
+    operators = sorted((OperatorTime(name, categorize(name), us / 1000.0 / steps, round(count / steps), us / total_us)
+                        for name, us, count in rows), key=lambda op: op.self_ms, reverse=True)
+    categories: dict[str, float] = {}
+    for op in operators:
+        categories[op.category] = categories.get(op.category, 0.0) + op.share
+    categories = dict(sorted(categories.items(), key=lambda item: item[1], reverse=True))
+    return ProfileReport(config=config, steps=steps, time_kind=time_kind, total_ms=total_us / 1000.0 / steps,
+                         operators=operators, categories=categories)
+
+
+def _export_trace(prof: Any, path: Path) -> str:
+    path = path.expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".json", dir=path.parent)
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return str(path)

@@ -1,0 +1,315 @@
+"""`poolformer bench` (throughput / latency / memory, regression checks) and `poolformer profile`.
+
+Only parsing and rendering live here; the measuring is in poolformer.bench, poolformer.profiling and
+poolformer.regression. torch is imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich import box
+from rich.table import Table
+
+from .common import console, err_console, fail, human, parse_int_list, print_json, resolve_model, user_errors, \
+    write_atomic
+
+PRECISION_NAMES = ("fp32", "bf16", "fp16")  # poolformer.bench.PRECISIONS, repeated here to keep --help torch-free
+
+
+def _parse_names(text: str, option: str, allowed: Any) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        fail(f"{option} needs at least one value")
+    for name in names:
+        if name not in allowed:
+            fail(f"unknown {option.lstrip('-').rstrip('s')} {name!r} for {option}; choose from: {', '.join(allowed)}")
+    return list(dict.fromkeys(names))
+
+
+def _check_path_writable(path: Optional[Path], option: str) -> None:
+    """Fail before a long run, not after it, when an output file cannot be created."""
+    if path is not None and path.expanduser().is_dir():
+        fail(f"{option} {str(path)!r} is a directory; give a file name")
+
+
+# ------------------------------------------------------------------------------------------- bench
+
+
+def bench_command(
+    models: Optional[list[str]] = typer.Argument(None, help="Models or aliases (default: s12)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
+    batch_sizes: str = typer.Option("1,32", help="Comma-separated batch sizes."),
+    resolutions: str = typer.Option("224", help="Comma-separated input resolutions (square images)."),
+    precision: str = typer.Option("fp32", help="Comma-separated: fp32, bf16, fp16. bf16/fp16 use torch.autocast "
+                                                "(weights stay fp32; convolutions and matmuls run in low precision)."),
+    channels_last: bool = typer.Option(False, "--channels-last/--no-channels-last",
+                                       help="Model and input in channels_last memory format."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model; the compile time (first "
+                                                          "call) is reported separately."),
+    impl: str = typer.Option("ours", help="Comma-separated implementations of the same model (see "
+                                          "poolformer.implementations), e.g. ours,timm for a side-by-side run."),
+    warmup: int = typer.Option(10, help="Untimed steps before timing."),
+    iters: Optional[int] = typer.Option(None, help="Timed steps per configuration (default 50)."),
+    min_time: Optional[float] = typer.Option(None, "--min-time", help="Instead of --iters: time steps for at "
+                                                                       "least this many seconds."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (torch.set_num_threads)."),
+    max_batch: bool = typer.Option(False, "--max-batch", help="Search the largest batch size that fits in memory "
+                                                              "and benchmark at it (replaces --batch-sizes)."),
+    max_batch_limit: int = typer.Option(4096, help="Upper bound for --max-batch."),
+    noisy_threshold: float = typer.Option(0.10, help="Flag a measurement as noisy when IQR / median exceeds this."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results as JSON (after every "
+                                                                       "configuration, atomically)."),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write the results as CSV."),
+    json_output: bool = typer.Option(False, "--json", help="Print the JSON document instead of a table."),
+    baseline: Optional[Path] = typer.Option(None, help="Compare with this earlier --output file; exit 1 when a "
+                                                       "configuration is slower than --max-regression allows."),
+    max_regression: float = typer.Option(10.0, help="Allowed throughput loss against --baseline, in percent."),
+    normalised: bool = typer.Option(False, "--normalised", help="Also time a fixed reference workload, "
+                                    "interleaved with each model step, and compare throughput relative to it "
+                                    "(a baseline from a faster or busier machine still compares fairly)."),
+) -> None:
+    """Measure inference throughput (images/s), per-step latency (median, p90, IQR) and peak memory.
+
+    Every combination of model x impl x precision x resolution x batch size is one row. The first call (and
+    compilation) and the warm-up steps are timed apart from the measured steps.
+    """
+    names = [resolve_model(name) for name in (models or ["s12"])]
+    batch_list = parse_int_list(batch_sizes, "--batch-sizes")
+    resolution_list = parse_int_list(resolutions, "--resolutions", minimum=32)
+    precisions = _parse_names(precision, "--precision", PRECISION_NAMES)
+    if iters is not None and min_time is not None:
+        fail("use either --iters or --min-time, not both")
+    if max_batch_limit < 1:
+        fail(f"--max-batch-limit must be >= 1, got {max_batch_limit}")
+    for path, option in ((output, "--output"), (csv_path, "--csv"), (baseline, "--baseline")):
+        _check_path_writable(path, option)
+
+    from poolformer import bench as engine
+    from poolformer.envinfo import environment
+    from poolformer.implementations import IMPLEMENTATIONS
+    from poolformer.regression import compare, load_results
+
+    impls = _parse_names(impl, "--impl", list(IMPLEMENTATIONS))
+    settings = engine.BenchSettings(warmup=warmup, iters=50 if iters is None else iters, min_time_s=min_time,
+                                    threads=threads, normalised=normalised, noisy_iqr_ratio=noisy_threshold)
+    with user_errors():
+        engine.check_settings(settings)
+        device_name = engine.resolve_device(device)
+        for name in precisions:
+            engine.check_precision(device_name, name)
+        baseline_doc = load_results(baseline) if baseline is not None else None
+        engine.apply_settings(settings, device_name)
+        env = environment(device_name)
+        env["settings"] = {"warmup": settings.warmup, "iters": None if min_time else settings.iters,
+                           "min_time_s": min_time, "autocast": "torch.autocast for bf16/fp16",
+                           "normalised": normalised, "noisy_iqr_ratio": noisy_threshold}
+        configs = engine.expand_configs(names, impls, device_name, [1] if max_batch else batch_list,
+                                        resolution_list, precisions, channels_last, compile)
+        results = _run_all(engine, configs, settings, env, output, csv_path, max_batch, max_batch_limit)
+
+    document = {"env": env, "results": [r.to_row() for r in results]}
+    if json_output:
+        print_json(document)
+    else:
+        _print_results(results, normalised)
+    if baseline_doc is not None:
+        with user_errors():
+            report = compare(baseline_doc["results"], document["results"], max_regression, normalised)
+        _print_regression(report, to_stderr=json_output)
+        if report.failed:
+            raise typer.Exit(1)
+    if not any(r.status == "ok" for r in results):
+        raise typer.Exit(1)
+
+
+def _run_all(engine: Any, configs: list, settings: Any, env: dict, output: Optional[Path],
+             csv_path: Optional[Path], max_batch: bool, max_batch_limit: int) -> list:
+    """Run the configurations under a progress bar, saving the rows after each one (so Ctrl-C keeps them)."""
+    from dataclasses import replace
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    results: list = []
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err_console, transient=True)
+    try:
+        with progress:
+            task = progress.add_task("benchmark", total=len(configs))
+            for config in configs:
+                progress.update(task, description=_describe(config))
+                if max_batch:
+                    found = engine.find_max_batch(config, limit=max_batch_limit)
+                    env.setdefault("max_batch", {})[_describe(config)] = found
+                    config = replace(config, batch_size=found or 1)
+                results.extend(engine.run_benchmark([config], settings))
+                _save(env, results, output, csv_path)
+                progress.advance(task)
+    except KeyboardInterrupt:
+        kept = f"; {len(results)} finished row(s) kept in {output}" if output is not None and results else ""
+        fail(f"interrupted{kept}", 130)
+    return results
+
+
+def _describe(config: Any) -> str:
+    return (f"{config.model}/{config.impl} bs{config.batch_size} {config.resolution}px {config.precision}"
+            + (" CL" if config.channels_last else "") + (" compiled" if config.compile else ""))
+
+
+def _save(env: dict, results: list, output: Optional[Path], csv_path: Optional[Path]) -> None:
+    rows = [r.to_row() for r in results]
+    if output is not None:
+        write_atomic(output, json.dumps({"env": env, "results": rows}, indent=2) + "\n")
+    if csv_path is not None:
+        write_atomic(csv_path, _csv_text(rows))
+
+
+CSV_COLUMNS = ("model", "impl", "device", "batch_size", "resolution", "precision", "channels_last", "compile",
+               "status", "throughput", "latency_median_ms", "latency_p90_ms", "latency_iqr_ms",
+               "peak_memory_bytes", "peak_reserved_bytes", "first_call_ms", "compile_ms", "noisy",
+               "reference_ms", "relative_throughput", "error")
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        flat = dict(row)
+        for stat in ("median", "p90", "iqr"):
+            flat[f"latency_{stat}_ms"] = row["latency_ms"][stat]
+        writer.writerow(flat)
+    return buffer.getvalue()
+
+
+def _ms(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _mode(config: Any) -> str:
+    return config.precision + (" CL" if config.channels_last else "") + (" compiled" if config.compile else "")
+
+
+def _print_results(results: list, normalised: bool) -> None:
+    device = results[0].config.device if results else "cpu"
+    table = Table(title=f"poolformer bench on {device}", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    for column in ("model", "impl", "batch", "res", "mode", "status", "img/s", "median ms", "p90 ms", "IQR ms",
+                   "peak mem", "1st call ms", *(["rel."] if normalised else [])):
+        numeric = column not in ("model", "impl", "mode", "status")
+        table.add_column(column, justify="right" if numeric else "left", no_wrap=numeric)
+    any_noisy = False
+    for r in results:
+        c, lat = r.config, r.latency_ms
+        iqr = "-"
+        if lat is not None:
+            iqr = f"{lat.iqr:.2f} ({lat.iqr / lat.median:.0%})"
+            if r.noisy:
+                iqr, any_noisy = f"[yellow]{iqr}![/]", True
+        status = {"ok": "ok", "oom": "[red]oom[/]"}.get(r.status, f"[red]error[/]: {r.error}")
+        table.add_row(c.model, c.impl, str(c.batch_size), str(c.resolution), _mode(c), status,
+                      "-" if r.throughput is None else f"{r.throughput:,.1f}", _ms(lat and lat.median),
+                      _ms(lat and lat.p90), iqr, human(r.peak_memory_bytes, "B"), _ms(r.first_call_ms),
+                      *([f"{r.relative_throughput:.3f}" if r.relative_throughput else "-"] if normalised else []))
+    console.print(table)
+    memory = ("peak mem = peak bytes allocated by tensors on the GPU" if device.startswith("cuda")
+              else "peak mem = peak resident memory of the whole process")
+    notes = [f"img/s = batch / median step latency; IQR = p75 - p25 of the per-step latencies; {memory}; "
+             "1st call = the first forward alone (with --compile: the compile time); CL = channels_last."]
+    if any_noisy:
+        notes.append("! noisy: the IQR is a large share of the median - the machine was busy; rerun, "
+                     "raise --iters/--min-time, or use --threads.")
+    if normalised:
+        notes.append("rel. = img/s x reference-workload latency: images per reference run (see --normalised).")
+    console.print(" ".join(notes), style="dim")
+
+
+def _print_regression(report: Any, to_stderr: bool) -> None:
+    out = err_console if to_stderr else console
+    unit = "img/s" if report.metric == "throughput" else "img/ref"
+    table = Table(title=f"regression check ({report.metric}, allowed loss {report.max_regression_pct:g}%)",
+                  title_justify="left")
+    for column in ("configuration", f"baseline {unit}", f"current {unit}", "change", "verdict"):
+        table.add_column(column, justify="left" if column in ("configuration", "verdict") else "right")
+    for c in report.comparisons:
+        change = "-" if c.change_pct is None else f"{c.change_pct:+.1f}%"
+        verdict = f"[red]REGRESSED[/]{' (' + c.note + ')' if c.note else ''}" if c.regressed else "[green]ok[/]"
+        current = "-" if c.current is None else f"{c.current:,.3f}"
+        table.add_row(c.label, f"{c.baseline:,.3f}", current, change, verdict)
+    out.print(table)
+    for label in report.only_in_baseline:
+        out.print(f"not measured in this run: {label}", style="dim")
+    for label in report.only_in_current:
+        out.print(f"not in the baseline: {label}", style="dim")
+    regressed = sum(c.regressed for c in report.comparisons)
+    if regressed:
+        out.print(f"[bold red]{regressed} of {len(report.comparisons)} configuration(s) regressed by more than "
+                  f"{report.max_regression_pct:g}%[/]")
+    else:
+        out.print(f"[green]no regression beyond {report.max_regression_pct:g}% "
+                  f"({len(report.comparisons)} configuration(s) compared)[/]")
+
+
+# ------------------------------------------------------------------------------------------- profile
+
+
+def profile_command(
+    model: str = typer.Argument("s12", help="Model or alias."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
+    batch_size: int = typer.Option(8, min=1, help="Batch size."),
+    resolution: int = typer.Option(224, min=32, help="Input resolution."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (torch.autocast)."),
+    channels_last: bool = typer.Option(False, "--channels-last/--no-channels-last"),
+    impl: str = typer.Option("ours", help="Implementation (see poolformer.implementations)."),
+    warmup: int = typer.Option(3, min=0, help="Unprofiled steps first."),
+    steps: int = typer.Option(5, min=1, help="Profiled steps."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (torch.set_num_threads)."),
+    top: int = typer.Option(15, min=1, help="Operators shown."),
+    trace: Optional[Path] = typer.Option(None, help="Also write a Chrome trace (chrome://tracing, Perfetto)."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Profile one configuration with torch.profiler: which operators take the time (self time, calls, share)."""
+    name = resolve_model(model)
+    precision = _parse_names(precision, "--precision", PRECISION_NAMES)[0]
+    _check_path_writable(trace, "--trace")
+    import dataclasses
+
+    from poolformer import bench as engine
+    from poolformer.implementations import IMPLEMENTATIONS
+    from poolformer.profiling import profile_model
+
+    impl = _parse_names(impl, "--impl", list(IMPLEMENTATIONS))[0]
+    with user_errors():
+        device_name = engine.resolve_device(device)
+        engine.check_precision(device_name, precision)
+        engine.apply_settings(engine.BenchSettings(threads=threads), device_name)
+        config = engine.BenchConfig(name, impl, device_name, batch_size, resolution, precision, channels_last)
+        report = profile_model(config, warmup=warmup, steps=steps, trace_path=trace)
+    if json_output:
+        print_json(dataclasses.asdict(report))
+        return
+    c = config
+    title = (f"{c.model}/{c.impl} on {c.device}, batch {c.batch_size}, {c.resolution}px, {c.precision}"
+             f"{', channels_last' if c.channels_last else ''}: {report.total_ms:.2f} ms {report.time_kind} self time "
+             f"per step ({report.steps} profiled steps)")
+    table = Table(title=title, title_justify="left")
+    for column in ("operator", "category", "self ms/step", "calls/step", "share"):
+        table.add_column(column, justify="left" if column in ("operator", "category") else "right")
+    for op in report.operators[:top]:
+        table.add_row(op.name, op.category, f"{op.self_ms:.3f}", str(op.calls), f"{op.share:.1%}")
+    console.print(table)
+    summary = Table(title="by category", title_justify="left")
+    summary.add_column("category")
+    summary.add_column("share", justify="right")
+    for category, share in report.categories.items():
+        summary.add_row(category, f"{share:.1%}")
+    console.print(summary)
+    console.print("Self time excludes the operators an operator calls, so shares add up to 100%. The profiler "
+                  "adds overhead: use `poolformer bench` for speed numbers.", style="dim")
+    if report.trace_path:
+        console.print(f"Chrome trace written to {report.trace_path}")
