@@ -1,0 +1,203 @@
+"""Classify image files: load a trained model, preprocess as the model was trained to expect, return the top-k
+classes with probabilities. Returns plain dataclasses; never prints.
+
+`load_classifier` and `resolve_device` are shared with the eval engine (`poolformer.evaluate`).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .data import DEFAULT_MAX_PIXELS, Preprocess, images_in, load_batch
+from .errors import ConfigError
+from .labels import class_names
+from .zoo import ModelSpec, get_spec
+
+# Where each checkpoint layout keeps the classifier weight [num_classes, dim].
+_CLASSIFIER_KEYS = ("head.fc.weight", "head.weight", "classifier.weight")
+
+
+@dataclass
+class Classifier:
+    """A model ready for inference: the module (any implementation, eval mode, on `device`), its spec (for
+    preprocessing), its class count and a name for every output."""
+
+    module: nn.Module
+    spec: ModelSpec
+    impl: str
+    num_classes: int
+    labels: list[str]
+    device: torch.device
+    weights: str  # the checkpoint path, or "pretrained"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" -> the GPU when there is one, else the CPU; anything else must name an available device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def checkpoint_num_classes(path: str | os.PathLike) -> int:
+    """The class count a checkpoint's classifier was trained for (1000 for ImageNet weights)."""
+    from .weights import read_checkpoint
+
+    state_dict = read_checkpoint(path)
+    for key, tensor in state_dict.items():
+        bare = key.removeprefix("module.").removeprefix("_orig_mod.")
+        if bare in _CLASSIFIER_KEYS and tensor.ndim == 2:
+            return int(tensor.shape[0])
+    return 1000  # no classifier found: let loading report what does not fit
+
+
+def load_classifier(
+    model: str,
+    *,
+    weights: str | os.PathLike | None = None,
+    pretrained: bool = False,
+    impl: str = "ours",
+    device: str | torch.device = "auto",
+    labels_file: str | os.PathLike | None = None,
+) -> Classifier:
+    """Build `model` with trained weights in implementation `impl` on `device`.
+
+    The class count follows the checkpoint's classifier, so a fine-tuned 10-class checkpoint just works.
+    Refuses (ConfigError) without weights: random weights would print confident nonsense.
+    """
+    from .implementations import build
+
+    spec = get_spec(model)
+    if weights is None and not pretrained:
+        raise ConfigError(f"no weights for {spec.name}: pass --weights PATH or --pretrained "
+                          "(a randomly initialised model predicts nonsense)")
+    if weights is not None and pretrained:
+        raise ConfigError("pass either --weights PATH or --pretrained, not both")
+    target = device if isinstance(device, torch.device) else resolve_device(device)
+    num_classes = checkpoint_num_classes(weights) if weights is not None else 1000
+    labels = class_names(num_classes, labels_file)
+    module = build(spec.name, impl, weights=None if weights is None else str(weights), pretrained=pretrained,
+                   num_classes=num_classes)
+    return Classifier(module.to(target).eval(), spec, impl, num_classes, labels, target,
+                      str(weights) if weights is not None else "pretrained")
+
+
+# --- which files -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One entry of the work list: a file to classify, or an argument that named no usable file."""
+
+    path: str
+    error: str | None = None
+
+
+def _has_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def collect_images(arguments: Sequence[str]) -> list[ImageInput]:
+    """Expand IMAGE | DIR | GLOB arguments into files, in argument order.
+
+    A directory gives its image files (not recursive); a glob gives every file it matches (`**` recurses);
+    a plain path is used as it is. An argument that yields nothing is kept as an entry with an error.
+    """
+    entries: list[ImageInput] = []
+    for arg in arguments:
+        path = Path(arg).expanduser()
+        if path.is_dir():
+            found = images_in(path)
+            entries.extend(ImageInput(str(p)) for p in found)
+            if not found:
+                entries.append(ImageInput(arg, "no image files in this directory"))
+        elif path.exists() or not _has_glob(arg):
+            entries.append(ImageInput(str(path)))  # a missing file fails when it is loaded
+        else:
+            matches = sorted(p for p in glob.glob(os.path.expanduser(arg), recursive=True) if Path(p).is_file())
+            entries.extend(ImageInput(p) for p in matches)
+            if not matches:
+                entries.append(ImageInput(arg, "no files match this pattern"))
+    return entries
+
+
+# --- classifying -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str
+    probability: float  # softmax over all outputs, 0..1
+
+
+@dataclass
+class ImageResult:
+    image: str
+    predictions: list[Prediction] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def top_k(logits: torch.Tensor, k: int, labels: Sequence[str]) -> list[list[Prediction]]:
+    """logits [B, num_classes] -> for each row, the k most probable classes, most probable first."""
+    probabilities = logits.float().softmax(dim=-1)
+    values, indices = probabilities.topk(min(k, logits.shape[-1]), dim=-1)
+    return [[Prediction(int(i), labels[int(i)], float(p)) for p, i in zip(row_p, row_i)]
+            for row_p, row_i in zip(values.tolist(), indices.tolist())]
+
+
+@torch.inference_mode()
+def predict(
+    classifier: Classifier,
+    images: Sequence[ImageInput | str],
+    *,
+    top: int = 5,
+    batch_size: int = 16,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[ImageResult]:
+    """Classify each image; one ImageResult per input, in order. A file that cannot be read gets its error
+    and no predictions; the others are unaffected."""
+    if top < 1:
+        raise ConfigError(f"top-k must be >= 1, not {top}")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, not {batch_size}")
+    entries = [e if isinstance(e, ImageInput) else ImageInput(str(e)) for e in images]
+    transform = Preprocess.for_spec(classifier.spec)
+    results: list[ImageResult] = []
+    for start in range(0, len(entries), batch_size):
+        chunk = entries[start:start + batch_size]
+        readable = [e for e in chunk if e.error is None]
+        tensors, errors = load_batch([e.path for e in readable], transform, max_pixels)
+        loaded = {e.path: t for e, t in zip(readable, tensors) if t is not None}
+        failures = {e.path: err for e, err in zip(readable, errors) if err is not None}
+        ranked = {}
+        if loaded:
+            batch = torch.stack(list(loaded.values())).to(classifier.device)
+            ranked = dict(zip(loaded, top_k(classifier.module(batch), top, classifier.labels)))
+        for e in chunk:
+            if e.error is not None:
+                results.append(ImageResult(e.path, error=e.error))
+            elif e.path in failures:
+                results.append(ImageResult(e.path, error=failures[e.path]))
+            else:
+                results.append(ImageResult(e.path, ranked[e.path]))
+    return results

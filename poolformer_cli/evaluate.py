@@ -1,0 +1,154 @@
+"""`poolformer eval`: top-1 / top-5 accuracy on an ImageNet-style class-folder dataset. Parsing and rendering
+only; the counting is in poolformer.evaluate. torch is imported inside the command."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .common import console, err_console, fail, print_json, resolve_model, user_errors, write_atomic
+from .predict import check_impl
+
+PRECISION_NAMES = ("fp32", "bf16", "fp16")  # poolformer.evaluate.PRECISIONS, repeated to keep --help torch-free
+
+
+def summary_json(result) -> dict:
+    """The --output document: the required keys first, then what produced them."""
+    return {
+        "top1": result.top1, "top5": result.top5, "images": result.images, "skipped": len(result.skipped),
+        "throughput": result.throughput, "wall_s": result.wall_s,
+        "correct_top1": result.correct_top1, "correct_top5": result.correct_top5,
+        "model": result.model, "impl": result.impl, "weights": result.weights, "root": result.root,
+        "mapping": result.mapping, "device": result.device, "precision": result.precision,
+        "channels_last": result.channels_last, "batch_size": result.batch_size, "world_size": result.world_size,
+        "skipped_files": [{"path": s.path, "error": s.error} for s in result.skipped],
+    }
+
+
+def predictions_csv(result, labels: list[str]) -> str:
+    """One row per image: scored images with their top-5, then skipped ones with their error."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["path", "target", "target_label", "top1", "top1_label", "top1_probability",
+                     "correct_top1", "correct_top5", "top5", "error"])
+    for o in result.outcomes:
+        writer.writerow([o.path, o.target, labels[o.target], o.top_indices[0], labels[o.top_indices[0]],
+                         f"{o.top_probabilities[0]:.6f}", int(o.correct_top1), int(o.correct_top5),
+                         " ".join(map(str, o.top_indices)), ""])
+    for s in result.skipped:
+        writer.writerow([s.path, "", "", "", "", "", "", "", "", s.error])
+    return out.getvalue()
+
+
+def _render(result) -> None:
+    table = Table(title=f"{result.model} on {result.root}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("top-1", f"{result.top1:.3f}%  ({result.correct_top1:,} / {result.images:,})"),
+        ("top-5", f"{result.top5:.3f}%  ({result.correct_top5:,} / {result.images:,})"),
+        ("images scored", f"{result.images:,}"),
+        ("images skipped", f"{len(result.skipped):,}"),
+        ("throughput", f"{result.throughput:,.1f} img/s"),
+        ("wall time", f"{result.wall_s:.2f} s"),
+        ("classes mapped by", result.mapping),
+        ("setup", f"{result.impl}, {result.precision}{', channels_last' if result.channels_last else ''}, "
+                  f"batch {result.batch_size}, {result.device}"
+                  + (f" x {result.world_size} processes" if result.world_size > 1 else "")),
+    ]
+    for metric, value in rows:
+        table.add_row(metric, value)
+    console.print(table)
+    for s in result.skipped:
+        err_console.print(f"skipped {s.path}: {s.error}", soft_wrap=True, markup=False)
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool):
+    """A callback for the engine that drives a Rich bar with running top-1 and images/s (None when off)."""
+    if not enabled:
+        yield None
+        return
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("top-1 {task.fields[top1]:.2f}%"), TextColumn("{task.fields[rate]:.1f} img/s"),
+                  TimeElapsedColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task("eval", total=None, top1=0.0, rate=0.0)
+
+        def update(p) -> None:
+            bar.update(task, completed=p.done, total=p.total, top1=p.top1, rate=p.images_per_s)
+
+        yield update
+
+
+def _check_output(path: Optional[Path], option: str) -> None:
+    if path is not None and path.expanduser().is_dir():
+        fail(f"{option} {str(path)!r} is a directory; give a file name")
+
+
+def eval_command(
+    data: Path = typer.Argument(..., help="Dataset folder: ImageNet val layout (DIR or DIR/val with one "
+                                          "folder per wnid) or any class-folder dataset."),
+    model: str = typer.Option("s12", "--model", "-m", help="Model name or alias (see `poolformer list`)."),
+    weights: Optional[Path] = typer.Option(None, help="Checkpoint file (official, timm or transformers layout)."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Use the published ImageNet weights."),
+    class_map: Optional[Path] = typer.Option(None, help="Folder -> class index: JSON {folder: index}, or text "
+                                                        "with one folder name per line (line number = index)."),
+    batch_size: int = typer.Option(64, min=1, help="Images per forward pass (per process)."),
+    workers: int = typer.Option(2, min=0, help="DataLoader worker processes decoding images (per process)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Evaluate only N images, spread evenly over the "
+                                                          "sorted dataset so every class is represented."),
+    device: str = typer.Option("auto", help="auto (GPU if available), cpu, cuda or cuda:N. Under torchrun "
+                                            "each process uses cuda:LOCAL_RANK."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (bf16/fp16 via torch.autocast)."),
+    channels_last: bool = typer.Option(False, "--channels-last/--no-channels-last",
+                                       help="Model and input in channels_last memory format."),
+    impl: str = typer.Option("ours", help="Implementation to run (see poolformer.implementations)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the summary as JSON (atomically)."),
+    predictions: Optional[Path] = typer.Option(None, help="Write one CSV row per image (atomically)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the summary JSON instead of a table."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+) -> None:
+    """ImageNet top-1 / top-5 accuracy of a trained model on a folder of labelled images.
+
+    Folders named by ImageNet wnids map to the 1000 outputs by wnid (sorted wnids = class index; a subset of
+    classes is fine). Unreadable images are skipped and listed, never counted. Run the same command under
+    `torchrun --nproc-per-node N` to shard the images over N processes; the counts are summed.
+    """
+    name = resolve_model(model)
+    if precision not in PRECISION_NAMES:
+        fail(f"unknown precision {precision!r} for --precision; choose from: {', '.join(PRECISION_NAMES)}")
+    check_impl(impl)
+    _check_output(output, "--output")
+    _check_output(predictions, "--predictions")
+    from poolformer.data import class_folders, read_class_map
+    from poolformer.evaluate import distributed, evaluate
+    from poolformer.predict import load_classifier, resolve_device
+
+    with user_errors():
+        mapping = read_class_map(class_map) if class_map is not None else None
+        with distributed(resolve_device(device)) as procs:
+            classifier = load_classifier(name, weights=weights, pretrained=pretrained, impl=impl, device=procs.device)
+            dataset = class_folders(data, classifier.num_classes, mapping)
+            with _progress_bar(progress and procs.is_main and not json_output) as on_batch:
+                result = evaluate(classifier, dataset, batch_size=batch_size, workers=workers, limit=limit,
+                                  precision=precision, channels_last=channels_last,
+                                  keep_outcomes=predictions is not None, procs=procs, progress=on_batch)
+    if not procs.is_main:
+        return
+    document = summary_json(result)
+    if output is not None:
+        write_atomic(output, json.dumps(document, indent=2) + "\n")
+    if predictions is not None:
+        write_atomic(predictions, predictions_csv(result, classifier.labels))
+    if json_output:
+        print_json(document)
+    else:
+        _render(result)

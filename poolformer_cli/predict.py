@@ -1,0 +1,80 @@
+"""`poolformer predict`: classify image files and show the top-k classes. Parsing and rendering only; the
+work is in poolformer.predict. torch is imported inside the command."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .common import console, err_console, fail, print_json, resolve_model, user_errors
+
+
+def check_impl(impl: str) -> None:
+    """Exit 2 unless `impl` is one of the implementations registered at run time."""
+    from poolformer.implementations import IMPLEMENTATIONS
+
+    if impl not in IMPLEMENTATIONS:
+        fail(f"unknown implementation {impl!r} for --impl; choose from: {', '.join(IMPLEMENTATIONS)}")
+
+
+def _result_json(result) -> dict:
+    entry = {"image": result.image, "predictions": [dataclasses.asdict(p) for p in result.predictions]}
+    if result.error is not None:
+        entry["error"] = result.error
+    return entry
+
+
+def _render(result) -> None:
+    if result.error is not None:
+        err_console.print(f"[bold red]error:[/] {result.image}: {result.error}", soft_wrap=True, markup=True)
+        return
+    table = Table(title=result.image, title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("index", justify="right")
+    table.add_column("class")
+    table.add_column("probability", justify="right")
+    for rank, p in enumerate(result.predictions, 1):
+        table.add_row(str(rank), str(p.index), p.label, f"{100 * p.probability:.2f}%")
+    console.print(table)
+
+
+def predict_command(
+    images: list[str] = typer.Argument(..., help="Image files, directories (their images, not recursive) or "
+                                                 "glob patterns (quote them; ** recurses)."),
+    model: str = typer.Option("s12", "--model", "-m", help="Model name or alias (see `poolformer list`)."),
+    weights: Optional[Path] = typer.Option(None, help="Checkpoint file (official, timm or transformers layout; "
+                                                      "the class count follows its classifier)."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Use the published ImageNet weights "
+                                                                "(downloaded once, then cached)."),
+    top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="How many classes to show per image."),
+    device: str = typer.Option("auto", help="auto (GPU if available), cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
+    impl: str = typer.Option("ours", help="Implementation to run (see poolformer.implementations)."),
+    labels: Optional[Path] = typer.Option(None, help="Class names, one per line (line i names output i); "
+                                                     "default: ImageNet names for 1000 classes, else indices."),
+    json_output: bool = typer.Option(False, "--json", help="Print a JSON list instead of tables."),
+) -> None:
+    """Classify images with a trained model: the top-k classes and their probabilities for each image.
+
+    Images are preprocessed as the model expects (shorter side resized to input_size / crop_pct with
+    bicubic interpolation, centre crop, ImageNet mean/std). Exit code 1 when any image could not be read.
+    """
+    name = resolve_model(model)
+    check_impl(impl)
+    from poolformer.predict import collect_images, load_classifier, predict
+
+    with user_errors():
+        classifier = load_classifier(name, weights=weights, pretrained=pretrained, impl=impl, device=device,
+                                     labels_file=labels)
+        results = predict(classifier, collect_images(images), top=top_k, batch_size=batch_size)
+    if json_output:
+        print_json([_result_json(r) for r in results])
+    else:
+        for result in results:
+            _render(result)
+    if any(not r.ok for r in results):
+        raise typer.Exit(1)
