@@ -10,6 +10,8 @@ import typer
 from poolformer import __version__
 
 from . import zoo
+from . import evaluate as evaluate_cli
+from . import predict as predict_cli
 from . import bench as bench_cli
 
 app = typer.Typer(
@@ -37,6 +39,8 @@ def _root(
 
 
 app.command("list")(zoo.list_command)
+app.command("predict")(predict_cli.predict_command)
+app.command("eval")(evaluate_cli.eval_command)
 app.command("bench")(bench_cli.bench_command)
 app.command("profile")(bench_cli.profile_command)
 
