@@ -250,6 +250,20 @@ def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "POOLFORMER_OFFLINE"))
 
 
+def _reachable(url: str, timeout_s: float = 3.0) -> bool:
+    """Whether the URL's host accepts a TCP connection: a quick probe, so that an offline machine fails in
+    seconds instead of sitting through a download client's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
 def _release_cache_path(spec: ModelSpec) -> Path:
     """Where the authors' release file lives in torch's standard cache (~/.cache/torch/hub/checkpoints)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.url or spec.name).name
@@ -263,27 +277,36 @@ def download_weights(spec: ModelSpec) -> Path:
     """
     if not spec.has_weights:
         raise WeightsUnavailableError(f"{spec.name} has no published weights; pass a checkpoint with --weights PATH")
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    # Cached copies first, so a machine without network never waits on a download attempt.
+    if spec.hf_hub_id:
+        cached_hub = try_to_load_from_cache(spec.hf_hub_id, "model.safetensors")
+        if isinstance(cached_hub, str):
+            return Path(cached_hub)
+    cached_release = _release_cache_path(spec)
+    if spec.url and cached_release.is_file():
+        return cached_release
+
     failures = []
     if spec.hf_hub_id:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            return Path(hf_hub_download(spec.hf_hub_id, "model.safetensors"))
-        except Exception as err:  # offline, unreachable hub, missing repo: all mean "try the next source"
-            failures.append(f"hf-hub {spec.hf_hub_id} ({type(err).__name__})")
-    if spec.url:
-        cached = _release_cache_path(spec)
-        if cached.is_file():
-            return cached
-        if not _offline():
+        if _offline() or not _reachable("https://huggingface.co"):
+            failures.append(f"hf-hub {spec.hf_hub_id} (offline)")
+        else:
             try:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                torch.hub.download_url_to_file(spec.url, str(cached), progress=False)
-                return cached
+                return Path(hf_hub_download(spec.hf_hub_id, "model.safetensors"))
+            except Exception as err:  # unreachable hub, missing repo: all mean "try the next source"
+                failures.append(f"hf-hub {spec.hf_hub_id} ({type(err).__name__})")
+    if spec.url:
+        if _offline() or not _reachable(spec.url):
+            failures.append(f"{spec.url} (offline)")
+        else:
+            try:
+                cached_release.parent.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(spec.url, str(cached_release), progress=False)
+                return cached_release
             except Exception as err:
                 failures.append(f"{spec.url} ({type(err).__name__})")
-        else:
-            failures.append(f"{spec.url} (offline)")
     where = spec.url or f"https://huggingface.co/{spec.hf_hub_id}"
     raise WeightsUnavailableError(
         f"could not download weights for {spec.name}: tried {'; '.join(failures)}. Download {where} "
