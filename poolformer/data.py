@@ -354,7 +354,7 @@ def map_classes(folders: list[str], num_classes: int, class_map: dict[str, int] 
                               "classes; pass --class-map FILE")
         return {f: index[f] for f in folders}, "imagenet-wnid"
     if len(folders) == num_classes:
-        return {f: i for i, f in enumerate(folders)}, "sorted"
+        return {f: i for i, f in enumerate(sorted(folders))}, "sorted"
     raise ConfigError(f"{len(folders)} class folders are not ImageNet wnids and do not match the model's "
                       f"{num_classes} classes; pass --class-map FILE to map folders to class indices")
 
