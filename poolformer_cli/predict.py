@@ -32,7 +32,8 @@ def _render(result) -> None:
     if result.error is not None:
         err_console.print(f"[bold red]error:[/] {result.image}: {result.error}", soft_wrap=True, markup=True)
         return
-    table = Table(title=result.image, title_justify="left")
+    console.print(result.image, style="bold", markup=False, highlight=False, soft_wrap=True)  # paths never wrap
+    table = Table()
     table.add_column("rank", justify="right")
     table.add_column("index", justify="right")
     table.add_column("class")
