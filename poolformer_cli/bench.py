@@ -16,7 +16,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from .common import console, err_console, fail, human, parse_int_list, print_json, resolve_model, user_errors, \
+from .common import console, err_console, fail, parse_int_list, print_json, resolve_model, user_errors, \
     write_atomic
 
 PRECISION_NAMES = ("fp32", "bf16", "fp16")  # poolformer.bench.PRECISIONS, repeated here to keep --help torch-free
@@ -191,36 +191,49 @@ def _ms(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def _mode(config: Any) -> str:
-    return config.precision + (" CL" if config.channels_last else "") + (" compiled" if config.compile else "")
+def _megabytes(n: Optional[int]) -> str:
+    return "-" if n is None else f"{n / 1e6:,.0f}MB"
+
+
+def _short_label(config: Any) -> str:
+    """'s12/ours bs32 224px fp32 CL' - the zoo's first alias keeps the table narrow."""
+    from poolformer.zoo import get_spec
+
+    aliases = get_spec(config.model).aliases
+    return _describe(config).replace(config.model, aliases[0] if aliases else config.model, 1)
 
 
 def _print_results(results: list, normalised: bool) -> None:
     device = results[0].config.device if results else "cpu"
     table = Table(title=f"poolformer bench on {device}", title_justify="left", box=box.SIMPLE_HEAD,
                   pad_edge=False)
-    for column in ("model", "impl", "batch", "res", "mode", "status", "img/s", "median ms", "p90 ms", "IQR ms",
-                   "peak mem", "1st call ms", *(["rel."] if normalised else [])):
-        numeric = column not in ("model", "impl", "mode", "status")
-        table.add_column(column, justify="right" if numeric else "left", no_wrap=numeric)
-    any_noisy = False
+    table.add_column("config")
+    table.add_column("status", no_wrap=True)
+    for column in ("img/s", "median\nms", "p90\nms", "IQR", "peak\nmem", "first\nms", *(["rel."] if normalised else [])):
+        table.add_column(column, justify="right", no_wrap=True)
+    any_noisy, errors = False, []
     for r in results:
-        c, lat = r.config, r.latency_ms
+        lat = r.latency_ms
         iqr = "-"
         if lat is not None:
-            iqr = f"{lat.iqr:.2f} ({lat.iqr / lat.median:.0%})"
+            iqr = f"{lat.iqr / lat.median:.1%}"
             if r.noisy:
                 iqr, any_noisy = f"[yellow]{iqr}![/]", True
-        status = {"ok": "ok", "oom": "[red]oom[/]"}.get(r.status, f"[red]error[/]: {r.error}")
-        table.add_row(c.model, c.impl, str(c.batch_size), str(c.resolution), _mode(c), status,
-                      "-" if r.throughput is None else f"{r.throughput:,.1f}", _ms(lat and lat.median),
-                      _ms(lat and lat.p90), iqr, human(r.peak_memory_bytes, "B"), _ms(r.first_call_ms),
+        status = {"ok": "ok", "oom": "[red]oom[/]"}.get(r.status, "[red]error[/]")
+        if r.status == "error":
+            errors.append(f"{_short_label(r.config)}: {r.error}")
+        table.add_row(_short_label(r.config), status, "-" if r.throughput is None else f"{r.throughput:,.1f}",
+                      _ms(lat and lat.median), _ms(lat and lat.p90), iqr, _megabytes(r.peak_memory_bytes),
+                      _ms(r.first_call_ms),
                       *([f"{r.relative_throughput:.3f}" if r.relative_throughput else "-"] if normalised else []))
     console.print(table)
-    memory = ("peak mem = peak bytes allocated by tensors on the GPU" if device.startswith("cuda")
-              else "peak mem = peak resident memory of the whole process")
-    notes = [f"img/s = batch / median step latency; IQR = p75 - p25 of the per-step latencies; {memory}; "
-             "1st call = the first forward alone (with --compile: the compile time); CL = channels_last."]
+    for line in errors:
+        console.print(f"[red]error[/] {line}", soft_wrap=True)
+    memory = ("peak mem = peak bytes allocated by tensors on the GPU (1 MB = 10^6 bytes)" if device.startswith("cuda")
+              else "peak mem = peak resident memory of the whole process (1 MB = 10^6 bytes)")
+    notes = [f"img/s = batch / median step latency; IQR = (p75 - p25) / median of the per-step latencies; "
+             f"{memory}; first = the first forward alone (with --compile: the compile time); "
+             "CL = channels_last."]
     if any_noisy:
         notes.append("! noisy: the IQR is a large share of the median - the machine was busy; rerun, "
                      "raise --iters/--min-time, or use --threads.")

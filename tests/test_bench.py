@@ -1,0 +1,392 @@
+"""poolformer.bench / envinfo / profiling and the `bench` and `profile` commands.
+
+Measurements use s12 at batch 1-2, 64x64 and a handful of steps; nothing here asserts a wall-clock value.
+Failure modes (out of memory, a crashing model, Ctrl-C) are injected through extra entries in
+poolformer.implementations.IMPLEMENTATIONS, which is how `--impl` finds implementations at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from poolformer import bench, envinfo
+from poolformer.errors import ConfigError
+from poolformer.implementations import IMPLEMENTATIONS
+from poolformer_cli.app import app
+
+runner = CliRunner()
+FAST = ["--device", "cpu", "--resolutions", "64", "--warmup", "1", "--iters", "3", "--threads", "1"]
+REQUIRED_ROW_KEYS = {"model", "impl", "device", "batch_size", "resolution", "precision", "channels_last", "compile",
+                     "status", "throughput", "latency_ms", "peak_memory_bytes"}
+REQUIRED_ENV_KEYS = {"poolformer", "torch", "timm", "cuda", "cpu_model", "threads", "device", "cudnn_benchmark",
+                     "matmul_precision", "date", "git_commit"}
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """One thread here; and --threads changes a process-wide setting: give the rest of the suite its own back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on two shared cores stall badly when other jobs run
+    yield
+    torch.set_num_threads(threads)
+
+
+class _Failing(nn.Module):
+    """Wraps a model; raises `error()` when the batch reaches `at_batch`, else runs the model."""
+
+    def __init__(self, model: nn.Module, at_batch: int, error):
+        super().__init__()
+        self.model, self.at_batch, self.error = model, at_batch, error
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= self.at_batch:
+            raise self.error()
+        return self.model(x)
+
+
+def _register(monkeypatch, name: str, at_batch: int, error) -> None:
+    monkeypatch.setitem(IMPLEMENTATIONS, name, lambda model: _Failing(model, at_batch, error))
+
+
+def _oom() -> Exception:
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def test_latency_stats_match_numpy():
+    steps = list(np.random.default_rng(0).gamma(2.0, 3.0, size=37))
+    stats = bench.LatencyStats.from_steps(steps)
+    assert stats.median == pytest.approx(np.median(steps))
+    assert stats.p90 == pytest.approx(np.percentile(steps, 90))
+    assert stats.iqr == pytest.approx(np.percentile(steps, 75) - np.percentile(steps, 25))
+    assert stats.mean == pytest.approx(np.mean(steps))
+
+
+def test_time_steps_excludes_warmup_and_keeps_every_step(monkeypatch):
+    """A fake clock: the 2 warm-up steps 'take' 1000 ms, the timed ones 5, 6, 7, 8 ms, the reference 2 ms."""
+    now = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    step_durations_s = iter([1.0, 1.0, 0.005, 0.006, 0.007, 0.008])  # a 7th call would raise StopIteration
+    reference_calls = []
+
+    def step():
+        now[0] += next(step_durations_s)
+
+    def reference():
+        reference_calls.append(now[0])
+        now[0] += 0.002
+
+    steps_ms, reference_ms = bench.time_steps(step, torch.device("cpu"), warmup=2, iters=4, reference=reference)
+    assert steps_ms == pytest.approx([5.0, 6.0, 7.0, 8.0])
+    assert reference_ms == pytest.approx([2.0] * 4)
+    assert len(reference_calls) == 6  # interleaved: once after every model step, warm-up included
+
+
+def test_min_time_runs_until_time_passed(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+
+    def step():
+        now[0] += 0.1  # 100 ms per step on the fake clock
+
+    steps_ms, _ = bench.time_steps(step, torch.device("cpu"), warmup=0, iters=1, min_time_s=1.25)
+    assert len(steps_ms) == 13  # the first step that ends after 1.25 s of stepping is the 13th
+    steps_ms, _ = bench.time_steps(step, torch.device("cpu"), warmup=0, iters=1, min_time_s=0.01)
+    assert len(steps_ms) == bench.MIN_TIMED_STEPS
+
+
+# ------------------------------------------------------------------------------------------ the engine
+
+
+def test_run_config_measures_the_requested_configuration(monkeypatch):
+    seen = []
+
+    class Recording(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            seen.append((tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last), torch.get_autocast_dtype("cpu")
+                         if torch.is_autocast_enabled("cpu") else None))
+            return self.model(x)
+
+    monkeypatch.setitem(IMPLEMENTATIONS, "recording", Recording)
+    config = bench.BenchConfig("s12", "recording", "cpu", batch_size=2, resolution=64, precision="bf16",
+                               channels_last=True)
+    result = bench.run_config(config, bench.BenchSettings(warmup=2, iters=3))
+    assert result.status == "ok", result.error
+    assert len(seen) == 1 + 2 + 3  # first call, warm-up, timed steps
+    assert set(seen) == {((2, 3, 64, 64), True, torch.bfloat16)}
+    assert len(result.steps_ms) == 3
+    assert result.latency_ms.median == pytest.approx(float(np.median(result.steps_ms)))
+    assert result.throughput == pytest.approx(2 * 1000.0 / result.latency_ms.median)
+    assert result.first_call_ms > 0 and result.peak_memory_bytes > 0
+    assert result.latency_ms.p90 >= result.latency_ms.median
+
+
+def test_noisy_flag_follows_the_iqr():
+    settings = bench.BenchSettings(warmup=0, iters=3, noisy_iqr_ratio=0.0)
+    result = bench.run_config(bench.BenchConfig("s12", batch_size=1, resolution=64), settings)
+    assert result.noisy == (result.latency_ms.iqr > 0)
+    settings.noisy_iqr_ratio = 1e9
+    assert not bench.run_config(bench.BenchConfig("s12", batch_size=1, resolution=64), settings).noisy
+
+
+def test_compile_time_is_reported_apart(monkeypatch):
+    """torch.compile path with the 'eager' backend (the default inductor needs a C++ toolchain and minutes)."""
+    config = bench.BenchConfig("s12", batch_size=1, resolution=64, compile=True)
+    result = bench.run_config(config, bench.BenchSettings(warmup=1, iters=2, compile_backend="eager"))
+    assert result.status == "ok", result.error
+    row = result.to_row()
+    assert row["compile"] is True and row["compile_ms"] == result.first_call_ms > 0
+    assert bench.run_config(bench.BenchConfig("s12", batch_size=1, resolution=64),
+                            bench.BenchSettings(warmup=0, iters=1)).to_row()["compile_ms"] is None
+
+
+def test_oom_gives_an_oom_row_and_the_run_goes_on(monkeypatch):
+    _register(monkeypatch, "oom_at_4", 4, _oom)
+    configs = bench.expand_configs(["s12"], ["oom_at_4"], "cpu", [2, 4, 1], [64], ["fp32"], False, False)
+    results = list(bench.run_benchmark(configs, bench.BenchSettings(warmup=0, iters=2)))
+    assert [r.status for r in results] == ["ok", "oom", "ok"]
+    assert results[1].throughput is None and "OutOfMemoryError" in results[1].error
+    assert results[2].throughput > 0
+
+
+def test_cpu_allocator_failure_counts_as_oom_but_other_errors_do_not():
+    assert bench.is_out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: 9 GB"))
+    assert bench.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not bench.is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_a_crashing_model_gives_an_error_row(monkeypatch):
+    _register(monkeypatch, "crash", 1, lambda: RuntimeError("kernel exploded\nsecond line"))
+    result = bench.run_config(bench.BenchConfig("s12", "crash", resolution=64), bench.BenchSettings(iters=1))
+    assert result.status == "error" and result.error == "RuntimeError: kernel exploded"
+
+
+@pytest.mark.parametrize("oom_at, limit, expected", [(5, 64, 4), (1, 64, None), (100, 8, 8), (33, 64, 32)])
+def test_find_max_batch(monkeypatch, oom_at, limit, expected):
+    _register(monkeypatch, "oom", oom_at, _oom)
+    config = bench.BenchConfig("s12", "oom", resolution=64)
+    assert bench.find_max_batch(config, limit=limit) == expected
+
+
+def test_normalised_mode_times_the_reference_workload():
+    settings = bench.BenchSettings(warmup=0, iters=3, normalised=True)
+    (result,) = bench.run_benchmark([bench.BenchConfig("s12", resolution=64)], settings)
+    assert result.reference_ms > 0
+    assert result.relative_throughput == pytest.approx(result.throughput * result.reference_ms / 1000)
+
+
+def test_device_and_precision_validation():
+    assert bench.resolve_device("CPU") == "cpu"
+    with pytest.raises(ConfigError, match="unknown device"):
+        bench.resolve_device("tpu:0")
+    if not torch.cuda.is_available():
+        assert bench.resolve_device(None) == "cpu"
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            bench.resolve_device("cuda:0")
+    with pytest.raises(ConfigError, match="unknown precision"):
+        bench.check_precision("cpu", "fp8")
+    bench.check_precision("cpu", "bf16")  # supported by every torch this package allows
+
+
+def test_precision_that_autocast_silently_ignores_is_rejected(monkeypatch):
+    """Older torch builds warn and disable CPU autocast for fp16 instead of failing; we must notice."""
+    real = torch.autocast
+    monkeypatch.setattr(torch, "autocast", lambda device_type, dtype=None, **kw: real(device_type, enabled=False))
+    with pytest.raises(ConfigError, match="fp16 autocast is not supported on cpu"):
+        bench.check_precision("cpu", "fp16")
+
+
+# ------------------------------------------------------------------------------------------ environment / NVML
+
+
+def test_environment_block():
+    env = envinfo.environment("cpu")
+    assert REQUIRED_ENV_KEYS <= env.keys()
+    assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()
+    assert env["git_commit"] is None or len(env["git_commit"].split("+")[0]) == 40
+
+
+def test_nvml_absent_degrades_gracefully(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
+    info = envinfo.gpu_info(0)
+    assert info["nvml"] is False and "not installed" in info["reason"]
+    with envinfo.NvmlTelemetry(0) as telemetry:
+        pass
+    assert telemetry.summary.available is False and "not installed" in telemetry.summary.reason
+
+
+def test_nvml_without_driver_degrades_gracefully():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU driver")
+    pytest.importorskip("pynvml")
+    info = envinfo.gpu_info(0)
+    assert info["nvml"] is False and "NVML" in info["reason"]
+
+
+def test_nvml_telemetry_with_partial_support(monkeypatch):
+    """A fake NVML where power readings are unsupported: the other fields still arrive."""
+    class NVMLError(Exception):
+        pass
+
+    def unsupported(*_):
+        raise NVMLError("Not Supported")
+
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: f"gpu{i}", NVML_CLOCK_SM=1,
+        NVML_TEMPERATURE_GPU=0, nvmlDeviceGetClockInfo=lambda h, kind: 1980, nvmlDeviceGetTemperature=lambda h, s: 61,
+        nvmlDeviceGetPowerUsage=unsupported, nvmlDeviceGetCurrentClocksThrottleReasons=lambda h: 0x4 | 0x40,
+        nvmlDeviceGetName=lambda h: b"NVIDIA H100", nvmlSystemGetDriverVersion=lambda: "550.54",
+        nvmlSystemGetCudaDriverVersion=lambda: 12040, nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(total=80e9))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert envinfo.gpu_info(0) == {"nvml": True, "name": "NVIDIA H100", "driver": "550.54", "cuda_driver": "12.4",
+                                   "memory_total_bytes": 80e9}
+    with envinfo.NvmlTelemetry(0, period_s=0.001) as telemetry:
+        pass
+    summary = telemetry.summary
+    assert summary.available and summary.samples >= 1
+    assert (summary.sm_clock_mhz_min, summary.temperature_c_max, summary.power_w_mean) == (1980, 61, None)
+    assert summary.throttle_reasons == ["hw_thermal_slowdown", "sw_power_cap"]
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+
+def _run(args, **kwargs):
+    return runner.invoke(app, ["bench", *args], **kwargs)
+
+
+def test_bench_json_output_file_and_csv(tmp_path):
+    out, csv_path = tmp_path / "r.json", tmp_path / "r.csv"
+    result = _run(["s12", *FAST, "--batch-sizes", "1,2", "--impl", "ours,timm", "--output", str(out),
+                   "--csv", str(csv_path), "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    document = json.loads(out.read_text())
+    assert printed["results"] == document["results"]
+    assert REQUIRED_ENV_KEYS <= document["env"].keys() and document["env"]["threads"] == 1
+    rows = document["results"]
+    assert [(r["impl"], r["batch_size"]) for r in rows] == [("ours", 1), ("ours", 2), ("timm", 1), ("timm", 2)]
+    for row in rows:
+        assert REQUIRED_ROW_KEYS <= row.keys() and {"median", "p90", "iqr"} <= row["latency_ms"].keys()
+        assert row["status"] == "ok" and row["model"] == "poolformer_s12" and row["resolution"] == 64
+        assert len(row["latency_ms"]["steps"]) == 3
+    lines = csv_path.read_text().splitlines()
+    assert len(lines) == 1 + 4 and lines[0].startswith("model,impl,device,batch_size")
+    assert float(lines[1].split(",")[9]) == pytest.approx(rows[0]["throughput"])
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_bench_table_output():
+    result = _run(["s12", *FAST, "--batch-sizes", "1", "--normalised"])
+    assert result.exit_code == 0, result.output
+    assert "s12/ours" in result.stdout and "img/s" in result.stdout and "rel." in result.stdout
+
+
+def test_bench_oom_row_through_the_cli(monkeypatch, tmp_path):
+    _register(monkeypatch, "oom_at_2", 2, _oom)
+    out = tmp_path / "r.json"
+    result = _run([*FAST, "--impl", "oom_at_2", "--batch-sizes", "1,2,1", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [r["status"] for r in json.loads(out.read_text())["results"]] == ["ok", "oom", "ok"]
+
+
+def test_bench_max_batch_through_the_cli(monkeypatch):
+    _register(monkeypatch, "oom_at_6", 6, _oom)
+    result = _run([*FAST, "--impl", "oom_at_6", "--max-batch", "--max-batch-limit", "16", "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert [r["batch_size"] for r in document["results"]] == [5]
+    assert list(document["env"]["max_batch"].values()) == [5]
+
+
+def test_ctrl_c_keeps_the_finished_rows(monkeypatch, tmp_path):
+    _register(monkeypatch, "interrupt_at_3", 3, KeyboardInterrupt)
+    out = tmp_path / "r.json"
+    result = _run([*FAST, "--impl", "interrupt_at_3", "--batch-sizes", "1,2,3,1", "--output", str(out)])
+    assert result.exit_code == 130
+    assert "Traceback" not in result.output and "interrupted" in result.stderr
+    assert [r["batch_size"] for r in json.loads(out.read_text())["results"]] == [1, 2]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cuda"], "no CUDA GPU"),
+    (["--device", "cuda:1"], "no CUDA GPU"),
+    (["--device", "gpu"], "unknown device"),
+    (["--precision", "fp32,int8"], "unknown precision"),
+    (["--batch-sizes", "0"], "must be >= 1"),
+    (["--batch-sizes", "8,x"], "integers"),
+    (["--resolutions", "16"], "must be >= 32"),
+    (["--impl", "nope"], "unknown impl"),
+    (["--iters", "0"], "--iters must be >= 1"),
+    (["--iters", "5", "--min-time", "1"], "either --iters or --min-time"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["nosuchmodel"], "unknown model"),
+    (["--baseline", "/nonexistent/baseline.json"], "does not exist"),
+])
+def test_bad_input_is_one_line_exit_2(args, message):
+    if torch.cuda.is_available() and "cuda" in " ".join(args):
+        pytest.skip("this machine has a GPU")
+    result = _run(["--resolutions", "64", "--iters", "1", "--warmup", "0", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+def test_new_implementations_are_accepted_without_code_changes(monkeypatch):
+    monkeypatch.setitem(IMPLEMENTATIONS, "mine", lambda model: model)
+    result = _run([*FAST, "--impl", "mine", "--batch-sizes", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["results"][0]["impl"] == "mine"
+
+
+# ------------------------------------------------------------------------------------------ profile
+
+
+def test_profile_names_the_operators(tmp_path):
+    from poolformer.profiling import profile_model
+
+    report = profile_model(bench.BenchConfig("s12", batch_size=1, resolution=64), warmup=1, steps=2)
+    names = {op.name: op for op in report.operators}
+    assert names["aten::native_group_norm"].category == "normalisation"
+    assert names["aten::avg_pool2d"].category == "pooling"
+    # s12: 12 blocks x 2 norms + head norm; 12 pooling mixers; per step
+    assert names["aten::native_group_norm"].calls == 25 and names["aten::avg_pool2d"].calls == 12
+    assert sum(op.share for op in report.operators) == pytest.approx(1.0)
+    assert report.operators == sorted(report.operators, key=lambda op: op.self_ms, reverse=True)
+
+
+def test_profile_command_with_trace(tmp_path):
+    trace = tmp_path / "trace.json"
+    result = runner.invoke(app, ["profile", "s12", "--device", "cpu", "--batch-size", "1", "--resolution", "64",
+                                 "--warmup", "0", "--steps", "1", "--trace", str(trace)])
+    assert result.exit_code == 0, result.output
+    assert "aten::native_group_norm" in result.stdout and "normalisation" in result.stdout
+    assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_profile_bad_input():
+    result = runner.invoke(app, ["profile", "s12", "--device", "cuda:0"] if not torch.cuda.is_available()
+                           else ["profile", "s12", "--precision", "fp8"])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import poolformer_cli.app"],
+                         capture_output=True, text=True, check=True).stderr
+    assert "torch" not in out
