@@ -17,30 +17,29 @@ from torch import nn
 from .errors import ConfigError
 
 
-class GroupNorm1(nn.Module):
+class _ChannelAffineNorm(nn.Module):
+    """A normalisation with a per-channel weight and optional bias (the two norms below differ only in which
+    axes their statistics cover)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+
+class GroupNorm1(_ChannelAffineNorm):
     """GroupNorm with one group: statistics over (C, H, W) of each sample, affine per channel.
 
     This is the PoolFormer paper's "Modified Layer Normalization". Input/output: [B, C, H, W].
     """
 
-    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.group_norm(x, 1, self.weight, self.bias, self.eps)
 
 
-class LayerNormChannels(nn.Module):
+class LayerNormChannels(_ChannelAffineNorm):
     """LayerNorm over channels only, independently at every position. Input/output: [B, C, H, W]."""
-
-    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 2, 3, 1)
