@@ -68,6 +68,17 @@ def checkpoint_num_classes(path: str | os.PathLike) -> int:
     return 1000  # no classifier found: let loading report what does not fit
 
 
+def trained_num_classes(model: str, *, weights: str | os.PathLike | None, pretrained: bool) -> int:
+    """The class count of the trained model `load_classifier` would build (cheap: no model is built).
+    Refuses (ConfigError) when no weights are given: random weights would print confident nonsense."""
+    if weights is None and not pretrained:
+        raise ConfigError(f"no weights for {get_spec(model).name}: pass --weights PATH or --pretrained "
+                          "(a randomly initialised model predicts nonsense)")
+    if weights is not None and pretrained:
+        raise ConfigError("pass either --weights PATH or --pretrained, not both")
+    return checkpoint_num_classes(weights) if weights is not None else 1000
+
+
 def load_classifier(
     model: str,
     *,
@@ -85,13 +96,8 @@ def load_classifier(
     from .implementations import build
 
     spec = get_spec(model)
-    if weights is None and not pretrained:
-        raise ConfigError(f"no weights for {spec.name}: pass --weights PATH or --pretrained "
-                          "(a randomly initialised model predicts nonsense)")
-    if weights is not None and pretrained:
-        raise ConfigError("pass either --weights PATH or --pretrained, not both")
+    num_classes = trained_num_classes(spec.name, weights=weights, pretrained=pretrained)
     target = device if isinstance(device, torch.device) else resolve_device(device)
-    num_classes = checkpoint_num_classes(weights) if weights is not None else 1000
     labels = class_names(num_classes, labels_file)
     module = build(spec.name, impl, weights=None if weights is None else str(weights), pretrained=pretrained,
                    num_classes=num_classes)

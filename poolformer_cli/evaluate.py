@@ -130,13 +130,14 @@ def eval_command(
     _check_output(predictions, "--predictions")
     from poolformer.data import class_folders, read_class_map
     from poolformer.evaluate import distributed, evaluate
-    from poolformer.predict import load_classifier, resolve_device
+    from poolformer.predict import load_classifier, resolve_device, trained_num_classes
 
     with user_errors():
         mapping = read_class_map(class_map) if class_map is not None else None
+        # the dataset is checked before the model is built: bad input fails fast
+        dataset = class_folders(data, trained_num_classes(name, weights=weights, pretrained=pretrained), mapping)
         with distributed(resolve_device(device)) as procs:
             classifier = load_classifier(name, weights=weights, pretrained=pretrained, impl=impl, device=procs.device)
-            dataset = class_folders(data, classifier.num_classes, mapping)
             with _progress_bar(progress and procs.is_main and not json_output) as on_batch:
                 result = evaluate(classifier, dataset, batch_size=batch_size, workers=workers, limit=limit,
                                   precision=precision, channels_last=channels_last,
