@@ -1,0 +1,160 @@
+"""Per-layer summary of a model: output shapes, parameters, MACs and activation sizes, plus per-stage totals.
+
+MACs here are multiply-accumulates of convolutions, linear layers and matrix products (the analytic
+count of `poolformer.flops`, equal to torch FlopCounterMode's FLOPs / 2). Shapes are traced on the meta
+device when a model is given by name, so even m48 takes no real compute. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .flops import AnalyticCount, OpCost, check_resolution, count_analytic, model_for_resolution, module_levels
+from .layers import DropPath
+from .zoo import get_spec
+
+DEFAULT_DEPTH = 2  # stem/stages/head, then their children: the blocks within each stage
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_HIDDEN = (nn.Identity, DropPath)  # no parameters, no work: rows would only be noise
+
+
+@dataclass
+class LayerRow:
+    """One module. params and macs include its submodules; activation_bytes is its output's size."""
+
+    name: str  # module path, e.g. stages.0.blocks.1
+    type: str
+    depth: int  # nesting level, not counting Sequential containers: stem=1, stages.0.blocks.1=2
+    output_shape: tuple[int, ...]
+    params: int
+    macs: int
+    activation_bytes: int
+
+
+@dataclass
+class StageRow:
+    """stem, stage 1-4, head: where the parameters and MACs live."""
+
+    stage: str
+    tokens: int  # H * W of the stage's output map (1 for the head)
+    channels: int
+    blocks: int
+    params: int
+    macs: int
+
+
+@dataclass
+class ModelSummary:
+    model: str
+    input_shape: tuple[int, ...]  # [B, 3, H, W]
+    depth: int
+    total_params: int  # every nn.Parameter, LayerScale and frozen ones included
+    trainable_params: int
+    total_macs: int
+    param_bytes: int
+    activation_bytes: int  # every tensor the forward pass writes (what training would have to keep, at most)
+    layers: list[LayerRow]
+    stages: list[StageRow]
+
+    def as_json(self) -> dict:
+        return {
+            "model": self.model,
+            "input_shape": list(self.input_shape),
+            "total_params": self.total_params,
+            "trainable_params": self.trainable_params,
+            "total_macs": self.total_macs,
+            "param_bytes": self.param_bytes,
+            "activation_bytes": self.activation_bytes,
+            "depth": self.depth,
+            "layers": [
+                {"name": r.name, "type": r.type, "depth": r.depth, "output_shape": list(r.output_shape),
+                 "params": r.params, "macs": r.macs, "activation_bytes": r.activation_bytes}
+                for r in self.layers
+            ],
+            "stages": [vars(s).copy() for s in self.stages],
+        }
+
+
+def summarize_model(model: nn.Module, resolution: int, batch_size: int = 1, depth: int = DEFAULT_DEPTH,
+                    name: str | None = None) -> ModelSummary:
+    """Summarise `model` for a [batch_size, 3, resolution, resolution] input on the model's device."""
+    check_resolution(resolution)
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    if depth < 1:
+        raise ConfigError(f"depth must be >= 1, got {depth}")
+    device = next(model.parameters()).device
+    x = torch.zeros(batch_size, 3, resolution, resolution, device=device)
+    count = count_analytic(model, x)
+    params = list(model.parameters())
+    spec = getattr(model, "spec", None)
+    return ModelSummary(
+        model=name or (spec.name if spec else type(model).__name__),
+        input_shape=tuple(x.shape),
+        depth=depth,
+        total_params=sum(p.numel() for p in params),
+        trainable_params=sum(p.numel() for p in params if p.requires_grad),
+        total_macs=count.macs,
+        param_bytes=sum(p.numel() * p.element_size() for p in params),
+        activation_bytes=count.written_bytes,
+        layers=_layer_rows(model, count, depth),
+        stages=_stage_rows(model, count),
+    )
+
+
+def summarize(name: str, resolution: int | None = None, batch_size: int = 1, depth: int = DEFAULT_DEPTH) -> ModelSummary:
+    """Summarise zoo model `name` (default resolution: the model's own), traced on the meta device."""
+    spec = get_spec(name)
+    resolution = spec.input_size if resolution is None else resolution
+    model = model_for_resolution(spec.name, resolution, device="meta")
+    return summarize_model(model, resolution, batch_size, depth, name=spec.name)
+
+
+def _subtree_cost(by_module: dict[str, OpCost], prefix: str) -> OpCost:
+    total = OpCost()
+    for name, cost in by_module.items():
+        if name == prefix or name.startswith(prefix + "."):
+            total.add(cost)
+    return total
+
+
+def _layer_rows(model: nn.Module, count: AnalyticCount, depth: int) -> list[LayerRow]:
+    levels = module_levels(model)
+    rows = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, _CONTAINERS + _HIDDEN) or levels[name] > depth:
+            continue
+        output = count.outputs.get(name)
+        if output is None:  # built but never called (e.g. a mixer path not taken)
+            continue
+        rows.append(LayerRow(
+            name=name, type=type(module).__name__, depth=levels[name], output_shape=output.shape,
+            params=sum(p.numel() for p in module.parameters()),
+            macs=_subtree_cost(count.by_module, name).macs, activation_bytes=output.bytes,
+        ))
+    return rows
+
+
+def _stage_rows(model: nn.Module, count: AnalyticCount) -> list[StageRow]:
+    """stem, one row per stage, head; skipped for models without that layout."""
+    if not all(hasattr(model, part) for part in ("stem", "stages", "head")):
+        return []
+    rows = []
+    parts = [("stem", "stem", model.stem, 0)]
+    parts += [(str(i + 1), f"stages.{i}", stage, len(stage.blocks)) for i, stage in enumerate(model.stages)]
+    for label, path, module, blocks in parts:
+        shape = count.outputs[path].shape  # [B, C, H, W]
+        rows.append(StageRow(
+            stage=label, tokens=shape[2] * shape[3], channels=shape[1], blocks=blocks,
+            params=sum(p.numel() for p in module.parameters()), macs=_subtree_cost(count.by_module, path).macs,
+        ))
+    head_in = count.outputs[parts[-1][1]].shape
+    rows.append(StageRow(
+        stage="head", tokens=1, channels=head_in[1], blocks=0,
+        params=sum(p.numel() for p in model.head.parameters()), macs=_subtree_cost(count.by_module, "head").macs,
+    ))
+    return rows

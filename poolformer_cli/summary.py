@@ -1,0 +1,112 @@
+"""`poolformer summary MODEL`: per-layer shapes, parameters, MACs and activation sizes."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .common import console, fail, human, parse_int_list, print_json, resolve_model, user_errors, write_atomic
+
+MIN_RESOLUTION = 32  # four downsamplings: stride 32 (poolformer.flops.MIN_RESOLUTION, without importing torch)
+CSV_COLUMNS = ("name", "type", "depth", "output_shape", "params", "macs", "activation_bytes")
+
+
+def summary_command(
+    model: str = typer.Argument(..., help="Model name or alias (see `poolformer list`)."),
+    resolution: Optional[str] = typer.Option(None, help="Input height = width in pixels [default: the model's]."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Batch size of the traced input."),
+    depth: int = typer.Option(2, help="How deep to expand modules: 1 = stem/stages/head, 2 = blocks within "
+                                      "stages, 3 = inside blocks, 4 = everything."),
+    json_output: bool = typer.Option(False, "--json", help="Print a JSON object instead of tables."),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the per-layer rows to this CSV file."),
+) -> None:
+    """Per-layer summary: output shape, parameters, MACs and output activation size, with totals and a
+    per-stage breakdown.
+
+    MACs are multiply-accumulates of convolutions, linear layers and matrix products (1 MAC = 2 FLOPs);
+    `poolformer flops` compares this count with fvcore, thop and torch.
+    """
+    name = resolve_model(model)
+    size = _one_resolution(resolution)
+    from poolformer.summary import summarize
+
+    with user_errors():
+        result = summarize(name, resolution=size, batch_size=batch_size, depth=depth)
+    if csv_path is not None:
+        write_atomic(csv_path, _csv_text(result))
+    if json_output:
+        print_json(result.as_json())
+        return
+    _render(result)
+    if csv_path is not None:
+        console.print(f"wrote {len(result.layers)} rows to {csv_path}", style="dim")
+
+
+def parse_resolutions(text: str) -> list[int]:
+    """'224,384' -> [224, 384]; exit 2 on anything that is not an integer the model can downsample 4 times."""
+    values = parse_int_list(text, "--resolution", minimum=1)
+    for value in values:
+        if value < MIN_RESOLUTION:
+            fail(f"--resolution must be at least {MIN_RESOLUTION} (four downsamplings to stride 32), got {value}")
+    return values
+
+
+def _one_resolution(text: Optional[str]) -> Optional[int]:
+    if text is None:
+        return None
+    values = parse_resolutions(text)
+    if len(values) != 1:
+        fail(f"--resolution takes one value for summary, got {len(values)} (flops accepts several)")
+    return values[0]
+
+
+def _csv_text(result) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for row in result.layers:
+        writer.writerow([row.name, row.type, row.depth, "x".join(map(str, row.output_shape)), row.params,
+                         row.macs, row.activation_bytes])
+    return buffer.getvalue()
+
+
+def _render(result) -> None:
+    shape = "x".join(map(str, result.input_shape))
+    layers = Table(title=f"{result.model}  input {shape}", title_justify="left")
+    for column, justify in (("layer", "left"), ("type", "left"), ("output shape", "left"),
+                            ("params", "right"), ("MACs", "right"), ("output", "right")):
+        layers.add_column(column, justify=justify, no_wrap=True)
+    for row in result.layers:
+        layers.add_row("  " * (row.depth - 1) + row.name, row.type, "x".join(map(str, row.output_shape)),
+                       f"{row.params:,}", f"{row.macs:,}", human(row.activation_bytes, "B"))
+    console.print(layers)
+
+    stages = Table(title="Per stage", title_justify="left")
+    for column in ("stage", "tokens", "channels", "blocks", "params", "MACs", "MACs %"):
+        stages.add_column(column, justify="left" if column == "stage" else "right")
+    for s in result.stages:
+        share = 100 * s.macs / result.total_macs if result.total_macs else 0.0
+        stages.add_row(s.stage, f"{s.tokens:,}", str(s.channels), str(s.blocks), f"{s.params:,}",
+                       f"{s.macs:,}", f"{share:.1f}")
+    if result.stages:
+        console.print(stages)
+
+    totals = Table(title="Totals", title_justify="left", show_header=False)
+    totals.add_column("what")
+    totals.add_column("value", justify="right")
+    totals.add_column("", style="dim")
+    frozen = result.total_params - result.trainable_params
+    totals.add_row("parameters", f"{result.total_params:,}", "every nn.Parameter, LayerScale and frozen included")
+    totals.add_row("trainable parameters", f"{result.trainable_params:,}",
+                   f"{frozen:,} frozen" if frozen else "none frozen")
+    totals.add_row("MACs", f"{result.total_macs:,}", f"{human(result.total_macs)} multiply-accumulates "
+                   f"(conv, linear, matmul) = {human(2 * result.total_macs)} FLOPs")
+    totals.add_row("parameter memory", human(result.param_bytes, "B"), f"{result.param_bytes:,} bytes")
+    totals.add_row("activation memory", human(result.activation_bytes, "B"),
+                   f"{result.activation_bytes:,} bytes: every tensor the forward pass writes")
+    console.print(totals)

@@ -1,0 +1,133 @@
+"""`poolformer summary`: totals against timm and torch counters, per-layer rows against real forwards."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from typer.testing import CliRunner
+
+from poolformer import create_model
+from poolformer.summary import summarize, summarize_model
+from poolformer.zoo import get_spec
+from poolformer_cli.app import app
+
+runner = CliRunner()
+
+
+def _param_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_s24_totals_21_388_968_parameters_like_timm():
+    with torch.device("meta"):
+        reference = _param_count(timm.create_model("poolformer_s24"))
+    assert summarize("s24").total_params == reference == 21_388_968
+
+
+def test_layer_scale_and_frozen_parameters_are_counted():
+    """s12_random: the frozen N x N mixing matrices count as parameters but not as trainable ones."""
+    result = summarize("s12_random", resolution=64)
+    sides = [16, 8, 4, 2]  # 64 / 4, then halved three times
+    frozen = sum(depth * (side * side) ** 2 for depth, side in zip(get_spec("s12").arch.depths, sides))
+    assert result.total_params - result.trainable_params == frozen
+    block = next(r for r in summarize("s12", resolution=64).layers if r.name == "stages.0.blocks.0")
+    c = 64  # norms (weight + bias) x2, fc1 and fc2 with bias, two LayerScales
+    assert block.params == 2 * 2 * c + (c * 4 * c + 4 * c) + (4 * c * c + c) + 2 * c
+
+
+def test_macs_match_torch_flop_counter_and_stages_add_up():
+    model = create_model("s12_pppa", img_size=64)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(2, 3, 64, 64))
+    result = summarize_model(model, 64, batch_size=2)
+    assert 2 * result.total_macs == counter.get_total_flops()
+    assert sum(s.macs for s in result.stages) == result.total_macs
+    assert sum(s.params for s in result.stages) == result.total_params
+    assert [s.stage for s in result.stages] == ["stem", "1", "2", "3", "4", "head"]
+    stem = next(r for r in result.layers if r.name == "stem.conv")
+    assert stem.macs == 2 * 64 * 3 * 7 * 7 * 16 * 16  # batch 2, [64, 3, 7, 7] kernel on a 16x16 output
+
+
+def test_output_shapes_and_sizes_match_a_real_forward():
+    model = create_model("s12")
+    maps = model.forward_stages(torch.zeros(3, 3, 96, 96))
+    result = summarize("s12", resolution=96, batch_size=3)
+    assert result.input_shape == (3, 3, 96, 96)
+    by_name = {r.name: r for r in result.layers}
+    for i, feature in enumerate(maps):
+        row = by_name[f"stages.{i}"]
+        assert row.output_shape == tuple(feature.shape)
+        assert row.activation_bytes == feature.numel() * feature.element_size()
+    stage_rows = {s.stage: s for s in result.stages}
+    assert [stage_rows[str(i + 1)].tokens for i in range(4)] == [m.shape[2] * m.shape[3] for m in maps]
+    assert by_name["head"].output_shape == (3, 1000)
+    assert result.param_bytes == 4 * result.total_params
+
+
+def test_depth_controls_which_rows_appear():
+    names = lambda depth: [r.name for r in summarize("s12", resolution=64, depth=depth).layers]  # noqa: E731
+    assert names(1) == ["stem", "stages.0", "stages.1", "stages.2", "stages.3", "head"]
+    assert "stages.2.blocks.5" in names(2) and "stages.2.blocks.5.mlp" not in names(2)
+    assert "stages.2.blocks.5.mlp.fc1" in names(4)
+
+
+def test_summary_leaves_the_model_as_it_was():
+    model = create_model("s12_batchnorm").train()
+    model.head.eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    keys = sorted(model.state_dict())
+    summarize_model(model, 64)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert sorted(model.state_dict()) == keys
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_cli_json_and_csv_agree(tmp_path):
+    path = tmp_path / "out" / "s12.csv"
+    result = runner.invoke(app, ["summary", "s12", "--resolution", "64", "--json", "--csv", str(path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    for key in ("model", "input_shape", "total_params", "trainable_params", "total_macs", "layers"):
+        assert key in data
+    assert data["model"] == "poolformer_s12" and data["input_shape"] == [1, 3, 64, 64]
+    assert data["total_params"] == _param_count(create_model("s12"))
+    for layer in data["layers"]:
+        assert {"name", "type", "output_shape", "params", "macs"} <= set(layer)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == [layer["name"] for layer in data["layers"]]
+    assert [int(r["macs"]) for r in rows] == [layer["macs"] for layer in data["layers"]]
+    assert not [p for p in path.parent.iterdir() if p.name != "s12.csv"]  # no temporary file left
+
+
+def test_cli_table_shows_totals_and_stages(monkeypatch):
+    from poolformer_cli.common import console
+
+    monkeypatch.setattr(console, "width", 200)
+    result = runner.invoke(app, ["summary", "s24"])
+    assert result.exit_code == 0, result.output
+    assert "21,388,968" in result.output
+    for text in ("Per stage", "stages.2.blocks.11", "trainable parameters", "activation memory", "FLOPs"):
+        assert text in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["summary", "s13"], "unknown model"),
+    (["summary", "s12", "--resolution", "31"], "at least 32"),
+    (["summary", "s12", "--resolution", "big"], "--resolution"),
+    (["summary", "s12", "--resolution", "224,384"], "one value"),
+    (["summary", "s12", "--batch-size", "0"], "batch size"),
+    (["summary", "s12", "--depth", "0"], "depth"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
