@@ -24,6 +24,7 @@ _LAZY = {
     "convert_state_dict": ".weights",
     "export_state_dict": ".weights",
     "download_weights": ".weights",
+    "optimize": ".fast",
 }
 
 __all__ = [

@@ -3,6 +3,7 @@
 - ``ours``: `poolformer.model.MetaFormer`, the reference semantics.
 - ``timm``: timm's own `poolformer_*` / `poolformerv2_*` model carrying the same weights (v1/v2 only).
   Note: timm's v1 head pools before normalising, so its v1 logits differ from the original's.
+- ``fast``: `poolformer.fast.optimize(model)`, the folded inference-only form (v1/v2), same logits.
 
 A new implementation is one function `(model: MetaFormer) -> nn.Module` added to `IMPLEMENTATIONS`.
 """
@@ -35,7 +36,13 @@ def _timm(model: MetaFormer) -> nn.Module:
     return twin.eval()
 
 
-IMPLEMENTATIONS: dict[str, Callable[[MetaFormer], nn.Module]] = {"ours": _ours, "timm": _timm}
+def _fast(model: MetaFormer) -> nn.Module:
+    from .fast import optimize
+
+    return optimize(model)
+
+
+IMPLEMENTATIONS: dict[str, Callable[[MetaFormer], nn.Module]] = {"ours": _ours, "timm": _timm, "fast": _fast}
 
 
 def build(name: str, impl: str = "ours", **kwargs: Any) -> nn.Module:

@@ -1,0 +1,166 @@
+"""CPU throughput of `--impl fast` against the reference model and timm, interleaved in one run.
+
+For every (precision, batch size) the candidates -- ours (reference MetaFormer, NCHW), timm NCHW, timm
+channels_last, fast -- take one timed step each in turn, round after round, so that load from other
+processes hits them alike; the figure per candidate is the median step. bf16 runs every candidate under
+`torch.autocast("cpu", dtype=torch.bfloat16)`, as `poolformer bench --precision bf16` does. All share the
+same weights (randomised, as no download is possible here) and `torch.set_num_threads(threads)`.
+
+Run it under the shared lock, as other jobs share the cores:
+    flock /tmp/poolformer-bench.lock python benchmarks/fast_cpu.py
+Writes benchmarks/results/fast_cpu.json and fast_cpu.md (with the command, machine and ratio table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from poolformer import create_model
+from poolformer.fast import optimize
+from poolformer.implementations import IMPLEMENTATIONS
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights around the init scale, so norms' affines and LayerScale all matter (as tests do)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02 + (1.0 if p.ndim == 1 else 0.0))
+    return model
+
+
+def candidates(model_name: str) -> dict[str, tuple[torch.nn.Module, str]]:
+    """name -> (module, input memory format); all carry the same weights."""
+    ours = randomize_(create_model(model_name))
+    timm_nchw = IMPLEMENTATIONS["timm"](ours)
+    timm_cl = IMPLEMENTATIONS["timm"](ours).to(memory_format=torch.channels_last)
+    return {
+        "ours": (ours, "nchw"),
+        "timm_nchw": (timm_nchw, "nchw"),
+        "timm_channels_last": (timm_cl, "channels_last"),
+        "fast": (optimize(ours), "nchw"),
+    }
+
+
+def measure(models, batch_size: int, resolution: int, precision: str, rounds: int, warmup: int) -> dict:
+    """Median seconds per step of each candidate, stepping them in turn; plus output agreement."""
+    x = torch.randn(batch_size, 3, resolution, resolution, generator=torch.Generator().manual_seed(1))
+    inputs = {fmt: x.contiguous(memory_format=torch.channels_last) if fmt == "channels_last" else x
+              for fmt in ("nchw", "channels_last")}
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    steps: dict[str, list[float]] = {name: [] for name in models}
+    outputs = {}
+    with torch.inference_mode(), autocast:
+        for round_index in range(warmup + rounds):
+            for name, (module, fmt) in models.items():
+                start = time.perf_counter()
+                out = module(inputs[fmt])
+                elapsed = time.perf_counter() - start
+                if round_index >= warmup:
+                    steps[name].append(elapsed)
+                outputs[name] = out.float()
+    medians = {name: statistics.median(times) for name, times in steps.items()}
+    spread = {name: [min(times), max(times)] for name, times in steps.items()}
+    reference = outputs["ours"]
+    return {
+        "batch_size": batch_size,
+        "precision": precision,
+        "step_s_median": medians,
+        "step_s_min_max": spread,
+        "images_per_s": {name: batch_size / s for name, s in medians.items()},
+        "fast_vs_timm_best": min(medians["timm_nchw"], medians["timm_channels_last"]) / medians["fast"],
+        "fast_vs_timm_nchw": medians["timm_nchw"] / medians["fast"],
+        "fast_vs_timm_channels_last": medians["timm_channels_last"] / medians["fast"],
+        "fast_vs_ours": medians["ours"] / medians["fast"],
+        "fast_max_abs_diff_vs_ours": (outputs["fast"] - reference).abs().max().item(),
+        "fast_top1_agreement_vs_ours": (outputs["fast"].argmax(1) == reference.argmax(1)).float().mean().item(),
+    }
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# Fast path on CPU: throughput against timm (interleaved, median step)",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {report['machine']}, {report['threads']} threads, torch {report['torch']}, timm {report['timm']}  ",
+        f"Model: {report['model']} at {report['resolution']}x{report['resolution']}, randomised weights; "
+        f"{report['rounds']} timed rounds after {report['warmup']} warm-up rounds; {report['utc']}",
+        "",
+        "| precision | batch | ours img/s | timm NCHW img/s | timm CL img/s | fast img/s | fast / best timm "
+        "| fast / ours | max abs diff vs ours | top-1 agree |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        ips = row["images_per_s"]
+        lines.append(
+            f"| {row['precision']} | {row['batch_size']} | {ips['ours']:.1f} | {ips['timm_nchw']:.1f} | "
+            f"{ips['timm_channels_last']:.1f} | {ips['fast']:.1f} | {row['fast_vs_timm_best']:.2f}x | "
+            f"{row['fast_vs_ours']:.2f}x | {row['fast_max_abs_diff_vs_ours']:.1e} | "
+            f"{row['fast_top1_agreement_vs_ours']:.2f} |"
+        )
+    lines += ["", "Ratios are of median step times measured in the same run; the JSON file has min/max steps."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="poolformer_s12")
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--batch-sizes", default="1,16,32")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(RESULTS / "fast_cpu"), help="output path without extension")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    import timm
+
+    models = candidates(args.model)
+    rows = []
+    for precision in args.precisions.split(","):
+        for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+            rows.append(measure(models, batch_size, args.resolution, precision, args.rounds, args.warmup))
+            print(json.dumps({k: rows[-1][k] for k in ("precision", "batch_size", "images_per_s",
+                                                        "fast_vs_timm_best")}), flush=True)
+    report = {
+        "command": "flock /tmp/poolformer-bench.lock python " + " ".join(sys.argv),
+        "machine": f"{cpu_name()} ({platform.machine()}), bf16 via oneDNN: "
+                   f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}",
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "model": args.model,
+        "resolution": args.resolution,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

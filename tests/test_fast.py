@@ -1,0 +1,252 @@
+"""The fast inference path (`poolformer.optimize`, `--impl fast`) against the reference model.
+
+Every algebraic rewrite is checked on its own against the reference modules with randomised weights, then
+whole models of every v1/v2 size, odd resolutions and batch sizes; bf16 against fp32 on real photographs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from poolformer import ConfigError, create_model, list_models, optimize
+from poolformer.fast import block_forward, fold, head_forward, per_sample_inv_sigma, pool_mix
+from poolformer.implementations import IMPLEMENTATIONS, build
+from poolformer_cli.app import app
+
+from .conftest import randomize_
+
+TOLERANCE = 1e-4  # fp32 logits, absolute
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def _assert_as_exact_as_reference(model, x: torch.Tensor, features: bool = False) -> None:
+    """Fast fp32 output within TOLERANCE of the reference's, or (where random weights grow activations so
+    far that the fp32 reference itself is off by more) at least as close to a float64 run of the reference."""
+    run = (lambda m, t: m.forward_features(t)) if features else (lambda m, t: m(t))
+    with torch.no_grad():
+        got, expected = run(optimize(model), x), run(model, x)
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        if (got - expected).abs().max().item() < TOLERANCE:
+            return
+        exact = run(copy.deepcopy(model).double(), x.double())
+    fast_error, reference_error = (got - exact).abs().max().item(), (expected - exact).abs().max().item()
+    assert fast_error <= 1.5 * reference_error, (fast_error, reference_error)
+
+
+@pytest.fixture(scope="module")
+def v1_model():
+    return randomize_(create_model("s12"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def v2_model():
+    return randomize_(create_model("v2_s12"), seed=2)
+
+
+# ------------------------------------------------------------------------------ the algebra, step by step
+
+
+def test_inv_sigma_is_groupnorm_statistic_with_eps_inside_the_root():
+    x = torch.randn(3, 8, 5, 7) * 0.01 + 0.3  # variance ~1e-4: eps=1e-3 changes sigma a lot
+    var = x.var(dim=(1, 2, 3), unbiased=False)
+    expected = 1 / torch.sqrt(var + 1e-3)
+    torch.testing.assert_close(per_sample_inv_sigma(x, 1e-3), expected, rtol=1e-4, atol=0)
+    # the same statistic group_norm uses: standardising with it reproduces F.group_norm
+    inv = per_sample_inv_sigma(x, 1e-3)
+    mean = x.mean(dim=(1, 2, 3))
+    manual = (x - mean.view(-1, 1, 1, 1)) * inv.view(-1, 1, 1, 1)
+    torch.testing.assert_close(manual, F.group_norm(x, 1, eps=1e-3), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+@pytest.mark.parametrize("eps", [None, 0.05])
+def test_pool_mixer_needs_only_sigma(family, eps, v1_model, v2_model):
+    """res_scale1 * x + ls1 * (pool(GN(x)) - GN(x)) == skip * x + (ls1 * gamma / sigma) * (pool(x) - x)."""
+    model = v1_model if family == "v1" else v2_model
+    block = model.stages[2].blocks[0]  # v2: the stage with ResScale
+    original_eps = block.norm1.eps
+    x = torch.randn(2, block.norm1.weight.shape[0], 9, 11) * 0.1 + 0.5  # small variance: eps matters
+    try:
+        if eps is not None:
+            block.norm1.eps = eps
+        folded_block = fold(model)[0].stages[2].blocks[0]
+        with torch.no_grad():
+            expected = block.res_scale1(x) + block.layer_scale1(block.token_mixer(block.norm1(x)))
+        got = pool_mix(_nhwc(x), folded_block, model.arch.pool_size, block.norm1.eps)
+    finally:
+        block.norm1.eps = original_eps
+    torch.testing.assert_close(got, _nhwc(expected), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_whole_block_with_folded_norm_scales_and_activation(family, v1_model, v2_model):
+    model = v1_model if family == "v1" else v2_model
+    folded, plan = fold(model)
+    for stage_index in (0, 3):  # v2: without and with ResScale
+        block = model.stages[stage_index].blocks[1]
+        x = torch.randn(2, block.norm1.weight.shape[0], 7, 6)
+        with torch.no_grad():
+            expected = block(x)
+        got = block_forward(_nhwc(x), folded.stages[stage_index].blocks[1], plan)
+        # random v2 weights grow the last stage's values to ~1e3, where fp32 itself is only good to ~1e-3
+        torch.testing.assert_close(got, _nhwc(expected), rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_head_norm_folds_into_classifier(family, v1_model, v2_model):
+    model = v1_model if family == "v1" else v2_model
+    folded, plan = fold(model)
+    x = torch.randn(3, model.arch.dims[-1], 3, 4) * 2 + 1
+    with torch.no_grad():
+        expected = model.forward_head(x)
+    torch.testing.assert_close(head_forward(_nhwc(x), folded, plan), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_leaves_reference_model_untouched(v2_model):
+    before = {k: v.clone() for k, v in v2_model.state_dict().items()}
+    optimize(v2_model)
+    assert all(torch.equal(before[k], v) for k, v in v2_model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------ whole models
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+@pytest.mark.parametrize(("batch", "resolution"), [(1, 64), (3, 97), (2, 225), (1, 33)])
+def test_logits_match_reference(family, batch, resolution, v1_model, v2_model):
+    model = v1_model if family == "v1" else v2_model
+    _assert_as_exact_as_reference(model, torch.randn(batch, 3, resolution, resolution))
+
+
+def test_logits_match_reference_at_224(v1_model):
+    _assert_as_exact_as_reference(v1_model, torch.randn(2, 3, 224, 224))
+
+
+@pytest.mark.parametrize("name", [n for n in list_models("v1") + list_models("v2") if not n.endswith("s12")])
+def test_every_size_matches_reference(name):
+    _assert_as_exact_as_reference(randomize_(create_model(name), seed=3), torch.randn(1, 3, 64, 64))
+
+
+def test_features_and_headless_models_match(v2_model):
+    x = torch.randn(2, 3, 64, 80)
+    _assert_as_exact_as_reference(v2_model, x, features=True)
+    _assert_as_exact_as_reference(randomize_(create_model("s12", num_classes=0)), x)
+
+
+@pytest.mark.parametrize("variant", ["poolformer_s12_pool5", "poolformer_s12_relu", "poolformer_s12_silu"])
+def test_supported_ablations_match(variant):
+    _assert_as_exact_as_reference(randomize_(create_model(variant)), torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize(("name", "overrides"), [("s12", {"token_mixer": "dwconv"}), ("s12_layernorm", {}),
+                                                 ("s12_pppa", {}), ("s12_batchnorm", {})])
+def test_unsupported_models_raise_config_error(name, overrides):
+    with pytest.raises(ConfigError, match="fast path"):
+        optimize(create_model(name, **overrides))
+
+
+def test_rejects_non_metaformer_and_bad_input(v1_model):
+    with pytest.raises(ConfigError):
+        optimize(torch.nn.Linear(2, 2))
+    with pytest.raises(ConfigError, match="expected images"):
+        optimize(v1_model)(torch.randn(1, 4, 32, 32))
+
+
+# ------------------------------------------------------------------------------ bf16
+
+
+def _photographs(size: int = 160) -> torch.Tensor:
+    """scikit-image's astronaut, chelsea (a cat) and coffee, resized and ImageNet-normalised: [3, 3, size, size]."""
+    skimage_data = pytest.importorskip("skimage.data")
+    images = []
+    for name in ("astronaut", "chelsea", "coffee"):
+        pixels = torch.from_numpy(getattr(skimage_data, name)()).permute(2, 0, 1).float()[None] / 255
+        images.append(F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (torch.cat(images) - mean) / std
+
+
+def _agree_or_near_tie(reference: torch.Tensor, other: torch.Tensor, tie: float) -> bool:
+    """Same top-1 per row, unless fp32 itself rates the two choices within `tie` of each other."""
+    chosen = other.argmax(1)
+    gap = reference.max(1).values - reference.gather(1, chosen[:, None])[:, 0]
+    return bool(((chosen == reference.argmax(1)) | (gap < tie)).all())
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no bf16 support")
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_bf16_autocast_agrees_with_fp32_on_photographs(family, v1_model, v2_model):
+    model = v1_model if family == "v1" else v2_model
+    x = _photographs()
+    fast = optimize(model)
+    with torch.no_grad():
+        expected = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fast(x)
+        explicit = optimize(model, dtype=torch.bfloat16)(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, explicit)  # autocast and dtype= take the same path
+    assert (got - expected).abs().max().item() < 0.1 * expected.std().item()
+    assert _agree_or_near_tie(expected, got, tie=0.01 * expected.std().item())
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no bf16 support")
+def test_bf16_top1_agreement_on_random_inputs(v2_model):
+    x = torch.randn(64, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = v2_model(x).argmax(1)
+        got = optimize(v2_model, dtype=torch.bfloat16)(x).argmax(1)
+    assert (got == expected).float().mean().item() >= 0.9
+
+
+# ------------------------------------------------------------------------------ --impl fast
+
+
+def test_registered_as_implementation():
+    assert "fast" in IMPLEMENTATIONS
+    model = build("s12", "fast")
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_bench_cli_runs_fast_impl(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "s12", "--device", "cpu", "--impl", "ours,fast", "--batch-sizes", "1",
+                                      "--resolutions", "64", "--warmup", "1", "--iters", "2", "--threads", "1",
+                                      "--precision", "fp32,bf16", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["impl"], r["precision"]) for r in rows if r["status"] == "ok"} == {
+        (impl, precision) for impl in ("ours", "fast") for precision in ("fp32", "bf16")}
+
+
+def test_predict_cli_with_fast_impl_matches_ours(tmp_path, s12_checkpoint):
+    from PIL import Image
+
+    image = tmp_path / "noise.png"
+    Image.fromarray((torch.rand(80, 96, 3) * 255).byte().numpy()).save(image)
+    outputs = {}
+    for impl in ("ours", "fast"):
+        result = CliRunner().invoke(app, ["predict", str(image), "--weights", str(s12_checkpoint), "--device", "cpu",
+                                          "--impl", impl, "--json", "--top-k", "3"])
+        assert result.exit_code == 0, result.output
+        outputs[impl] = json.loads(result.stdout)
+    fast, ours = outputs["fast"][0]["predictions"], outputs["ours"][0]["predictions"]
+    assert [p["index"] for p in fast] == [p["index"] for p in ours]
+    assert [p["probability"] for p in fast] == pytest.approx([p["probability"] for p in ours], abs=1e-5)
+
+
+def test_unsupported_model_through_cli_is_one_line_error():
+    result = CliRunner().invoke(app, ["bench", "s12_dwconv", "--device", "cpu", "--impl", "fast", "--batch-sizes", "1",
+                                      "--resolutions", "64", "--iters", "1", "--warmup", "0"])
+    assert result.exit_code != 0
+    assert "fast path" in result.output and "Traceback" not in result.output
