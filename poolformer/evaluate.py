@@ -223,6 +223,8 @@ def evaluate(
     skipped: list[SkippedImage] = []
     outcomes: list[ImageOutcome] = []
     start = time.perf_counter()
+    if progress is not None:
+        progress(EvalProgress(0, len(data), 0, 0, 0.0))
     for images, targets, local, errors in _loader(data, batch_size, workers, device):
         readable = torch.tensor([not e for e in errors], dtype=torch.bool)
         skipped.extend(SkippedImage(shard[i], samples[shard[i]].path, e) for i, e in zip(local.tolist(), errors) if e)
