@@ -22,6 +22,15 @@ from poolformer.zoo import MODELS, get_spec, list_models
 from poolformer_cli.app import app
 
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tests count work on small inputs: a second intra-op thread only spins on the shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 G = 1e9
 
 

@@ -19,6 +19,15 @@ from poolformer_cli.app import app
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tests count work on small inputs: a second intra-op thread only spins on the shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
