@@ -190,7 +190,7 @@ def evaluate(
     dataset: ClassFolders,
     *,
     batch_size: int = 64,
-    workers: int = 2,
+    workers: int | None = None,
     limit: int | None = None,
     precision: str = "fp32",
     channels_last: bool = False,
@@ -201,12 +201,14 @@ def evaluate(
 ) -> EvalResult:
     """Top-1 / top-5 of `classifier` on `dataset`.
 
+    workers: DataLoader processes decoding images (default: the CPU count, at most 8; 0 decodes in this one).
     limit: evaluate only this many images, spread evenly over the sorted dataset (every class represented).
     procs: this process's place in a torchrun job (see `distributed`); each takes every world_size-th image.
     keep_outcomes: also return every scored image's top-5, for a per-image report.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
     if batch_size < 1 or workers < 0 or (limit is not None and limit < 1):
         raise ConfigError("batch size and limit must be >= 1 and workers >= 0")
     procs = procs or Distributed(0, 1, classifier.device)

@@ -102,7 +102,8 @@ def eval_command(
     class_map: Optional[Path] = typer.Option(None, help="Folder -> class index: JSON {folder: index}, or text "
                                                         "with one folder name per line (line number = index)."),
     batch_size: int = typer.Option(64, min=1, help="Images per forward pass (per process)."),
-    workers: int = typer.Option(2, min=0, help="DataLoader worker processes decoding images (per process)."),
+    workers: Optional[int] = typer.Option(None, min=0, help="DataLoader worker processes decoding images, per "
+                                                           "process (default: the CPU count, at most 8)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Evaluate only N images, spread evenly over the "
                                                           "sorted dataset so every class is represented."),
     device: str = typer.Option("auto", help="auto (GPU if available), cpu, cuda or cuda:N. Under torchrun "
@@ -153,3 +154,5 @@ def eval_command(
         print_json(document)
     else:
         _render(result)
+    if result.images == 0:
+        fail(f"none of the {len(result.skipped)} images could be read", 1)

@@ -259,5 +259,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, known):
         assert result.exit_code == 2, (args, result.output)
         assert message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.output
+    (tmp_path / "unreadable" / imagenet_wnids()[7]).mkdir(parents=True)
+    (tmp_path / "unreadable" / imagenet_wnids()[7] / "a.JPEG").write_text("not an image")
+    nothing = _eval(tmp_path / "unreadable", "--weights", checkpoint, "--workers", "0")
+    assert nothing.exit_code == 1 and "none of the 1 images could be read" in nothing.stderr
+    assert "images skipped" in nothing.stdout and "a.JPEG" in nothing.stderr
     no_weights = _eval(tmp_path / "unknown")
     assert no_weights.exit_code == 2 and "--weights PATH or --pretrained" in no_weights.stderr
