@@ -130,12 +130,14 @@ def distributed(device: torch.device) -> Iterator[Distributed]:
     """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK,
     MASTER_ADDR/PORT): nccl on GPUs, each process on cuda:LOCAL_RANK; gloo on CPUs. Without torchrun this is
     a single process. The group is torn down on exit if it was created here."""
-    import torch.distributed as dist
-
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         yield Distributed(0, 1, device)
         return
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise ConfigError("this PyTorch build has no torch.distributed; run without torchrun")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
