@@ -20,9 +20,9 @@ All steps run under torch.inference_mode() and, for bf16/fp16, torch.autocast (w
 and convolutions run in the low precision). Out-of-memory at a configuration gives a row with status
 "oom", frees the memory and the run goes on; any other failure gives status "error" with a one-line reason.
 
-In normalised mode a fixed reference workload (a small plain-torch network, independent of this package's
-code) is timed interleaved step by step with the model, so that throughput can be compared relative to the
-machine's speed at that moment (see poolformer.regression).
+In normalised mode a fixed reference workload (a plain-torch network, independent of this package's code,
+see reference_workload) runs right after every model step, so that throughput can be compared relative to
+the machine's speed at that moment (see BenchResult.relative_throughput and poolformer.regression).
 """
 
 from __future__ import annotations
@@ -107,15 +107,19 @@ class BenchResult:
     first_call_ms: float | None = None  # the first forward on its own (includes compilation with compile)
     noisy: bool = False
     reference_ms: float | None = None  # normalised mode: median latency of the reference workload
+    reference_steps_ms: list[float] = field(default_factory=list)  # normalised mode: paired with steps_ms
     error: str | None = None
     telemetry: dict[str, Any] | None = None
 
     @property
     def relative_throughput(self) -> float | None:
-        """Images per reference-workload run: throughput with the machine's momentary speed divided out."""
-        if self.throughput is None or self.reference_ms is None:
+        """batch_size x median over steps of (reference latency / model latency), each model step paired with
+        the reference run right after it: images per reference run, with the machine's momentary speed
+        divided out step by step (a slow spell slows both halves of a pair)."""
+        if self.status != "ok" or not self.reference_steps_ms:
             return None
-        return self.throughput * self.reference_ms / 1000.0
+        ratios = [ref / step for ref, step in zip(self.reference_steps_ms, self.steps_ms)]
+        return self.config.batch_size * statistics.median(ratios)
 
     def to_row(self) -> dict[str, Any]:
         """The JSON row: the documented keys first, then the details."""
@@ -126,6 +130,8 @@ class BenchResult:
                                "peak_memory_bytes": self.peak_memory_bytes}
         if lat:
             row["latency_ms"].update(mean=lat.mean, min=lat.min, steps=self.steps_ms)
+        if self.reference_steps_ms:
+            row["reference_steps_ms"] = self.reference_steps_ms
         row.update(peak_reserved_bytes=self.peak_reserved_bytes, first_call_ms=self.first_call_ms,
                    compile_ms=self.first_call_ms if self.config.compile else None, noisy=self.noisy,
                    reference_ms=self.reference_ms, relative_throughput=self.relative_throughput,
@@ -355,25 +361,44 @@ def _autocast(config: BenchConfig) -> contextlib.AbstractContextManager:
     return torch.autocast(torch.device(config.device).type, dtype=_AUTOCAST_DTYPES[config.precision])
 
 
-def reference_workload(device: str) -> Callable[[], Any]:
-    """A fixed plain-torch network, independent of this package's code, with PoolFormer's op mix (strided
-    conv stem, one-group GroupNorm, 1x1-conv MLP with GELU, 3x3 average pooling) on a fixed batch
-    [2, 3, 160, 160], fp32. Its speed tracks the machine, not our code; see BenchSettings.normalised."""
+class _ReferenceBlock(nn.Module):
+    """x + mlp(norm(x)) after x + (pool(norm(x)) - norm(x)): a pooling block written with plain torch ops."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.GroupNorm(1, dim), nn.GroupNorm(1, dim)
+        self.pool = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+        self.mlp = nn.Sequential(nn.Conv2d(dim, 4 * dim, 1), nn.GELU(), nn.Conv2d(4 * dim, dim, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x)
+        x = x + self.pool(y) - y
+        return x + self.mlp(self.norm2(x))
+
+
+def reference_workload(device: str, batch_size: int, resolution: int) -> Callable[[], Any]:
+    """A fixed plain-torch network, independent of this package's code: a half-depth PoolFormer-S12 (7x7/4
+    stem, pooling blocks at 64/128/320/512 channels with depths 1/1/3/1, 3x3/2 downsampling) on an fp32 input
+    [batch_size, 3, resolution, resolution]. Same op mix as the models, so a busy or slow machine affects it
+    the way it affects them (a simpler workload was measured to react differently, e.g. to a neighbour on
+    the same core); scaled with the configuration, so each model step is paired with a reference run of
+    similar length. Its speed tracks the machine and torch, not our code. See BenchSettings.normalised."""
     generator = torch.Generator().manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 64, 7, stride=4, padding=2), nn.GroupNorm(1, 64),
-        nn.Conv2d(64, 256, 1), nn.GELU(), nn.Conv2d(256, 64, 1),
-        nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),
-    ).eval()
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, stride=4, padding=2)]
+    for stage, (dim, depth) in enumerate(zip((64, 128, 320, 512), (1, 1, 3, 1))):
+        if stage > 0:
+            layers.append(nn.Conv2d(layers[-1].norm1.num_channels, dim, 3, stride=2, padding=1))
+        layers.extend(_ReferenceBlock(dim) for _ in range(depth))
+    net = nn.Sequential(*layers).eval()
     with torch.no_grad():
         for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
     net = net.to(device)
-    x = torch.randn(2, 3, 160, 160, generator=generator).to(device)
+    x = torch.randn(batch_size, 3, resolution, resolution, generator=generator).to(device)
     device_type = torch.device(device).type
 
     def run() -> None:
-        # always fp32: it runs interleaved inside the model's autocast region
+        # always fp32 and channels-first: it runs interleaved inside the model's autocast region
         with torch.inference_mode(), torch.autocast(device_type, enabled=False):
             net(x)
 
@@ -403,7 +428,8 @@ def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildM
             config=config, status="ok", throughput=config.batch_size * 1000.0 / stats.median,
             latency_ms=stats, steps_ms=steps_ms, peak_memory_bytes=peak, peak_reserved_bytes=reserved,
             first_call_ms=first_call_ms, noisy=stats.iqr > settings.noisy_iqr_ratio * stats.median,
-            reference_ms=statistics.median(reference_ms) if reference_ms else None)
+            reference_ms=statistics.median(reference_ms) if reference_ms else None,
+            reference_steps_ms=reference_ms)
     except Exception as err:
         status = "oom" if is_out_of_memory(err) else "error"
         return BenchResult(config=config, status=status, error=_one_line(err))
@@ -435,12 +461,11 @@ def run_benchmark(configs: Iterable[BenchConfig], settings: BenchSettings,
     from .envinfo import NvmlTelemetry
 
     check_settings(settings)
-    references: dict[str, Callable[[], Any]] = {}
     for config in configs:
         apply_settings(settings, config.device)
         reference = None
         if settings.normalised:
-            reference = references.setdefault(config.device, reference_workload(config.device))
+            reference = reference_workload(config.device, config.batch_size, config.resolution)
         if config.device.startswith("cuda"):
             with NvmlTelemetry(torch.device(config.device).index or 0) as telemetry:
                 result = run_config(config, settings, build_model, reference)
