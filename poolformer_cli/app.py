@@ -10,6 +10,7 @@ import typer
 from poolformer import __version__
 
 from . import zoo
+from . import flops as flops_cli, summary as summary_cli
 from . import evaluate as evaluate_cli
 from . import predict as predict_cli
 from . import bench as bench_cli
@@ -39,6 +40,8 @@ def _root(
 
 
 app.command("list")(zoo.list_command)
+app.command("summary")(summary_cli.summary_command)
+app.command("flops")(flops_cli.flops_command)
 app.command("predict")(predict_cli.predict_command)
 app.command("eval")(evaluate_cli.eval_command)
 app.command("bench")(bench_cli.bench_command)

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from .common import console, err_console, fail, human, print_json, resolve_model, user_errors
-from .summary import parse_resolutions
+from .summary import one_int, parse_resolutions
 
 BREAKDOWNS = ("module", "operator")
 IMPLS = ("ours", "timm")
@@ -27,9 +27,9 @@ def flops_command(
     models: List[str] = typer.Argument(..., help="One or more model names or aliases (see `poolformer list`)."),
     resolution: Optional[str] = typer.Option(
         None, help="Input height = width; several comma-separated values (e.g. 224,384,512) show how cost "
-                   "grows with tokens [default: each model's own]."),
+                   "grows with tokens (default: each model's own, 224)."),
     by: Optional[str] = typer.Option(None, "--by", help="Also break the counts down by 'module' or 'operator'."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Batch size of the counted input."),
+    batch_size: str = typer.Option("1", "--batch-size", metavar="INTEGER", help="Batch size of the counted input."),
     impl: str = typer.Option("ours", help="Count our model or timm's twin ('timm', v1/v2 only: the "
                                           "implementation the published v1 MACs were counted on)."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON object instead of tables."),
@@ -39,6 +39,7 @@ def flops_command(
     operator moves. Lists the ops fvcore skipped and what they would add."""
     names = [resolve_model(m) for m in models]
     sizes = parse_resolutions(resolution) if resolution is not None else [None]
+    batch = one_int(batch_size, "--batch-size")
     if by is not None and by not in BREAKDOWNS:
         fail(f"--by must be one of: {', '.join(BREAKDOWNS)}; got {by!r}")
     if impl not in IMPLS:
@@ -50,7 +51,7 @@ def flops_command(
         for name in names:
             for size in sizes:
                 with err_console.status(f"counting {name} at {size or 'its own resolution'} ..."):
-                    reports.append(analyse(name, resolution=size, batch_size=batch_size, impl=impl))
+                    reports.append(analyse(name, resolution=size, batch_size=batch, impl=impl))
     if json_output:
         print_json({"models": [r.as_json() for r in reports]})
         return

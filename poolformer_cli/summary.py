@@ -18,9 +18,9 @@ CSV_COLUMNS = ("name", "type", "depth", "output_shape", "params", "macs", "activ
 
 def summary_command(
     model: str = typer.Argument(..., help="Model name or alias (see `poolformer list`)."),
-    resolution: Optional[str] = typer.Option(None, help="Input height = width in pixels [default: the model's]."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Batch size of the traced input."),
-    depth: int = typer.Option(2, help="How deep to expand modules: 1 = stem/stages/head, 2 = blocks within "
+    resolution: Optional[str] = typer.Option(None, help="Input height = width in pixels (default: the model's own, 224)."),
+    batch_size: str = typer.Option("1", "--batch-size", metavar="INTEGER", help="Batch size of the traced input."),
+    depth: str = typer.Option("2", metavar="INTEGER", help="How deep to expand modules: 1 = stem/stages/head, 2 = blocks within "
                                       "stages, 3 = inside blocks, 4 = everything."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON object instead of tables."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the per-layer rows to this CSV file."),
@@ -33,10 +33,11 @@ def summary_command(
     """
     name = resolve_model(model)
     size = _one_resolution(resolution)
+    batch, levels = one_int(batch_size, "--batch-size"), one_int(depth, "--depth")
     from poolformer.summary import summarize
 
     with user_errors():
-        result = summarize(name, resolution=size, batch_size=batch_size, depth=depth)
+        result = summarize(name, resolution=size, batch_size=batch, depth=levels)
     if csv_path is not None:
         write_atomic(csv_path, _csv_text(result))
     if json_output:
@@ -45,6 +46,17 @@ def summary_command(
     _render(result)
     if csv_path is not None:
         console.print(f"wrote {len(result.layers)} rows to {csv_path}", style="dim")
+
+
+def one_int(text: str, option: str) -> int:
+    """A single integer >= 1 for `option`, or a one-line error and exit 2 (typer's own is a boxed panel)."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        fail(f"{option} takes one integer >= 1, got {text!r}")
+    if value < 1:
+        fail(f"{option} must be >= 1, got {value}")
+    return value
 
 
 def parse_resolutions(text: str) -> list[int]:
@@ -110,3 +122,6 @@ def _render(result) -> None:
     totals.add_row("activation memory", human(result.activation_bytes, "B"),
                    f"{result.activation_bytes:,} bytes: every tensor the forward pass writes")
     console.print(totals)
+    console.print("MACs count conv, linear and matmul multiply-accumulates only. Published figures are fvcore's, "
+                  "which also charges 5 per normalised element; `poolformer flops` shows every counter and what "
+                  "each one skips.", style="dim")

@@ -305,6 +305,7 @@ def test_cli_by_module_lists_blocks(wide_console):
     (["flops", "s12", "--resolution", "-64"], "--resolution"),
     (["flops", "s12", "--by", "layer"], "--by"),
     (["flops", "s12", "--impl", "onnx"], "--impl"),
+    (["flops", "s12", "--batch-size", "1.5"], "--batch-size"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message):
     result = runner.invoke(app, args)

@@ -131,8 +131,9 @@ def test_cli_table_shows_totals_and_stages(monkeypatch):
     (["summary", "s12", "--resolution", "31"], "at least 32"),
     (["summary", "s12", "--resolution", "big"], "--resolution"),
     (["summary", "s12", "--resolution", "224,384"], "one value"),
-    (["summary", "s12", "--batch-size", "0"], "batch size"),
-    (["summary", "s12", "--depth", "0"], "depth"),
+    (["summary", "s12", "--batch-size", "0"], "--batch-size"),
+    (["summary", "s12", "--batch-size", "two"], "--batch-size"),
+    (["summary", "s12", "--depth", "0"], "--depth"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message):
     result = runner.invoke(app, args)
