@@ -129,6 +129,12 @@ class FvcoreCount:
     by_module: dict[str, int]
     unsupported_ops: dict[str, int]  # aten op -> number of calls fvcore did not count
 
+    @property
+    def norm_macs(self) -> int:
+        """What fvcore charges normalisation layers (5 per element). Implementations that write a norm out
+        of elementary ops (the authors' LayerNormChannel: mean, pow, sqrt) get 0 here instead."""
+        return sum(v for k, v in self.by_operator.items() if k.endswith("_norm"))
+
 
 @dataclass
 class ThopCount:
