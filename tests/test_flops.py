@@ -319,6 +319,8 @@ def test_cli_by_module_lists_blocks(wide_console):
     (["flops", "s12", "--by", "layer"], "--by"),
     (["flops", "s12", "--impl", "onnx"], "--impl"),
     (["flops", "s12", "--batch-size", "1.5"], "--batch-size"),
+    (["flops", "s12_pppf", "--resolution", "230"], "multiple of 32"),
+    (["flops", "s12_pppf", "--impl", "timm"], "timm has no implementation"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message):
     result = runner.invoke(app, args)
