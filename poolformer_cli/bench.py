@@ -144,7 +144,10 @@ def _run_all(engine: Any, configs: list, settings: Any, env: dict, output: Optio
             for config in configs:
                 progress.update(task, description=_describe(config))
                 if max_batch:
-                    found = engine.find_max_batch(config, limit=max_batch_limit)
+                    try:
+                        found = engine.find_max_batch(config, limit=max_batch_limit)
+                    except Exception:  # not memory: the row measured at batch 1 below will carry the error
+                        found = None
                     env.setdefault("max_batch", {})[_describe(config)] = found
                     config = replace(config, batch_size=found or 1)
                 results.extend(engine.run_benchmark([config], settings))
@@ -238,7 +241,8 @@ def _print_results(results: list, normalised: bool) -> None:
         notes.append("! noisy: the IQR is a large share of the median - the machine was busy; rerun, "
                      "raise --iters/--min-time, or use --threads.")
     if normalised:
-        notes.append("rel. = img/s x reference-workload latency: images per reference run (see --normalised).")
+        notes.append("rel. = batch x median over steps of (reference-workload time / model step time): images "
+                     "per reference run, the machine's speed divided out (see --normalised).")
     console.print(" ".join(notes), style="dim")
 
 
@@ -293,6 +297,7 @@ def profile_command(
     import dataclasses
 
     from poolformer import bench as engine
+    from poolformer.errors import PoolformerError
     from poolformer.implementations import IMPLEMENTATIONS
     from poolformer.profiling import profile_model
 
@@ -302,7 +307,13 @@ def profile_command(
         engine.check_precision(device_name, precision)
         engine.apply_settings(engine.BenchSettings(threads=threads), device_name)
         config = engine.BenchConfig(name, impl, device_name, batch_size, resolution, precision, channels_last)
-        report = profile_model(config, warmup=warmup, steps=steps, trace_path=trace)
+        try:
+            report = profile_model(config, warmup=warmup, steps=steps, trace_path=trace)
+        except Exception as err:  # out of memory, a model that fails at this size, ...
+            if isinstance(err, PoolformerError):
+                raise
+            reason = (str(err).strip().splitlines() or [""])[0]
+            fail(f"profiling {_describe(config)} failed: {type(err).__name__}: {reason}", 1)
     if json_output:
         print_json(dataclasses.asdict(report))
         return

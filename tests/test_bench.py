@@ -380,6 +380,22 @@ def test_profile_command_with_trace(tmp_path):
     assert json.loads(trace.read_text())["traceEvents"]
 
 
+def test_profile_failure_is_one_line(monkeypatch):
+    _register(monkeypatch, "oom_at_1", 1, _oom)
+    result = runner.invoke(app, ["profile", "s12", "--device", "cpu", "--impl", "oom_at_1", "--resolution", "64",
+                                 "--warmup", "0", "--steps", "1"])
+    assert result.exit_code == 1 and "OutOfMemoryError" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_max_batch_with_a_crashing_model_gives_an_error_row(monkeypatch):
+    _register(monkeypatch, "crash", 1, lambda: RuntimeError("boom"))
+    result = _run([*FAST, "--impl", "crash", "--max-batch", "--json"])
+    assert result.exit_code == 1  # no configuration succeeded
+    (row,) = json.loads(result.stdout)["results"]
+    assert row["status"] == "error" and row["error"] == "RuntimeError: boom" and row["batch_size"] == 1
+
+
 def test_profile_bad_input():
     result = runner.invoke(app, ["profile", "s12", "--device", "cuda:0"] if not torch.cuda.is_available()
                            else ["profile", "s12", "--precision", "fp8"])
