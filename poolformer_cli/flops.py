@@ -120,9 +120,10 @@ def _published_note(r) -> str:
 
 def _render_counters_many(reports) -> None:
     table = Table(title="Counters", title_justify="left")
-    for column in ("model", "res", "fvcore MACs", "thop MACs", "torch FLOPs", "analytic MACs", "analytic ops",
+    table.add_column("model", overflow="fold")
+    for column in ("res", "fvcore\nMACs", "thop\nMACs", "torch\nFLOPs", "analytic\nMACs", "analytic\nops",
                    "bytes", "ops/B"):
-        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
+        table.add_column(column, justify="right", no_wrap=True)
     for r in reports:
         a = r.analytic
         table.add_row(r.model, str(r.resolution), human(r.fvcore.macs), human(r.thop.macs), human(r.torch.flops),
@@ -179,23 +180,23 @@ def _render_comparison(reports) -> None:
 
 
 def _render_by_operator(r) -> None:
-    table = Table(title=f"By operator: {_title(r)}", title_justify="left")
-    for column in ("operator", "calls", "fvcore MACs", "torch FLOPs", "analytic MACs", "analytic ops", "bytes",
+    table = Table(title=f"By operator: {_title(r)} (fvcore/analytic in MACs, torch in FLOPs)", title_justify="left")
+    for column in ("operator", "calls", "fvcore\nMACs", "torch\nFLOPs", "analytic\nMACs", "analytic\nops", "bytes",
                    "ops/B"):
         table.add_column(column, justify="left" if column == "operator" else "right", no_wrap=True)
     for row in r.operators:
         a = row.analytic
-        table.add_row(row.op, str(a.calls), "skipped" if row.fvcore_macs is None else f"{row.fvcore_macs:,}",
-                      f"{row.torch_flops:,}", f"{a.macs:,}", f"{a.ops:,}", f"{a.bytes:,}", f"{a.intensity:.2f}")
+        table.add_row(row.op, str(a.calls), "skipped" if row.fvcore_macs is None else human(row.fvcore_macs),
+                      human(row.torch_flops), human(a.macs), human(a.ops), human(a.bytes, "B"), f"{a.intensity:.2f}")
     console.print(table)
 
 
 def _render_by_module(r) -> None:
-    table = Table(title=f"By module: {_title(r)}", title_justify="left")
-    for column in ("module", "fvcore MACs", "torch FLOPs", "analytic MACs", "analytic ops", "bytes", "ops/B"):
+    table = Table(title=f"By module (own work): {_title(r)}", title_justify="left")
+    for column in ("module", "fvcore\nMACs", "torch\nFLOPs", "analytic\nMACs", "analytic\nops", "bytes", "ops/B"):
         table.add_column(column, justify="left" if column == "module" else "right", no_wrap=True)
     for row in r.modules:
         a = row.analytic
-        table.add_row(row.name, f"{row.fvcore_macs:,}", f"{row.torch_flops:,}", f"{a.macs:,}", f"{a.ops:,}",
-                      f"{a.bytes:,}", f"{a.intensity:.2f}")
+        table.add_row(row.name, human(row.fvcore_macs), human(row.torch_flops), human(a.macs), human(a.ops),
+                      human(a.bytes, "B"), f"{a.intensity:.2f}")
     console.print(table)
