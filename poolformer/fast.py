@@ -7,8 +7,11 @@ form with fewer and cheaper passes over memory.
    GN(x) = gamma * (x - mu_b) / sigma_b + beta with sigma_b = sqrt(var_b + eps). Average pooling with
    count_include_pad=False is linear, acts per channel and maps a constant to itself, so
    pool(GN(x)) - GN(x) = (gamma / sigma_b) * (pool(x) - x): mu and beta cancel. The block's first half is
-   x1 = res_scale1 * x + (layer_scale1 * gamma1 / sigma_b) * (pool(x) - x), one pool plus one fused
-   multiply-add, and only sigma_b is computed (from the sum and the sum of squares, one read).
+   x1 = res_scale1 * x + (layer_scale1 * gamma1 / sigma_b) * (pool(x) - x), and only sigma_b is computed.
+   pool(x) - x itself is one depthwise convolution (weights 1/k^2, centre 1/k^2 - 1; oneDNN runs it several
+   times faster than avg_pool2d), exact inside the map; on the border strips, where count_include_pad=False
+   averages fewer positions, the result is rescaled in place: pool = (k^2 / count) * pool_including_pad.
+   Then one fused multiply-add gives x1.
 2. norm2's affine folds into fc1 (fc1' = fc1 * gamma2, b1' = b1 + fc1 @ beta2), leaving a plain
    standardisation; LayerScale folds into fc2 (fc2' = ls2 * fc2); StarReLU's scale and bias fold into
    fc2 too (fc2 @ (s * relu(h)^2 + b) = (s * fc2) @ relu(h)^2 + b * fc2.sum(1)), leaving relu then square.
@@ -28,6 +31,7 @@ the head runs in float32. Logits are always returned as float32.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -62,10 +66,12 @@ class FoldedBlock:
 
 @dataclass(frozen=True)
 class FoldedStage:
-    """Downsampling convolution ([C_out, C_in, 3, 3], v2's LayerNorm weight folded in) and the blocks."""
+    """Downsampling convolution ([C_out, C_in, 3, 3], v2's LayerNorm weight folded in), the depthwise
+    weight [C, 1, k, k] that computes pool(x) - x (zero padding counted), and the blocks."""
 
     down_weight: torch.Tensor | None
     down_bias: torch.Tensor | None
+    pool_minus_identity: torch.Tensor
     blocks: tuple[FoldedBlock, ...]
 
 
@@ -98,8 +104,9 @@ def _convert(value, dtype, device, keep_float=()):
             changes[f.name] = _convert(item, target, device) if item is not None else None
         if "stem_weight" in changes:  # convolution weights in channels-last, as oneDNN prefers
             changes["stem_weight"] = changes["stem_weight"].contiguous(memory_format=torch.channels_last)
-        if "down_weight" in changes and changes["down_weight"] is not None:
-            changes["down_weight"] = changes["down_weight"].contiguous(memory_format=torch.channels_last)
+        for name in ("down_weight", "pool_minus_identity"):
+            if changes.get(name) is not None:
+                changes[name] = changes[name].contiguous(memory_format=torch.channels_last)
         return replace(value, **changes)
     return value
 
@@ -196,7 +203,14 @@ def _fold_block(block: nn.Module) -> FoldedBlock:
     )
 
 
-def _fold_stage(stage: nn.Module) -> FoldedStage:
+def pool_minus_identity_weight(channels: int, pool_size: int) -> torch.Tensor:
+    """Depthwise weight [C, 1, k, k]: conv(x) = avg_pool(x, count_include_pad=True) - x."""
+    weight = torch.full((channels, 1, pool_size, pool_size), 1.0 / pool_size**2, dtype=torch.float64)
+    weight[:, :, pool_size // 2, pool_size // 2] -= 1.0
+    return weight.float()
+
+
+def _fold_stage(stage: nn.Module, pool_size: int) -> FoldedStage:
     down_weight = down_bias = None
     if not isinstance(stage.downsample, nn.Identity):
         conv = stage.downsample.conv
@@ -206,7 +220,9 @@ def _fold_stage(stage: nn.Module) -> FoldedStage:
             down_weight = down_weight * norm.weight.detach().double()[None, :, None, None]
         down_weight = down_weight.float()
         down_bias = conv.bias.detach().float() if conv.bias is not None else None
-    return FoldedStage(down_weight, down_bias, tuple(_fold_block(b) for b in stage.blocks))
+    channels = stage.blocks[0].norm1.weight.shape[0] if len(stage.blocks) else 1
+    return FoldedStage(down_weight, down_bias, pool_minus_identity_weight(channels, pool_size),
+                       tuple(_fold_block(b) for b in stage.blocks))
 
 
 def _fold_head(model: MetaFormer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +250,7 @@ def fold(model: MetaFormer) -> tuple[FoldedModel, Plan]:
         stem_weight=model.stem.conv.weight.detach().float(),
         stem_bias=model.stem.conv.bias.detach().float(),
         stem_norm_weight=stem_norm.weight.detach().float() if isinstance(stem_norm, LayerNormChannels) else None,
-        stages=tuple(_fold_stage(s) for s in model.stages),
+        stages=tuple(_fold_stage(s, arch.pool_size) for s in model.stages),
         head_weight=head_weight,
         head_bias=head_bias,
     )
@@ -258,27 +274,71 @@ def fold(model: MetaFormer) -> tuple[FoldedModel, Plan]:
 def per_sample_inv_sigma(x: torch.Tensor, eps: float) -> torch.Tensor:
     """1 / sqrt(var + eps) over all of each sample's elements: [B, ...] -> [B] float32.
 
-    One read of x: the sum and the sum of squares, accumulated in float32 whatever x's dtype.
+    float32: from the sum and the sum of squares (one read each, accumulated in float32). Reduced precision:
+    LayerNorm's kernel, which keeps the statistics in float32 (the reductions above are slower there).
     """
     flat = x.reshape(x.shape[0], -1)
     count = flat.shape[1]
-    mean = flat.sum(1, dtype=torch.float32) / count
-    mean_square = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32).square() / count
+    if x.dtype != torch.float32:
+        return torch.native_layer_norm(flat, [count], None, None, eps)[2].view(-1).float()
+    mean = flat.sum(1) / count
+    mean_square = torch.linalg.vector_norm(flat, dim=1).square() / count
     return torch.rsqrt((mean_square - mean.square()).clamp_min(0.0) + eps)
 
 
-def pool_mix(x: torch.Tensor, block: FoldedBlock, pool_size: int, eps: float) -> torch.Tensor:
+def _clipped_spans(length: int, radius: int) -> tuple[list[slice], slice]:
+    """Along one axis: the spans where a window of `radius` is clipped by the border, and the span between."""
+    if length <= 2 * radius:
+        return [slice(0, length)], slice(0, 0)
+    return [slice(0, radius), slice(length - radius, length)], slice(radius, length - radius)
+
+
+def _window_counts(length: int, radius: int) -> torch.Tensor:
+    """[length] float64: how many positions of a (2 radius + 1) window lie inside the axis."""
+    index = torch.arange(length)
+    return ((index + radius).clamp(max=length - 1) - (index - radius).clamp(min=0) + 1).double()
+
+
+@lru_cache(maxsize=64)
+def _border_factor(height: int, width: int, pool_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[H, W, 1]: k^2 / (positions of the window inside the map), 1 away from the border."""
+    radius = pool_size // 2
+    counts = _window_counts(height, radius)[:, None] * _window_counts(width, radius)[None, :]
+    return (pool_size**2 / counts).to(device=device, dtype=dtype)[..., None]
+
+
+def pool_minus_identity(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """avg_pool(x, k, stride 1, count_include_pad=False) - x for channels-last x [B, H, W, C] -> [B, H, W, C].
+
+    A depthwise convolution gives the zero-padded average minus x; where the window is clipped (border
+    strips, radius k//2 wide) the average is rescaled by k^2 / count: q = f * (q + x) - x with f >= 1.
+    """
+    pool_size = weight.shape[-1]
+    radius = pool_size // 2
+    out = F.conv2d(x.permute(0, 3, 1, 2), weight, None, padding=radius, groups=x.shape[-1])
+    out = out.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    if radius == 0:
+        return out
+    height, width = x.shape[1:3]
+    factor = _border_factor(height, width, pool_size, x.dtype, x.device)
+    row_spans, middle_rows = _clipped_spans(height, radius)
+    column_spans, _ = _clipped_spans(width, radius)
+    regions = [(rows, slice(None)) for rows in row_spans] + [(middle_rows, cols) for cols in column_spans]
+    for rows, cols in regions:
+        strip, inputs = out[:, rows, cols], x[:, rows, cols]
+        strip.add_(inputs).mul_(factor[rows, cols]).sub_(inputs)
+    return out
+
+
+def pool_mix(x: torch.Tensor, block: FoldedBlock, pool_weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The block's first half: [B, H, W, C] -> [B, H, W, C],
     x1 = skip_scale1 * x + (mix_scale / sigma_b) * (pool(x) - x)."""
     batch, channels = x.shape[0], x.shape[-1]
     inv_sigma = per_sample_inv_sigma(x, eps)
     scale = (block.mix_scale.float()[None, :] * inv_sigma[:, None]).to(x.dtype).view(batch, 1, 1, channels)
-    pooled = F.avg_pool2d(
-        x.permute(0, 3, 1, 2), pool_size, stride=1, padding=pool_size // 2, count_include_pad=False
-    ).permute(0, 2, 3, 1)
-    if block.skip_scale1 is None:
-        return torch.addcmul(x, scale, pooled.sub_(x))
-    return torch.addcmul(x * (block.skip_scale1 - scale), scale, pooled)
+    mixed = pool_minus_identity(x, pool_weight)
+    skip = x if block.skip_scale1 is None else x * block.skip_scale1
+    return torch.addcmul(skip, scale, mixed)
 
 
 def _use_mkldnn(x: torch.Tensor) -> bool:
@@ -302,10 +362,10 @@ def linear_add(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bi
     return torch.addmm(residual if bias is None else residual + bias, x, weight.t())
 
 
-def block_forward(x: torch.Tensor, block: FoldedBlock, plan: Plan) -> torch.Tensor:
+def block_forward(x: torch.Tensor, block: FoldedBlock, pool_weight: torch.Tensor, plan: Plan) -> torch.Tensor:
     """One folded PoolFormer block on channels-last x [B, H, W, C] -> [B, H, W, C]."""
     batch, height, width, channels = x.shape
-    x1 = pool_mix(x, block, plan.pool_size, plan.block_eps)
+    x1 = pool_mix(x, block, pool_weight, plan.block_eps)
     standardised = F.layer_norm(x1.reshape(batch, -1), (height * width * channels,), eps=plan.block_eps)
     hidden = linear_act(standardised.view(-1, channels), block.fc1_weight, block.fc1_bias, plan.activation)
     skip = x1 if block.skip_scale2 is None else x1 * block.skip_scale2
@@ -345,7 +405,7 @@ def features_forward(x: torch.Tensor, folded: FoldedModel, plan: Plan) -> torch.
                 x = F.layer_norm(x, x.shape[-1:], eps=plan.down_norm_eps)
             x = _conv_channels_last(x, stage.down_weight, stage.down_bias, stride=2, padding=1)
         for block in stage.blocks:
-            x = block_forward(x, block, plan)
+            x = block_forward(x, block, stage.pool_minus_identity, plan)
     return x
 
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from poolformer import ConfigError, create_model, list_models, optimize
-from poolformer.fast import block_forward, fold, head_forward, per_sample_inv_sigma, pool_mix
+from poolformer.fast import (block_forward, fold, head_forward, per_sample_inv_sigma, pool_minus_identity,
+                             pool_minus_identity_weight, pool_mix)
 from poolformer.implementations import IMPLEMENTATIONS, build
 from poolformer_cli.app import app
 
@@ -67,6 +68,23 @@ def test_inv_sigma_is_groupnorm_statistic_with_eps_inside_the_root():
     torch.testing.assert_close(manual, F.group_norm(x, 1, eps=1e-3), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("pool_size", [1, 3, 5, 9])
+@pytest.mark.parametrize(("height", "width"), [(7, 6), (1, 5), (3, 11), (4, 4)])
+def test_depthwise_conv_with_border_rescale_is_avg_pool_without_padding(pool_size, height, width):
+    x = torch.randn(2, 5, height, width)
+    expected = F.avg_pool2d(x, pool_size, 1, pool_size // 2, count_include_pad=False) - x
+    got = pool_minus_identity(_nhwc(x), pool_minus_identity_weight(5, pool_size))
+    torch.testing.assert_close(got, _nhwc(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_pool_in_bf16_is_within_bf16_rounding():
+    x = torch.randn(2, 8, 9, 10).bfloat16().float()  # representable in bf16
+    expected = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False) - x
+    got = pool_minus_identity(_nhwc(x).bfloat16(), pool_minus_identity_weight(8, 3).bfloat16())
+    # corners average 4 of 9 positions: rounding of the zero-padded sum is amplified at most 9/4 times
+    torch.testing.assert_close(got.float(), _nhwc(expected), rtol=0, atol=9 / 4 * 2**-8 * x.abs().max().item())
+
+
 @pytest.mark.parametrize("family", ["v1", "v2"])
 @pytest.mark.parametrize("eps", [None, 0.05])
 def test_pool_mixer_needs_only_sigma(family, eps, v1_model, v2_model):
@@ -81,7 +99,8 @@ def test_pool_mixer_needs_only_sigma(family, eps, v1_model, v2_model):
         folded_block = fold(model)[0].stages[2].blocks[0]
         with torch.no_grad():
             expected = block.res_scale1(x) + block.layer_scale1(block.token_mixer(block.norm1(x)))
-        got = pool_mix(_nhwc(x), folded_block, model.arch.pool_size, block.norm1.eps)
+        weight = fold(model)[0].stages[2].pool_minus_identity
+        got = pool_mix(_nhwc(x), folded_block, weight, block.norm1.eps)
     finally:
         block.norm1.eps = original_eps
     torch.testing.assert_close(got, _nhwc(expected), rtol=1e-4, atol=1e-5)
@@ -96,7 +115,8 @@ def test_whole_block_with_folded_norm_scales_and_activation(family, v1_model, v2
         x = torch.randn(2, block.norm1.weight.shape[0], 7, 6)
         with torch.no_grad():
             expected = block(x)
-        got = block_forward(_nhwc(x), folded.stages[stage_index].blocks[1], plan)
+        stage = folded.stages[stage_index]
+        got = block_forward(_nhwc(x), stage.blocks[1], stage.pool_minus_identity, plan)
         # random v2 weights grow the last stage's values to ~1e3, where fp32 itself is only good to ~1e-3
         torch.testing.assert_close(got, _nhwc(expected), rtol=1e-4, atol=1e-6 * expected.abs().max().item())
 
