@@ -478,12 +478,12 @@ def run_benchmark(configs: Iterable[BenchConfig], settings: BenchSettings,
 # ----------------------------------------------------------------------------------- max batch
 
 
-def fits(config: BenchConfig, build_model: BuildModel | None = None) -> bool:
-    """Whether two forward passes of `config` run without running out of memory (other errors propagate)."""
+def _fits(model: nn.Module, config: BenchConfig) -> bool:
+    """Whether two forward passes of `model` at `config`'s batch size run without running out of memory
+    (other errors propagate)."""
     device = torch.device(config.device)
-    model = x = None
+    x = None
     try:
-        model = prepare_model(replace(config, compile=False), build_model)
         x = make_input(config)
         with torch.inference_mode(), _autocast(config):
             model(x)
@@ -495,26 +495,31 @@ def fits(config: BenchConfig, build_model: BuildModel | None = None) -> bool:
             return False
         raise
     finally:
-        del model, x
+        del x
         _free_memory(device)
 
 
 def find_max_batch(config: BenchConfig, limit: int = 4096, build_model: BuildModel | None = None) -> int | None:
-    """The largest batch size <= limit that fits in memory for `config` (doubling, then bisection), or None
-    when not even batch 1 fits. Assumes memory grows with batch size."""
-    if not fits(replace(config, batch_size=1), build_model):
-        return None
-    good, bad = 1, None
-    while bad is None and good < limit:
-        trial = min(good * 2, limit)
-        if fits(replace(config, batch_size=trial), build_model):
-            good = trial
-        else:
-            bad = trial
-    while bad is not None and bad - good > 1:
-        middle = (good + bad) // 2
-        if fits(replace(config, batch_size=middle), build_model):
-            good = middle
-        else:
-            bad = middle
-    return good
+    """The largest batch size <= limit that fits in memory for `config` (doubling, then bisection; the model
+    is built once, uncompiled), or None when not even batch 1 fits. Assumes memory grows with batch size."""
+    model = prepare_model(replace(config, compile=False), build_model)
+    try:
+        if not _fits(model, replace(config, batch_size=1)):
+            return None
+        good, bad = 1, None
+        while bad is None and good < limit:
+            trial = min(good * 2, limit)
+            if _fits(model, replace(config, batch_size=trial)):
+                good = trial
+            else:
+                bad = trial
+        while bad is not None and bad - good > 1:
+            middle = (good + bad) // 2
+            if _fits(model, replace(config, batch_size=middle)):
+                good = middle
+            else:
+                bad = middle
+        return good
+    finally:
+        del model
+        _free_memory(torch.device(config.device))

@@ -175,7 +175,7 @@ def test_a_crashing_model_gives_an_error_row(monkeypatch):
     assert result.status == "error" and result.error == "RuntimeError: kernel exploded"
 
 
-@pytest.mark.parametrize("oom_at, limit, expected", [(5, 64, 4), (1, 64, None), (100, 8, 8), (33, 64, 32)])
+@pytest.mark.parametrize("oom_at, limit, expected", [(5, 64, 4), (1, 64, None), (100, 8, 8), (7, 64, 6)])
 def test_find_max_batch(monkeypatch, oom_at, limit, expected):
     _register(monkeypatch, "oom", oom_at, _oom)
     config = bench.BenchConfig("s12", "oom", resolution=64)
