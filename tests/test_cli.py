@@ -62,3 +62,19 @@ def test_unknown_model_names_exit_2_with_suggestions(capsys):
     assert exit_info.value.exit_code == 2
     assert "unknown model 's13'; did you mean: s12, s36?" in capsys.readouterr().err
     assert resolve_model("M48") == "poolformer_m48"
+
+
+def test_write_atomic_replaces_whole_files_with_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from poolformer_cli.common import write_atomic
+
+    target = tmp_path / "sub" / "out.json"
+    write_atomic(target, "first")
+    write_atomic(target, "second")
+    assert target.read_text() == "second"
+    assert [p.name for p in target.parent.iterdir()] == ["out.json"]  # no temporary left behind
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
