@@ -53,6 +53,7 @@ class FoldedBlock:
     skip_scale1 / skip_scale2 [C] or None: ResScale on the two skips (v2, stages 3-4).
     fc1_weight [D, C], fc1_bias [D] or None: norm2's affine folded in.
     fc2_weight [C, D], fc2_bias [C] or None: LayerScale (and StarReLU's scale and bias) folded in.
+    norm1_eps / norm2_eps: the GroupNorms' eps, inside the square root: sigma = sqrt(var + eps).
     """
 
     mix_scale: torch.Tensor
@@ -62,6 +63,8 @@ class FoldedBlock:
     fc2_weight: torch.Tensor
     fc2_bias: torch.Tensor | None
     skip_scale2: torch.Tensor | None
+    norm1_eps: float
+    norm2_eps: float
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,6 @@ class Plan:
     """Scalars of the architecture that the folded tensors do not carry."""
 
     pool_size: int
-    block_eps: float
     stem_norm_eps: float | None
     down_norm_eps: float | None  # None: no norm before downsampling (v1)
     head_norm_eps: float
@@ -128,46 +130,45 @@ class Plan:
 # ---------------------------------------------------------------------------------------------- folding
 
 
+def _is_bias_free_layernorm(module: nn.Module) -> bool:
+    return isinstance(module, LayerNormChannels) and module.bias is None
+
+
 def _check_supported(model: nn.Module) -> None:
+    """ConfigError unless `model` is a MetaFormer whose every part has a folded form here."""
     if not isinstance(model, MetaFormer):
         raise ConfigError(f"optimize() takes a poolformer MetaFormer, not {type(model).__name__}")
     arch = model.arch
     if set(arch.token_mixers) != {"pooling"}:
-        raise ConfigError(
-            f"the fast path handles pooling token mixers only, not {'/'.join(sorted(set(arch.token_mixers)))}; "
-            "use --impl ours"
-        )
+        mixers = "/".join(sorted(set(arch.token_mixers)))
+        raise ConfigError(f"the fast path handles pooling token mixers only, not {mixers}; use --impl ours")
     if not set(arch.norms) <= {"groupnorm", "groupnorm_nobias"}:
-        raise ConfigError(f"the fast path needs GroupNorm in the blocks, not {'/'.join(sorted(set(arch.norms)))}")
+        norms = "/".join(sorted(set(arch.norms)))
+        raise ConfigError(f"the fast path needs GroupNorm in the blocks, not {norms}; use --impl ours")
     if arch.act not in SUPPORTED_ACTIVATIONS:
         raise ConfigError(f"the fast path has no fused activation {arch.act!r}; use --impl ours")
-    norm_types = {
-        "stem": (model.stem.norm, (nn.Identity, LayerNormChannels)),
-        "downsample": (None, None),
-        "head": (model.head.norm, (GroupNorm1,) if arch.head_norm_on == "map" else (LayerNormChannels,)),
-    }
-    for where, (module, allowed) in norm_types.items():
-        if module is not None and not isinstance(module, allowed):
-            raise ConfigError(f"the fast path does not handle a {type(module).__name__} {where} norm")
+    if not (isinstance(model.stem.norm, nn.Identity) or _is_bias_free_layernorm(model.stem.norm)):
+        raise ConfigError("the fast path handles no norm or a bias-free LayerNorm after the stem; use --impl ours")
     for stage in list(model.stages)[1:]:
-        if not isinstance(stage.downsample.norm, (nn.Identity, LayerNormChannels)) or (
-            isinstance(stage.downsample.norm, LayerNormChannels) and stage.downsample.norm.bias is not None
-        ):
+        if not (isinstance(stage.downsample.norm, nn.Identity) or _is_bias_free_layernorm(stage.downsample.norm)):
             raise ConfigError("the fast path handles no norm or a bias-free LayerNorm before downsampling")
+    head_norm = GroupNorm1 if arch.head_norm_on == "map" else LayerNormChannels
+    if not isinstance(model.head.norm, head_norm):
+        raise ConfigError(f"the fast path does not handle a {type(model.head.norm).__name__} head norm")
     if any(stage.pos_embed is not None for stage in model.stages):
         raise ConfigError("the fast path does not handle position embeddings")
 
 
-def _scale_vector(module: nn.Module, dim: int) -> torch.Tensor | None:
+def _scale_vector(module: nn.Module) -> torch.Tensor | None:
+    """A Scale's vector (LayerScale/ResScale) in float64, or None where the model has none."""
     return module.scale.detach().double() if hasattr(module, "scale") else None
 
 
 def _fold_block(block: nn.Module) -> FoldedBlock:
     """Fold one MetaFormerBlock (see the module docstring). Computed in float64, stored as float32."""
-    dim = block.norm1.weight.shape[0]
-    ones = torch.ones(dim, dtype=torch.float64)
-    layer_scale1 = _scale_vector(block.layer_scale1, dim)
-    layer_scale2 = _scale_vector(block.layer_scale2, dim)
+    ones = torch.ones(block.norm1.weight.shape[0], dtype=torch.float64)
+    layer_scale1 = _scale_vector(block.layer_scale1)
+    layer_scale2 = _scale_vector(block.layer_scale2)
     gamma1 = block.norm1.weight.detach().double()
     mix_scale = gamma1 * (layer_scale1 if layer_scale1 is not None else ones)
 
@@ -194,12 +195,14 @@ def _fold_block(block: nn.Module) -> FoldedBlock:
 
     return FoldedBlock(
         mix_scale=single(mix_scale),
-        skip_scale1=single(_scale_vector(block.res_scale1, dim)),
+        skip_scale1=single(_scale_vector(block.res_scale1)),
         fc1_weight=single(fc1_folded),
         fc1_bias=single(fc1_bias),
         fc2_weight=single(fc2),
         fc2_bias=single(fc2_bias),
-        skip_scale2=single(_scale_vector(block.res_scale2, dim)),
+        skip_scale2=single(_scale_vector(block.res_scale2)),
+        norm1_eps=block.norm1.eps,
+        norm2_eps=block.norm2.eps,
     )
 
 
@@ -254,10 +257,8 @@ def fold(model: MetaFormer) -> tuple[FoldedModel, Plan]:
         head_weight=head_weight,
         head_bias=head_bias,
     )
-    first_block = next(b for s in model.stages for b in s.blocks)
     plan = Plan(
         pool_size=arch.pool_size,
-        block_eps=first_block.norm1.eps,
         stem_norm_eps=stem_norm.eps if isinstance(stem_norm, LayerNormChannels) else None,
         down_norm_eps=down_norms[0].eps if down_norms and isinstance(down_norms[0], LayerNormChannels) else None,
         head_norm_eps=model.head.norm.eps,
@@ -330,11 +331,11 @@ def pool_minus_identity(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def pool_mix(x: torch.Tensor, block: FoldedBlock, pool_weight: torch.Tensor, eps: float) -> torch.Tensor:
+def pool_mix(x: torch.Tensor, block: FoldedBlock, pool_weight: torch.Tensor) -> torch.Tensor:
     """The block's first half: [B, H, W, C] -> [B, H, W, C],
     x1 = skip_scale1 * x + (mix_scale / sigma_b) * (pool(x) - x)."""
     batch, channels = x.shape[0], x.shape[-1]
-    inv_sigma = per_sample_inv_sigma(x, eps)
+    inv_sigma = per_sample_inv_sigma(x, block.norm1_eps)
     scale = (block.mix_scale.float()[None, :] * inv_sigma[:, None]).to(x.dtype).view(batch, 1, 1, channels)
     mixed = pool_minus_identity(x, pool_weight)
     skip = x if block.skip_scale1 is None else x * block.skip_scale1
@@ -365,8 +366,8 @@ def linear_add(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bi
 def block_forward(x: torch.Tensor, block: FoldedBlock, pool_weight: torch.Tensor, plan: Plan) -> torch.Tensor:
     """One folded PoolFormer block on channels-last x [B, H, W, C] -> [B, H, W, C]."""
     batch, height, width, channels = x.shape
-    x1 = pool_mix(x, block, pool_weight, plan.block_eps)
-    standardised = F.layer_norm(x1.reshape(batch, -1), (height * width * channels,), eps=plan.block_eps)
+    x1 = pool_mix(x, block, pool_weight)
+    standardised = F.layer_norm(x1.reshape(batch, -1), (height * width * channels,), eps=block.norm2_eps)
     hidden = linear_act(standardised.view(-1, channels), block.fc1_weight, block.fc1_bias, plan.activation)
     skip = x1 if block.skip_scale2 is None else x1 * block.skip_scale2
     return linear_add(hidden, skip.view(-1, channels), block.fc2_weight, block.fc2_bias).view_as(x)
@@ -387,8 +388,8 @@ def head_forward(x: torch.Tensor, folded: FoldedModel, plan: Plan) -> torch.Tens
     x = x.float()
     pooled = x.mean((1, 2))  # [B, C]
     if plan.head_norm_on == "map":
-        var, mean = torch.var_mean(x.reshape(x.shape[0], -1), dim=1, correction=0)
-        normalised = (pooled - mean[:, None]) * torch.rsqrt(var + plan.head_norm_eps)[:, None]
+        mean = pooled.mean(1, keepdim=True)  # every channel has H*W positions: the map's mean
+        normalised = (pooled - mean) * per_sample_inv_sigma(x, plan.head_norm_eps)[:, None]
     else:
         normalised = F.layer_norm(pooled, pooled.shape[-1:], eps=plan.head_norm_eps)
     return F.linear(normalised, folded.head_weight, folded.head_bias)

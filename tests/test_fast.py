@@ -100,7 +100,7 @@ def test_pool_mixer_needs_only_sigma(family, eps, v1_model, v2_model):
         with torch.no_grad():
             expected = block.res_scale1(x) + block.layer_scale1(block.token_mixer(block.norm1(x)))
         weight = fold(model)[0].stages[2].pool_minus_identity
-        got = pool_mix(_nhwc(x), folded_block, weight, block.norm1.eps)
+        got = pool_mix(_nhwc(x), folded_block, weight)
     finally:
         block.norm1.eps = original_eps
     torch.testing.assert_close(got, _nhwc(expected), rtol=1e-4, atol=1e-5)
@@ -129,6 +129,13 @@ def test_head_norm_folds_into_classifier(family, v1_model, v2_model):
     with torch.no_grad():
         expected = model.forward_head(x)
     torch.testing.assert_close(head_forward(_nhwc(x), folded, plan), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_each_norms_own_eps_is_used():
+    model = randomize_(create_model("s12"), seed=4)
+    model.stages[1].blocks[0].norm1.eps = 0.5  # large enough to move the logits far beyond the tolerance
+    model.stages[2].blocks[3].norm2.eps = 0.3
+    _assert_as_exact_as_reference(model, torch.randn(2, 3, 64, 64))
 
 
 def test_fold_leaves_reference_model_untouched(v2_model):
