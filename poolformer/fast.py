@@ -18,7 +18,9 @@ form with fewer and cheaper passes over memory.
 3. Layout is channels-last ([B, H, W, C] in memory), so every 1x1 convolution is one matrix multiply on
    [B*H*W, C]. On CPU, oneDNN's fused primitives (`torch.ops.mkldnn._linear_pointwise`) run fc1 with its
    activation and fc2 with the residual add, so neither the 4C-wide hidden tensor nor the residual take
-   an extra pass; their weights are reordered once into oneDNN's blocked layout (10-20% faster matmuls). v2's downsampling LayerNorm (no bias) folds into the following convolution.
+   an extra pass; their weights are reordered once into oneDNN's blocked layout (10-20% faster matmuls).
+   Very large hidden tensors are processed in row chunks (see MLP_SINGLE_PASS_MAX_BYTES). v2's
+   downsampling LayerNorm (no bias) folds into the following convolution.
 4. The heads fold too: v1 normalises the map then averages, which equals normalising the averaged map
    with the map's statistics; both heads' affines fold into the classifier.
 
@@ -372,11 +374,37 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return out.square_() if activation == "starrelu" else out
 
 
-def linear_add(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def linear_add(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+               ) -> torch.Tensor:
     """residual + x @ weight.T + bias for x [N, D], residual [N, C], weight [C, D] -> [N, C]."""
     if _use_mkldnn(x):
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
     return torch.addmm(residual if bias is None else residual + bias, x, weight.t())
+
+
+# Above this size a hidden tensor [rows, D] is a fresh mmap (glibc's largest mmap threshold is 32 MiB) whose
+# pages fault in on every call; the MLP then runs over row chunks of MLP_CHUNK_BYTES of hidden activations.
+MLP_SINGLE_PASS_MAX_BYTES = 32 << 20
+MLP_CHUNK_BYTES = 8 << 20
+
+
+def mlp_with_residual(
+    standardised: torch.Tensor, skip: torch.Tensor, block: FoldedBlock, activation: str
+) -> torch.Tensor:
+    """skip + fc2(act(fc1(standardised))) for rows [N, C] -> [N, C], in row chunks when the hidden [N, D] is
+    big (rows are independent: chunks change only the matmul kernels' rounding)."""
+    rows = standardised.shape[0]
+    hidden_row_bytes = block.fc1_weight.shape[0] * standardised.element_size()
+    if rows * hidden_row_bytes <= MLP_SINGLE_PASS_MAX_BYTES:
+        hidden = linear_act(standardised, block.fc1_weight, block.fc1_bias, activation)
+        return linear_add(hidden, skip, block.fc2_weight, block.fc2_bias)
+    chunk = max(1, MLP_CHUNK_BYTES // hidden_row_bytes)
+    out = torch.empty_like(skip)
+    for start in range(0, rows, chunk):
+        part = slice(start, start + chunk)
+        hidden = linear_act(standardised[part], block.fc1_weight, block.fc1_bias, activation)
+        out[part] = linear_add(hidden, skip[part], block.fc2_weight, block.fc2_bias)
+    return out
 
 
 def block_forward(x: torch.Tensor, block: FoldedBlock, pool_weight: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -384,9 +412,9 @@ def block_forward(x: torch.Tensor, block: FoldedBlock, pool_weight: torch.Tensor
     batch, height, width, channels = x.shape
     x1 = pool_mix(x, block, pool_weight)
     standardised = F.layer_norm(x1.reshape(batch, -1), (height * width * channels,), eps=block.norm2_eps)
-    hidden = linear_act(standardised.view(-1, channels), block.fc1_weight, block.fc1_bias, plan.activation)
     skip = x1 if block.skip_scale2 is None else x1 * block.skip_scale2
-    return linear_add(hidden, skip.view(-1, channels), block.fc2_weight, block.fc2_bias).view_as(x)
+    out = mlp_with_residual(standardised.view(-1, channels), skip.view(-1, channels), block, plan.activation)
+    return out.view_as(x)
 
 
 def _conv_channels_last(x: torch.Tensor, weight: torch.Tensor, bias, stride: int, padding: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from poolformer import ConfigError, create_model, list_models, optimize
 from poolformer.fast import (block_forward, fold, head_forward, per_sample_inv_sigma, pool_minus_identity,
                              pool_minus_identity_weight, pool_mix)
+from poolformer import fast as fast_module
 from poolformer.implementations import IMPLEMENTATIONS, build
 from poolformer_cli.app import app
 
@@ -129,6 +130,17 @@ def test_head_norm_folds_into_classifier(family, v1_model, v2_model):
     with torch.no_grad():
         expected = model.forward_head(x)
     torch.testing.assert_close(head_forward(_nhwc(x), folded, plan), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_mlp_in_row_chunks_equals_one_pass(monkeypatch, v2_model):
+    x = torch.randn(2, 3, 64, 64)
+    fast = optimize(v2_model)
+    with torch.no_grad():
+        one_pass = fast(x)
+        monkeypatch.setattr(fast_module, "MLP_SINGLE_PASS_MAX_BYTES", 0)
+        monkeypatch.setattr(fast_module, "MLP_CHUNK_BYTES", 4096)  # uneven chunks of a few rows
+        chunked = fast(x)
+    assert (chunked - one_pass).abs().max().item() < TOLERANCE
 
 
 def test_each_norms_own_eps_is_used():
