@@ -2,7 +2,8 @@
 
 For every (precision, batch size) the candidates -- ours (reference MetaFormer, NCHW), timm NCHW, timm
 channels_last, fast -- take one timed step each in turn, round after round, so that load from other
-processes hits them alike; the figure per candidate is the median step. bf16 runs every candidate under
+processes hits them alike; the figure per candidate is the median step. The whole sweep runs --repeats
+times; the table gives the median over all steps and the spread of the fast/timm ratio across repeats. bf16 runs every candidate under
 `torch.autocast("cpu", dtype=torch.bfloat16)`, as `poolformer bench --precision bf16` does. All share the
 same weights (randomised, as no download is possible here) and `torch.set_num_threads(threads)`.
 
@@ -76,6 +77,7 @@ def measure(models, batch_size: int, resolution: int, precision: str, rounds: in
     return {
         "batch_size": batch_size,
         "precision": precision,
+        "steps_s": steps,
         "step_s_median": medians,
         "step_s_min_max": spread,
         "images_per_s": {name: batch_size / s for name, s in medians.items()},
@@ -86,6 +88,27 @@ def measure(models, batch_size: int, resolution: int, precision: str, rounds: in
         "fast_max_abs_diff_vs_ours": (outputs["fast"] - reference).abs().max().item(),
         "fast_top1_agreement_vs_ours": (outputs["fast"].argmax(1) == reference.argmax(1)).float().mean().item(),
     }
+
+
+def combine(repeats: list[dict]) -> dict:
+    """One row from the same configuration measured in several sweeps: medians over all their steps, and
+    each sweep's fast/timm ratio for the spread."""
+    row = dict(repeats[0])
+    steps = {name: [s for r in repeats for s in r["steps_s"][name]] for name in row["steps_s"]}
+    medians = {name: statistics.median(times) for name, times in steps.items()}
+    best_timm = min(medians["timm_nchw"], medians["timm_channels_last"])
+    row.update(
+        steps_s=steps,
+        step_s_median=medians,
+        step_s_min_max={name: [min(t), max(t)] for name, t in steps.items()},
+        images_per_s={name: row["batch_size"] / s for name, s in medians.items()},
+        fast_vs_timm_best=best_timm / medians["fast"],
+        fast_vs_timm_best_per_repeat=[r["fast_vs_timm_best"] for r in repeats],
+        fast_vs_timm_nchw=medians["timm_nchw"] / medians["fast"],
+        fast_vs_timm_channels_last=medians["timm_channels_last"] / medians["fast"],
+        fast_vs_ours=medians["ours"] / medians["fast"],
+    )
+    return row
 
 
 def cpu_name() -> str:
@@ -102,17 +125,19 @@ def markdown(report: dict) -> str:
         f"Command: `{report['command']}`  ",
         f"Machine: {report['machine']}, {report['threads']} threads, torch {report['torch']}, timm {report['timm']}  ",
         f"Model: {report['model']} at {report['resolution']}x{report['resolution']}, randomised weights; "
-        f"{report['rounds']} timed rounds after {report['warmup']} warm-up rounds; {report['utc']}",
+        f"{report['repeats']} sweeps of {report['rounds']} timed rounds after {report['warmup']} warm-up rounds; "
+        f"{report['utc']}",
         "",
         "| precision | batch | ours img/s | timm NCHW img/s | timm CL img/s | fast img/s | fast / best timm "
-        "| fast / ours | max abs diff vs ours | top-1 agree |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| (per repeat) | fast / ours | max abs diff vs ours | top-1 agree |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         ips = row["images_per_s"]
         lines.append(
             f"| {row['precision']} | {row['batch_size']} | {ips['ours']:.1f} | {ips['timm_nchw']:.1f} | "
             f"{ips['timm_channels_last']:.1f} | {ips['fast']:.1f} | {row['fast_vs_timm_best']:.2f}x | "
+            f"{', '.join(f'{r:.2f}' for r in row['fast_vs_timm_best_per_repeat'])} | "
             f"{row['fast_vs_ours']:.2f}x | {row['fast_max_abs_diff_vs_ours']:.1e} | "
             f"{row['fast_top1_agreement_vs_ours']:.2f} |"
         )
@@ -129,6 +154,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="whole sweeps, for the spread of the ratios")
     parser.add_argument("--out", default=str(RESULTS / "fast_cpu"), help="output path without extension")
     args = parser.parse_args()
 
@@ -136,12 +162,16 @@ def main() -> None:
     import timm
 
     models = candidates(args.model)
-    rows = []
-    for precision in args.precisions.split(","):
-        for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-            rows.append(measure(models, batch_size, args.resolution, precision, args.rounds, args.warmup))
-            print(json.dumps({k: rows[-1][k] for k in ("precision", "batch_size", "images_per_s",
-                                                        "fast_vs_timm_best")}), flush=True)
+    sweeps = []
+    for _ in range(args.repeats):
+        sweep = []
+        for precision in args.precisions.split(","):
+            for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+                sweep.append(measure(models, batch_size, args.resolution, precision, args.rounds, args.warmup))
+                print(json.dumps({k: sweep[-1][k] for k in ("precision", "batch_size", "images_per_s",
+                                                             "fast_vs_timm_best")}), flush=True)
+        sweeps.append(sweep)
+    rows = [combine(list(same)) for same in zip(*sweeps)]
     report = {
         "command": "flock /tmp/poolformer-bench.lock python " + " ".join(sys.argv),
         "machine": f"{cpu_name()} ({platform.machine()}), bf16 via oneDNN: "
@@ -152,6 +182,7 @@ def main() -> None:
         "model": args.model,
         "resolution": args.resolution,
         "rounds": args.rounds,
+        "repeats": args.repeats,
         "warmup": args.warmup,
         "utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "rows": rows,
