@@ -574,9 +574,6 @@ def model_for_resolution(name: str, resolution: int, device: str | torch.device 
     spec = get_spec(name)
     overrides = {}
     if {"random", "spatial_fc"} & set(spec.arch.token_mixers):
-        if resolution % 32:  # the model sizes these mixers as img_size // stride, exact only for multiples of 32
-            raise ConfigError(f"{spec.name} mixes a fixed number of tokens: its resolution must be a multiple "
-                              f"of 32, got {resolution}")
         overrides["img_size"] = resolution
     with torch.device(device):
         return create_model(spec.name, **overrides)

@@ -39,12 +39,26 @@ class GroupNorm1(_ChannelAffineNorm):
 
 
 class LayerNormChannels(_ChannelAffineNorm):
-    """LayerNorm over channels only, independently at every position. Input/output: [B, C, H, W]."""
+    """LayerNorm over channels only, independently at every position. Input/output: [B, C, H, W].
+
+    written_out=True computes it from mean, variance and sqrt, as the PoolFormer paper's LayerNormChannel
+    does: the same values, and MAC counters see it as the authors' published counts did (fvcore charges these
+    elementary ops nothing), so the paper's hybrids reproduce their figures. Otherwise F.layer_norm, as timm's
+    PoolFormerV2 (bit-identical logits there).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True, written_out: bool = False):
+        super().__init__(dim, eps, bias)
+        self.written_out = written_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+        if not self.written_out:
+            x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps)
+            return x.permute(0, 3, 1, 2)
+        centred = x - x.mean(1, keepdim=True)
+        x = centred / torch.sqrt(centred.pow(2).mean(1, keepdim=True) + self.eps)
+        x = x * self.weight.view(1, -1, 1, 1)
+        return x + self.bias.view(1, -1, 1, 1) if self.bias is not None else x
 
 
 def _no_norm(dim: int) -> nn.Module:
@@ -54,7 +68,7 @@ def _no_norm(dim: int) -> nn.Module:
 NORMS: dict[str, Callable[[int], nn.Module]] = {
     "groupnorm": partial(GroupNorm1, eps=1e-5),
     "groupnorm_nobias": partial(GroupNorm1, eps=1e-6, bias=False),
-    "layernorm": partial(LayerNormChannels, eps=1e-5),
+    "layernorm": partial(LayerNormChannels, eps=1e-5, written_out=True),  # the PoolFormer paper's
     "layernorm_eps6": partial(LayerNormChannels, eps=1e-6),
     "layernorm_nobias": partial(LayerNormChannels, eps=1e-6, bias=False),
     "batchnorm": nn.BatchNorm2d,

@@ -69,13 +69,22 @@ class Downsample(nn.Module):
         return self.conv(self.norm(x))
 
 
+def stage_side(size: int, stage: int) -> int:
+    """Side of stage `stage`'s map for an input side `size`: the 7x7/4 stem (padding 2), then a 3x3/2 conv
+    (padding 1) per later stage. Equals size // (4 * 2**stage) only when size is a multiple of 32."""
+    side = (size + 2 * 2 - 7) // STEM_STRIDE + 1
+    for _ in range(stage):
+        side = (side + 2 * 1 - 3) // 2 + 1
+    return side
+
+
 class MetaFormerStage(nn.Module):
     """Downsampling (stages 2-4), an optional learned position embedding, then `depth` blocks."""
 
     def __init__(self, arch: ArchConfig, stage: int, drop_paths: Sequence[float], pos_embed: bool):
         super().__init__()
         dim = arch.dims[stage]
-        side = arch.img_size // (STEM_STRIDE * 2**stage)
+        side = stage_side(arch.img_size, stage)
         self.downsample = Downsample(arch.dims[stage - 1], dim, arch.downsample_norm) if stage > 0 else nn.Identity()
         self.pos_embed = nn.Parameter(torch.zeros(1, dim, side, side)) if pos_embed else None
         self.blocks = nn.Sequential(

@@ -36,7 +36,7 @@ LAYOUTS: dict[str, list[tuple[str, str]]] = {
     "official": [
         (r"stem\.conv\." + _P, "patch_embed.proj.{p}"),
         (r"stages\.(?P<s>\d+)\.downsample\.conv\." + _P, "network.{down}.proj.{p}"),
-        (r"stages\.(?P<s>\d+)\.pos_embed$", "network.{down}.pos_embed"),
+        (r"stages\.(?P<s>\d+)\.pos_embed$", "network.{pos}.pos_embed"),
         (_B + r"layer_scale(?P<n>[12])\.scale$", "network.{net}.{j}.layer_scale_{n}"),
         (_B + r"(?P<rest>.+)", "network.{net}.{j}.{rest}"),
         (r"head\.norm\." + _P, "norm.{p}"),
@@ -70,14 +70,18 @@ _WRAPPERS = ("state_dict", "model", "model_state_dict")
 _PREFIXES = ("module.", "_orig_mod.")
 
 
-def _foreign_key(key: str, layout: str) -> str | None:
+def _foreign_key(key: str, layout: str, pos_stage: int | None = None) -> str | None:
+    """`key` in `layout`. The official files number stages and downsamplings in one list (`network`: blocks
+    at 2s, downsampling at 2s-1), where a hybrid's position embedding takes its own slot before the blocks of
+    stage `pos_stage`, shifting everything after it by one."""
     for pattern, template in LAYOUTS[layout]:
         m = re.fullmatch(pattern, key)
         if m:
             fields = m.groupdict()
             if "s" in fields:
                 s = int(fields["s"])
-                fields.update(net=2 * s, down=2 * s - 1)
+                after_pos = pos_stage is not None and s >= pos_stage
+                fields.update(net=2 * s + after_pos, down=2 * s - 1 + (after_pos and s > pos_stage), pos=2 * s)
             return template.format(**fields)
     return None
 
@@ -85,9 +89,11 @@ def _foreign_key(key: str, layout: str) -> str | None:
 def key_map(model: nn.Module, layout: str) -> dict[str, str] | None:
     """{our key: the layout's key} for every entry of the model's state_dict, or None if the layout cannot
     name some of them (e.g. v2's stem norm in the transformers layout)."""
+    stages = getattr(model, "stages", [])
+    pos_stage = next((i for i, st in enumerate(stages) if getattr(st, "pos_embed", None) is not None), None)
     mapping = {}
     for key in model.state_dict():
-        foreign = _foreign_key(key, layout)
+        foreign = _foreign_key(key, layout, pos_stage)
         if foreign is None:
             return None
         mapping[key] = foreign

@@ -154,8 +154,10 @@ _V2 = [
 _S12 = _V1[0]
 
 
-def _s12_variant(suffix: str, family: str, description: str, params: int, macs: int, top1: float, **arch) -> ModelSpec:
-    """A Table 5 variant of PoolFormer-S12 (paper ablations and hybrids); no published weights."""
+def _s12_variant(suffix: str, family: str, description: str, params: int, macs: int, top1: float,
+                 crop_pct: float = _S12.crop_pct, release: str | None = None, **arch) -> ModelSpec:
+    """A Table 5 variant of PoolFormer-S12 (paper ablations and hybrids); `release` names the authors'
+    release file where one was published."""
     return ModelSpec(
         name=f"poolformer_s12_{suffix}",
         aliases=(f"s12_{suffix}",),
@@ -163,13 +165,14 @@ def _s12_variant(suffix: str, family: str, description: str, params: int, macs: 
         description=description,
         arch=replace(_S12.arch, **arch),
         published=Published(params, macs, top1),
-        crop_pct=_S12.crop_pct,
+        crop_pct=crop_pct,
+        url=V1_RELEASE.format(name=release) if release else None,
     )
 
 
 _ABLATIONS = [
     _s12_variant("identity", "ablation", "token mixer = identity", 11_900_000, 1_800_000_000, 74.3,
-                 token_mixers=("identity",) * 4),
+                 release="metaformer_id_s12", token_mixers=("identity",) * 4),
     _s12_variant("random", "ablation", "token mixer = frozen global random matrix (+21M frozen params)",
                  11_900_000, 3_300_000_000, 75.8, token_mixers=("random",) * 4),
     _s12_variant("dwconv", "ablation", "token mixer = 3x3 depthwise conv", 11_900_000, 1_800_000_000, 78.1,
@@ -192,20 +195,23 @@ _ABLATIONS = [
 ]
 
 
-def _hybrid(code: str, params: int, macs: int, top1: float) -> ModelSpec:
+def _hybrid(code: str, params: int, macs: int, top1: float, crop_pct: float) -> ModelSpec:
+    """As in the authors' models/metaformer.py: the attention hybrids normalise every stage and the head with
+    channel LayerNorm, the spatial-FC ones with GroupNorm."""
     mixer_of = {"p": "pooling", "a": "attention", "f": "spatial_fc"}
     label_of = {"p": "Pool", "a": "Attention", "f": "SpatialFC"}
     mixers = tuple(mixer_of[c] for c in code)
-    norms = tuple("layernorm" if m == "attention" else "groupnorm" for m in mixers)
+    norm = "layernorm" if "attention" in mixers else "groupnorm"
     return _s12_variant(code, "hybrid", "hybrid [" + ", ".join(label_of[c] for c in code) + "]",
-                        params, macs, top1, token_mixers=mixers, norms=norms)
+                        params, macs, top1, crop_pct=crop_pct, release=f"metaformer_{code}_s12_224",
+                        token_mixers=mixers, norms=(norm,) * 4, head_norm=norm)
 
 
 _HYBRIDS = [
-    _hybrid("pppa", 14_038_000, 1_900_000_000, 78.3),
-    _hybrid("ppaa", 16_536_000, 2_500_000_000, 81.0),
-    _hybrid("pppf", 11_920_000, 1_800_000_000, 77.5),
-    _hybrid("ppff", 12_150_000, 1_900_000_000, 77.9),
+    _hybrid("pppa", 14_038_000, 1_900_000_000, 78.3, crop_pct=0.95),
+    _hybrid("ppaa", 16_536_000, 2_500_000_000, 81.0, crop_pct=0.95),
+    _hybrid("pppf", 11_920_000, 1_800_000_000, 77.5, crop_pct=0.9),
+    _hybrid("ppff", 12_150_000, 1_900_000_000, 77.9, crop_pct=0.95),
 ]
 
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (*_V1, *_V2, *_ABLATIONS, *_HYBRIDS)}

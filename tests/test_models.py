@@ -139,6 +139,43 @@ def test_token_count_mixers_follow_img_size_and_refuse_other_sizes():
             model(torch.randn(1, 3, 224, 224))
 
 
+@pytest.mark.parametrize("size", [230, 97])
+def test_token_count_mixers_are_sized_by_the_real_stage_maps(size):
+    """230 is not a multiple of 32: its stage maps are 58, 29, 15, 8 (not 230 // stride)."""
+    for name in ("s12_ppff", "s12_random", "s12_ppaa"):
+        model = create_model(name, img_size=size)
+        with torch.no_grad():
+            maps = model.forward_stages(torch.randn(1, 3, size, size))
+        pos = [st.pos_embed for st in model.stages if st.pos_embed is not None]
+        for stage_map, stage in zip(maps, model.stages):
+            mixer = stage.blocks[0].token_mixer
+            if hasattr(mixer, "num_tokens"):
+                assert mixer.num_tokens == stage_map.shape[-2] * stage_map.shape[-1]
+        assert all(p.shape[-2:] == maps[2].shape[-2:] for p in pos)
+
+
+def test_attention_hybrids_follow_the_authors_norms_and_crops():
+    """sail-sg/poolformer models/metaformer.py: the attention hybrids use LayerNormChannel everywhere (their
+    default norm_layer) and crop 0.95; pppf uses GroupNorm and crop 0.9; ppff GroupNorm and crop 0.95."""
+    from poolformer.layers import GroupNorm1, LayerNormChannels
+
+    for code, norm, crop in (("pppa", LayerNormChannels, 0.95), ("ppaa", LayerNormChannels, 0.95),
+                             ("pppf", GroupNorm1, 0.9), ("ppff", GroupNorm1, 0.95)):
+        model = create_model(f"s12_{code}")
+        assert type(model.head.norm) is norm and type(model.stages[0].blocks[0].norm1) is norm
+        assert model.spec.crop_pct == crop
+
+
+def test_channel_layernorm_equals_torch_layer_norm_over_channels():
+    from poolformer.layers import LayerNormChannels
+
+    x = torch.randn(2, 24, 5, 7) * 3 + 1
+    for written_out in (True, False):
+        norm = randomize_(LayerNormChannels(24, written_out=written_out))
+        expected = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (24,), norm.weight, norm.bias, 1e-5)
+        torch.testing.assert_close(norm(x), expected.permute(0, 3, 1, 2), atol=1e-5, rtol=1e-5)
+
+
 def test_overrides_build_the_zoo_ablations():
     built = create_model("s12", token_mixer="dwconv", pool_size=5, norm="batchnorm", act="silu")
     assert built.arch.token_mixers == ("dwconv",) * 4 and built.arch.pool_size == 5

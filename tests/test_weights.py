@@ -209,6 +209,24 @@ def test_unrelated_state_dicts_match_no_layout(tmp_path):
         create_model("s12", weights=path)
 
 
+@pytest.mark.parametrize("code, expected", [
+    # The authors' hybrids keep the position embedding as its own `network` entry (AddPositionEmb) before
+    # the first attention stage, shifting later entries by one (sail-sg/poolformer models/metaformer.py).
+    ("ppaa", ["network.3.proj.weight", "network.4.pos_embed", "network.5.5.token_mixer.qkv.weight",
+              "network.6.proj.weight", "network.7.1.token_mixer.proj.bias", "norm.weight"]),
+    ("pppa", ["network.5.proj.weight", "network.6.pos_embed", "network.7.0.token_mixer.qkv.weight",
+              "network.4.5.layer_scale_2"]),
+    ("ppff", ["network.4.0.token_mixer.fc.weight", "network.6.1.token_mixer.fc.weight", "network.5.proj.bias"]),
+])
+def test_official_hybrid_files_round_trip_with_the_position_embedding_slot(tmp_path, code, expected):
+    ours = randomize_(create_model(f"s12_{code}"))
+    official = export_state_dict(ours, "official")
+    assert set(expected) <= official.keys()
+    path = tmp_path / f"metaformer_{code}_s12_224.pth.tar"
+    torch.save(official, path)
+    assert _same_weights(create_model(f"s12_{code}", weights=path), ours)
+
+
 def test_every_layout_names_every_v1_key_uniquely():
     model = create_model("s12")
     for layout in LAYOUTS:
@@ -264,4 +282,4 @@ def test_pretrained_offline_uses_the_release_file_in_torch_cache(tmp_path, s12_r
 
 def test_models_without_published_weights_say_so():
     with pytest.raises(Exception, match="no published weights; pass a checkpoint with --weights"):
-        create_model("s12_pppa", pretrained=True)
+        create_model("s12_random", pretrained=True)
