@@ -143,6 +143,13 @@ def test_mlp_in_row_chunks_equals_one_pass(monkeypatch, v2_model):
     assert (chunked - one_pass).abs().max().item() < TOLERANCE
 
 
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_portable_path_without_onednn_matches(monkeypatch, family, v1_model, v2_model):
+    """The plain-PyTorch MLP (used off CPU, or where oneDNN is missing) gives the same logits too."""
+    monkeypatch.setattr(fast_module, "_mkldnn_runs", lambda dtype, device: False)
+    _assert_as_exact_as_reference(v1_model if family == "v1" else v2_model, torch.randn(2, 3, 64, 48))
+
+
 def test_each_norms_own_eps_is_used():
     model = randomize_(create_model("s12"), seed=4)
     model.stages[1].blocks[0].norm1.eps = 0.5  # large enough to move the logits far beyond the tolerance
