@@ -31,3 +31,12 @@ def s12_checkpoint(tmp_path, s12_random):
     path = tmp_path / "poolformer_s12.pth.tar"
     torch.save(export_state_dict(s12_random, "official"), path)
     return path
+
+
+def assert_one_line_error(result, message: str, exit_code: int = 2) -> None:
+    """A CliRunner result that failed the way every bad input must: the exit code, one line naming the
+    problem, no traceback."""
+    assert result.exit_code == exit_code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1

@@ -20,6 +20,7 @@ from poolformer.flops import (
 )
 from poolformer.zoo import MODELS, get_spec, list_models
 from poolformer_cli.app import app
+from tests.conftest import assert_one_line_error
 
 runner = CliRunner()
 
@@ -316,8 +317,4 @@ def test_cli_by_module_lists_blocks(wide_console):
     (["flops", "s12_pppf", "--impl", "timm"], "timm has no implementation"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2
-    assert message in result.output
-    assert "Traceback" not in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    assert_one_line_error(runner.invoke(app, args), message)

@@ -15,6 +15,7 @@ from poolformer import create_model
 from poolformer.summary import summarize, summarize_model
 from poolformer.zoo import get_spec
 from poolformer_cli.app import app
+from tests.conftest import assert_one_line_error
 
 runner = CliRunner()
 
@@ -136,8 +137,4 @@ def test_cli_table_shows_totals_and_stages(monkeypatch):
     (["summary", "s12", "--depth", "0"], "--depth"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2
-    assert message in result.output
-    assert "Traceback" not in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    assert_one_line_error(runner.invoke(app, args), message)
