@@ -210,13 +210,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        full = str(err).lower()
-        if "weights only" in full or "weights_only" in full:
+        # torch's safe unpickler says "Unsupported global" when the pickle wants to import a callable or
+        # class (how pickled code runs); garbage bytes fail with other messages.
+        if "unsupported global" in str(err).lower():
             raise CheckpointError(
                 f"refusing to load {path}: its pickle wants to import or run code, which is never done for "
                 "untrusted files (weights_only=True); convert it to safetensors in an environment you trust"
             ) from None
-        raise CheckpointError(f"could not read checkpoint {path}: corrupt or truncated ({_one_line(err)})") from None
+        raise CheckpointError(
+            f"could not read checkpoint {path}: not a PyTorch or safetensors checkpoint, or corrupt or truncated"
+        ) from None
     except Exception as err:  # torch.load on arbitrary bytes raises many types (IndexError, EOFError, ...)
         raise CheckpointError(
             f"could not read checkpoint {path}: not a PyTorch or safetensors checkpoint, or truncated ({_one_line(err)})"

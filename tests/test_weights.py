@@ -163,12 +163,18 @@ def test_truncated_and_non_checkpoint_files_are_clear_errors(tmp_path, s12_check
     truncated.write_bytes(data[: len(data) // 2])
     text = tmp_path / "notes.pth"
     text.write_text("these are not weights\n")
+    hostname = tmp_path / "hostname.pth"  # text whose first byte the unpickler reads as an opcode
+    hostname.write_text("valhalla\n")
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(bytes(range(256)) * 4)
     bad_safetensors = tmp_path / "broken.safetensors"
     bad_safetensors.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
-    for path in (truncated, text, bad_safetensors):
+    for path in (truncated, text, hostname, noise, bad_safetensors):
         with pytest.raises(CheckpointError) as err:
             read_checkpoint(path)
-        assert "\n" not in str(err.value) and str(path) in str(err.value)
+        message = str(err.value)
+        assert "\n" not in message and str(path) in message
+        assert "refusing" not in message  # junk is not mistaken for a code-running pickle
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         read_checkpoint(tmp_path / "missing.pth")
 
