@@ -38,10 +38,10 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from .devices import PRECISIONS, autocast
+from .devices import resolve_device as resolve_any_device
 from .errors import ConfigError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 STATUSES = ("ok", "oom", "error")
 MIN_TIMED_STEPS = 5  # a distribution needs a few points even when --min-time is tiny
 
@@ -153,22 +153,9 @@ def percentile(ordered: list[float], q: float) -> float:
 
 
 def resolve_device(text: str | None) -> str:
-    """'cpu', 'cuda' or 'cuda:N' -> 'cpu' / 'cuda:N'; None -> 'cuda:0' when a GPU is present, else 'cpu'."""
-    if text is None:
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    text = text.strip().lower()
-    if text == "cpu":
-        return "cpu"
-    kind, _, index = text.partition(":")
-    if kind != "cuda" or (index and not index.isdigit()):
-        raise ConfigError(f"unknown device {text!r}; use cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"device {text!r} requested but no CUDA GPU is available (torch.cuda.is_available() "
-                          "is False); use --device cpu")
-    n = int(index or 0)
-    if n >= torch.cuda.device_count():
-        raise ConfigError(f"device {text!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
-    return f"cuda:{n}"
+    """'cpu', 'cuda' or 'cuda:N' -> 'cpu' / 'cuda:N'; None -> 'cuda:0' when a GPU is present, else 'cpu'.
+    Only CPU and CUDA: step timing synchronises CUDA and nothing else."""
+    return str(resolve_any_device(text, kinds=("cpu", "cuda")))
 
 
 def check_precision(device: str, precision: str) -> None:
@@ -180,7 +167,7 @@ def check_precision(device: str, precision: str) -> None:
     dev = torch.device(device)
     if dev.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"bf16 is not supported on {torch.cuda.get_device_name(dev)}; use fp16 or fp32")
-    dtype = _AUTOCAST_DTYPES[precision]
+    dtype = PRECISIONS[precision]
     try:
         conv = nn.Conv2d(3, 4, 3).to(dev)
         with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype):
@@ -355,12 +342,6 @@ def make_input(config: BenchConfig) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if config.channels_last else x
 
 
-def _autocast(config: BenchConfig) -> contextlib.AbstractContextManager:
-    if config.precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(config.device).type, dtype=_AUTOCAST_DTYPES[config.precision])
-
-
 class _ReferenceBlock(nn.Module):
     """x + mlp(norm(x)) after x + (pool(norm(x)) - norm(x)): a pooling block written with plain torch ops."""
 
@@ -415,7 +396,7 @@ def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildM
         _free_memory(device)
         _reset_peak_memory(device)
         x = make_input(config)
-        with torch.inference_mode(), _autocast(config):
+        with torch.inference_mode(), autocast(config.device, config.precision):
             def step() -> Any:
                 return model(x)
 
@@ -485,7 +466,7 @@ def _fits(model: nn.Module, config: BenchConfig) -> bool:
     x = None
     try:
         x = make_input(config)
-        with torch.inference_mode(), _autocast(config):
+        with torch.inference_mode(), autocast(config.device, config.precision):
             model(x)
             model(x)
         synchronize(device)

@@ -19,10 +19,10 @@ from typing import Callable, Iterator
 import torch
 
 from .data import DEFAULT_MAX_PIXELS, ClassFolders, ImageDataset, Preprocess, spread_subset
+from .devices import PRECISIONS, autocast
 from .errors import ConfigError
 from .predict import Classifier
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOP_K = 5
 
 
@@ -179,13 +179,6 @@ def _loader(dataset: ImageDataset, batch_size: int, workers: int, device: torch.
                       pin_memory=device.type == "cuda", drop_last=False)
 
 
-def _autocast(device: torch.device, precision: str):
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 @torch.inference_mode()
 def evaluate(
     classifier: Classifier,
@@ -236,7 +229,7 @@ def evaluate(
         if readable.any():
             x = images[readable].to(device, non_blocking=True).contiguous(memory_format=memory_format)
             y = targets[readable].to(device)
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 logits = model(x)
             probabilities, top = logits.float().softmax(dim=-1).topk(k, dim=-1)
             hits = top == y[:, None]

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import ConfigError
-from .model import STEM_STRIDE, create_model
+from .model import STEM_STRIDE, create_model, stage_side
 from .zoo import get_spec
 
 MIN_RESOLUTION = STEM_STRIDE * 2**3  # four downsamplings: strides 4, 8, 16, 32
@@ -283,7 +283,7 @@ def _op_cost(name: str, args: tuple, kwargs: dict, out: Any) -> tuple[int, int] 
     first = next(_tensors(out), None)
     out_numel = first.numel() if first is not None else 0
     if name == "conv":
-        x, weight, bias = args[0], args[1], args[2]
+        weight, bias = args[1], args[2]
         macs = out_numel * math.prod(weight.shape[1:])  # weight: [C_out, C_in / groups, kh, kw]
         return macs, 2 * macs + (out_numel if bias is not None else 0)
     if name in ("mm", "bmm"):
@@ -580,9 +580,8 @@ def model_for_resolution(name: str, resolution: int, device: str | torch.device 
 
 
 def first_stage_tokens(resolution: int) -> int:
-    """Tokens of the stride-4 stage for a square input (stem: 7x7 conv, stride 4, padding 2)."""
-    side = (resolution + 2 * 2 - 7) // STEM_STRIDE + 1
-    return side * side
+    """Tokens of the stride-4 stage for a square input."""
+    return stage_side(resolution, 0) ** 2
 
 
 def count_all(model: nn.Module, resolution: int, batch_size: int = 1, name: str | None = None) -> FlopsReport:

@@ -1,7 +1,7 @@
 """Classify image files: load a trained model, preprocess as the model was trained to expect, return the top-k
 classes with probabilities. Returns plain dataclasses; never prints.
 
-`load_classifier` and `resolve_device` are shared with the eval engine (`poolformer.evaluate`).
+`load_classifier` is shared with the eval engine (`poolformer.evaluate`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .data import DEFAULT_MAX_PIXELS, Preprocess, images_in, load_batch
+from .devices import resolve_device
 from .errors import ConfigError
 from .labels import class_names
 from .zoo import ModelSpec, get_spec
@@ -36,24 +37,6 @@ class Classifier:
     labels: list[str]
     device: torch.device
     weights: str  # the checkpoint path, or "pretrained"
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" -> the GPU when there is one, else the CPU; anything else must name an available device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) here")
-    elif device.type not in ("cpu", "mps", "xpu"):
-        raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def checkpoint_num_classes(path: str | os.PathLike) -> int:

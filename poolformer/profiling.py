@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .bench import BenchConfig, BuildModel, _autocast, make_input, prepare_model, synchronize
+from .bench import BenchConfig, BuildModel, make_input, prepare_model, synchronize
+from .devices import autocast
 
 # first match wins; matched against the lower-case operator name without the "aten::" prefix
 _CATEGORIES = (
@@ -77,7 +78,7 @@ def profile_model(config: BenchConfig, *, warmup: int = 3, steps: int = 5, trace
     model = prepare_model(config, build_model)
     x = make_input(config)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.inference_mode(), _autocast(config):
+    with torch.inference_mode(), autocast(config.device, config.precision):
         for _ in range(warmup):
             model(x)
         synchronize(device)

@@ -131,7 +131,8 @@ def eval_command(
     _check_output(predictions, "--predictions")
     from poolformer.data import class_folders, read_class_map
     from poolformer.evaluate import distributed, evaluate
-    from poolformer.predict import load_classifier, resolve_device, trained_num_classes
+    from poolformer.devices import resolve_device
+    from poolformer.predict import load_classifier, trained_num_classes
 
     with user_errors():
         mapping = read_class_map(class_map) if class_map is not None else None
