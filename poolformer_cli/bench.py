@@ -16,10 +16,9 @@ import typer
 from rich import box
 from rich.table import Table
 
-from .common import console, err_console, fail, parse_int_list, print_json, resolve_model, user_errors, \
+from .common import PRECISION_NAMES, console, err_console, fail, parse_int_list, print_json, resolve_model, user_errors, \
     write_atomic
 
-PRECISION_NAMES = ("fp32", "bf16", "fp16")  # poolformer.bench.PRECISIONS, repeated here to keep --help torch-free
 
 
 def _parse_names(text: str, option: str, allowed: Any) -> list[str]:

@@ -19,6 +19,9 @@ from rich.console import Console
 from poolformer.errors import PoolformerError, UnknownModelError
 from poolformer.zoo import get_spec
 
+# poolformer.devices.PRECISIONS' names, written here so that --help needs no torch (a test keeps them equal).
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
+
 console = Console()
 err_console = Console(stderr=True, highlight=False)
 

@@ -14,10 +14,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .common import console, err_console, fail, print_json, resolve_model, user_errors, write_atomic
+from .common import PRECISION_NAMES, console, err_console, fail, print_json, resolve_model, user_errors, write_atomic
 from .predict import check_impl
 
-PRECISION_NAMES = ("fp32", "bf16", "fp16")  # poolformer.evaluate.PRECISIONS, repeated to keep --help torch-free
 
 
 def summary_json(result) -> dict:

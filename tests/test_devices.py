@@ -33,3 +33,10 @@ def test_autocast_runs_the_named_dtype_and_fp32_runs_without_it():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     with autocast(torch.device("cpu"), "fp32"):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_the_cli_offers_exactly_the_library_precisions():
+    from poolformer.devices import PRECISIONS
+    from poolformer_cli.common import PRECISION_NAMES
+
+    assert PRECISION_NAMES == tuple(PRECISIONS)
