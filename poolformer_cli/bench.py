@@ -16,8 +16,9 @@ import typer
 from rich import box
 from rich.table import Table
 
-from .common import PRECISION_NAMES, console, err_console, fail, parse_int_list, print_json, resolve_model, user_errors, \
-    write_atomic
+from .common import (
+    PRECISION_NAMES, console, err_console, fail, parse_int_list, print_json, resolve_model, user_errors, write_atomic,
+)
 
 
 
