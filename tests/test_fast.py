@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from poolformer import ConfigError, create_model, list_models, optimize
-from poolformer.fast import (block_forward, fold, head_forward, per_sample_inv_sigma, pool_minus_identity,
-                             pool_minus_identity_weight, pool_mix)
-from poolformer import fast as fast_module
+from poolformer.fast import fold, pool_minus_identity_weight
+from poolformer.fast import cpu as fast_cpu
+from poolformer.fast.cpu import block_forward, head_forward, per_sample_inv_sigma, pool_minus_identity, pool_mix
 from poolformer.implementations import IMPLEMENTATIONS, build
 from poolformer_cli.app import app
 
@@ -145,8 +145,8 @@ def test_mlp_in_row_chunks_equals_one_pass(monkeypatch, v2_model):
     fast = optimize(v2_model)
     with torch.no_grad():
         one_pass = fast(x)
-        monkeypatch.setattr(fast_module, "MLP_SINGLE_PASS_MAX_BYTES", 0)
-        monkeypatch.setattr(fast_module, "MLP_CHUNK_BYTES", 4096)  # uneven chunks of a few rows
+        monkeypatch.setattr(fast_cpu, "MLP_SINGLE_PASS_MAX_BYTES", 0)
+        monkeypatch.setattr(fast_cpu, "MLP_CHUNK_BYTES", 4096)  # uneven chunks of a few rows
         chunked = fast(x)
     assert (chunked - one_pass).abs().max().item() < TOLERANCE
 
@@ -154,7 +154,7 @@ def test_mlp_in_row_chunks_equals_one_pass(monkeypatch, v2_model):
 @pytest.mark.parametrize("family", ["v1", "v2"])
 def test_portable_path_without_onednn_matches(monkeypatch, family, v1_model, v2_model):
     """The plain-PyTorch MLP (used off CPU, or where oneDNN is missing) gives the same logits too."""
-    monkeypatch.setattr(fast_module, "_mkldnn_runs", lambda dtype, device: False)
+    monkeypatch.setenv("POOLFORMER_FAST_BACKEND", "portable")
     _assert_as_exact_as_reference(v1_model if family == "v1" else v2_model, torch.randn(2, 3, 64, 48))
 
 

@@ -1,0 +1,19 @@
+"""Fast exact inference for PoolFormer v1 and v2: `optimize(model)` gives the same logits, faster.
+
+What lives here:
+- `folding`: the algebra. The reference model's weights are rewritten once into a few tensors (norm
+  affines, LayerScale, StarReLU folded into the convolutions; the pooling mixer needs only sigma).
+- `cpu`: the folded forward made of PyTorch operators: oneDNN's fused primitives on CPUs that run the
+  dtype natively, plain operators anywhere else (the portable path).
+- `module`: `FastPoolFormer` / `optimize`, which picks the kernels per (dtype, device) from what the
+  hardware can do (`poolformer.capabilities`).
+
+Precision: float32 by default; bfloat16/float16 with `optimize(model, dtype=...)` or under torch.autocast,
+with statistics accumulated in float32 and the head in float32. Logits are always float32.
+"""
+
+from .folding import FoldedBlock, FoldedModel, FoldedStage, Plan, fold, pool_minus_identity_weight
+from .module import BACKEND_ENV, BACKENDS, FastPoolFormer, choose_backend, optimize
+
+__all__ = ["optimize", "FastPoolFormer", "fold", "FoldedModel", "FoldedStage", "FoldedBlock", "Plan",
+           "pool_minus_identity_weight", "BACKENDS", "BACKEND_ENV", "choose_backend"]

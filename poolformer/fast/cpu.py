@@ -1,0 +1,208 @@
+"""The folded forward made of PyTorch operators: oneDNN's fused primitives on CPUs that run the dtype natively,
+plain operators everywhere else (the portable path: any CPU, any device, any dtype).
+
+Layout is channels-last ([B, H, W, C] in memory), so every 1x1 convolution is one matrix multiply on
+[B*H*W, C]. With oneDNN (`torch.ops.mkldnn._linear_pointwise`) fc1 runs fused with its activation and fc2
+with the residual add, so neither the 4C-wide hidden tensor nor the residual take an extra pass; their
+weights are reordered once into oneDNN's blocked layout (10-20% faster matmuls). Very large hidden tensors
+are processed in row chunks (see MLP_SINGLE_PASS_MAX_BYTES). pool(x) - x is one depthwise convolution
+(oneDNN runs it several times faster than avg_pool2d) with the border strips rescaled in place.
+
+`onednn` below is decided once per (dtype, device) by `poolformer.fast.module` from what the CPU can do
+(`poolformer.capabilities`): oneDNN's bf16 primitives refuse CPUs without AVX512-BF16/AMX/AVX-NE-CONVERT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from .folding import FoldedBlock, FoldedModel, Plan
+
+ONEDNN_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "silu": "swish", "starrelu": "relu"}
+PORTABLE_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "starrelu": F.relu}
+
+
+def pack_for_onednn(folded: FoldedModel) -> FoldedModel:
+    """fc1/fc2 weights in oneDNN's own layout (opaque mkldnn tensors): saves a reorder on every call. Only the
+    oneDNN kernels below can use the result."""
+    pack = torch.ops.mkldnn._reorder_linear_weight
+
+    def block(b: FoldedBlock) -> FoldedBlock:
+        return replace(b, fc1_weight=pack(b.fc1_weight), fc2_weight=pack(b.fc2_weight))
+
+    return replace(folded, stages=tuple(replace(s, blocks=tuple(block(b) for b in s.blocks)) for s in folded.stages))
+
+
+def per_sample_inv_sigma(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(var + eps) over all of each sample's elements: [B, ...] -> [B] float32.
+
+    float32: from the sum and the sum of squares (one read each, accumulated in float32). Reduced precision:
+    LayerNorm's kernel, which keeps the statistics in float32 (the reductions above are slower there).
+    """
+    flat = x.reshape(x.shape[0], -1)
+    count = flat.shape[1]
+    if x.dtype != torch.float32:
+        return torch.native_layer_norm(flat, [count], None, None, eps)[2].view(-1).float()
+    mean = flat.sum(1) / count
+    mean_square = torch.linalg.vector_norm(flat, dim=1).square() / count
+    return torch.rsqrt((mean_square - mean.square()).clamp_min(0.0) + eps)
+
+
+def _clipped_spans(length: int, radius: int) -> tuple[list[slice], slice]:
+    """Along one axis: the spans where a window of `radius` is clipped by the border, and the span between."""
+    if length <= 2 * radius:
+        return [slice(0, length)], slice(0, 0)
+    return [slice(0, radius), slice(length - radius, length)], slice(radius, length - radius)
+
+
+def window_counts(length: int, radius: int) -> torch.Tensor:
+    """[length] float64: how many positions of a (2 radius + 1) window lie inside the axis."""
+    index = torch.arange(length)
+    return ((index + radius).clamp(max=length - 1) - (index - radius).clamp(min=0) + 1).double()
+
+
+@lru_cache(maxsize=64)
+def _border_factor(height: int, width: int, pool_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[H, W, 1]: k^2 / (positions of the window inside the map), 1 away from the border."""
+    radius = pool_size // 2
+    counts = window_counts(height, radius)[:, None] * window_counts(width, radius)[None, :]
+    return (pool_size**2 / counts).to(device=device, dtype=dtype)[..., None]
+
+
+def pool_minus_identity(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """avg_pool(x, k, stride 1, count_include_pad=False) - x for channels-last x [B, H, W, C] -> [B, H, W, C].
+
+    A depthwise convolution gives the zero-padded average minus x; where the window is clipped (border
+    strips, radius k//2 wide) the average is rescaled by k^2 / count: q = f * (q + x) - x with f >= 1.
+    """
+    pool_size = weight.shape[-1]
+    radius = pool_size // 2
+    out = F.conv2d(x.permute(0, 3, 1, 2), weight, None, padding=radius, groups=x.shape[-1])
+    out = out.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    if radius == 0:
+        return out
+    height, width = x.shape[1:3]
+    factor = _border_factor(height, width, pool_size, x.dtype, x.device)
+    row_spans, middle_rows = _clipped_spans(height, radius)
+    column_spans, _ = _clipped_spans(width, radius)
+    regions = [(rows, slice(None)) for rows in row_spans] + [(middle_rows, cols) for cols in column_spans]
+    for rows, cols in regions:
+        strip, inputs = out[:, rows, cols], x[:, rows, cols]
+        strip.add_(inputs).mul_(factor[rows, cols]).sub_(inputs)
+    return out
+
+
+def pool_mix(x: torch.Tensor, block: FoldedBlock, pool_weight: torch.Tensor) -> torch.Tensor:
+    """The block's first half: [B, H, W, C] -> [B, H, W, C],
+    x1 = skip_scale1 * x + (mix_scale / sigma_b) * (pool(x) - x)."""
+    batch, channels = x.shape[0], x.shape[-1]
+    inv_sigma = per_sample_inv_sigma(x, block.norm1_eps)
+    scale = (block.mix_scale.float()[None, :] * inv_sigma[:, None]).to(x.dtype).view(batch, 1, 1, channels)
+    mixed = pool_minus_identity(x, pool_weight)
+    skip = x if block.skip_scale1 is None else x * block.skip_scale1
+    return torch.addcmul(skip, scale, mixed)
+
+
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
+               onednn: bool) -> torch.Tensor:
+    """act(x @ weight.T + bias) for x [N, C], weight [D, C] -> [N, D]; StarReLU leaves relu(.)^2."""
+    if onednn:
+        out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, ONEDNN_ACTIVATIONS[activation], [], "none")
+    else:
+        out = PORTABLE_ACTIVATIONS[activation](F.linear(x, weight, bias))
+    return out.square_() if activation == "starrelu" else out
+
+
+def linear_add(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               onednn: bool) -> torch.Tensor:
+    """residual + x @ weight.T + bias for x [N, D], residual [N, C], weight [C, D] -> [N, C]."""
+    if onednn:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+    return torch.addmm(residual if bias is None else residual + bias, x, weight.t())
+
+
+# Above this size a hidden tensor [rows, D] is a fresh mmap (glibc's largest mmap threshold is 32 MiB) whose
+# pages fault in on every call; the MLP then runs over row chunks of MLP_CHUNK_BYTES of hidden activations.
+MLP_SINGLE_PASS_MAX_BYTES = 32 << 20
+MLP_CHUNK_BYTES = 8 << 20
+
+
+def mlp_with_residual(standardised: torch.Tensor, skip: torch.Tensor, block: FoldedBlock, activation: str,
+                      onednn: bool) -> torch.Tensor:
+    """skip + fc2(act(fc1(standardised))) for rows [N, C] -> [N, C], in row chunks when the hidden [N, D] is
+    big (rows are independent: chunks change only the matmul kernels' rounding)."""
+    rows = standardised.shape[0]
+    hidden_row_bytes = block.fc1_weight.shape[0] * standardised.element_size()
+    if rows * hidden_row_bytes <= MLP_SINGLE_PASS_MAX_BYTES:
+        hidden = linear_act(standardised, block.fc1_weight, block.fc1_bias, activation, onednn)
+        return linear_add(hidden, skip, block.fc2_weight, block.fc2_bias, onednn)
+    chunk = max(1, MLP_CHUNK_BYTES // hidden_row_bytes)
+    out = torch.empty_like(skip)
+    for start in range(0, rows, chunk):
+        part = slice(start, start + chunk)
+        hidden = linear_act(standardised[part], block.fc1_weight, block.fc1_bias, activation, onednn)
+        out[part] = linear_add(hidden, skip[part], block.fc2_weight, block.fc2_bias, onednn)
+    return out
+
+
+def block_forward(x: torch.Tensor, block: FoldedBlock, pool_weight: torch.Tensor, plan: Plan,
+                  onednn: bool = False) -> torch.Tensor:
+    """One folded PoolFormer block on channels-last x [B, H, W, C] -> [B, H, W, C]."""
+    batch, height, width, channels = x.shape
+    x1 = pool_mix(x, block, pool_weight)
+    standardised = F.layer_norm(x1.reshape(batch, -1), (height * width * channels,), eps=block.norm2_eps)
+    skip = x1 if block.skip_scale2 is None else x1 * block.skip_scale2
+    out = mlp_with_residual(standardised.view(-1, channels), skip.view(-1, channels), block, plan.activation, onednn)
+    return out.view_as(x)
+
+
+def conv_channels_last(x: torch.Tensor, weight: torch.Tensor, bias, stride: int, padding: int) -> torch.Tensor:
+    """Convolution of [B, H, W, C] (as memory) -> [B, H', W', C']."""
+    out = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, stride=stride, padding=padding)
+    return out.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+
+
+def head_forward(x: torch.Tensor, folded: FoldedModel, plan: Plan) -> torch.Tensor:
+    """[B, H, W, C] -> logits [B, num_classes] in float32.
+
+    v1 ("map"): mean_hw(GN(x)) = gamma * (mean_hw(x) - mu) / sigma + beta, mu and sigma of the whole map.
+    v2 ("pooled"): LayerNorm of mean_hw(x). Either way the affine is folded into the classifier.
+    """
+    x = x.float()
+    pooled = x.mean((1, 2))  # [B, C]
+    if plan.head_norm_on == "map":
+        mean = pooled.mean(1, keepdim=True)  # every channel has H*W positions: the map's mean
+        normalised = (pooled - mean) * per_sample_inv_sigma(x, plan.head_norm_eps)[:, None]
+    else:
+        normalised = F.layer_norm(pooled, pooled.shape[-1:], eps=plan.head_norm_eps)
+    return F.linear(normalised, folded.head_weight, folded.head_bias)
+
+
+def stem_forward(x: torch.Tensor, folded: FoldedModel, plan: Plan) -> torch.Tensor:
+    """Images [B, 3, H, W] in the compute dtype -> stage-1 input [B, H/4, W/4, C0] channels-last."""
+    x = conv_channels_last(x.permute(0, 2, 3, 1), folded.stem_weight, folded.stem_bias, stride=4, padding=2)
+    if folded.stem_norm_weight is not None:
+        x = F.layer_norm(x, x.shape[-1:], folded.stem_norm_weight, None, plan.stem_norm_eps)
+    return x
+
+
+def downsample_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan) -> torch.Tensor:
+    """(v2: bias-free LayerNorm, its weight folded into the conv) 3x3 stride-2 conv, [B, H, W, C] channels-last."""
+    if plan.down_norm_eps is not None:
+        x = F.layer_norm(x, x.shape[-1:], eps=plan.down_norm_eps)
+    return conv_channels_last(x, weight, bias, stride=2, padding=1)
+
+
+def features_forward(x: torch.Tensor, folded: FoldedModel, plan: Plan, onednn: bool = False) -> torch.Tensor:
+    """Stem and stages: images [B, 3, H, W] in the compute dtype -> last map [B, H/32, W/32, C] channels-last."""
+    x = stem_forward(x, folded, plan)
+    for stage in folded.stages:
+        if stage.down_weight is not None:
+            x = downsample_forward(x, stage.down_weight, stage.down_bias, plan)
+        for block in stage.blocks:
+            x = block_forward(x, block, stage.pool_minus_identity, plan, onednn)
+    return x
