@@ -17,9 +17,9 @@ from rich import box
 from rich.table import Table
 
 from .common import (
-    PRECISION_NAMES, console, err_console, fail, parse_int_list, print_json, resolve_model, user_errors, write_atomic,
+    PRECISION_NAMES, check_writable, console, err_console, fail, parse_int_list, print_json, resolve_model,
+    user_errors, write_atomic,
 )
-
 
 
 def _parse_names(text: str, option: str, allowed: Any) -> list[str]:
@@ -30,12 +30,6 @@ def _parse_names(text: str, option: str, allowed: Any) -> list[str]:
         if name not in allowed:
             fail(f"unknown {option.lstrip('-').rstrip('s')} {name!r} for {option}; choose from: {', '.join(allowed)}")
     return list(dict.fromkeys(names))
-
-
-def _check_path_writable(path: Optional[Path], option: str) -> None:
-    """Fail before a long run, not after it, when an output file cannot be created."""
-    if path is not None and path.expanduser().is_dir():
-        fail(f"{option} {str(path)!r} is a directory; give a file name")
 
 
 # ------------------------------------------------------------------------------------------- bench
@@ -87,8 +81,8 @@ def bench_command(
         fail("use either --iters or --min-time, not both")
     if max_batch_limit < 1:
         fail(f"--max-batch-limit must be >= 1, got {max_batch_limit}")
-    for path, option in ((output, "--output"), (csv_path, "--csv"), (baseline, "--baseline")):
-        _check_path_writable(path, option)
+    for path, option in ((output, "--output"), (csv_path, "--csv")):
+        check_writable(path, option)
 
     from poolformer import bench as engine
     from poolformer.envinfo import environment
@@ -293,7 +287,7 @@ def profile_command(
     """Profile one configuration with torch.profiler: which operators take the time (self time, calls, share)."""
     name = resolve_model(model)
     precision = _parse_names(precision, "--precision", PRECISION_NAMES)[0]
-    _check_path_writable(trace, "--trace")
+    check_writable(trace, "--trace")
     import dataclasses
 
     from poolformer import bench as engine

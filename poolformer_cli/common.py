@@ -66,19 +66,46 @@ def parse_int_list(text: str, option: str, minimum: int = 1) -> list[int]:
     return values
 
 
+def check_writable(path: str | os.PathLike | None, option: str) -> None:
+    """Exit 2 before any work starts when `path` (given to `option`) could not be written later: it is a
+    folder, a file stands where one of its folders should be, or the folder it would go in is not writable.
+    Folders that do not exist yet are fine: they are created when the file is written."""
+    if path is None:
+        return
+    target = Path(path).expanduser()
+    shown = str(path)
+    if target.is_dir():
+        fail(f"{option} {shown!r} is a directory; give a file name")
+    if target.exists() and not os.access(target, os.W_OK):
+        fail(f"{option} {shown!r} cannot be overwritten: permission denied")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:  # climb to the nearest thing that exists
+        folder = folder.parent
+    if not folder.is_dir():
+        fail(f"{option} {shown!r} cannot be written: {str(folder)!r} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        fail(f"{option} {shown!r} cannot be written: no permission to write in {str(folder)!r}")
+
+
 def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write text to path via a temporary file in the same folder and a rename: never a half-written file."""
+    """Write text to path via a temporary file in the same folder and a rename: never a half-written file.
+    A failure (disk full, a folder removed meanwhile) exits 1 with one line; the old file, if any, stays."""
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as err:
+        fail(f"cannot write {str(path)!r}: {err.strerror or err}", 1)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved result should be like any new file
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            fail(f"cannot write {str(path)!r}: {err.strerror or err}", 1)
         raise
 
 

@@ -14,9 +14,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .common import PRECISION_NAMES, console, err_console, fail, print_json, resolve_model, user_errors, write_atomic
+from .common import (
+    PRECISION_NAMES, check_writable, console, err_console, fail, print_json, resolve_model, user_errors, write_atomic,
+)
 from .predict import check_impl
-
 
 
 def summary_json(result) -> dict:
@@ -87,11 +88,6 @@ def _progress_bar(enabled: bool):
         yield update
 
 
-def _check_output(path: Optional[Path], option: str) -> None:
-    if path is not None and path.expanduser().is_dir():
-        fail(f"{option} {str(path)!r} is a directory; give a file name")
-
-
 def eval_command(
     data: Path = typer.Argument(..., help="Dataset folder: ImageNet val layout (DIR or DIR/val with one "
                                           "folder per wnid) or any class-folder dataset."),
@@ -126,8 +122,8 @@ def eval_command(
     if precision not in PRECISION_NAMES:
         fail(f"unknown precision {precision!r} for --precision; choose from: {', '.join(PRECISION_NAMES)}")
     check_impl(impl)
-    _check_output(output, "--output")
-    _check_output(predictions, "--predictions")
+    check_writable(output, "--output")
+    check_writable(predictions, "--predictions")
     from poolformer.data import class_folders, read_class_map
     from poolformer.evaluate import distributed, evaluate
     from poolformer.devices import resolve_device

@@ -10,7 +10,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import console, fail, human, parse_int_list, print_json, resolve_model, user_errors, write_atomic
+from .common import (
+    check_writable, console, fail, human, parse_int_list, print_json, resolve_model, user_errors, write_atomic,
+)
 
 MIN_RESOLUTION = 32  # four downsamplings: stride 32 (poolformer.flops.MIN_RESOLUTION, without importing torch)
 CSV_COLUMNS = ("name", "type", "depth", "output_shape", "params", "macs", "activation_bytes")
@@ -34,6 +36,7 @@ def summary_command(
     name = resolve_model(model)
     size = _one_resolution(resolution)
     batch, levels = one_int(batch_size, "--batch-size"), one_int(depth, "--depth")
+    check_writable(csv_path, "--csv")
     from poolformer.summary import summarize
 
     with user_errors():

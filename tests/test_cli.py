@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -78,3 +79,83 @@ def test_write_atomic_replaces_whole_files_with_normal_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+
+
+# Every option that names a file to write, with arguments that would otherwise start real work. The dataset
+# and checkpoint given to eval do not exist: the output check must come first, before anything is read.
+FILE_OPTIONS = [
+    (["summary", "s12"], "--csv"),
+    (["bench", "s12", "--device", "cpu", "--batch-sizes", "1", "--resolutions", "32", "--iters", "1"], "--output"),
+    (["bench", "s12", "--device", "cpu", "--batch-sizes", "1", "--resolutions", "32", "--iters", "1"], "--csv"),
+    (["profile", "s12", "--device", "cpu", "--batch-size", "1", "--resolution", "32"], "--trace"),
+    (["eval", "no-such-dataset", "--weights", "no-such.pth"], "--output"),
+    (["eval", "no-such-dataset", "--weights", "no-such.pth"], "--predictions"),
+]
+
+
+@pytest.mark.parametrize(("command", "option"), FILE_OPTIONS, ids=lambda v: v if isinstance(v, str) else v[0])
+def test_unwritable_output_paths_fail_before_work(tmp_path, command, option):
+    from .conftest import assert_one_line_error
+
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where a folder should be")
+    result = runner.invoke(app, [*command, option, str(blocker / "out.file")])
+    assert_one_line_error(result, f"{option} ", exit_code=2)
+    assert "is a file, not a folder" in result.output
+    result = runner.invoke(app, [*command, option, str(tmp_path)])
+    assert_one_line_error(result, "is a directory; give a file name", exit_code=2)
+
+
+def test_check_writable_accepts_new_nested_folders(tmp_path):
+    from poolformer_cli.common import check_writable
+
+    check_writable(tmp_path / "new" / "deeper" / "out.json", "--output")  # created when written
+    check_writable(None, "--output")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere; see the test below")
+def test_check_writable_refuses_a_read_only_folder(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    from .conftest import assert_one_line_error
+
+    assert_one_line_error(runner.invoke(app, ["summary", "s12", "--csv", str(locked / "out.csv")]),
+                          "no permission to write in", exit_code=2)
+
+
+def test_check_writable_refuses_a_folder_the_user_cannot_write(tmp_path, monkeypatch):
+    """The same refusal on any host (root may write anywhere): the folder's write permission is denied."""
+    from .conftest import assert_one_line_error
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+
+    def deny_writes_to(denied):
+        return lambda path, mode: False if str(path) == str(denied) and mode & os.W_OK else real_access(path, mode)
+
+    monkeypatch.setattr(os, "access", deny_writes_to(locked))
+    assert_one_line_error(runner.invoke(app, ["summary", "s12", "--csv", str(locked / "new" / "out.csv")]),
+                          "no permission to write in", exit_code=2)
+    existing = tmp_path / "existing.csv"
+    existing.write_text("old")
+    monkeypatch.setattr(os, "access", deny_writes_to(existing))
+    assert_one_line_error(runner.invoke(app, ["summary", "s12", "--csv", str(existing)]),
+                          "cannot be overwritten: permission denied", exit_code=2)
+
+
+def test_write_atomic_failure_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, capsys):
+    from poolformer_cli import common
+
+    target = tmp_path / "out.json"
+    target.write_text("old")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(common.os, "replace", full)
+    with pytest.raises(typer.Exit) as exit_info:
+        common.write_atomic(target, "new")
+    assert exit_info.value.exit_code == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
