@@ -325,6 +325,13 @@ class _AnalyticMode(TorchDispatchMode):
         self.by_module: dict[str, OpCost] = defaultdict(OpCost)
         self.uncosted: Counter[str] = Counter()
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # Newer torch wraps a mode's __torch_dispatch__ in dynamo.disable unless this says False, and the
+        # wrapper's first call imports torch._dynamo (~1.5 s on 2 cores). Counting never runs under
+        # torch.compile, so there is nothing to disable.
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -334,7 +341,12 @@ class _AnalyticMode(TorchDispatchMode):
             self.uncosted[name] += 1
             cost = (0, 0)
         touches_memory = name not in _VIEWS and name not in _FREE
-        written = _nbytes(out) if touches_memory else 0
+        results = out
+        if name == "batch_norm" and isinstance(out, (tuple, list)) and not torch.is_grad_enabled():
+            # inference batch norm returns its saved statistics too: empty from the CPU kernel, [C]-sized on
+            # the meta device; only the normalised map is really written
+            results = out[0]
+        written = _nbytes(results) if touches_memory else 0
         read = _nbytes(args) + _nbytes(kwargs) if touches_memory else 0
         call = OpCost(calls=1, macs=cost[0], ops=cost[1], bytes=read + written, written_bytes=written)
         self.by_operator[name].add(call)

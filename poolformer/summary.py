@@ -1,8 +1,9 @@
 """Per-layer summary of a model: output shapes, parameters, MACs and activation sizes, plus per-stage totals.
 
 MACs here are multiply-accumulates of convolutions, linear layers and matrix products (the analytic
-count of `poolformer.flops`, equal to torch FlopCounterMode's FLOPs / 2). Shapes are traced on the meta
-device when a model is given by name, so even m48 takes no real compute. Nothing here prints.
+count of `poolformer.flops`, equal to torch FlopCounterMode's FLOPs / 2). A model given by name is traced
+on the meta device (no memory, no arithmetic) or, when that is quicker, on the CPU (see `trace_device`).
+Nothing here prints.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ from torch import nn
 from .errors import ConfigError
 from .flops import AnalyticCount, OpCost, check_resolution, count_analytic, model_for_resolution, module_levels
 from .layers import DropPath
-from .zoo import get_spec
+from .zoo import ModelSpec, get_spec
 
 DEFAULT_DEPTH = 2  # stem/stages/head, then their children: the blocks within each stage
+# The first convolution on the meta device imports torch._dynamo (~2 s on 2 cores: meta kernels are Python
+# prims wrapped in dynamo.disable). Up to about this much work a trace on the CPU, with zeroed weights and
+# input, finishes sooner and gives the same shapes and counts.
+CPU_TRACE_MAX_MACS = 20_000_000_000
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _HIDDEN = (nn.Identity, DropPath)  # no parameters, no work: rows would only be noise
 
@@ -106,12 +111,43 @@ def summarize_model(model: nn.Module, resolution: int, batch_size: int = 1, dept
     )
 
 
-def summarize(name: str, resolution: int | None = None, batch_size: int = 1, depth: int = DEFAULT_DEPTH) -> ModelSummary:
-    """Summarise zoo model `name` (default resolution: the model's own), traced on the meta device."""
+def trace_device(spec: ModelSpec, resolution: int, batch_size: int) -> str:
+    """"cpu" when the forward's estimated MACs (the published figure scaled to this input) stay under
+    CPU_TRACE_MAX_MACS, else "meta". Token-mixing matrices (attention, random, spatial FC) grow with the
+    square of the token count, so their estimate grows with the fourth power of the resolution."""
+    if spec.published.macs is None:
+        return "meta"
+    quadratic = set(spec.arch.token_mixers) - {"pooling", "identity", "dwconv"}
+    scale = (resolution / spec.input_size) ** (4 if quadratic else 2)
+    return "cpu" if spec.published.macs * scale * batch_size <= CPU_TRACE_MAX_MACS else "meta"
+
+
+def summarize(name: str, resolution: int | None = None, batch_size: int = 1, depth: int = DEFAULT_DEPTH,
+              device: str | None = None) -> ModelSummary:
+    """Summarise zoo model `name` (default resolution: the model's own). device: where to trace ("meta" or
+    "cpu"; default `trace_device`'s choice). On the CPU the weights are zeros: only shapes matter here."""
     spec = get_spec(name)
     resolution = spec.input_size if resolution is None else resolution
+    check_resolution(resolution)
+    device = device or trace_device(spec, resolution, batch_size)
     model = model_for_resolution(spec.name, resolution, device="meta")
+    if device != "meta":
+        _zero_weights_on(model, torch.device(device))
     return summarize_model(model, resolution, batch_size, depth, name=spec.name)
+
+
+def _zero_weights_on(model: nn.Module, device: torch.device) -> None:
+    """Give every parameter and buffer of a meta-device model zero values on `device`, all as views of one
+    zero buffer the size of the largest: only shapes matter to a summary, nothing writes to the weights, and
+    touching m48's 294 MB of fresh pages would cost more than the whole trace."""
+    tensors = [*model.parameters(), *model.buffers()]
+    zeros = torch.zeros(max((t.numel() for t in tensors), default=0), device=device)
+    for module in model.modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            value = zeros[:tensor.numel()].view(tensor.shape).to(tensor.dtype)
+            if isinstance(tensor, nn.Parameter):
+                value = nn.Parameter(value, requires_grad=tensor.requires_grad)
+            setattr(module, name, value)
 
 
 def _subtree_cost(by_module: dict[str, OpCost], prefix: str) -> OpCost:

@@ -215,6 +215,37 @@ _HYBRIDS = [
 ]
 
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (*_V1, *_V2, *_ABLATIONS, *_HYBRIDS)}
+
+# (all parameters, trainable parameters) of our own models as built by MetaFormer, kept as data so that
+# `poolformer list` needs no torch; tests/test_models.py counts the real models and checks every entry.
+# Frozen parameters count in the first figure: the random-mixing ablation's 21M fixed matrix entries.
+PARAM_COUNTS: dict[str, tuple[int, int]] = {
+    "poolformer_s12": (11_915_176, 11_915_176),
+    "poolformer_s24": (21_388_968, 21_388_968),
+    "poolformer_s36": (30_862_760, 30_862_760),
+    "poolformer_m36": (56_172_520, 56_172_520),
+    "poolformer_m48": (73_473_448, 73_473_448),
+    "poolformerv2_s12": (11_891_712, 11_891_712),
+    "poolformerv2_s24": (21_341_464, 21_341_464),
+    "poolformerv2_s36": (30_791_216, 30_791_216),
+    "poolformerv2_m36": (56_077_168, 56_077_168),
+    "poolformerv2_m48": (73_346_056, 73_346_056),
+    "poolformer_s12_identity": (11_915_176, 11_915_176),
+    "poolformer_s12_random": (33_048_778, 11_915_176),
+    "poolformer_s12_dwconv": (11_948_456, 11_948_456),
+    "poolformer_s12_pool5": (11_915_176, 11_915_176),
+    "poolformer_s12_pool7": (11_915_176, 11_915_176),
+    "poolformer_s12_pool9": (11_915_176, 11_915_176),
+    "poolformer_s12_layernorm": (11_915_176, 11_915_176),
+    "poolformer_s12_batchnorm": (11_915_176, 11_915_176),
+    "poolformer_s12_nonorm": (11_900_840, 11_900_840),
+    "poolformer_s12_relu": (11_915_176, 11_915_176),
+    "poolformer_s12_silu": (11_915_176, 11_915_176),
+    "poolformer_s12_pppa": (14_038_440, 14_038_440),
+    "poolformer_s12_ppaa": (16_535_592, 16_535_592),
+    "poolformer_s12_pppf": (11_919_978, 11_919_978),
+    "poolformer_s12_ppff": (12_150_474, 12_150_474),
+}
 _ALIASES: dict[str, str] = {alias: spec.name for spec in MODELS.values() for alias in spec.aliases}
 
 

@@ -18,13 +18,30 @@ from poolformer_cli.common import resolve_model
 runner = CliRunner()
 
 
-def test_help_and_version_do_not_import_torch():
-    code = ("import sys; from poolformer_cli.app import app; from typer.testing import CliRunner; "
-            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
-            "r = CliRunner().invoke(app, ['--version']); assert r.exit_code == 0; "
-            "print('torch' in sys.modules)")
+COMMANDS = ["list", "summary", "flops", "predict", "eval", "bench", "profile"]
+
+
+def _imports_after(invocations: list[list[str]]) -> set[str]:
+    """Which of torch / timm / matplotlib a fresh interpreter has imported after running the CLI with each
+    argument list in turn (each must exit 0)."""
+    code = ("import sys; from poolformer_cli.app import app; from typer.testing import CliRunner\n"
+            f"for args in {invocations!r}:\n"
+            "    r = CliRunner().invoke(app, args); assert r.exit_code == 0, (args, r.output)\n"
+            "print(' '.join(m for m in ('torch', 'timm', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    return set(out.stdout.split())
+
+
+def test_help_version_and_list_do_not_import_torch():
+    invocations = [["--help"], ["--version"], ["list"], ["list", "--json"], ["list", "--family", "v2"]]
+    invocations += [[command, "--help"] for command in COMMANDS]
+    assert _imports_after(invocations) == set()
+
+
+def test_every_command_is_covered_by_the_torch_free_help_check():
+    from typer.main import get_command
+
+    assert sorted(get_command(app).commands) == sorted(COMMANDS)
 
 
 def test_module_entry_point_prints_the_version():

@@ -42,6 +42,21 @@ def test_hybrid_parameter_counts_within_0_01m_of_the_paper(code):
     assert abs(n_params(create_model(f"poolformer_s12_{code}")) - HYBRID_PARAMS_K[code] * 1000) <= 10_000
 
 
+@pytest.mark.parametrize("name", list_models())
+def test_listed_parameter_counts_equal_the_built_models(name):
+    """`poolformer list` shows zoo.PARAM_COUNTS without building anything; they must be the models' own."""
+    from poolformer.catalog import count_params
+    from poolformer.zoo import PARAM_COUNTS
+
+    assert PARAM_COUNTS[name] == count_params(get_spec(name))
+
+
+def test_every_zoo_model_has_listed_parameter_counts():
+    from poolformer.zoo import PARAM_COUNTS
+
+    assert list(PARAM_COUNTS) == list_models()
+
+
 def test_random_mixing_matrices_are_frozen_extra_parameters():
     model = create_model("s12_random")
     assert n_params(model, trainable_only=True) == OFFICIAL_PARAMS["poolformer_s12"]

@@ -138,3 +138,35 @@ def test_cli_table_shows_totals_and_stages(monkeypatch):
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message):
     assert_one_line_error(runner.invoke(app, args), message)
+
+
+@pytest.mark.parametrize(("name", "resolution", "batch"), [("s12", 64, 2), ("s12_ppaa", 64, 1), ("s12_random", 96, 1),
+                                                           ("v2_s12", 97, 1), ("s12_batchnorm", 64, 1)])
+def test_cpu_trace_equals_meta_trace(name, resolution, batch):
+    """summary traces small models on the CPU (zero weights) to skip the meta device's torch._dynamo import; the
+    result must be exactly the meta trace's."""
+    on_cpu = summarize(name, resolution=resolution, batch_size=batch, depth=4, device="cpu")
+    on_meta = summarize(name, resolution=resolution, batch_size=batch, depth=4, device="meta")
+    assert on_cpu.as_json() == on_meta.as_json()
+
+
+def test_trace_device_keeps_big_work_on_the_meta_device():
+    from poolformer.summary import CPU_TRACE_MAX_MACS, trace_device
+    from poolformer.zoo import get_spec
+
+    assert trace_device(get_spec("s24"), 224, 1) == "cpu"
+    assert trace_device(get_spec("m48"), 224, 64) == "meta"
+    # attention's cost grows with the square of the token count: 4x the resolution is 256x the estimate
+    spec = get_spec("s12_ppaa")
+    assert spec.published.macs * 4**4 > CPU_TRACE_MAX_MACS
+    assert trace_device(spec, 896, 1) == "meta"
+
+
+def test_summary_leaves_no_dynamo_import_behind():
+    """The analytic counter opts out of dynamo.disable; the first call would otherwise import torch._dynamo."""
+    import subprocess
+    import sys
+
+    code = "import sys; from poolformer.summary import summarize; summarize('s12'); print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
