@@ -110,6 +110,8 @@ class BenchResult:
     reference_steps_ms: list[float] = field(default_factory=list)  # normalised mode: paired with steps_ms
     error: str | None = None
     telemetry: dict[str, Any] | None = None
+    precision_note: str | None = None  # the precision is not native on this hardware (poolformer.devices)
+    fp32_throughput: float | None = None  # emulated precision: a short fp32 run of the same configuration
 
     @property
     def relative_throughput(self) -> float | None:
@@ -135,7 +137,8 @@ class BenchResult:
         row.update(peak_reserved_bytes=self.peak_reserved_bytes, first_call_ms=self.first_call_ms,
                    compile_ms=self.first_call_ms if self.config.compile else None, noisy=self.noisy,
                    reference_ms=self.reference_ms, relative_throughput=self.relative_throughput,
-                   error=self.error, telemetry=self.telemetry)
+                   error=self.error, telemetry=self.telemetry, precision_note=self.precision_note,
+                   fp32_throughput=self.fp32_throughput)
         return row
 
 
@@ -453,7 +456,25 @@ def run_benchmark(configs: Iterable[BenchConfig], settings: BenchSettings,
             result.telemetry = telemetry.summary.to_dict()
         else:
             result = run_config(config, settings, build_model, reference)
+        _add_precision_note(result, settings, build_model)
         yield result
+
+
+FP32_COMPARISON_STEPS = 3  # timed steps of the fp32 run beside an emulated-precision row (after 1 warm-up)
+
+
+def _add_precision_note(result: BenchResult, settings: BenchSettings, build_model: BuildModel | None) -> None:
+    """Where the row's precision is not native here, say so; where it is emulated (many times slower than
+    fp32), also time a few fp32 steps of the same configuration, so the row shows what fp32 would give."""
+    from .devices import precision_is_emulated, precision_note
+
+    config = result.config
+    result.precision_note = precision_note(config.device, config.precision)
+    if result.status != "ok" or not precision_is_emulated(config.device, config.precision):
+        return
+    quick = replace(settings, warmup=1, iters=FP32_COMPARISON_STEPS, min_time_s=None, normalised=False)
+    fp32 = run_config(replace(config, precision="fp32"), quick, build_model)
+    result.fp32_throughput = fp32.throughput
 
 
 # ----------------------------------------------------------------------------------- max batch

@@ -37,6 +37,26 @@ def resolve_device(name: str | None = "auto", kinds: tuple[str, ...] = ALL_KINDS
     return device
 
 
+def precision_note(device: str | torch.device, precision: str) -> str | None:
+    """One line for a user who asked for `precision` on `device` where the hardware does not run it natively
+    (see poolformer.capabilities: bf16/fp16 on CPUs without AVX512-BF16/AMX run converted or emulated),
+    or None where it runs natively. GPUs that lack a precision are refused earlier (bench.check_precision)."""
+    if torch.device(device).type != "cpu" or precision == "fp32":
+        return None
+    from .capabilities import cpu_capabilities, precision_note as cpu_note
+
+    return cpu_note(cpu_capabilities(), precision)
+
+
+def precision_is_emulated(device: str | torch.device, precision: str) -> bool:
+    """True where `precision` on `device` falls back to reference kernels many times slower than fp32."""
+    if torch.device(device).type != "cpu" or precision == "fp32":
+        return False
+    from .capabilities import cpu_capabilities, precision_support
+
+    return precision_support(cpu_capabilities(), precision) == "emulated"
+
+
 def autocast(device: str | torch.device, precision: str) -> contextlib.AbstractContextManager:
     """torch.autocast in `precision` on the device's type; a no-op for fp32."""
     dtype = PRECISIONS[precision]

@@ -89,6 +89,9 @@ def environment(device: str) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
     }
+    from .capabilities import cpu_capabilities
+
+    env["cpu"] = cpu_capabilities().to_dict()  # instruction sets and native bf16/fp16: they decide CPU speed
     if device.startswith("cuda"):
         env["gpu"] = gpu_info(torch.device(device).index or 0)
     return env

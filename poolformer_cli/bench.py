@@ -169,7 +169,7 @@ def _save(env: dict, results: list, output: Optional[Path], csv_path: Optional[P
 CSV_COLUMNS = ("model", "impl", "device", "batch_size", "resolution", "precision", "channels_last", "compile",
                "status", "throughput", "latency_median_ms", "latency_p90_ms", "latency_iqr_ms",
                "peak_memory_bytes", "peak_reserved_bytes", "first_call_ms", "compile_ms", "noisy",
-               "reference_ms", "relative_throughput", "error")
+               "reference_ms", "relative_throughput", "fp32_throughput", "precision_note", "error")
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -226,6 +226,8 @@ def _print_results(results: list, normalised: bool) -> None:
     console.print(table)
     for line in errors:
         console.print(f"[red]error[/] {line}", soft_wrap=True)
+    for line in _precision_notes(results):
+        console.print(f"[yellow]note[/] {line}", soft_wrap=True)
     memory = ("peak mem = peak bytes allocated by tensors on the GPU (1 MB = 10^6 bytes)" if device.startswith("cuda")
               else "peak mem = peak resident memory of the whole process (1 MB = 10^6 bytes)")
     notes = [f"img/s = batch / median step latency; IQR = (p75 - p25) / median of the per-step latencies; "
@@ -238,6 +240,16 @@ def _print_results(results: list, normalised: bool) -> None:
         notes.append("rel. = batch x median over steps of (reference-workload time / model step time): images "
                      "per reference run, the machine's speed divided out (see --normalised).")
     console.print(" ".join(notes), style="dim")
+
+
+def _precision_notes(results: list) -> list[str]:
+    """One line per precision the hardware does not run natively, then one per emulated row with fp32's speed."""
+    lines = list(dict.fromkeys(r.precision_note for r in results if r.precision_note))
+    for r in results:
+        if r.fp32_throughput and r.throughput:
+            lines.append(f"{_short_label(r.config)}: {r.throughput:,.1f} img/s; the same in fp32: "
+                         f"{r.fp32_throughput:,.1f} img/s ({r.fp32_throughput / r.throughput:.1f}x faster)")
+    return lines
 
 
 def _print_regression(report: Any, to_stderr: bool) -> None:

@@ -237,30 +237,57 @@ def _agree_or_near_tie(reference: torch.Tensor, other: torch.Tensor, tie: float)
     return bool(((chosen == reference.argmax(1)) | (gap < tie)).all())
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no bf16 support")
+ONEDNN_BF16 = pytest.param("onednn", marks=pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN has no bf16 on this CPU (needs AVX-512 or AVX-NE-CONVERT)"))
+BF16_BACKENDS = ["auto", "portable", ONEDNN_BF16]  # auto: oneDNN where it runs bf16, the portable path elsewhere
+
+
+@pytest.mark.parametrize("backend", BF16_BACKENDS)
 @pytest.mark.parametrize("family", ["v1", "v2"])
-def test_bf16_autocast_agrees_with_fp32_on_photographs(family, v1_model, v2_model):
+def test_bf16_autocast_agrees_with_fp32_on_photographs(family, backend, v1_model, v2_model):
     model = v1_model if family == "v1" else v2_model
     x = _photographs()
-    fast = optimize(model)
+    fast = optimize(model, backend=backend)
     with torch.no_grad():
         expected = model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = fast(x)
-        explicit = optimize(model, dtype=torch.bfloat16)(x)
+        explicit = optimize(model, dtype=torch.bfloat16, backend=backend)(x)
     assert got.dtype == torch.float32
+    assert fast.prepared(torch.bfloat16, x.device).backend == fast.backend_for(torch.bfloat16)
     torch.testing.assert_close(got, explicit)  # autocast and dtype= take the same path
     assert (got - expected).abs().max().item() < 0.1 * expected.std().item()
     assert _agree_or_near_tie(expected, got, tie=0.01 * expected.std().item())
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no bf16 support")
-def test_bf16_top1_agreement_on_random_inputs(v2_model):
+@pytest.mark.parametrize("backend", BF16_BACKENDS)
+def test_bf16_top1_agreement_on_random_inputs(backend, v2_model):
     x = torch.randn(64, 3, 48, 48, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = v2_model(x).argmax(1)
-        got = optimize(v2_model, dtype=torch.bfloat16)(x).argmax(1)
+        got = optimize(v2_model, dtype=torch.bfloat16, backend=backend)(x).argmax(1)
     assert (got == expected).float().mean().item() >= 0.9
+
+
+def test_fp16_runs_on_the_portable_path_and_agrees(v1_model):
+    x = _photographs(96)
+    with torch.no_grad():
+        expected = v1_model(x)
+        fast = optimize(v1_model, dtype=torch.float16)
+        got = fast(x)
+    assert fast.backend_for(torch.float16) == "portable" and got.dtype == torch.float32
+    assert _agree_or_near_tie(expected, got, tie=0.01 * expected.std().item())
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_onednn_and_portable_paths_agree_in_fp32(family, v1_model, v2_model):
+    """Both CPU paths run on every host in fp32; they differ only in matmul kernels' rounding."""
+    model = v1_model if family == "v1" else v2_model
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        onednn, portable = optimize(model, backend="onednn")(x), optimize(model, backend="portable")(x)
+    assert optimize(model).backend_for(torch.float32) == "onednn"
+    assert (onednn - portable).abs().max().item() < TOLERANCE * max(1.0, onednn.abs().max().item())
 
 
 # ------------------------------------------------------------------------------ --impl fast
