@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .data import DEFAULT_MAX_PIXELS, Preprocess, images_in, load_batch
-from .devices import resolve_device
+from .devices import PRECISIONS, autocast, resolve_device
 from .errors import ConfigError
 from .labels import class_names
 from .zoo import ModelSpec, get_spec
@@ -161,10 +161,13 @@ def predict(
     *,
     top: int = 5,
     batch_size: int = 16,
+    precision: str = "fp32",
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[ImageResult]:
     """Classify each image; one ImageResult per input, in order. A file that cannot be read gets its error
-    and no predictions; the others are unaffected."""
+    and no predictions; the others are unaffected. precision: fp32, or bf16/fp16 under torch.autocast."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
     if top < 1:
         raise ConfigError(f"top-k must be >= 1, not {top}")
     if batch_size < 1:
@@ -181,7 +184,9 @@ def predict(
         ranked = {}
         if loaded:
             batch = torch.stack(list(loaded.values())).to(classifier.device)
-            ranked = dict(zip(loaded, top_k(classifier.module(batch), top, classifier.labels)))
+            with autocast(classifier.device, precision):
+                logits = classifier.module(batch)
+            ranked = dict(zip(loaded, top_k(logits, top, classifier.labels)))
         for e in chunk:
             if e.error is not None:
                 results.append(ImageResult(e.path, error=e.error))

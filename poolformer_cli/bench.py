@@ -17,8 +17,8 @@ from rich import box
 from rich.table import Table
 
 from .common import (
-    PRECISION_NAMES, check_writable, console, err_console, fail, parse_int_list, print_json, resolve_model,
-    user_errors, write_atomic,
+    PRECISION_NAMES, check_writable, console, err_console, fail, parse_int_list, print_json, print_precision_note,
+    resolve_model, user_errors, write_atomic,
 )
 
 
@@ -311,6 +311,7 @@ def profile_command(
     with user_errors():
         device_name = engine.resolve_device(device)
         engine.check_precision(device_name, precision)
+        print_precision_note(device_name, precision)
         engine.apply_settings(engine.BenchSettings(threads=threads), device_name)
         config = engine.BenchConfig(name, impl, device_name, batch_size, resolution, precision, channels_last)
         try:

@@ -51,6 +51,20 @@ def resolve_model(name: str) -> str:
         fail(str(err), 2)
 
 
+def check_precision_name(precision: str) -> None:
+    if precision not in PRECISION_NAMES:
+        fail(f"unknown precision {precision!r} for --precision; choose from: {', '.join(PRECISION_NAMES)}")
+
+
+def print_precision_note(device, precision: str) -> None:
+    """One line on stderr where the hardware does not run `precision` natively (it still runs)."""
+    from poolformer.devices import precision_note
+
+    note = precision_note(device, precision)
+    if note:
+        err_console.print(f"[yellow]note[/] {note}", soft_wrap=True)
+
+
 def parse_int_list(text: str, option: str, minimum: int = 1) -> list[int]:
     """'224,288' -> [224, 288]; exit 2 naming the option on anything that is not an integer >= minimum."""
     values = []

@@ -15,7 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .common import (
-    PRECISION_NAMES, check_writable, console, err_console, fail, print_json, resolve_model, user_errors, write_atomic,
+    check_precision_name, check_writable, console, err_console, fail, print_json, print_precision_note, resolve_model,
+    user_errors, write_atomic,
 )
 from .predict import check_impl
 
@@ -119,8 +120,7 @@ def eval_command(
     `torchrun --nproc-per-node N` to shard the images over N processes; the counts are summed.
     """
     name = resolve_model(model)
-    if precision not in PRECISION_NAMES:
-        fail(f"unknown precision {precision!r} for --precision; choose from: {', '.join(PRECISION_NAMES)}")
+    check_precision_name(precision)
     check_impl(impl)
     check_writable(output, "--output")
     check_writable(predictions, "--predictions")
@@ -135,6 +135,8 @@ def eval_command(
         dataset = class_folders(data, trained_num_classes(name, weights=weights, pretrained=pretrained), mapping)
         with distributed(resolve_device(device)) as procs:
             classifier = load_classifier(name, weights=weights, pretrained=pretrained, impl=impl, device=procs.device)
+            if procs.is_main:
+                print_precision_note(procs.device, precision)
             with _progress_bar(progress and procs.is_main and not json_output) as on_batch:
                 result = evaluate(classifier, dataset, batch_size=batch_size, workers=workers, limit=limit,
                                   precision=precision, channels_last=channels_last,

@@ -10,7 +10,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import console, err_console, fail, print_json, resolve_model, user_errors
+from .common import (
+    check_precision_name, console, err_console, fail, print_json, print_precision_note, resolve_model, user_errors,
+)
 
 
 def check_impl(impl: str) -> None:
@@ -55,6 +57,7 @@ def predict_command(
     device: str = typer.Option("auto", help="auto (GPU if available), cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
     impl: str = typer.Option("ours", help="Implementation to run (see poolformer.implementations)."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (bf16/fp16 via torch.autocast)."),
     labels: Optional[Path] = typer.Option(None, help="Class names, one per line (line i names output i); "
                                                      "default: ImageNet names for 1000 classes, else indices."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON list instead of tables."),
@@ -66,12 +69,14 @@ def predict_command(
     """
     name = resolve_model(model)
     check_impl(impl)
+    check_precision_name(precision)
     from poolformer.predict import collect_images, load_classifier, predict
 
     with user_errors():
         classifier = load_classifier(name, weights=weights, pretrained=pretrained, impl=impl, device=device,
                                      labels_file=labels)
-        results = predict(classifier, collect_images(images), top=top_k, batch_size=batch_size)
+        print_precision_note(classifier.device, precision)
+        results = predict(classifier, collect_images(images), top=top_k, batch_size=batch_size, precision=precision)
     if json_output:
         print_json([_result_json(r) for r in results])
     else:

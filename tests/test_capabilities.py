@@ -131,3 +131,51 @@ def test_bench_environment_block_names_the_cpu_capabilities():
     assert result.exit_code == 0, result.output
     env = json.loads(result.stdout)["env"]
     assert env["cpu"] == capabilities.cpu_capabilities().to_dict()
+
+
+@pytest.fixture
+def one_image_dataset(tmp_path):
+    """An ImageNet-style folder with one image of class 0 (tench)."""
+    from PIL import Image
+
+    from poolformer.labels import imagenet_wnids
+
+    folder = tmp_path / "val" / imagenet_wnids()[0]
+    folder.mkdir(parents=True)
+    Image.fromarray((torch.rand(40, 48, 3) * 255).byte().numpy()).save(folder / "a.png")
+    return tmp_path
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "profile"])
+def test_emulated_precision_runs_with_a_one_line_note(fake_cpu, command, s12_checkpoint, one_image_dataset):
+    fake_cpu(caps(("avx2",), onednn_bf16=False))
+    args = {
+        "predict": ["predict", str(next((one_image_dataset / "val").rglob("*.png"))), "--weights", str(s12_checkpoint),
+                    "--json"],
+        "eval": ["eval", str(one_image_dataset), "--weights", str(s12_checkpoint), "--workers", "0", "--json"],
+        "profile": ["profile", "s12", "--batch-size", "1", "--resolution", "32", "--steps", "1", "--warmup", "0",
+                    "--json"],
+    }[command]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--precision", "bf16"])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if "bf16 is emulated on Test CPU" in line]
+    assert len(notes) == 1
+    json.loads(result.stdout)  # the machine-readable output stays clean
+
+
+def test_predict_in_bf16_agrees_with_fp32(s12_checkpoint, one_image_dataset):
+    image = str(next((one_image_dataset / "val").rglob("*.png")))
+    top = {}
+    for precision in ("fp32", "bf16"):
+        result = CliRunner().invoke(app, ["predict", image, "--weights", str(s12_checkpoint), "--device", "cpu",
+                                          "--precision", precision, "--json", "--top-k", "1"])
+        assert result.exit_code == 0, result.output
+        top[precision] = json.loads(result.stdout)[0]["predictions"][0]
+    assert top["bf16"]["probability"] == pytest.approx(top["fp32"]["probability"], abs=0.05)
+
+
+def test_unknown_precision_is_one_line_error(s12_checkpoint):
+    from .conftest import assert_one_line_error
+
+    result = CliRunner().invoke(app, ["predict", "x.png", "--weights", str(s12_checkpoint), "--precision", "int4"])
+    assert_one_line_error(result, "unknown precision 'int4' for --precision")
