@@ -111,7 +111,7 @@ def bench_command(
     if json_output:
         print_json(document)
     else:
-        _print_results(results, normalised)
+        _print_results(results, normalised, _hardware(env))
     if baseline_doc is not None:
         with user_errors():
             report = compare(baseline_doc["results"], document["results"], max_regression, normalised)
@@ -200,10 +200,17 @@ def _short_label(config: Any) -> str:
     return _describe(config).replace(config.model, aliases[0] if aliases else config.model, 1)
 
 
-def _print_results(results: list, normalised: bool) -> None:
+def _hardware(env: dict) -> str:
+    """'AMD EPYC, AVX2, bf16 emulated, fp16 emulated' on a CPU, the GPU's name on a GPU."""
+    if str(env.get("device", "cpu")).startswith("cuda"):
+        return str(env.get("device_name") or "")
+    return str((env.get("cpu") or {}).get("summary") or env.get("cpu_model") or "")
+
+
+def _print_results(results: list, normalised: bool, hardware: str = "") -> None:
     device = results[0].config.device if results else "cpu"
-    table = Table(title=f"poolformer bench on {device}", title_justify="left", box=box.SIMPLE_HEAD,
-                  pad_edge=False)
+    title = f"poolformer bench on {device}" + (f" ({hardware})" if hardware else "")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("config")
     table.add_column("status", no_wrap=True)
     for column in ("img/s", "median\nms", "p90\nms", "IQR", "peak\nmem", "first\nms", *(["rel."] if normalised else [])):

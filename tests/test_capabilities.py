@@ -116,6 +116,7 @@ def test_bench_notes_emulated_precision_and_times_fp32_beside_it(fake_cpu, tmp_p
     document = json.loads(out.read_text())
     row = document["results"][0]
     assert document["env"]["cpu"]["model"] == "Test CPU"
+    assert "poolformer bench on cpu (Test CPU, " in result.output  # the table names the hardware
     if native:
         assert row["precision_note"] is None and row["fp32_throughput"] is None
         assert "note" not in result.output
