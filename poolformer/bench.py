@@ -322,8 +322,11 @@ def _default_build() -> BuildModel:
 def _build_kwargs(config: BenchConfig) -> dict[str, Any]:
     """Models with token-count dependent parts (random / spatial-FC mixers, position embeddings) are sized
     for the input resolution; v1/v2 models work at any resolution and are built as published."""
+    from .peers import is_peer
     from .zoo import get_spec
 
+    if is_peer(config.model):  # timm sizes fixed-grid models (ViT, Swin, Mixer) by img_size
+        return {"img_size": config.resolution}
     return {} if get_spec(config.model).family in ("v1", "v2") else {"img_size": config.resolution}
 
 

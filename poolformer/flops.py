@@ -583,6 +583,11 @@ def model_for_resolution(name: str, resolution: int, device: str | torch.device 
     """Build a zoo model for square inputs of `resolution`. Mixers with a fixed token count (random
     matrix, spatial FC) are built for that resolution; everything else is resolution independent."""
     check_resolution(resolution)
+    from .peers import create_peer, is_peer
+
+    if is_peer(name):
+        with torch.device(device):
+            return create_peer(name, img_size=resolution)
     spec = get_spec(name)
     overrides = {}
     if {"random", "spatial_fc"} & set(spec.arch.token_mixers):
@@ -620,14 +625,30 @@ def count_all(model: nn.Module, resolution: int, batch_size: int = 1, name: str 
         operators=operator_rows(fvcore, torch_count, analytic),
         modules=module_rows(model, fvcore, torch_count, analytic),
         published_macs=spec.published.macs if spec and resolution == spec.input_size else None,
-        published_top1=spec.published.top1 if spec else None,
+        published_top1=spec.published.top1 if spec else _peer_top1(model),
     )
+
+
+def _peer_top1(model: nn.Module) -> float | None:
+    from .peers import published
+
+    figures = published(getattr(model, "peer", ""))
+    return figures.top1 if figures else None
 
 
 def analyse(name: str, resolution: int | None = None, batch_size: int = 1, impl: str = "ours") -> FlopsReport:
     """All counters for zoo model `name` (default resolution: the model's own). impl="timm" counts timm's
     twin instead (v1/v2 only): its head pools before normalising, which is what the published v1 MACs
     were counted on."""
+    from .peers import is_peer
+
+    if is_peer(name):
+        if impl not in ("ours", "timm"):
+            raise ConfigError(f"--impl {impl} applies to PoolFormer models; {name} is counted as timm builds it")
+        resolution = 224 if resolution is None else resolution
+        report = count_all(model_for_resolution(name, resolution), resolution, batch_size, name=name)
+        report.impl = "timm"
+        return report
     spec = get_spec(name)
     resolution = spec.input_size if resolution is None else resolution
     model = model_for_resolution(spec.name, resolution)

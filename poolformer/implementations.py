@@ -6,6 +6,7 @@
 - ``fast``: `poolformer.fast.optimize(model)`, the folded inference-only form (v1/v2), same logits.
 
 A new implementation is one function `(model: MetaFormer) -> nn.Module` added to `IMPLEMENTATIONS`.
+Peers (`timm:NAME`, see poolformer.peers) have one implementation, timm's own, built by `build` as well.
 """
 
 from __future__ import annotations
@@ -46,7 +47,17 @@ IMPLEMENTATIONS: dict[str, Callable[[MetaFormer], nn.Module]] = {"ours": _ours, 
 
 
 def build(name: str, impl: str = "ours", **kwargs: Any) -> nn.Module:
-    """`create_model(name, **kwargs)` in the requested implementation, in eval mode, same weights."""
+    """`create_model(name, **kwargs)` in the requested implementation, in eval mode, same weights.
+    A peer (`timm:NAME`) is timm's model with random weights; only img_size and num_classes apply to it."""
     if impl not in IMPLEMENTATIONS:
         raise ConfigError(f"unknown implementation {impl!r}; choose from: {', '.join(IMPLEMENTATIONS)}")
+    from .peers import create_peer, is_peer
+
+    if is_peer(name):
+        if impl not in ("ours", "timm"):
+            raise ConfigError(f"--impl {impl} runs PoolFormer models only; {name} runs as timm builds it (--impl ours)")
+        if kwargs.get("weights") is not None or kwargs.get("pretrained"):
+            raise ConfigError(f"{name} is a peer for speed and cost comparisons and runs with random weights; "
+                              "checkpoints load into PoolFormer models only")
+        return create_peer(name, num_classes=kwargs.get("num_classes", 1000), img_size=kwargs.get("img_size"))
     return IMPLEMENTATIONS[impl](create_model(name, **kwargs))

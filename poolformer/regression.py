@@ -11,12 +11,22 @@ Two metrics:
   in this package's code moves only the model.
 
 A configuration regresses when the current value is more than `max_regression_pct` percent below the
-baseline's; a configuration that ran in the baseline but is now `oom` or `error` regresses too.
+baseline's AND the per-step timings say the difference is not chance: a one-sided Mann-Whitney U test of the
+current steps against the baseline's stored steps (latencies; in normalised mode the per-step ratios
+reference / model), p < ALPHA. The threshold says whether a change matters, the test whether it is real: a
+noisy run whose median drifted past the threshold while its steps overlap the baseline's does not fire.
+Where either file has no step times, or too few for the test to ever reach ALPHA, the threshold decides alone
+(and the comparison says so). A configuration that ran in the baseline but is now `oom` or `error` regresses.
+
+On a GPU each comparison also says where the GPU ran differently from the baseline (SM or memory clock,
+temperature, throttle reasons, from the rows' NVML telemetry), so that a slowdown is not silently blamed
+on the code.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +34,9 @@ from typing import Any
 from .errors import ConfigError
 
 KEY_FIELDS = ("model", "impl", "device", "batch_size", "resolution", "precision", "channels_last", "compile")
+ALPHA = 0.05  # significance level of the step-time test
+CLOCK_CHANGE = 0.05  # relative SM/memory clock difference that is reported
+TEMPERATURE_CHANGE_C = 10
 
 
 @dataclass
@@ -36,6 +49,8 @@ class Comparison:
     change_pct: float | None
     regressed: bool
     note: str | None = None
+    p_value: float | None = None  # one-sided Mann-Whitney U on the step timings; None: not testable
+    gpu_differences: list[str] = field(default_factory=list)  # how the GPU ran differently from the baseline
 
 
 @dataclass
@@ -117,8 +132,101 @@ def _compare_row(baseline: dict[str, Any], current: dict[str, Any], metric: str,
     before = _metric_value(baseline, metric)
     after = _metric_value(current, metric)
     label = config_label(current)
+    differences = gpu_differences(baseline.get("telemetry"), current.get("telemetry"))
     if after is None:
         note = f"status {current.get('status')}" if current.get("status") != "ok" else f"no {metric} recorded"
-        return Comparison(label, before, None, None, regressed=True, note=note)
+        return Comparison(label, before, None, None, regressed=True, note=note, gpu_differences=differences)
     change_pct = (after - before) / before * 100.0
-    return Comparison(label, before, after, change_pct, regressed=change_pct < -max_pct)
+    p_value, note = step_test(baseline, current, normalised=metric == "relative_throughput")
+    significant = p_value is None or p_value < ALPHA
+    return Comparison(label, before, after, change_pct, regressed=change_pct < -max_pct and significant, note=note,
+                      p_value=p_value, gpu_differences=differences)
+
+
+# ------------------------------------------------------------------------------------------ step-time test
+
+
+def _steps(row: dict[str, Any], normalised: bool) -> list[float]:
+    """Per-step samples where larger means slower: latencies (ms), or in normalised mode model / reference
+    latency of each step pair (the inverse of images per reference run)."""
+    steps = (row.get("latency_ms") or {}).get("steps") or []
+    if not normalised:
+        return [float(v) for v in steps]
+    references = row.get("reference_steps_ms") or []
+    return [float(step) / float(ref) for step, ref in zip(steps, references) if ref]
+
+
+def step_test(baseline: dict[str, Any], current: dict[str, Any], normalised: bool) -> tuple[float | None, str | None]:
+    """(p-value, note) of "the current steps are slower than the baseline's"; (None, why) where untestable."""
+    before, after = _steps(baseline, normalised), _steps(current, normalised)
+    if not before or not after:
+        return None, "no step times stored: threshold only"
+    if smallest_p_value(len(after), len(before)) >= ALPHA:
+        return None, f"{len(after)} vs {len(before)} steps cannot reach p < {ALPHA}: threshold only"
+    return mann_whitney_u(after, before, alternative="greater")[1], None
+
+
+def _normal_sf(z: float) -> float:
+    return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+
+def mann_whitney_u(x: list[float], y: list[float], alternative: str = "two-sided") -> tuple[float, float]:
+    """(U of x, p-value) of the Mann-Whitney U test, by the normal approximation with tie and continuity
+    corrections (scipy.stats.mannwhitneyu(..., method="asymptotic") gives the same). alternative: "greater"
+    (x tends to be larger than y), "less", or "two-sided"."""
+    if alternative not in ("greater", "less", "two-sided"):
+        raise ValueError(f"alternative must be greater, less or two-sided, not {alternative!r}")
+    n1, n2 = len(x), len(y)
+    if n1 == 0 or n2 == 0:
+        raise ValueError("the Mann-Whitney U test needs samples on both sides")
+    combined = sorted([(v, 0) for v in x] + [(v, 1) for v in y])
+    ranks = [0.0] * len(combined)
+    tie_term, i = 0.0, 0
+    while i < len(combined):  # average ranks over runs of equal values
+        j = i
+        while j + 1 < len(combined) and combined[j + 1][0] == combined[i][0]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[k] = (i + j) / 2.0 + 1.0
+        tied = j - i + 1
+        tie_term += tied**3 - tied
+        i = j + 1
+    u1 = sum(r for r, (_, side) in zip(ranks, combined) if side == 0) - n1 * (n1 + 1) / 2.0
+    n = n1 + n2
+    mean = n1 * n2 / 2.0
+    sigma = math.sqrt(n1 * n2 / 12.0 * ((n + 1) - tie_term / (n * (n - 1))))
+    if sigma == 0.0:  # every value equal: no evidence either way
+        return u1, 1.0
+    u = {"greater": u1, "less": n1 * n2 - u1, "two-sided": max(u1, n1 * n2 - u1)}[alternative]
+    p = _normal_sf((u - mean - 0.5) / sigma)
+    return u1, min(1.0, 2.0 * p if alternative == "two-sided" else p)
+
+
+def smallest_p_value(n1: int, n2: int) -> float:
+    """The one-sided p-value of completely separated samples of these sizes: the best the test can do."""
+    return mann_whitney_u([float(v) for v in range(n2, n2 + n1)], [float(v) for v in range(n2)], "greater")[1]
+
+
+# ------------------------------------------------------------------------------------------ GPU state
+
+
+def gpu_differences(before: dict[str, Any] | None, after: dict[str, Any] | None) -> list[str]:
+    """How the GPU ran differently in the current row than in the baseline row (NVML telemetry summaries):
+    SM or memory clock off by more than CLOCK_CHANGE, peak temperature by TEMPERATURE_CHANGE_C or more,
+    throttle reasons that appeared or went away. Empty where either side has no telemetry."""
+    if not before or not after or not before.get("available") or not after.get("available"):
+        return []
+    found = []
+    for key, name in (("sm_clock_mhz_median", "SM clock"), ("mem_clock_mhz_median", "memory clock")):
+        old, new = before.get(key), after.get(key)
+        if old and new and abs(new - old) / old > CLOCK_CHANGE:
+            found.append(f"{name} {old:,.0f} -> {new:,.0f} MHz")
+    old_t, new_t = before.get("temperature_c_max"), after.get("temperature_c_max")
+    if old_t is not None and new_t is not None and abs(new_t - old_t) >= TEMPERATURE_CHANGE_C:
+        found.append(f"peak temperature {old_t} -> {new_t} C")
+    old_r, new_r = set(before.get("throttle_reasons") or []), set(after.get("throttle_reasons") or [])
+    if new_r - old_r:
+        found.append("throttled now: " + ", ".join(sorted(new_r - old_r)))
+    if old_r - new_r:
+        found.append("throttled in the baseline only: " + ", ".join(sorted(old_r - new_r)))
+    return found

@@ -23,6 +23,7 @@ DEFAULT_DEPTH = 2  # stem/stages/head, then their children: the blocks within ea
 # prims wrapped in dynamo.disable). Up to about this much work a trace on the CPU, with zeroed weights and
 # input, finishes sooner and gives the same shapes and counts.
 CPU_TRACE_MAX_MACS = 20_000_000_000
+PEER_CPU_TRACE_MAX_IMAGES = 4  # timm peers: up to this many 224x224 images' worth of input on the CPU
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _HIDDEN = (nn.Identity, DropPath)  # no parameters, no work: rows would only be noise
 
@@ -126,14 +127,23 @@ def summarize(name: str, resolution: int | None = None, batch_size: int = 1, dep
               device: str | None = None) -> ModelSummary:
     """Summarise zoo model `name` (default resolution: the model's own). device: where to trace ("meta" or
     "cpu"; default `trace_device`'s choice). On the CPU the weights are zeros: only shapes matter here."""
-    spec = get_spec(name)
-    resolution = spec.input_size if resolution is None else resolution
+    from .peers import is_peer
+
+    if is_peer(name):  # timm's models: cost unknown beforehand; small inputs trace on the CPU
+        resolution = 224 if resolution is None else resolution
+        canonical = name
+        small = batch_size * (resolution / 224) ** 2 <= PEER_CPU_TRACE_MAX_IMAGES
+        device = device or ("cpu" if small else "meta")
+    else:
+        spec = get_spec(name)
+        canonical = spec.name
+        resolution = spec.input_size if resolution is None else resolution
+        device = device or trace_device(spec, resolution, batch_size)
     check_resolution(resolution)
-    device = device or trace_device(spec, resolution, batch_size)
-    model = model_for_resolution(spec.name, resolution, device="meta")
+    model = model_for_resolution(canonical, resolution, device="meta")
     if device != "meta":
         _zero_weights_on(model, torch.device(device))
-    return summarize_model(model, resolution, batch_size, depth, name=spec.name)
+    return summarize_model(model, resolution, batch_size, depth, name=canonical)
 
 
 def _zero_weights_on(model: nn.Module, device: torch.device) -> None:

@@ -14,6 +14,7 @@ from . import flops as flops_cli, summary as summary_cli
 from . import evaluate as evaluate_cli
 from . import predict as predict_cli
 from . import bench as bench_cli
+from . import compare as compare_cli
 
 app = typer.Typer(
     name="poolformer",
@@ -46,6 +47,7 @@ app.command("predict")(predict_cli.predict_command)
 app.command("eval")(evaluate_cli.eval_command)
 app.command("bench")(bench_cli.bench_command)
 app.command("profile")(bench_cli.profile_command)
+app.command("compare")(compare_cli.compare_command)
 
 
 def main() -> None:

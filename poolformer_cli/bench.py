@@ -18,7 +18,7 @@ from rich.table import Table
 
 from .common import (
     PRECISION_NAMES, check_writable, console, err_console, fail, parse_int_list, print_json, print_precision_note,
-    resolve_model, user_errors, write_atomic,
+    resolve_models, user_errors, write_atomic,
 )
 
 
@@ -36,7 +36,8 @@ def _parse_names(text: str, option: str, allowed: Any) -> list[str]:
 
 
 def bench_command(
-    models: Optional[list[str]] = typer.Argument(None, help="Models or aliases (default: s12)."),
+    models: Optional[list[str]] = typer.Argument(None, help="Models, aliases or patterns ('v2_*'), or timm:NAME "
+                                                            "peers (default: s12)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
     batch_sizes: str = typer.Option("1,32", help="Comma-separated batch sizes."),
     resolutions: str = typer.Option("224", help="Comma-separated input resolutions (square images)."),
@@ -73,7 +74,7 @@ def bench_command(
     Every combination of model x impl x precision x resolution x batch size is one row. The first call (and
     compilation) and the warm-up steps are timed apart from the measured steps.
     """
-    names = [resolve_model(name) for name in (models or ["s12"])]
+    names = resolve_models(models or ["s12"])
     batch_list = parse_int_list(batch_sizes, "--batch-sizes")
     resolution_list = parse_int_list(resolutions, "--resolutions", minimum=32)
     precisions = _parse_names(precision, "--precision", PRECISION_NAMES)
@@ -194,9 +195,10 @@ def _megabytes(n: Optional[int]) -> str:
 
 def _short_label(config: Any) -> str:
     """'s12/ours bs32 224px fp32 CL' - the zoo's first alias keeps the table narrow."""
+    from poolformer.peers import is_peer
     from poolformer.zoo import get_spec
 
-    aliases = get_spec(config.model).aliases
+    aliases = () if is_peer(config.model) else get_spec(config.model).aliases
     return _describe(config).replace(config.model, aliases[0] if aliases else config.model, 1)
 
 
@@ -260,17 +262,21 @@ def _precision_notes(results: list) -> list[str]:
 
 
 def _print_regression(report: Any, to_stderr: bool) -> None:
+    from poolformer.regression import ALPHA
+
     out = err_console if to_stderr else console
     unit = "img/s" if report.metric == "throughput" else "img/ref"
-    table = Table(title=f"regression check ({report.metric}, allowed loss {report.max_regression_pct:g}%)",
-                  title_justify="left")
-    for column in ("configuration", f"baseline {unit}", f"current {unit}", "change", "verdict"):
+    table = Table(title=f"regression check ({report.metric}, allowed loss {report.max_regression_pct:g}%, "
+                        f"step test p < {ALPHA:g})", title_justify="left")
+    for column in ("configuration", f"baseline {unit}", f"current {unit}", "change", "p", "verdict"):
         table.add_column(column, justify="left" if column in ("configuration", "verdict") else "right")
     for c in report.comparisons:
         change = "-" if c.change_pct is None else f"{c.change_pct:+.1f}%"
-        verdict = f"[red]REGRESSED[/]{' (' + c.note + ')' if c.note else ''}" if c.regressed else "[green]ok[/]"
+        details = "; ".join(filter(None, [c.note, *c.gpu_differences]))
+        verdict = ("[red]REGRESSED[/]" if c.regressed else "[green]ok[/]") + (f" ({details})" if details else "")
         current = "-" if c.current is None else f"{c.current:,.3f}"
-        table.add_row(c.label, f"{c.baseline:,.3f}", current, change, verdict)
+        p_value = "-" if c.p_value is None else f"{c.p_value:.3g}"
+        table.add_row(c.label, f"{c.baseline:,.3f}", current, change, p_value, verdict)
     out.print(table)
     for label in report.only_in_baseline:
         out.print(f"not measured in this run: {label}", style="dim")
@@ -283,13 +289,18 @@ def _print_regression(report: Any, to_stderr: bool) -> None:
     else:
         out.print(f"[green]no regression beyond {report.max_regression_pct:g}% "
                   f"({len(report.comparisons)} configuration(s) compared)[/]")
+    if any(c.gpu_differences for c in report.comparisons):
+        out.print("The GPU ran differently from the baseline (clocks, temperature or throttling): a change in speed "
+                  "may come from the machine, not the code.", style="yellow")
+    out.print(f"A configuration regresses when it lost more than {report.max_regression_pct:g}% and its step times "
+              f"are slower than the baseline's by a one-sided Mann-Whitney U test (p < {ALPHA:g}).", style="dim")
 
 
 # ------------------------------------------------------------------------------------------- profile
 
 
 def profile_command(
-    model: str = typer.Argument("s12", help="Model or alias."),
+    model: str = typer.Argument("s12", help="Model or alias, or a timm:NAME peer."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
     batch_size: int = typer.Option(8, min=1, help="Batch size."),
     resolution: int = typer.Option(224, min=32, help="Input resolution."),
@@ -304,7 +315,10 @@ def profile_command(
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """Profile one configuration with torch.profiler: which operators take the time (self time, calls, share)."""
-    name = resolve_model(model)
+    names = resolve_models([model])
+    if len(names) != 1:
+        fail(f"profile takes one model; {model!r} matches {len(names)}")
+    name = names[0]
     precision = _parse_names(precision, "--precision", PRECISION_NAMES)[0]
     check_writable(trace, "--trace")
     import dataclasses

@@ -11,7 +11,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import typer
 from rich.console import Console
@@ -49,6 +49,39 @@ def resolve_model(name: str) -> str:
         return get_spec(name).name
     except UnknownModelError as err:
         fail(str(err), 2)
+
+
+def _is_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def resolve_models(arguments: list[str], peers: bool = True) -> list[str]:
+    """Canonical names for model arguments, in order, without repeats: names and aliases; glob patterns over
+    names and aliases (`'poolformer_s*'`, `'v2_*'`, case-insensitive, zoo order); `timm:NAME` peers and
+    `timm:` patterns (when `peers`). A name or pattern that matches nothing: one line, exit 2."""
+    from poolformer.zoo import MODELS
+
+    found: list[str] = []
+    for argument in arguments:
+        text = argument.strip()
+        if text.lower().startswith("timm:"):
+            if not peers:
+                fail(f"{text!r}: this command takes PoolFormer models only, not timm peers")
+            from poolformer.peers import resolve_peer
+
+            with user_errors():
+                found.extend(resolve_peer(text))
+        elif _is_glob(text):
+            from poolformer.peers import matches
+
+            hits = [name for name, spec in MODELS.items()
+                    if matches(text, name) or any(matches(text, alias) for alias in spec.aliases)]
+            if not hits:
+                fail(f"no model matches {text!r}; see `poolformer list` (patterns: * ? [...])")
+            found.extend(hits)
+        else:
+            found.append(resolve_model(text))
+    return list(dict.fromkeys(found))
 
 
 def check_precision_name(precision: str) -> None:
@@ -104,16 +137,26 @@ def check_writable(path: str | os.PathLike | None, option: str) -> None:
 def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Write text to path via a temporary file in the same folder and a rename: never a half-written file.
     A failure (disk full, a folder removed meanwhile) exits 1 with one line; the old file, if any, stays."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+
+    replace_atomically(path, write)
+
+
+def replace_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call write(temporary path) for a file in path's folder (same suffix), then rename it over path."""
     path = Path(path).expanduser()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
     except OSError as err:
         fail(f"cannot write {str(path)!r}: {err.strerror or err}", 1)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved result should be like any new file
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException as err:
         with contextlib.suppress(OSError):
@@ -121,6 +164,24 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
         if isinstance(err, OSError):
             fail(f"cannot write {str(path)!r}: {err.strerror or err}", 1)
         raise
+
+
+PLOT_SUFFIXES = (".png", ".svg")
+
+
+def check_plot_path(path: str | os.PathLike | None, option: str = "--plot") -> None:
+    """Exit 2 before any work unless `path` is a writable .png or .svg file name."""
+    if path is None:
+        return
+    if Path(path).suffix.lower() not in PLOT_SUFFIXES:
+        fail(f"{option} {str(path)!r}: give a .png or .svg file name")
+    check_writable(path, option)
+
+
+def save_figure(figure: Any, path: str | os.PathLike) -> None:
+    """Save a matplotlib figure atomically, in the format its suffix names (.png or .svg)."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    replace_atomically(path, lambda tmp: figure.savefig(tmp, format=suffix, bbox_inches="tight"))
 
 
 def _umask() -> int:

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from .common import console, err_console, fail, human, print_json, resolve_model, user_errors
+from .common import console, err_console, fail, human, print_json, resolve_models, user_errors
 from .summary import one_int, parse_resolutions
 
 BREAKDOWNS = ("module", "operator")
@@ -24,7 +24,8 @@ UNITS_NOTE = (
 
 
 def flops_command(
-    models: List[str] = typer.Argument(..., help="One or more model names or aliases (see `poolformer list`)."),
+    models: List[str] = typer.Argument(..., help="Model names, aliases or patterns ('poolformer_s*'), or "
+                                                 "timm:NAME peers (see `poolformer list`)."),
     resolution: Optional[str] = typer.Option(
         None, help="Input height = width; several comma-separated values (e.g. 224,384,512) show how cost "
                    "grows with tokens (default: each model's own, 224)."),
@@ -37,7 +38,7 @@ def flops_command(
     """Count MACs/FLOPs with fvcore (primary: the published figures), thop, torch's FlopCounterMode and our
     analytic count, which also charges pooling, elementwise ops, activations and norms, and the bytes each
     operator moves. Lists the ops fvcore skipped and what they would add."""
-    names = [resolve_model(m) for m in models]
+    names = resolve_models(models)
     sizes = parse_resolutions(resolution) if resolution is not None else [None]
     batch = one_int(batch_size, "--batch-size")
     if by is not None and by not in BREAKDOWNS:
@@ -101,8 +102,11 @@ def _render_counters_one(r) -> None:
 
 def _published_note(r) -> str:
     """Why fvcore on our model need not equal the published figure exactly."""
+    from poolformer.peers import is_peer
     from poolformer.zoo import get_spec
 
+    if is_peer(r.model):
+        return ""
     spec = get_spec(r.model)
     if spec.family == "v1" and r.impl == "ours":
         return ("Our v1 head follows the original code (GroupNorm on the 7x7 map, then mean; fvcore: 5 MACs per "

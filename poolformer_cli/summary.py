@@ -11,20 +11,22 @@ import typer
 from rich.table import Table
 
 from .common import (
-    check_writable, console, fail, human, parse_int_list, print_json, resolve_model, user_errors, write_atomic,
+    check_writable, console, fail, human, parse_int_list, print_json, resolve_models, user_errors, write_atomic,
 )
 
 MIN_RESOLUTION = 32  # four downsamplings: stride 32 (poolformer.flops.MIN_RESOLUTION, without importing torch)
-CSV_COLUMNS = ("name", "type", "depth", "output_shape", "params", "macs", "activation_bytes")
+CSV_COLUMNS = ("model", "name", "type", "depth", "output_shape", "params", "macs", "activation_bytes")
 
 
 def summary_command(
-    model: str = typer.Argument(..., help="Model name or alias (see `poolformer list`)."),
+    models: list[str] = typer.Argument(..., help="Model names, aliases or patterns ('v2_*'), or timm:NAME "
+                                                 "(see `poolformer list`)."),
     resolution: Optional[str] = typer.Option(None, help="Input height = width in pixels (default: the model's own, 224)."),
     batch_size: str = typer.Option("1", "--batch-size", metavar="INTEGER", help="Batch size of the traced input."),
     depth: str = typer.Option("2", metavar="INTEGER", help="How deep to expand modules: 1 = stem/stages/head, 2 = blocks within "
                                       "stages, 3 = inside blocks, 4 = everything."),
-    json_output: bool = typer.Option(False, "--json", help="Print a JSON object instead of tables."),
+    json_output: bool = typer.Option(False, "--json", help="Print a JSON object (an array of them for several "
+                                                           "models) instead of tables."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the per-layer rows to this CSV file."),
 ) -> None:
     """Per-layer summary: output shape, parameters, MACs and output activation size, with totals and a
@@ -33,22 +35,24 @@ def summary_command(
     MACs are multiply-accumulates of convolutions, linear layers and matrix products (1 MAC = 2 FLOPs);
     `poolformer flops` compares this count with fvcore, thop and torch.
     """
-    name = resolve_model(model)
+    names = resolve_models(models)
     size = _one_resolution(resolution)
     batch, levels = one_int(batch_size, "--batch-size"), one_int(depth, "--depth")
     check_writable(csv_path, "--csv")
     from poolformer.summary import summarize
 
     with user_errors():
-        result = summarize(name, resolution=size, batch_size=batch, depth=levels)
+        results = [summarize(name, resolution=size, batch_size=batch, depth=levels) for name in names]
     if csv_path is not None:
-        write_atomic(csv_path, _csv_text(result))
+        write_atomic(csv_path, _csv_text(results))
     if json_output:
-        print_json(result.as_json())
+        documents = [r.as_json() for r in results]
+        print_json(documents[0] if len(documents) == 1 else documents)
         return
-    _render(result)
+    for result in results:
+        _render(result)
     if csv_path is not None:
-        console.print(f"wrote {len(result.layers)} rows to {csv_path}", style="dim")
+        console.print(f"wrote {sum(len(r.layers) for r in results)} rows to {csv_path}", style="dim")
 
 
 def one_int(text: str, option: str) -> int:
@@ -80,13 +84,14 @@ def _one_resolution(text: Optional[str]) -> Optional[int]:
     return values[0]
 
 
-def _csv_text(result) -> str:
+def _csv_text(results) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
-    for row in result.layers:
-        writer.writerow([row.name, row.type, row.depth, "x".join(map(str, row.output_shape)), row.params,
-                         row.macs, row.activation_bytes])
+    for result in results:
+        for row in result.layers:
+            writer.writerow([result.model, row.name, row.type, row.depth, "x".join(map(str, row.output_shape)),
+                             row.params, row.macs, row.activation_bytes])
     return buffer.getvalue()
 
 

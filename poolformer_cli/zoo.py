@@ -8,12 +8,14 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import console, fail, human, print_json, user_errors
+from .common import console, fail, human, print_json, resolve_models, user_errors
 
 FAMILIES = ("v1", "v2", "ablation", "hybrid")
 
 
 def list_command(
+    patterns: Optional[list[str]] = typer.Argument(None, help="Only models whose name or alias matches these "
+                                                               "names or glob patterns ('poolformer_s*', 'v2_*')."),
     family: Optional[str] = typer.Option(None, help=f"Only one family: {', '.join(FAMILIES)}."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON array instead of a table."),
 ) -> None:
@@ -24,10 +26,11 @@ def list_command(
     """
     if family is not None and family not in FAMILIES:
         fail(f"unknown family {family!r}; choose from: {', '.join(FAMILIES)}")
+    wanted = set(resolve_models(patterns, peers=False)) if patterns else None
     from poolformer.catalog import catalog
 
     with user_errors():
-        rows = catalog(family)
+        rows = [row for row in catalog(family) if wanted is None or row.name in wanted]
     if json_output:
         print_json([dataclasses.asdict(r) for r in rows])
         return

@@ -18,7 +18,7 @@ from poolformer_cli.common import resolve_model
 runner = CliRunner()
 
 
-COMMANDS = ["list", "summary", "flops", "predict", "eval", "bench", "profile"]
+COMMANDS = ["list", "summary", "flops", "predict", "eval", "bench", "profile", "compare"]
 
 
 def _imports_after(invocations: list[list[str]]) -> set[str]:

@@ -106,6 +106,7 @@ def _scaled_baseline(tmp_path, factor: float, normalised: bool) -> str:
     document = json.loads(path.read_text())
     for r in document["results"]:
         r["throughput"] *= factor
+        r["latency_ms"]["steps"] = [step / factor for step in r["latency_ms"]["steps"]]
         if r.get("relative_throughput") is not None:
             r["relative_throughput"] *= factor
     path.write_text(json.dumps(document))
@@ -136,3 +137,106 @@ def test_cli_regression_report_goes_to_stderr_with_json(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["results"][0]["status"] == "ok"  # stdout stays pure JSON
     assert "no regression" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------ the step-time test
+
+
+def stepped(throughput, steps_ms, reference_steps_ms=None, **config):
+    """A row with stored per-step latencies (and reference-workload steps in normalised mode)."""
+    r = row(throughput, reference_ms=1.0 if reference_steps_ms else None, **config)
+    r["latency_ms"] = {"median": sorted(steps_ms)[len(steps_ms) // 2], "steps": steps_ms}
+    if reference_steps_ms:
+        r["reference_steps_ms"] = reference_steps_ms
+        r["relative_throughput"] = throughput / 100.0
+    return r
+
+
+@pytest.mark.parametrize("alternative", ["greater", "less", "two-sided"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mann_whitney_u_equals_scipy(alternative, seed):
+    from random import Random
+
+    stats = pytest.importorskip("scipy.stats")
+    from poolformer.regression import mann_whitney_u
+
+    rng = Random(seed)
+    x = [round(rng.gauss(10.0, 1.0), 1) for _ in range(5 + seed * 7)]  # rounded: ties, as real step times have
+    y = [round(rng.gauss(10.4, 1.0), 1) for _ in range(9 + seed * 3)]
+    expected = stats.mannwhitneyu(x, y, alternative=alternative, method="asymptotic")
+    u, p = mann_whitney_u(x, y, alternative)
+    assert u == pytest.approx(float(expected.statistic)) and p == pytest.approx(float(expected.pvalue), rel=1e-9)
+
+
+def test_a_drop_past_the_threshold_with_overlapping_steps_is_noise_not_a_regression():
+    """The medians moved 15% but the step distributions overlap: not significant, no alarm."""
+    baseline = stepped(100.0, [10.0, 11.5, 9.0, 12.0, 10.5, 9.5, 11.0, 10.0])
+    noisy = stepped(85.0, [11.8, 9.2, 12.1, 10.2, 11.9, 9.4, 11.7, 10.9])
+    (c,) = compare([baseline], [noisy], 10).comparisons
+    assert c.change_pct < -10 and c.p_value > 0.05 and not c.regressed
+
+
+def test_a_drop_past_the_threshold_with_separated_steps_regresses():
+    baseline = stepped(100.0, [10.0, 10.2, 9.9, 10.1, 10.0, 10.3])
+    slower = stepped(80.0, [12.5, 12.4, 12.6, 12.7, 12.5, 12.6])
+    (c,) = compare([baseline], [slower], 10).comparisons
+    assert c.p_value < 0.01 and c.regressed
+
+
+def test_a_significant_but_small_change_is_within_the_threshold():
+    baseline = stepped(100.0, [10.0, 10.01, 10.02, 10.0, 10.01])
+    slightly = stepped(98.0, [10.2, 10.21, 10.22, 10.2, 10.21])
+    (c,) = compare([baseline], [slightly], 10).comparisons
+    assert c.p_value < 0.05 and not c.regressed
+
+
+def test_without_steps_or_with_too_few_the_threshold_decides_alone():
+    (c,) = compare([row(100.0)], [row(50.0)], 10).comparisons
+    assert c.regressed and c.p_value is None and "threshold only" in c.note
+    (c,) = compare([stepped(100.0, [10.0, 10.0])], [stepped(50.0, [20.0, 20.0])], 10).comparisons
+    assert c.regressed and c.p_value is None and "cannot reach" in c.note
+
+
+def test_normalised_mode_tests_the_per_step_ratios():
+    """Every model step took twice as long, but so did the reference run right after it: not slower."""
+    baseline = stepped(100.0, [10.0, 10.1, 9.9, 10.0, 10.2], reference_steps_ms=[5.0, 5.05, 4.95, 5.0, 5.1])
+    busy = stepped(80.0, [20.0, 20.2, 19.8, 20.0, 20.4], reference_steps_ms=[10.0, 10.1, 9.9, 10.0, 10.2])
+    (c,) = compare([baseline], [busy], 10, normalised=True).comparisons
+    assert c.change_pct == pytest.approx(-20.0) and c.p_value > 0.05 and not c.regressed
+
+
+TELEMETRY = {"available": True, "samples": 20, "sm_clock_mhz_min": 1900, "sm_clock_mhz_median": 1980.0,
+             "temperature_c_max": 55, "power_w_mean": 500.0, "throttle_reasons": []}
+
+
+def test_gpu_state_differences_are_named():
+    from poolformer.regression import gpu_differences
+
+    hot = {**TELEMETRY, "sm_clock_mhz_median": 1410.0, "temperature_c_max": 84,
+           "throttle_reasons": ["sw_thermal_slowdown"]}
+    assert gpu_differences(TELEMETRY, hot) == ["SM clock 1,980 -> 1,410 MHz", "peak temperature 55 -> 84 C",
+                                               "throttled now: sw_thermal_slowdown"]
+    assert gpu_differences(TELEMETRY, {**TELEMETRY, "sm_clock_mhz_median": 1960.0, "temperature_c_max": 60}) == []
+    assert gpu_differences(TELEMETRY, {"available": False, "reason": "no NVML"}) == []
+    assert gpu_differences(None, TELEMETRY) == []
+
+
+def test_the_verdict_says_when_the_gpu_ran_differently(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from poolformer_cli import bench as bench_cli
+
+    wide = Console(file=io.StringIO(), width=400)
+    monkeypatch.setattr(bench_cli, "console", wide)
+
+    baseline = {**stepped(100.0, [10.0, 10.1, 9.9, 10.0, 10.1, 10.0], device="cuda:0"), "telemetry": TELEMETRY}
+    throttled = {**stepped(70.0, [14.0, 14.1, 13.9, 14.2, 14.0, 14.1], device="cuda:0"),
+                 "telemetry": {**TELEMETRY, "throttle_reasons": ["hw_slowdown"]}}
+    report = compare([baseline], [throttled], 10)
+    (c,) = report.comparisons
+    assert c.regressed and c.gpu_differences == ["throttled now: hw_slowdown"]
+    bench_cli._print_regression(report, to_stderr=False)
+    shown = wide.file.getvalue()
+    assert "throttled now: hw_slowdown" in shown and "may come from the machine, not the code" in shown
