@@ -48,6 +48,8 @@ def bench_figure(rows: Iterable[dict[str, Any]]):
                 series[_series_label(row)].append(row)
         throughput_ax, latency_ax, memory_ax = axes[0][column], axes[1][column], axes[2][column]
         for label, points in series.items():
+            if not any(r["status"] in ("ok", "oom") for r in points):
+                continue  # only errors: nothing to draw (the table lists them)
             colour = colours.setdefault(label, f"C{len(colours) % 10}")
             points.sort(key=lambda r: r["batch_size"])
             ok = [r for r in points if r["status"] == "ok"]
@@ -65,8 +67,11 @@ def bench_figure(rows: Iterable[dict[str, Any]]):
         latency_ax.set_ylabel("latency per batch (ms)\nmedian solid, p90 dashed")
         memory_ax.set_ylabel("peak memory (MB)")
         memory_ax.set_xlabel("batch size")
+        batch_sizes = sorted({r["batch_size"] for r in rows if r["resolution"] == resolution})
         for ax in (throughput_ax, latency_ax, memory_ax):
             ax.set_xscale("log", base=2)
+            ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+            ax.minorticks_off()
             ax.grid(True, alpha=0.3)
         throughput_ax.legend(fontsize="small")
     device = rows[0].get("device", "")
@@ -125,6 +130,14 @@ _AXIS_LABELS = {
 }
 
 
+def _short_name(model: str) -> str:
+    """A zoo model's first alias (s12, v2_s12), a peer's full name (timm:resnet50)."""
+    from .zoo import MODELS
+
+    spec = MODELS.get(model)
+    return spec.aliases[0] if spec is not None and spec.aliases else model
+
+
 def compare_figure(result: Any):
     """One panel per cost axis (MACs, parameters, and throughput when measured): published top-1 against it,
     every model labelled, the Pareto front as a line. Models without a published top-1 are left out."""
@@ -141,7 +154,7 @@ def compare_figure(result: Any):
         for row, x in points:
             marker = "s" if row.family == "peer" else "o"
             ax.plot([x], [row.top1], marker, color="C1" if row.family == "peer" else "C0")
-            ax.annotate(row.model.removeprefix("poolformer_"), (x, row.top1), textcoords="offset points",
+            ax.annotate(_short_name(row.model), (x, row.top1), textcoords="offset points",
                         xytext=(4, 4), fontsize="x-small")
         front = set(result.fronts[axis])
         on_front = sorted(((x, row.top1) for row, x in points if row.model in front))

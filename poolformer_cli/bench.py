@@ -17,8 +17,8 @@ from rich import box
 from rich.table import Table
 
 from .common import (
-    PRECISION_NAMES, check_writable, console, err_console, fail, parse_int_list, print_json, print_precision_note,
-    resolve_models, user_errors, write_atomic,
+    PRECISION_NAMES, check_plot_path, check_writable, console, err_console, fail, parse_int_list, print_json, print_precision_note,
+    resolve_models, save_figure, user_errors, write_atomic,
 )
 
 
@@ -68,6 +68,12 @@ def bench_command(
     normalised: bool = typer.Option(False, "--normalised", help="Also time a fixed reference workload, "
                                     "interleaved with each model step, and compare throughput relative to it "
                                     "(a baseline from a faster or busier machine still compares fairly)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw img/s, p50/p90 latency and peak memory against "
+                                                             "batch size, a panel per resolution (.png or .svg)."),
+    github_benchmark: Optional[Path] = typer.Option(None, "--github-benchmark", help="Write the results as "
+                                                    "github-action-benchmark JSON (tool: customBiggerIsBetter)."),
+    markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="Write the results and the regression "
+                                                 "verdict as Markdown (for a job summary or a PR comment)."),
 ) -> None:
     """Measure inference throughput (images/s), per-step latency (median, p90, IQR) and peak memory.
 
@@ -82,8 +88,10 @@ def bench_command(
         fail("use either --iters or --min-time, not both")
     if max_batch_limit < 1:
         fail(f"--max-batch-limit must be >= 1, got {max_batch_limit}")
-    for path, option in ((output, "--output"), (csv_path, "--csv")):
+    for path, option in ((output, "--output"), (csv_path, "--csv"), (github_benchmark, "--github-benchmark"),
+                         (markdown_path, "--markdown")):
         check_writable(path, option)
+    check_plot_path(plot)
 
     from poolformer import bench as engine
     from poolformer.envinfo import environment
@@ -109,18 +117,36 @@ def bench_command(
         results = _run_all(engine, configs, settings, env, output, csv_path, max_batch, max_batch_limit)
 
     document = {"env": env, "results": [r.to_row() for r in results]}
+    report = None
+    if baseline_doc is not None:
+        with user_errors():
+            report = compare(baseline_doc["results"], document["results"], max_regression, normalised)
+    _write_reports(document, report, plot, github_benchmark, markdown_path)
     if json_output:
         print_json(document)
     else:
         _print_results(results, normalised, _hardware(env))
-    if baseline_doc is not None:
-        with user_errors():
-            report = compare(baseline_doc["results"], document["results"], max_regression, normalised)
+    if report is not None:
         _print_regression(report, to_stderr=json_output)
         if report.failed:
             raise typer.Exit(1)
     if not any(r.status == "ok" for r in results):
         raise typer.Exit(1)
+
+
+def _write_reports(document: dict, report: Any, plot: Optional[Path], github_benchmark: Optional[Path],
+                   markdown_path: Optional[Path]) -> None:
+    """The picture, the github-action-benchmark JSON and the Markdown report, each only where asked for."""
+    from . import reports
+
+    if plot is not None:
+        from poolformer.plots import bench_figure
+
+        save_figure(bench_figure(document["results"]), plot)
+    if github_benchmark is not None:
+        write_atomic(github_benchmark, json.dumps(reports.github_benchmark(document), indent=2) + "\n")
+    if markdown_path is not None:
+        write_atomic(markdown_path, reports.markdown(document, report, _hardware(document["env"])))
 
 
 def _run_all(engine: Any, configs: list, settings: Any, env: dict, output: Optional[Path],

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.table import Table
 
-from .common import console, err_console, fail, human, print_json, resolve_models, user_errors
+from .common import (
+    check_plot_path, console, err_console, fail, human, print_json, resolve_models, save_figure, user_errors,
+)
 from .summary import one_int, parse_resolutions
 
 BREAKDOWNS = ("module", "operator")
@@ -34,6 +37,8 @@ def flops_command(
     impl: str = typer.Option("ours", help="Count our model or timm's twin ('timm', v1/v2 only: the "
                                           "implementation the published v1 MACs were counted on)."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON object instead of tables."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw every counter's count and the bytes moved "
+                                                             "against resolution, per model (.png or .svg)."),
 ) -> None:
     """Count MACs/FLOPs with fvcore (primary: the published figures), thop, torch's FlopCounterMode and our
     analytic count, which also charges pooling, elementwise ops, activations and norms, and the bytes each
@@ -45,6 +50,7 @@ def flops_command(
         fail(f"--by must be one of: {', '.join(BREAKDOWNS)}; got {by!r}")
     if impl not in IMPLS:
         fail(f"--impl must be one of: {', '.join(IMPLS)}; got {impl!r}")
+    check_plot_path(plot)
     from poolformer.flops import analyse
 
     reports = []
@@ -53,6 +59,10 @@ def flops_command(
             for size in sizes:
                 with err_console.status(f"counting {name} at {size or 'its own resolution'} ..."):
                     reports.append(analyse(name, resolution=size, batch_size=batch, impl=impl))
+    if plot is not None:
+        from poolformer.plots import flops_figure
+
+        save_figure(flops_figure(reports), plot)
     if json_output:
         print_json({"models": [r.as_json() for r in reports]})
         return
