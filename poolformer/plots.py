@@ -112,7 +112,13 @@ def flops_figure(reports: Sequence[Any]):
     count_ax.set_xlabel("input resolution (px, square)")
     count_ax.set_ylabel("count per batch (MACs: 1 multiply-add; FLOPs = 2 per MAC)")
     count_ax.set_title("what each counter counts")
-    count_ax.legend(fontsize="x-small")
+    # colour = model, marker = counter: a legend of both instead of one entry per line
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=f"C{i % 10}", label=model) for i, model in enumerate(by_model)]
+    handles += [Line2D([], [], color="grey", marker=style[0], linestyle="", label=f"{counter} ({unit})")
+                for style, (counter, _, unit) in zip(styles, _COUNTERS)]
+    count_ax.legend(handles=handles, fontsize="x-small", loc="upper left")
     bytes_ax.set_xlabel("input resolution (px, square)")
     bytes_ax.set_ylabel("bytes read + written by the operators (MB)")
     bytes_ax.set_title("memory traffic (eager execution)")
@@ -145,7 +151,7 @@ def compare_figure(result: Any):
     axes_names = [a for a in ("macs", "params", "throughput") if a in result.fronts]
     if not axes_names:
         raise ValueError("nothing to plot: no model has a published top-1 (and a measured value)")
-    fig, axes = plt.subplots(1, len(axes_names), figsize=(5.6 * len(axes_names), 4.8), squeeze=False,
+    fig, axes = plt.subplots(1, len(axes_names), figsize=(6.4 * len(axes_names), 6.4), squeeze=False,
                              dpi=FIGURE_DPI)
     for ax, axis in zip(axes[0], axes_names):
         label, scale = _AXIS_LABELS[axis]
