@@ -16,6 +16,10 @@ compile) is measured, in order:
 6. report the median, 90th percentile and inter-quartile range of the per-step latencies, throughput =
    batch_size / median latency, and flag the measurement as noisy when IQR / median exceeds a threshold.
 
+7. check parity, untimed: the row's logits on its input against the fp32 eager reference with the same weights
+   (every model is built after seeding, so ours, fast, compiled and runtime rows share weights); a row whose
+   logits are off by more than PARITY_TOLERANCE gets status "mismatch": it ran, but it is not a speed result.
+
 All steps run under torch.inference_mode() and, for bf16/fp16, torch.autocast (weights stay fp32; matmuls
 and convolutions run in the low precision). Out-of-memory at a configuration gives a row with status
 "oom", frees the memory and the run goes on; any other failure gives status "error" with a one-line reason.
@@ -42,7 +46,7 @@ from .devices import PRECISIONS, autocast
 from .devices import resolve_device as resolve_any_device
 from .errors import ConfigError
 
-STATUSES = ("ok", "oom", "error")
+STATUSES = ("ok", "mismatch", "oom", "error")
 MIN_TIMED_STEPS = 5  # a distribution needs a few points even when --min-time is tiny
 
 BuildModel = Callable[..., nn.Module]  # (name, impl, **create_kwargs) -> nn.Module, like implementations.build
@@ -60,6 +64,7 @@ class BenchConfig:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    weights: str | None = None  # a checkpoint or an exported .onnx file; None: random weights (seeded)
 
 
 @dataclass
@@ -73,6 +78,7 @@ class BenchSettings:
     normalised: bool = False  # also time the reference workload, interleaved with the model's steps
     noisy_iqr_ratio: float = 0.10  # IQR / median above this flags the measurement as noisy
     compile_backend: str = "inductor"
+    parity: bool = True  # check every row's logits against the fp32 reference (see check_parity)
 
 
 @dataclass
@@ -93,12 +99,33 @@ class LatencyStats:
                    mean=statistics.fmean(ordered), min=ordered[0])
 
 
+# max |logit difference| / max(1, max |reference logit|) a row may show and still count as the same model:
+# fp32 reorders sums (compile, channels-last, runtimes) at ~1e-6; bf16/fp16 keep ~3 significant digits.
+PARITY_TOLERANCE = {"fp32": 1e-3, "bf16": 0.15, "fp16": 0.15}
+PARITY_SAMPLES = 8  # images of the row's batch that the reference recomputes
+BUILD_SEED = 0  # every model is built after seeding with it: same name, same random weights, in every impl
+
+
+@dataclass
+class Parity:
+    """A row's logits against the fp32 reference (our eager model; timm's own for --impl timm) on the same
+    images. top1_agreement: fraction of images with the same top class."""
+
+    reference: str
+    samples: int
+    max_abs_diff: float
+    relative_diff: float  # max_abs_diff / max(1, max |reference logit|)
+    top1_agreement: float
+    tolerance: float
+    ok: bool
+
+
 @dataclass
 class BenchResult:
     """The measurement of one `BenchConfig`. throughput is images/s; latencies are per step (one batch)."""
 
     config: BenchConfig
-    status: str  # ok | oom | error
+    status: str  # ok | mismatch (ran, but its logits are wrong: not a speed result) | oom | error
     throughput: float | None = None
     latency_ms: LatencyStats | None = None
     steps_ms: list[float] = field(default_factory=list)
@@ -112,6 +139,8 @@ class BenchResult:
     telemetry: dict[str, Any] | None = None
     precision_note: str | None = None  # the precision is not native on this hardware (poolformer.devices)
     fp32_throughput: float | None = None  # emulated precision: a short fp32 run of the same configuration
+    parity: Parity | None = None  # the row's logits against the fp32 reference (None: not checked, see note)
+    parity_note: str | None = None
 
     @property
     def relative_throughput(self) -> float | None:
@@ -138,7 +167,8 @@ class BenchResult:
                    compile_ms=self.first_call_ms if self.config.compile else None, noisy=self.noisy,
                    reference_ms=self.reference_ms, relative_throughput=self.relative_throughput,
                    error=self.error, telemetry=self.telemetry, precision_note=self.precision_note,
-                   fp32_throughput=self.fp32_throughput)
+                   fp32_throughput=self.fp32_throughput,
+                   parity=asdict(self.parity) if self.parity is not None else None, parity_note=self.parity_note)
         return row
 
 
@@ -327,13 +357,15 @@ def _build_kwargs(config: BenchConfig) -> dict[str, Any]:
 
     if is_peer(config.model):  # timm sizes fixed-grid models (ViT, Swin, Mixer) by img_size
         return {"img_size": config.resolution}
-    return {} if get_spec(config.model).family in ("v1", "v2") else {"img_size": config.resolution}
+    weights = {"weights": config.weights} if config.weights is not None else {}
+    return weights if get_spec(config.model).family in ("v1", "v2") else {"img_size": config.resolution, **weights}
 
 
 def prepare_model(config: BenchConfig, build_model: BuildModel | None = None,
                   compile_backend: str = "inductor") -> nn.Module:
     """The model for `config` on its device, in eval mode, channels_last and compiled as asked."""
     build_model = build_model or _default_build()
+    torch.manual_seed(BUILD_SEED)
     model = build_model(config.model, config.impl, **_build_kwargs(config)).eval().to(config.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -411,12 +443,17 @@ def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildM
                                                 min_time_s=settings.min_time_s, reference=reference)
         peak, reserved = _peak_memory(device)
         stats = LatencyStats.from_steps(steps_ms)
-        return BenchResult(
+        result = BenchResult(
             config=config, status="ok", throughput=config.batch_size * 1000.0 / stats.median,
             latency_ms=stats, steps_ms=steps_ms, peak_memory_bytes=peak, peak_reserved_bytes=reserved,
             first_call_ms=first_call_ms, noisy=stats.iqr > settings.noisy_iqr_ratio * stats.median,
             reference_ms=statistics.median(reference_ms) if reference_ms else None,
             reference_steps_ms=reference_ms)
+        if settings.parity:
+            result.parity, result.parity_note = check_parity(config, model, x, build_model, settings)
+            if result.parity is not None and not result.parity.ok:
+                result.status = "mismatch"  # wrong outputs: not a speed result
+        return result
     except Exception as err:
         status = "oom" if is_out_of_memory(err) else "error"
         return BenchResult(config=config, status=status, error=_one_line(err))
@@ -425,11 +462,56 @@ def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildM
         _free_memory(device)
 
 
+def reference_impl(impl: str) -> str:
+    """The fp32 eager model a row is checked against: timm's own for timm (its v1 head differs from the
+    original by design), ours for every other implementation."""
+    return "timm" if impl == "timm" else "ours"
+
+
+def check_parity(config: BenchConfig, model: nn.Module, x: torch.Tensor, build_model: BuildModel | None,
+                 settings: BenchSettings) -> tuple[Parity | None, str | None]:
+    """Run the row's model once more on its input (untimed) and the fp32 reference on the first PARITY_SAMPLES
+    images; (Parity, None), or (None, why not) where no reference can be had (an exported file, a reference
+    that does not fit in memory, a model that cannot be rebuilt)."""
+    from .implementations import is_exported_file
+
+    if is_exported_file(config.weights):
+        return None, "no reference: the weights are inside the exported file"
+    device = torch.device(config.device)
+    reference_name = reference_impl(config.impl)
+    samples = min(PARITY_SAMPLES, config.batch_size)
+    same_model = reference_name == config.impl and not config.compile and config.precision == "fp32"
+    try:
+        with torch.inference_mode():
+            with autocast(config.device, config.precision):
+                got = model(x)[:samples].float()
+            if same_model:
+                expected = model(x[:samples].contiguous()).float()
+            else:
+                torch.manual_seed(BUILD_SEED)
+                build = build_model or _default_build()
+                reference = build(config.model, reference_name, **_build_kwargs(config)).eval().to(device)
+                expected = reference(x[:samples].contiguous()).float()
+                del reference
+    except Exception as err:
+        return None, f"not checked: the reference failed ({_one_line(err)})"
+    finally:
+        _free_memory(device)
+    if got.shape != expected.shape:
+        return None, f"not checked: output {list(got.shape)} vs reference {list(expected.shape)}"
+    diff = (got - expected).abs().max().item()
+    relative = diff / max(1.0, expected.abs().max().item())
+    agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
+    tolerance = PARITY_TOLERANCE[config.precision]
+    ok = relative <= tolerance and (agreement == 1.0 or config.precision != "fp32")
+    return Parity(reference_name, samples, diff, relative, agreement, tolerance, ok), None
+
+
 def expand_configs(models: Iterable[str], impls: Iterable[str], device: str, batch_sizes: Iterable[int],
                    resolutions: Iterable[int], precisions: Iterable[str], channels_last: bool,
-                   compile: bool) -> list[BenchConfig]:
+                   compile: bool, weights: str | None = None) -> list[BenchConfig]:
     """Every combination, in the order model > impl > precision > resolution > batch size."""
-    return [BenchConfig(m, i, device, b, r, p, channels_last, compile)
+    return [BenchConfig(m, i, device, b, r, p, channels_last, compile, weights)
             for m in models for i in impls for p in precisions for r in resolutions for b in batch_sizes]
 
 
@@ -475,7 +557,7 @@ def _add_precision_note(result: BenchResult, settings: BenchSettings, build_mode
     result.precision_note = precision_note(config.device, config.precision)
     if result.status != "ok" or not precision_is_emulated(config.device, config.precision):
         return
-    quick = replace(settings, warmup=1, iters=FP32_COMPARISON_STEPS, min_time_s=None, normalised=False)
+    quick = replace(settings, warmup=1, iters=FP32_COMPARISON_STEPS, min_time_s=None, normalised=False, parity=False)
     fp32 = run_config(replace(config, precision="fp32"), quick, build_model)
     result.fp32_throughput = fp32.throughput
 

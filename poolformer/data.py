@@ -423,3 +423,21 @@ def load_batch(paths: Iterable[str | os.PathLike], transform: Preprocess,
             tensors.append(None)
             errors.append(err.reason)
     return tensors, errors
+
+
+def synthetic_images(count: int = 4, size: int = 256, seed: int = 0) -> list[Image.Image]:
+    """Photograph-like RGB test images (smooth colour gradients with a few soft-edged shapes), for checks that
+    need natural-looking inputs where no photographs are at hand (e.g. `poolformer export` parity)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    images = []
+    for _ in range(count):
+        base = np.stack([rng.uniform(0.2, 0.8) + rng.uniform(-0.3, 0.3) * xx + rng.uniform(-0.3, 0.3) * yy
+                         for _ in range(3)], axis=-1)
+        for _ in range(3):
+            cy, cx, radius = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.3)
+            mask = 1 / (1 + np.exp(((yy - cy) ** 2 + (xx - cx) ** 2 - radius**2) * 300))
+            base = base * (1 - mask[..., None]) + rng.uniform(0, 1, 3) * mask[..., None]
+        noise = rng.normal(0, 0.02, base.shape)
+        images.append(Image.fromarray((np.clip(base + noise, 0, 1) * 255).astype(np.uint8)))
+    return images

@@ -4,6 +4,8 @@
 - ``timm``: timm's own `poolformer_*` / `poolformerv2_*` model carrying the same weights (v1/v2 only).
   Note: timm's v1 head pools before normalising, so its v1 logits differ from the original's.
 - ``fast``: `poolformer.fast.optimize(model)`, the folded inference-only form (v1/v2), same logits.
+- ``onnxruntime`` / ``openvino``: the model exported to ONNX (per input shape, on the first call) and run by
+  that runtime (`poolformer.runtimes`); an exported file runs the same way through `runtime_for_file`.
 
 A new implementation is one function `(model: MetaFormer) -> nn.Module` added to `IMPLEMENTATIONS`.
 Peers (`timm:NAME`, see poolformer.peers) have one implementation, timm's own, built by `build` as well.
@@ -43,7 +45,37 @@ def _fast(model: MetaFormer) -> nn.Module:
     return optimize(model)
 
 
-IMPLEMENTATIONS: dict[str, Callable[[MetaFormer], nn.Module]] = {"ours": _ours, "timm": _timm, "fast": _fast}
+def _runtime(runtime: str) -> Callable[[MetaFormer], nn.Module]:
+    def build_runtime(model: MetaFormer) -> nn.Module:
+        from .runtimes.exporting import onnx_exporter
+        from .runtimes.runners import RuntimeModule
+
+        module = RuntimeModule(runtime, export=onnx_exporter(model), num_classes=model.num_classes)
+        module.spec = getattr(model, "spec", None)
+        return module
+
+    return build_runtime
+
+
+IMPLEMENTATIONS: dict[str, Callable[[MetaFormer], nn.Module]] = {
+    "ours": _ours, "timm": _timm, "fast": _fast,
+    "onnxruntime": _runtime("onnxruntime"), "openvino": _runtime("openvino"),
+}
+RUNTIME_IMPLS = ("onnxruntime", "openvino")
+
+
+def is_exported_file(weights: Any) -> bool:
+    return weights is not None and str(weights).lower().endswith(".onnx")
+
+
+def runtime_for_file(path: str, impl: str) -> nn.Module:
+    """An exported .onnx file run by `impl` (onnxruntime or openvino; "ours" means onnxruntime)."""
+    from .runtimes.runners import RuntimeModule
+
+    runtime = "onnxruntime" if impl == "ours" else impl
+    if runtime not in RUNTIME_IMPLS:
+        raise ConfigError(f"an exported .onnx file runs with --impl onnxruntime or openvino, not {impl}")
+    return RuntimeModule.from_file(runtime, path)
 
 
 def build(name: str, impl: str = "ours", **kwargs: Any) -> nn.Module:
@@ -60,4 +92,8 @@ def build(name: str, impl: str = "ours", **kwargs: Any) -> nn.Module:
             raise ConfigError(f"{name} is a peer for speed and cost comparisons and runs with random weights; "
                               "checkpoints load into PoolFormer models only")
         return create_peer(name, num_classes=kwargs.get("num_classes", 1000), img_size=kwargs.get("img_size"))
+    if is_exported_file(kwargs.get("weights")):
+        module = runtime_for_file(str(kwargs["weights"]), impl)
+        module.spec = get_spec(name)
+        return module
     return IMPLEMENTATIONS[impl](create_model(name, **kwargs))

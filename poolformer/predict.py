@@ -6,6 +6,7 @@ classes with probabilities. Returns plain dataclasses; never prints.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 from dataclasses import dataclass, field
@@ -40,7 +41,12 @@ class Classifier:
 
 
 def checkpoint_num_classes(path: str | os.PathLike) -> int:
-    """The class count a checkpoint's classifier was trained for (1000 for ImageNet weights)."""
+    """The class count a checkpoint's classifier was trained for (1000 for ImageNet weights); for an exported
+    .onnx file, its logits' width."""
+    from .implementations import is_exported_file
+
+    if is_exported_file(path):
+        return exported_num_classes(path)
     from .weights import read_checkpoint
 
     state_dict = read_checkpoint(path)
@@ -49,6 +55,25 @@ def checkpoint_num_classes(path: str | os.PathLike) -> int:
         if bare in _CLASSIFIER_KEYS and tensor.ndim == 2:
             return int(tensor.shape[0])
     return 1000  # no classifier found: let loading report what does not fit
+
+
+def exported_num_classes(path: str | os.PathLike) -> int:
+    """The width of an exported classifier's [batch, classes] output, read from the ONNX graph."""
+    import onnx
+
+    from .errors import CheckpointError
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        graph = onnx.load(path, load_external_data=False).graph
+    except Exception as err:  # onnx raises DecodeError and friends for files that are not ONNX
+        raise CheckpointError(f"{path}: not an ONNX file ({type(err).__name__})") from None
+    dims = [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] if graph.output else []
+    if len(graph.input) != 1 or len(dims) != 2 or dims[1] < 1:
+        raise CheckpointError(f"{path}: not an image classifier export (one input, [batch, classes] output)")
+    return int(dims[1])
 
 
 def trained_num_classes(model: str, *, weights: str | os.PathLike | None, pretrained: bool) -> int:
@@ -84,6 +109,12 @@ def load_classifier(
     labels = class_names(num_classes, labels_file)
     module = build(spec.name, impl, weights=None if weights is None else str(weights), pretrained=pretrained,
                    num_classes=num_classes)
+    signature = getattr(module, "signature", None)
+    if signature is not None:  # an exported file fixes the input size; the model name still gives crop, mean, std
+        if signature.height != signature.width:
+            raise ConfigError(f"{weights} takes {signature.height}x{signature.width} inputs; predict and eval "
+                              "preprocess to square crops")
+        spec = dataclasses.replace(spec, input_size=signature.height)
     return Classifier(module.to(target).eval(), spec, impl, num_classes, labels, target,
                       str(weights) if weights is not None else "pretrained")
 

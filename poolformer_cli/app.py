@@ -15,6 +15,7 @@ from . import evaluate as evaluate_cli
 from . import predict as predict_cli
 from . import bench as bench_cli
 from . import compare as compare_cli
+from . import export as export_cli
 
 app = typer.Typer(
     name="poolformer",
@@ -48,6 +49,7 @@ app.command("eval")(evaluate_cli.eval_command)
 app.command("bench")(bench_cli.bench_command)
 app.command("profile")(bench_cli.profile_command)
 app.command("compare")(compare_cli.compare_command)
+app.command("export")(export_cli.export_command)
 
 
 def main() -> None:

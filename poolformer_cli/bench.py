@@ -48,7 +48,10 @@ def bench_command(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model; the compile time (first "
                                                           "call) is reported separately."),
     impl: str = typer.Option("ours", help="Comma-separated implementations of the same model (see "
-                                          "poolformer.implementations), e.g. ours,timm for a side-by-side run."),
+                                          "poolformer.implementations), e.g. ours,timm,fast,onnxruntime,openvino."),
+    weights: Optional[Path] = typer.Option(None, help="A checkpoint (any supported layout) or an exported .onnx "
+                                                      "file (run with --impl onnxruntime or openvino) instead of "
+                                                      "random weights."),
     warmup: int = typer.Option(10, help="Untimed steps before timing."),
     iters: Optional[int] = typer.Option(None, help="Timed steps per configuration (default 50)."),
     min_time: Optional[float] = typer.Option(None, "--min-time", help="Instead of --iters: time steps for at "
@@ -88,6 +91,8 @@ def bench_command(
         fail("use either --iters or --min-time, not both")
     if max_batch_limit < 1:
         fail(f"--max-batch-limit must be >= 1, got {max_batch_limit}")
+    if weights is not None and not weights.expanduser().is_file():
+        fail(f"--weights {str(weights)!r}: no such file", 1)
     for path, option in ((output, "--output"), (csv_path, "--csv"), (github_benchmark, "--github-benchmark"),
                          (markdown_path, "--markdown")):
         check_writable(path, option)
@@ -113,7 +118,8 @@ def bench_command(
                            "min_time_s": min_time, "autocast": "torch.autocast for bf16/fp16",
                            "normalised": normalised, "noisy_iqr_ratio": noisy_threshold}
         configs = engine.expand_configs(names, impls, device_name, [1] if max_batch else batch_list,
-                                        resolution_list, precisions, channels_last, compile)
+                                        resolution_list, precisions, channels_last, compile,
+                                        None if weights is None else str(weights.expanduser()))
         results = _run_all(engine, configs, settings, env, output, csv_path, max_batch, max_batch_limit)
 
     document = {"env": env, "results": [r.to_row() for r in results]}
@@ -196,7 +202,9 @@ def _save(env: dict, results: list, output: Optional[Path], csv_path: Optional[P
 CSV_COLUMNS = ("model", "impl", "device", "batch_size", "resolution", "precision", "channels_last", "compile",
                "status", "throughput", "latency_median_ms", "latency_p90_ms", "latency_iqr_ms",
                "peak_memory_bytes", "peak_reserved_bytes", "first_call_ms", "compile_ms", "noisy",
-               "reference_ms", "relative_throughput", "fp32_throughput", "precision_note", "error")
+               "reference_ms", "relative_throughput", "fp32_throughput", "precision_note",
+               "parity_max_abs_diff", "parity_relative_diff", "parity_top1_agreement", "parity_ok", "parity_note",
+               "error")
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -207,6 +215,8 @@ def _csv_text(rows: list[dict]) -> str:
         flat = dict(row)
         for stat in ("median", "p90", "iqr"):
             flat[f"latency_{stat}_ms"] = row["latency_ms"][stat]
+        for name in ("max_abs_diff", "relative_diff", "top1_agreement", "ok"):
+            flat[f"parity_{name}"] = (row.get("parity") or {}).get(name)
         writer.writerow(flat)
     return buffer.getvalue()
 
@@ -241,7 +251,8 @@ def _print_results(results: list, normalised: bool, hardware: str = "") -> None:
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("config")
     table.add_column("status", no_wrap=True)
-    for column in ("img/s", "median\nms", "p90\nms", "IQR", "peak\nmem", "first\nms", *(["rel."] if normalised else [])):
+    for column in ("img/s", "median\nms", "p90\nms", "IQR", "peak\nmem", "first\nms", "max\n|Δ|", "top-1\nagree",
+                   *(["rel."] if normalised else [])):
         table.add_column(column, justify="right", no_wrap=True)
     any_noisy, errors = False, []
     for r in results:
@@ -251,12 +262,15 @@ def _print_results(results: list, normalised: bool, hardware: str = "") -> None:
             iqr = f"{lat.iqr / lat.median:.1%}"
             if r.noisy:
                 iqr, any_noisy = f"[yellow]{iqr}![/]", True
-        status = {"ok": "ok", "oom": "[red]oom[/]"}.get(r.status, "[red]error[/]")
+        status = {"ok": "ok", "oom": "[red]oom[/]", "mismatch": "[red]mismatch[/]"}.get(r.status, "[red]error[/]")
         if r.status == "error":
             errors.append(f"{_short_label(r.config)}: {r.error}")
+        parity = r.parity
+        diff = "-" if parity is None else (f"{parity.max_abs_diff:.1e}" if parity.ok else f"[red]{parity.max_abs_diff:.1e}[/]")
+        agree = "-" if parity is None else f"{parity.top1_agreement:.0%}"
         table.add_row(_short_label(r.config), status, "-" if r.throughput is None else f"{r.throughput:,.1f}",
                       _ms(lat and lat.median), _ms(lat and lat.p90), iqr, _megabytes(r.peak_memory_bytes),
-                      _ms(r.first_call_ms),
+                      _ms(r.first_call_ms), diff, agree,
                       *([f"{r.relative_throughput:.3f}" if r.relative_throughput else "-"] if normalised else []))
     console.print(table)
     for line in errors:
@@ -266,8 +280,10 @@ def _print_results(results: list, normalised: bool, hardware: str = "") -> None:
     memory = ("peak mem = peak bytes allocated by tensors on the GPU (1 MB = 10^6 bytes)" if device.startswith("cuda")
               else "peak mem = peak resident memory of the whole process (1 MB = 10^6 bytes)")
     notes = [f"img/s = batch / median step latency; IQR = (p75 - p25) / median of the per-step latencies; "
-             f"{memory}; first = the first forward alone (with --compile: the compile time); "
-             "CL = channels_last."]
+             f"{memory}; first = the first forward alone (with --compile: the compile time; for runtimes: export "
+             "and session creation); max |Δ| / top-1 agree = the row's logits against the fp32 eager reference "
+             "with the same weights (timm's own for --impl timm); mismatch = beyond tolerance, not a speed "
+             "result; CL = channels_last."]
     if any_noisy:
         notes.append("! noisy: the IQR is a large share of the median - the machine was busy; rerun, "
                      "raise --iters/--min-time, or use --threads.")

@@ -18,7 +18,7 @@ from poolformer_cli.common import resolve_model
 runner = CliRunner()
 
 
-COMMANDS = ["list", "summary", "flops", "predict", "eval", "bench", "profile", "compare"]
+COMMANDS = ["list", "summary", "flops", "predict", "eval", "bench", "profile", "compare", "export"]
 
 
 def _imports_after(invocations: list[list[str]]) -> set[str]:
@@ -176,3 +176,12 @@ def test_write_atomic_failure_is_one_line_and_keeps_the_old_file(tmp_path, monke
     assert exit_info.value.exit_code == 1
     assert "No space left on device" in capsys.readouterr().err
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_error_messages_keep_their_square_brackets(capsys):
+    """Rich markup must not eat a shape like [1, 3, 64, 64] out of a message."""
+    from poolformer_cli.common import fail
+
+    with pytest.raises(typer.Exit):
+        fail("takes [1, 3, 64, 64] inputs, not [4, 3, 224, 224]")
+    assert "takes [1, 3, 64, 64] inputs, not [4, 3, 224, 224]" in capsys.readouterr().err

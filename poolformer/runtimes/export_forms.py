@@ -1,0 +1,144 @@
+"""Forms of a PoolFormer that export to ONNX as operators every runtime computes the same way.
+
+Two known traps: GroupNorm with one group (TensorRT 10 computes ONNX GroupNormalization with num_groups=1
+per channel, NVIDIA/TensorRT#4756; PyTorch's TorchScript exporter writes it as InstanceNormalization over a
+reshape) and AveragePool's count_include_pad (mishandled by some backends: onnx/onnx-tensorrt#663,
+microsoft/onnxruntime#16203). So the exported graph spells both out:
+
+- GroupNorm(1): ReduceMean of x and of its centred square over (C, H, W), then Sub, Div by Sqrt(var + eps),
+  and the per-channel affine: nothing but element-wise ops and reductions.
+- pool(x) with count_include_pad=False: a depthwise convolution with weights 1/k^2 (zero padding), times a
+  constant [H, W] map of k^2 / (window positions inside the map). The map is fixed by the input size, so these
+  forms export for one resolution (the batch may stay dynamic).
+
+`portable_form(model)` rewrites a MetaFormer that way (same weights, same logits). `FoldedExport` is the fast
+path's folded model (poolformer.fast.folding) as a plain module: no norm affines, no LayerScale, one statistic
+per norm, so the runtime has fewer operators to run.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..fast.cpu import window_counts
+from ..fast.folding import FoldedModel, Plan, fold
+from ..layers import GroupNorm1, Pooling
+from ..model import MetaFormer
+
+
+def border_factor(height: int, width: int, pool_size: int) -> torch.Tensor:
+    """[1, 1, H, W]: k^2 / (positions of the k x k window inside the map); 1 away from the border."""
+    radius = pool_size // 2
+    counts = window_counts(height, radius)[:, None] * window_counts(width, radius)[None, :]
+    return (pool_size**2 / counts).float()[None, None]
+
+
+def mean_pool(x: torch.Tensor, pool_size: int) -> torch.Tensor:
+    """avg_pool2d(x, k, stride 1, padding k//2, count_include_pad=False) as a depthwise conv and a constant map."""
+    # plain ints: under tracing they become constants, so the exported kernel and map have known shapes
+    channels, height, width = (int(v) for v in x.shape[1:])
+    weight = torch.full((channels, 1, pool_size, pool_size), 1.0 / pool_size**2, dtype=x.dtype)
+    summed = F.conv2d(x, weight, padding=pool_size // 2, groups=channels)
+    return summed * border_factor(height, width, pool_size).to(x.dtype)
+
+
+def inverse_std(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x - mean, 1 / sqrt(var + eps)) with the statistics over each sample's (C, H, W)."""
+    centred = x - x.mean(dim=(1, 2, 3), keepdim=True)
+    variance = (centred * centred).mean(dim=(1, 2, 3), keepdim=True)
+    return centred, 1.0 / torch.sqrt(variance + eps)
+
+
+class ExplicitGroupNorm1(nn.Module):
+    """GroupNorm with one group from reductions and element-wise ops. [B, C, H, W] -> [B, C, H, W]."""
+
+    def __init__(self, norm: GroupNorm1):
+        super().__init__()
+        self.eps = norm.eps
+        self.weight, self.bias = norm.weight, norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred, inv = inverse_std(x, self.eps)
+        out = centred * inv * self.weight.view(1, -1, 1, 1)
+        return out + self.bias.view(1, -1, 1, 1) if self.bias is not None else out
+
+
+class ConvPooling(nn.Module):
+    """PoolFormer's mixer, pool(x) - x, with the pool as `mean_pool`. [B, C, H, W] -> [B, C, H, W]."""
+
+    def __init__(self, pooling: Pooling):
+        super().__init__()
+        self.pool_size = pooling.pool.kernel_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mean_pool(x, self.pool_size) - x
+
+
+def portable_form(model: MetaFormer) -> MetaFormer:
+    """A copy of `model` whose GroupNorm(1)s and pooling mixers are `ExplicitGroupNorm1` and `ConvPooling`
+    (same parameters, same logits); everything else is left as it is."""
+    twin = copy.deepcopy(model).eval()
+    for parent in list(twin.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, GroupNorm1):
+                setattr(parent, name, ExplicitGroupNorm1(child))
+            elif isinstance(child, Pooling):
+                setattr(parent, name, ConvPooling(child))
+    return twin
+
+
+class FoldedExport(nn.Module):
+    """The folded model (see poolformer.fast.folding) in float32 with plain operators, for export.
+    Input [B, 3, H, W], output logits [B, num_classes]; the same logits as the reference model."""
+
+    def __init__(self, model: MetaFormer):
+        super().__init__()
+        folded, plan = fold(model)
+        self.plan: Plan = plan
+        self.folded: FoldedModel = folded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f, plan = self.folded, self.plan
+        x = F.conv2d(x, f.stem_weight, f.stem_bias, stride=4, padding=2)
+        if f.stem_norm_weight is not None:
+            x = _channel_layernorm(x, plan.stem_norm_eps) * f.stem_norm_weight.view(1, -1, 1, 1)
+        for stage in f.stages:
+            if stage.down_weight is not None:
+                if plan.down_norm_eps is not None:
+                    x = _channel_layernorm(x, plan.down_norm_eps)
+                x = F.conv2d(x, stage.down_weight, stage.down_bias, stride=2, padding=1)
+            for block in stage.blocks:
+                x = self._block(x, block)
+        return self._head(x)
+
+    def _block(self, x: torch.Tensor, block) -> torch.Tensor:
+        _, inv1 = inverse_std(x, block.norm1_eps)
+        mixed = (mean_pool(x, self.plan.pool_size) - x) * (block.mix_scale.view(1, -1, 1, 1) * inv1)
+        x1 = (x if block.skip_scale1 is None else x * block.skip_scale1.view(1, -1, 1, 1)) + mixed
+        centred, inv2 = inverse_std(x1, block.norm2_eps)
+        hidden = F.conv2d(centred * inv2, block.fc1_weight[:, :, None, None], block.fc1_bias)
+        hidden = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}.get(self.plan.activation, F.relu)(hidden)
+        if self.plan.activation == "starrelu":
+            hidden = hidden * hidden
+        out = F.conv2d(hidden, block.fc2_weight[:, :, None, None], block.fc2_bias)
+        return out + (x1 if block.skip_scale2 is None else x1 * block.skip_scale2.view(1, -1, 1, 1))
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.mean(dim=(2, 3))
+        if self.plan.head_norm_on == "map":
+            _, inv = inverse_std(x, self.plan.head_norm_eps)
+            normalised = (pooled - pooled.mean(dim=1, keepdim=True)) * inv.view(-1, 1)
+        else:
+            centred = pooled - pooled.mean(dim=1, keepdim=True)
+            normalised = centred / torch.sqrt((centred * centred).mean(dim=1, keepdim=True) + self.plan.head_norm_eps)
+        return F.linear(normalised, self.folded.head_weight, self.folded.head_bias)
+
+
+def _channel_layernorm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over channels at each position, no affine. [B, C, H, W] -> [B, C, H, W]."""
+    centred = x - x.mean(dim=1, keepdim=True)
+    return centred / torch.sqrt((centred * centred).mean(dim=1, keepdim=True) + eps)

@@ -1,0 +1,187 @@
+"""`export_model`: write a PoolFormer as ONNX or pt2, run the file with its runtime, and keep it only when its
+outputs match our fp32 model's.
+
+Parity: the exported file and our fp32 model see the same inputs (random images, plus real or generated
+photographs), and the file passes when max |logit difference| <= PARITY_TOLERANCE x max(1, max |logit|) and the
+top-1 class agrees on every input. fp32 graphs that compute the same function differ by float rounding alone
+(~1e-6 relative here); a runtime that computes GroupNorm per channel or pools over the padding is off by O(1).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..model import MetaFormer
+from .export_forms import FoldedExport, portable_form
+from .runners import available, make_runner
+
+FORMATS = ("onnx", "pt2")
+DEFAULT_OPSET = 17
+PARITY_TOLERANCE = 1e-4
+
+
+@dataclass
+class ParityCheck:
+    """One runtime on one kind of input. max_abs_diff: logits; top1_agreement: fraction of inputs."""
+
+    runtime: str
+    inputs: str  # "random" or "images"
+    count: int
+    max_abs_diff: float
+    max_abs_logit: float
+    top1_agreement: float
+    passed: bool
+
+
+@dataclass
+class ExportReport:
+    model: str
+    format: str
+    path: str
+    resolution: int
+    opset: int | None
+    dynamic_batch: bool
+    fast: bool
+    tolerance: float
+    checks: list[ParityCheck] = field(default_factory=list)
+    written: bool = False
+    size_bytes: int | None = None
+    reason: str | None = None  # why nothing was written
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    def as_json(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def export_onnx(module: nn.Module, path: str | os.PathLike, shape: tuple[int, ...], opset: int = DEFAULT_OPSET,
+                dynamic_batch: bool = False) -> None:
+    """Trace `module` on zeros of `shape` [B, 3, H, W] and write ONNX (input "images", output "logits")."""
+    axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(module.eval(), (torch.zeros(shape),), str(path), opset_version=opset, dynamo=False,
+                          input_names=["images"], output_names=["logits"], dynamic_axes=axes)
+
+
+def export_pt2(module: nn.Module, path: str | os.PathLike, shape: tuple[int, ...], dynamic_batch: bool = False) -> None:
+    """torch.export the module for `shape` and save the program (load with torch.export.load)."""
+    dynamic = None
+    if dynamic_batch:
+        dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},)
+    with torch.no_grad():
+        program = torch.export.export(module.eval(), (torch.zeros(shape),), dynamic_shapes=dynamic)
+    torch.export.save(program, str(path))
+
+
+def exportable(model: MetaFormer, fast: bool) -> nn.Module:
+    """The module that goes into the file: the folded model (fast) or the portable form of the model."""
+    return FoldedExport(model) if fast else portable_form(model)
+
+
+def onnx_exporter(model: MetaFormer, fast: bool = False, opset: int = DEFAULT_OPSET):
+    """An `export(path, shape)` function for RuntimeModule: static-shape ONNX of this model."""
+    module = exportable(model, fast)
+
+    def export(path: str, shape: tuple[int, ...]) -> None:
+        export_onnx(module, path, shape, opset)
+
+    return export
+
+
+def _run_file(fmt: str, runtime: str, path: str, images: np.ndarray) -> np.ndarray:
+    if fmt == "pt2":
+        program = torch.export.load(path)
+        with torch.no_grad():
+            return program.module()(torch.from_numpy(images)).numpy()
+    return np.asarray(make_runner(runtime, path, threads=torch.get_num_threads())(images))
+
+
+def _check(runtime: str, kind: str, got: np.ndarray, expected: np.ndarray, tolerance: float) -> ParityCheck:
+    diff = float(np.abs(got - expected).max())
+    scale = float(np.abs(expected).max())
+    agree = float((got.argmax(1) == expected.argmax(1)).mean())
+    return ParityCheck(runtime, kind, int(expected.shape[0]), diff, scale, agree,
+                       passed=diff <= tolerance * max(1.0, scale) and agree == 1.0)
+
+
+def export_model(model: MetaFormer, path: str | os.PathLike, *, fmt: str = "onnx", resolution: int = 224,
+                 opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, fast: bool = False,
+                 images: torch.Tensor | None = None, runtimes: tuple[str, ...] | None = None,
+                 tolerance: float = PARITY_TOLERANCE) -> ExportReport:
+    """Export `model` to `path` (written atomically, and only when every parity check passes).
+
+    images: preprocessed photographs [N, 3, resolution, resolution] checked besides random inputs.
+    runtimes: which runtimes run an ONNX file (default: every installed one of onnxruntime, openvino);
+    a pt2 file runs in torch.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; choose from: {', '.join(FORMATS)}")
+    if fmt == "pt2" and opset != DEFAULT_OPSET:
+        raise ConfigError("--opset applies to ONNX exports only")
+    if fmt == "onnx" and not 13 <= opset <= 20:
+        raise ConfigError(f"--opset must be between 13 and 20 for the operators used here, not {opset}")
+    spec = getattr(model, "spec", None)
+    report = ExportReport(model=spec.name if spec else type(model).__name__, format=fmt, path=str(path),
+                          resolution=resolution, opset=opset if fmt == "onnx" else None,
+                          dynamic_batch=dynamic_batch, fast=fast, tolerance=tolerance)
+    if fmt == "onnx":
+        runtimes = tuple(r for r in (runtimes or ("onnxruntime", "openvino")) if available(r))
+        if not runtimes:
+            raise ConfigError("neither onnxruntime nor openvino is installed here: nothing could check the file "
+                              "(pip install onnxruntime)")
+    module = exportable(model.eval(), fast)
+    batch = 2 if dynamic_batch else 1  # a dynamic batch is exported at 2 and checked at 1 and 3 below
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=target.suffix or f".{fmt}", dir=target.parent)
+    os.close(fd)
+    try:
+        shape = (batch, 3, resolution, resolution)
+        try:
+            (export_onnx(module, tmp, shape, opset, dynamic_batch) if fmt == "onnx"
+             else export_pt2(module, tmp, shape, dynamic_batch))
+        except Exception as err:  # the exporters raise many types, with graph dumps in the message
+            first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise ConfigError(f"{report.model} could not be exported as {fmt}: {type(err).__name__}: "
+                              f"{first.strip()[:200]}") from None
+        inputs = {"random": torch.randn(3, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))}
+        if images is not None and len(images):
+            inputs["images"] = images
+        for kind, x in inputs.items():
+            with torch.no_grad():
+                expected = model(x).float().numpy()
+            batches = [x] if dynamic_batch else list(x.split(batch))
+            for runtime in (runtimes if fmt == "onnx" else ("torch",)):
+                got = np.concatenate([_run_file(fmt, runtime, tmp, b.numpy()) for b in batches])
+                report.checks.append(_check(runtime, kind, got, expected, tolerance))
+        if not report.passed:
+            failed = [c for c in report.checks if not c.passed][0]
+            report.reason = (f"{failed.runtime} on {failed.inputs} inputs: max |diff| {failed.max_abs_diff:.3g} "
+                             f"(allowed {tolerance:g} x {max(1.0, failed.max_abs_logit):.3g}), top-1 agreement "
+                             f"{failed.top1_agreement:.0%}")
+            return report
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+        report.written, report.size_bytes = True, target.stat().st_size
+        return report
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,229 @@
+"""ONNX Runtime and OpenVINO behind one small interface, and an nn.Module around them for bench, predict, eval.
+
+A runner takes one float32 NCHW array and returns float32 logits. `RuntimeModule` looks like any other
+implementation (tensor in, float32 logits tensor out): it exports the model to ONNX for each input shape it
+meets (static shapes: what each runtime optimises best) and creates the session on that first call, so bench
+reports session creation and compilation as first-call time. Given an exported file instead
+(`RuntimeModule.from_file`), it runs that file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+
+RUNTIMES = ("onnxruntime", "openvino")
+_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+
+def require(runtime: str) -> Any:
+    """The runtime's Python module, or a ConfigError that says how to install it."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}; choose from: {', '.join(RUNTIMES)}")
+    try:
+        return __import__(_PACKAGES[runtime])
+    except ImportError:
+        raise ConfigError(f"{runtime} is not installed here (pip install {_PACKAGES[runtime]})") from None
+
+
+def available(runtime: str) -> bool:
+    try:
+        require(runtime)
+    except ConfigError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What an exported classifier takes and gives: input [batch, 3, H, W] (batch None = dynamic), output
+    [batch, num_classes]."""
+
+    batch: int | None
+    height: int
+    width: int
+    num_classes: int
+
+
+def _dim(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_signature(path: str, inputs: list[tuple[Any, ...]], outputs: list[tuple[Any, ...]]) -> Signature:
+    """A Signature from the session's input and output shapes, or CheckpointError for a file that is not an
+    image classifier of this form (one [B, 3, H, W] input, one [B, classes] output, static H, W, classes)."""
+    if len(inputs) != 1 or len(outputs) < 1:
+        raise CheckpointError(f"{path}: expected one image input and a logits output, found {len(inputs)} "
+                              f"input(s) and {len(outputs)} output(s): not a poolformer export")
+    shape_in, shape_out = [_dim(d) for d in inputs[0]], [_dim(d) for d in outputs[0]]
+    if len(shape_in) != 4 or shape_in[1] != 3 or None in shape_in[2:] or len(shape_out) != 2 or shape_out[1] is None:
+        raise CheckpointError(f"{path}: input {list(inputs[0])} and output {list(outputs[0])} are not [batch, 3, H, W] "
+                              "images to [batch, classes] logits: not a poolformer export")
+    return Signature(shape_in[0], shape_in[2], shape_in[3], shape_out[1])
+
+
+class OnnxRuntimeRunner:
+    """An ONNX Runtime session (all graph optimisations; CPU, or CUDA/TensorRT where installed and asked)."""
+
+    def __init__(self, path: str, threads: int | None = None, device: str = "cpu"):
+        ort = require("onnxruntime")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.inter_op_num_threads = 1
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda"):
+            present = ort.get_available_providers()
+            providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in present]
+            if not providers:
+                raise ConfigError("onnxruntime here has no CUDA or TensorRT provider (pip install onnxruntime-gpu); "
+                                  "use --device cpu")
+        try:
+            self.session = ort.InferenceSession(path, options, providers=providers)
+        except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
+            raise CheckpointError(f"{path}: ONNX Runtime cannot load it: {_first_line(err)}") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.signature = _check_signature(path, [tuple(i.shape) for i in self.session.get_inputs()],
+                                          [tuple(o.shape) for o in self.session.get_outputs()])
+        self.providers = self.session.get_providers()
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: images})[0]
+
+
+class OpenVinoRunner:
+    """An OpenVINO CPU compiled model, latency hint (one synchronous stream using every thread), in fp32
+    unless bf16 is asked for on a CPU with native bf16."""
+
+    def __init__(self, path: str, threads: int | None = None, precision: str = "fp32"):
+        ov = require("openvino")
+        core = ov.Core()
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY",
+                                  "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        try:
+            model = core.read_model(path)
+            self.compiled = core.compile_model(model, "CPU", config)
+        except Exception as err:  # OpenVINO raises RuntimeError subclasses with long multi-line messages
+            raise CheckpointError(f"{path}: OpenVINO cannot load it: {_first_line(err)}") from None
+        self.signature = _check_signature(path, [tuple(_ov_dims(i)) for i in model.inputs],
+                                          [tuple(_ov_dims(o)) for o in model.outputs])
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.request.infer({0: images})[self.compiled.output(0)]
+
+
+def _ov_dims(port: Any) -> list[Any]:
+    return [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(err).__name__
+
+
+def make_runner(runtime: str, path: str, *, threads: int | None = None, precision: str = "fp32",
+                device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
+    """A runner for an exported file. Precisions a runtime cannot compute here are a ConfigError, never a
+    silent fp32 run under a bf16 label."""
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"unknown precision {precision!r}")
+    if runtime == "onnxruntime":
+        if precision != "fp32":
+            raise ConfigError(f"onnxruntime runs this fp32 graph in fp32 only, not {precision}")
+        return OnnxRuntimeRunner(path, threads, device)
+    if device != "cpu":
+        raise ConfigError("openvino runs on the CPU here; use --device cpu")
+    if precision == "fp16" or (precision == "bf16" and not _native_bf16()):
+        raise ConfigError(f"openvino computes {precision} only on CPUs with native support (AVX512-BF16/AMX); "
+                          "this one would silently run fp32")
+    return OpenVinoRunner(path, threads, precision)
+
+
+def _native_bf16() -> bool:
+    from ..capabilities import cpu_capabilities
+
+    return cpu_capabilities().native_bf16
+
+
+def _precision_of(x: torch.Tensor) -> str:
+    if torch.is_autocast_enabled(x.device.type):
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(torch.get_autocast_dtype(x.device.type), "fp32")
+    return "fp32"
+
+
+class RuntimeModule(nn.Module):
+    """A PoolFormer run by ONNX Runtime or OpenVINO. Input [B, 3, H, W] (a tensor on any device), output float32
+    logits [B, num_classes] on the input's device.
+
+    Built from a model (`export`: how to write an ONNX file for an input shape; one export and session per
+    shape, made on the first call with that shape) or from an exported file (fixed H, W; batch dynamic or fixed).
+    Runs under autocast in bf16 where the runtime computes bf16 (see `make_runner`).
+    """
+
+    def __init__(self, runtime: str, export: Callable[[str, tuple[int, ...]], None] | None = None,
+                 path: str | None = None, num_classes: int = 1000):
+        super().__init__()
+        require(runtime)
+        self.runtime, self._export, self._path, self.num_classes = runtime, export, path, num_classes
+        self._runners: dict[tuple, Callable] = {}
+        self._folder: str | None = None
+        self.threads: int | None = None  # None: torch's thread count at session creation
+
+    @classmethod
+    def from_file(cls, runtime: str, path: str | os.PathLike) -> "RuntimeModule":
+        path = str(Path(path).expanduser())
+        if not Path(path).is_file():
+            raise CheckpointError(f"{path}: no such file")
+        module = cls(runtime, path=path)
+        module.signature = make_runner(runtime, path, threads=1).signature
+        module.num_classes = module.signature.num_classes
+        return module
+
+    def _runner(self, shape: tuple[int, ...], precision: str, device: str) -> Callable:
+        key = (shape if self._path is None else shape[2:], precision, device)
+        if key not in self._runners:
+            path = self._path
+            if path is None:
+                self._folder = self._folder or tempfile.mkdtemp(prefix="poolformer-onnx-")
+                path = os.path.join(self._folder, f"{'x'.join(map(str, shape))}.onnx")
+                if not os.path.exists(path):
+                    self._export(path, shape)
+            else:
+                expected = (self.signature.height, self.signature.width)
+                if tuple(shape[2:]) != expected or (self.signature.batch not in (None, shape[0])):
+                    raise ConfigError(f"{self._path} takes [{self.signature.batch or 'any'}, 3, {expected[0]}, "
+                                      f"{expected[1]}] inputs, not {list(shape)}; export it for this shape")
+            self._runners[key] = make_runner(self.runtime, path, threads=self.threads or torch.get_num_threads(),
+                                             precision=precision, device=device)
+        return self._runners[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ConfigError(f"expected images [B, 3, H, W], got {list(x.shape)}")
+        runner = self._runner(tuple(x.shape), _precision_of(x), x.device.type)
+        images = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        return torch.from_numpy(np.asarray(runner(images), dtype=np.float32)).to(x.device)
+
+    def to(self, *args: Any, **kwargs: Any) -> "RuntimeModule":  # no parameters here: nothing to move
+        return self
+
+    def __del__(self) -> None:
+        if getattr(self, "_folder", None):
+            shutil.rmtree(self._folder, ignore_errors=True)

@@ -1,0 +1,121 @@
+"""`poolformer export MODEL --output FILE`: ONNX or pt2, checked against our fp32 model before it is written.
+Parsing and rendering only; the work is in poolformer.runtimes."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .common import check_writable, console, err_console, fail, print_json, resolve_model, user_errors
+from .summary import one_int
+
+
+def export_command(
+    model: str = typer.Argument(..., help="Model name or alias (see `poolformer list`)."),
+    output: Path = typer.Option(..., "--output", "-o", help="The file to write (.onnx or .pt2)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx or pt2 (torch.export program)."),
+    weights: Optional[Path] = typer.Option(None, help="Checkpoint file (official, timm or transformers layout)."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Use the published ImageNet weights."),
+    resolution: str = typer.Option("224", metavar="INTEGER", help="Input height = width the file is exported for."),
+    opset: int = typer.Option(17, help="ONNX opset (13-20)."),
+    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Any batch size (default: batch 1)."),
+    fast: bool = typer.Option(False, "--fast", help="Export the folded model of poolformer.optimize: fewer "
+                                                    "operators, the same logits (PoolFormer v1/v2 only)."),
+    images: Optional[list[str]] = typer.Option(None, "--images", help="Photographs (files, folders or globs) to "
+                                                                      "check parity on, besides random inputs "
+                                                                      "(default: generated images)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Export a model to ONNX (or a torch.export pt2 program), run the file with ONNX Runtime and OpenVINO
+    (or torch for pt2) on random inputs and on images, and write it only when its logits match our fp32
+    model's (max |diff| <= 1e-4 x max(1, max |logit|), same top-1 on every input).
+
+    GroupNorm with one group and the pooling that skips padded positions are exported as plain reductions,
+    a depthwise convolution and a constant map, which every runtime computes the same way (TensorRT, for
+    example, computes ONNX GroupNormalization with one group per channel).
+    """
+    name = resolve_model(model)
+    size = one_int(resolution, "--resolution")
+    if size < 32:
+        fail(f"--resolution must be at least 32 (four downsamplings to stride 32), got {size}")
+    if fmt not in ("onnx", "pt2"):
+        fail(f"unknown format {fmt!r} for --format; choose from: onnx, pt2")
+    suffix = {"onnx": ".onnx", "pt2": ".pt2"}[fmt]
+    if output.suffix.lower() != suffix:
+        fail(f"--output {str(output)!r}: a {fmt} file should end in {suffix}")
+    check_writable(output, "--output")
+    from poolformer import create_model
+    from poolformer.runtimes.exporting import export_model
+
+    with user_errors():
+        if weights is not None and pretrained:
+            fail("pass either --weights PATH or --pretrained, not both")
+        net = create_model(name, weights=None if weights is None else str(weights), pretrained=pretrained,
+                           **({} if size == 224 else _size_overrides(name, size)))
+        checked = _images(net.spec, size, images)
+        if fast:
+            from poolformer.errors import ConfigError
+            from poolformer.fast import fold
+
+            try:
+                fold(net)
+            except ConfigError as err:
+                fail(f"--fast: {str(err).split(';')[0]}; export it without --fast")
+        with err_console.status(f"exporting {name} as {fmt} and checking it ..."):
+            report = export_model(net, output, fmt=fmt, resolution=size, opset=opset, dynamic_batch=dynamic_batch,
+                                  fast=fast, images=checked)
+    if json_output:
+        print_json(report.as_json())
+    else:
+        _render(report)
+    if not report.written:
+        fail(f"not written: the exported file does not match the model ({report.reason})", 1)
+
+
+def _size_overrides(name: str, size: int) -> dict:
+    """Models with token-count dependent parts (random / spatial-FC mixers, position embeddings) are built for
+    the export resolution."""
+    from poolformer.zoo import get_spec
+
+    return {} if get_spec(name).family in ("v1", "v2") else {"img_size": size}
+
+
+def _images(spec, size: int, arguments: Optional[list[str]]):
+    """[N, 3, size, size]: the photographs given (preprocessed as the model expects), else generated ones."""
+    import torch
+
+    from poolformer.data import Preprocess, load_batch, synthetic_images
+    from poolformer.predict import collect_images
+
+    transform = dataclasses.replace(Preprocess.for_spec(spec), input_size=size)
+    if not arguments:
+        return torch.stack([transform(img) for img in synthetic_images(4)])
+    entries = collect_images(arguments)
+    tensors, errors = load_batch([e.path for e in entries if e.error is None], transform)
+    problems = [e for e in entries if e.error] + [e for e in errors if e]
+    if problems or not tensors:
+        first = problems[0] if problems else "no images"
+        fail(f"--images: {getattr(first, 'path', '')}{': ' if hasattr(first, 'path') else ''}"
+             f"{getattr(first, 'error', first)}", 1)
+    return torch.stack(tensors)
+
+
+def _render(report) -> None:
+    title = (f"{report.model} -> {report.path} ({report.format}{', opset ' + str(report.opset) if report.opset else ''}"
+             f", {report.resolution}px, {'dynamic batch' if report.dynamic_batch else 'batch 1'}"
+             f"{', folded (--fast)' if report.fast else ''})")
+    table = Table(title=title, title_justify="left")
+    for column in ("runtime", "inputs", "count", "max |diff|", "max |logit|", "top-1 agree", "parity"):
+        table.add_column(column, justify="left" if column in ("runtime", "inputs", "parity") else "right")
+    for c in report.checks:
+        table.add_row(c.runtime, c.inputs, str(c.count), f"{c.max_abs_diff:.2e}", f"{c.max_abs_logit:.3g}",
+                      f"{c.top1_agreement:.0%}", "[green]ok[/]" if c.passed else "[red]FAILED[/]")
+    console.print(table)
+    if report.written:
+        console.print(f"wrote {report.path} ({report.size_bytes / 1e6:,.1f} MB)")
+    console.print(f"parity: max |diff| <= {report.tolerance:g} x max(1, max |logit|) and the same top-1 on every "
+                  "input, against our fp32 model", style="dim")

@@ -1,0 +1,199 @@
+"""ONNX Runtime and OpenVINO as implementations (bench, predict, eval), exported files as --weights, and the
+parity check on every bench row."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from poolformer import ConfigError, create_model
+from poolformer.bench import BenchConfig, BenchSettings, run_config
+from poolformer.implementations import build
+from poolformer.regression import compare
+from poolformer.runtimes import export_model
+from poolformer.runtimes.runners import RuntimeModule, make_runner
+from poolformer_cli.app import app
+
+from .conftest import assert_one_line_error, randomize_
+
+runner = CliRunner()
+QUICK = BenchSettings(warmup=0, iters=2)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A 10-class s12 checkpoint, its export at 64 px with a dynamic batch, and an image."""
+    from PIL import Image
+
+    from poolformer.weights import export_state_dict
+
+    folder = tmp_path_factory.mktemp("exported")
+    model = randomize_(create_model("s12", num_classes=10), seed=11)
+    checkpoint = folder / "s12_10.pth"
+    torch.save(export_state_dict(model, "official"), checkpoint)
+    onnx_path = folder / "s12_10.onnx"
+    assert export_model(model, onnx_path, resolution=64, dynamic_batch=True).written
+    assert export_model(model, folder / "s12_10_224.onnx", resolution=224, dynamic_batch=True).written
+    image = folder / "img.png"
+    Image.fromarray((torch.rand(70, 90, 3) * 255).byte().numpy()).save(image)
+    return checkpoint, onnx_path, image
+
+
+@pytest.mark.parametrize("impl", ["onnxruntime", "openvino"])
+def test_runtime_rows_match_our_model_and_time_session_creation_as_the_first_call(impl):
+    result = run_config(BenchConfig("v2_s12", impl, "cpu", 2, 64), QUICK)
+    assert result.status == "ok", result.error
+    assert result.parity.ok and result.parity.reference == "ours" and result.parity.top1_agreement == 1.0
+    assert result.parity.relative_diff < 1e-5
+    assert result.first_call_ms > result.latency_ms.median  # export + session creation happen on the first call
+
+
+def test_same_name_same_weights_in_every_implementation():
+    """Models are built after seeding, so each implementation's row compares against the same reference."""
+    torch.manual_seed(0)
+    ours = build("s12", "ours")
+    torch.manual_seed(0)
+    fast = build("s12", "fast")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (ours(x) - fast(x)).abs().max().item() < 1e-4
+
+
+def _broken_fast(name, impl, **kwargs):
+    """A 'fast' implementation with a bug: its logits are shifted for one class."""
+    model = build(name, impl, **kwargs)
+    if impl != "fast":
+        return model
+
+    class Shifted(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            out = self.inner(x).clone()
+            out[:, 3] += 5.0
+            return out
+
+    return Shifted(model)
+
+
+def test_a_row_with_wrong_outputs_is_a_mismatch_not_a_speed_result():
+    result = run_config(BenchConfig("s12", "fast", "cpu", 2, 64), QUICK, build_model=_broken_fast)
+    assert result.status == "mismatch" and not result.parity.ok and result.parity.max_abs_diff == pytest.approx(5.0, abs=0.01)
+    good = run_config(BenchConfig("s12", "fast", "cpu", 2, 64), QUICK)
+    assert good.status == "ok" and good.parity.ok
+    report = compare([good.to_row()], [result.to_row()], max_regression_pct=10)
+    assert report.comparisons[0].regressed and report.comparisons[0].note == "status mismatch"
+
+
+def test_timm_rows_are_checked_against_timm():
+    """timm's v1 head normalises after pooling: its logits differ from ours by design, not by mistake."""
+    result = run_config(BenchConfig("s12", "timm", "cpu", 2, 64, channels_last=True), QUICK)
+    assert result.status == "ok" and result.parity.reference == "timm" and result.parity.relative_diff < 1e-5
+
+
+@pytest.mark.parametrize(("impl", "message"), [("onnxruntime", "fp32 only"), ("openvino", "native support")])
+def test_runtimes_refuse_a_precision_they_would_not_compute(impl, message, monkeypatch):
+    from poolformer import capabilities
+
+    from .test_capabilities import caps
+
+    monkeypatch.setattr(capabilities, "cpu_capabilities", lambda: caps(("avx2",), onednn_bf16=False))
+    result = run_config(BenchConfig("s12", impl, "cpu", 1, 64, precision="bf16"), QUICK)
+    assert result.status == "error" and message in result.error
+
+
+def test_bench_cli_runs_an_exported_file(exported):
+    _, onnx_path, _ = exported
+    result = runner.invoke(app, ["bench", "s12", "--weights", str(onnx_path), "--impl", "onnxruntime,openvino",
+                                 "--device", "cpu", "--batch-sizes", "1,3", "--resolutions", "64", "--warmup", "0",
+                                 "--iters", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["results"]
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    assert all(r["parity"] is None and "inside the exported file" in r["parity_note"] for r in rows)
+    wrong_size = runner.invoke(app, ["bench", "s12", "--weights", str(onnx_path), "--impl", "onnxruntime",
+                                     "--device", "cpu", "--batch-sizes", "1", "--resolutions", "96", "--iters", "1",
+                                     "--warmup", "0", "--json"])
+    assert wrong_size.exit_code == 1 and "export it for this shape" in json.loads(wrong_size.stdout)["results"][0]["error"]
+
+
+@pytest.mark.parametrize("impl", ["ours", "onnxruntime", "openvino"])
+def test_predict_with_an_exported_file_equals_the_checkpoint(exported, impl):
+    checkpoint, small, image = exported
+    onnx_path = small.with_name("s12_10_224.onnx")  # exported at the model's own 224 px, as the checkpoint runs
+    predictions = {}
+    for weights in (checkpoint, onnx_path):
+        args = ["predict", str(image), "--weights", str(weights), "--device", "cpu", "--json", "--top-k", "3",
+                "--model", "s12"]
+        if weights == onnx_path:
+            args += ["--impl", impl]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        predictions[weights.suffix] = json.loads(result.stdout)[0]["predictions"]
+    assert [p["index"] for p in predictions[".onnx"]] == [p["index"] for p in predictions[".pth"]]
+    assert [p["label"] for p in predictions[".onnx"]] == [str(p["index"]) for p in predictions[".onnx"]]  # 10 classes
+    assert [p["probability"] for p in predictions[".onnx"]] == pytest.approx(
+        [p["probability"] for p in predictions[".pth"]], abs=1e-5)
+
+
+def test_predict_preprocesses_to_the_exported_files_size(exported):
+    from poolformer.predict import load_classifier
+
+    _, small, _ = exported
+    classifier = load_classifier("s12", weights=small, impl="onnxruntime", device="cpu")
+    assert classifier.spec.input_size == 64 and classifier.spec.crop_pct == 0.9 and classifier.num_classes == 10
+
+
+def test_eval_with_an_exported_file(exported, tmp_path):
+    checkpoint, small, image = exported
+    onnx_path = small.with_name("s12_10_224.onnx")
+    for klass in range(10):  # a 10-class dataset: sorted folder names are the class indices
+        folder = tmp_path / f"class{klass}"
+        folder.mkdir()
+        (folder / "a.png").write_bytes(image.read_bytes())
+    counts = {}
+    for weights, impl in ((checkpoint, "ours"), (onnx_path, "openvino")):
+        result = runner.invoke(app, ["eval", str(tmp_path), "--weights", str(weights), "--impl", impl, "--device",
+                                     "cpu", "--workers", "0", "--json", "--batch-size", "4"])
+        assert result.exit_code == 0, result.output
+        document = json.loads(result.stdout)
+        counts[impl] = (document["images"], document["correct_top1"], document["correct_top5"])
+    assert counts["openvino"] == counts["ours"] and counts["ours"][0] == 10
+
+
+def test_foreign_and_corrupt_onnx_files_are_one_line_errors(tmp_path, exported):
+    _, _, image = exported
+    import onnx
+    from onnx import TensorProto, helper
+
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07 not a protobuf of a model at all")
+    assert_one_line_error(runner.invoke(app, ["predict", str(image), "--weights", str(corrupt)]),
+                          "not an ONNX file", exit_code=1)
+    adder = helper.make_model(helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["c"])], "adder",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 4]), helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 4])]))
+    foreign = tmp_path / "adder.onnx"
+    onnx.save(adder, foreign)
+    assert_one_line_error(runner.invoke(app, ["predict", str(image), "--weights", str(foreign)]),
+                          "not an image classifier export", exit_code=1)
+    with pytest.raises(Exception, match="not a poolformer export"):
+        RuntimeModule.from_file("onnxruntime", foreign)
+
+
+def test_a_missing_runtime_is_a_one_line_error(monkeypatch, exported):
+    _, onnx_path, image = exported
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    with pytest.raises(ConfigError, match="openvino is not installed here"):
+        make_runner("openvino", str(onnx_path))
+    assert_one_line_error(runner.invoke(app, ["predict", str(image), "--weights", str(onnx_path), "--impl", "openvino"]),
+                          "openvino is not installed here")
+    result = run_config(BenchConfig("s12", "openvino", "cpu", 1, 64), QUICK)
+    assert result.status == "error" and "openvino is not installed here" in result.error
