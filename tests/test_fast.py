@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from poolformer import ConfigError, create_model, list_models, optimize
 from poolformer.fast import fold, pool_minus_identity_weight
 from poolformer.fast import cpu as fast_cpu
+from poolformer.fast import onnxruntime as fast_onnxruntime
 from poolformer.fast.cpu import block_forward, head_forward, per_sample_inv_sigma, pool_minus_identity, pool_mix
 from poolformer.implementations import IMPLEMENTATIONS, build
 from poolformer_cli.app import app
@@ -30,13 +31,13 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).contiguous()
 
 
-def _assert_as_exact_as_reference(model, x: torch.Tensor, features: bool = False) -> None:
+def _assert_as_exact_as_reference(model, x: torch.Tensor, features: bool = False, backend: str = "onednn") -> None:
     """Fast fp32 output within TOLERANCE of the reference's, or (where random weights grow activations so
     far that the fp32 reference itself is that far off) within TOLERANCE, or twice the reference's own fp32
     error, of a float64 run of the reference."""
     run = (lambda m, t: m.forward_features(t)) if features else (lambda m, t: m(t))
     with torch.no_grad():
-        got, expected = run(optimize(model), x), run(model, x)
+        got, expected = run(optimize(model, backend=backend), x), run(model, x)
         assert got.dtype == torch.float32 and got.shape == expected.shape
         if (got - expected).abs().max().item() < TOLERANCE:
             return
@@ -215,6 +216,39 @@ def test_rejects_non_metaformer_and_bad_input(v1_model):
         optimize(v1_model)(torch.randn(1, 4, 32, 32))
 
 
+# ------------------------------------------------------------------------------ the onnxruntime backend
+
+needs_onnxruntime = pytest.mark.skipif(not fast_onnxruntime.available(), reason="onnxruntime is not installed")
+
+
+@needs_onnxruntime
+@pytest.mark.parametrize("family", ["v1", "v2"])
+@pytest.mark.parametrize(("batch", "height", "width"), [(1, 64, 64), (3, 97, 75)])
+def test_onnxruntime_backend_runs_the_folded_graph_exactly(family, batch, height, width, v1_model, v2_model):
+    model = v1_model if family == "v1" else v2_model
+    _assert_as_exact_as_reference(model, torch.randn(batch, 3, height, width), backend="onnxruntime")
+
+
+@needs_onnxruntime
+def test_onnxruntime_is_the_default_cpu_fp32_backend_and_features_fall_back(v2_model):
+    fast = optimize(v2_model)
+    assert fast.backend_for(torch.float32) == "onnxruntime"
+    assert fast.backend_for(torch.bfloat16) in ("onednn", "portable")  # onnxruntime has no bf16 here
+    x = torch.randn(2, 3, 64, 64)
+    _assert_as_exact_as_reference(v2_model, x, features=True, backend="auto")  # maps: oneDNN, not the runtime
+    with torch.no_grad():
+        logits = fast(x)
+    assert fast.prepared(torch.float32, x.device).backend == "onnxruntime" and logits.shape == (2, 1000)
+    assert len(fast.prepared(torch.float32, x.device).session._sessions) == 1  # one session per input shape
+    fast(torch.randn(1, 3, 64, 64))
+    assert len(fast.prepared(torch.float32, x.device).session._sessions) == 2
+
+
+def test_asking_for_onnxruntime_where_it_cannot_run_is_a_config_error(v1_model):
+    with pytest.raises(ConfigError, match="onnxruntime backend runs float32"):
+        optimize(v1_model, dtype=torch.bfloat16, backend="onnxruntime")(torch.randn(1, 3, 32, 32))
+
+
 # ------------------------------------------------------------------------------ bf16
 
 
@@ -286,7 +320,7 @@ def test_onednn_and_portable_paths_agree_in_fp32(family, v1_model, v2_model):
     x = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         onednn, portable = optimize(model, backend="onednn")(x), optimize(model, backend="portable")(x)
-    assert optimize(model).backend_for(torch.float32) == "onednn"
+    assert optimize(model, backend="onednn").backend_for(torch.float32) == "onednn"
     assert (onednn - portable).abs().max().item() < TOLERANCE * max(1.0, onednn.abs().max().item())
 
 

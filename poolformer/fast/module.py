@@ -1,12 +1,15 @@
 """`optimize(model)`: the inference-only module that runs the folded model, and the choice of its kernels.
 
 Backends (the kernels one forward runs on), chosen once per (dtype, device) the module meets:
+- ``onnxruntime``: the folded graph run by ONNX Runtime (`poolformer.fast.onnxruntime`); float32 on the CPU,
+  where onnxruntime is installed. The fastest CPU path measured (benchmarks/results/runtimes_cpu.md).
 - ``onednn``: oneDNN's fused, pre-packed primitives (`poolformer.fast.cpu`); CPUs only, and only in a dtype
   oneDNN runs on this CPU (float32 everywhere; bfloat16 where `poolformer.capabilities` says oneDNN has it).
 - ``portable``: the same algebra with plain PyTorch operators; works on any device and dtype.
 
-`backend="auto"` takes oneDNN where it can and the portable path otherwise; the environment variable
-POOLFORMER_FAST_BACKEND=portable forces the portable path everywhere (tests use it to cover both on any host).
+`backend="auto"` takes the first of these that can run the dtype on the device; `forward_features` (maps, not
+logits) always runs oneDNN or portable. The environment variable POOLFORMER_FAST_BACKEND forces one backend
+everywhere (tests use it to cover every path on any host).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from ..model import MetaFormer
 from . import cpu
 from .folding import FoldedModel, fold
 
-BACKENDS = ("auto", "onednn", "portable")
+BACKENDS = ("auto", "onnxruntime", "onednn", "portable")
 BACKEND_ENV = "POOLFORMER_FAST_BACKEND"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -49,6 +52,14 @@ def choose_backend(requested: str, dtype: torch.dtype, device: torch.device) -> 
         requested = forced
     if requested not in BACKENDS:
         raise ConfigError(f"unknown fast backend {requested!r}; choose from: {', '.join(BACKENDS)}")
+    runtime_possible = onnxruntime_runs(dtype, device)
+    if requested == "onnxruntime":
+        if not runtime_possible:
+            raise ConfigError(f"the onnxruntime backend runs float32 on the CPU with onnxruntime installed, not "
+                              f"{str(dtype).removeprefix('torch.')} on {device}; use backend='auto'")
+        return "onnxruntime"
+    if requested == "auto" and runtime_possible:
+        return "onnxruntime"
     possible = onednn_runs(dtype, device)
     if requested == "onednn" and not possible:
         raise ConfigError(f"oneDNN cannot run {str(dtype).removeprefix('torch.')} on {device} here; "
@@ -58,12 +69,19 @@ def choose_backend(requested: str, dtype: torch.dtype, device: torch.device) -> 
     return "onednn"
 
 
+def onnxruntime_runs(dtype: torch.dtype, device: torch.device) -> bool:
+    from .onnxruntime import available
+
+    return device.type == "cpu" and dtype == torch.float32 and available()
+
+
 @dataclass(frozen=True)
 class Prepared:
     """The folded tensors converted for one (dtype, device), and the backend that runs them."""
 
     folded: FoldedModel
     backend: str
+    session: object | None = None  # the onnxruntime backend's FoldedSession
 
 
 class FastPoolFormer(nn.Module):
@@ -87,7 +105,7 @@ class FastPoolFormer(nn.Module):
         self.spec = getattr(model, "spec", None)
         self.arch = model.arch
         self.num_classes = model.num_classes
-        self._cache: dict[tuple[torch.dtype, torch.device], Prepared] = {}
+        self._cache: dict[tuple, Prepared] = {}
         self.eval()
 
     def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
@@ -100,6 +118,23 @@ class FastPoolFormer(nn.Module):
         key = (dtype, device)
         if key not in self._cache:
             backend = choose_backend(self.backend, dtype, device)
+            if backend == "onnxruntime":
+                from .onnxruntime import FoldedSession
+
+                self._cache[key] = Prepared(self.folded, backend, FoldedSession(self.folded, self.plan))
+                return self._cache[key]
+            folded = self.folded.to(dtype, device)
+            self._cache[key] = Prepared(cpu.pack_for_onednn(folded) if backend == "onednn" else folded, backend)
+        return self._cache[key]
+
+    def _torch_path(self, dtype: torch.dtype, device: torch.device) -> Prepared:
+        """oneDNN or portable, for what the runtime backend does not give (feature maps)."""
+        prepared = self.prepared(dtype, device)
+        if prepared.backend != "onnxruntime":
+            return prepared
+        key = (dtype, device, "torch")
+        if key not in self._cache:
+            backend = "onednn" if onednn_runs(dtype, device) and self.backend in ("auto", "onnxruntime") else "portable"
             folded = self.folded.to(dtype, device)
             self._cache[key] = Prepared(cpu.pack_for_onednn(folded) if backend == "onednn" else folded, backend)
         return self._cache[key]
@@ -120,6 +155,10 @@ class FastPoolFormer(nn.Module):
             raise ConfigError(f"expected images [B, {self.folded.stem_weight.shape[1]}, H, W], got {list(x.shape)}")
         dtype = self.compute_dtype(x)
         prepared = self.prepared(dtype, x.device)
+        if prepared.backend == "onnxruntime" and not features_only:
+            with torch.no_grad():
+                return prepared.session(x)
+        prepared = self._torch_path(dtype, x.device)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             images = x.to(dtype).contiguous(memory_format=torch.channels_last)
             features = cpu.features_forward(images, prepared.folded, self.plan, prepared.backend == "onednn")

@@ -95,11 +95,14 @@ class FoldedExport(nn.Module):
     """The folded model (see poolformer.fast.folding) in float32 with plain operators, for export.
     Input [B, 3, H, W], output logits [B, num_classes]; the same logits as the reference model."""
 
-    def __init__(self, model: MetaFormer):
+    def __init__(self, model: MetaFormer | None = None, folded: FoldedModel | None = None, plan: Plan | None = None):
         super().__init__()
-        folded, plan = fold(model)
+        if model is not None:
+            folded, plan = fold(model)
+        if folded is None or plan is None:
+            raise ValueError("FoldedExport needs a model, or folded tensors and their plan")
         self.plan: Plan = plan
-        self.folded: FoldedModel = folded
+        self.folded: FoldedModel = folded.to(torch.float32, "cpu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f, plan = self.folded, self.plan
