@@ -222,7 +222,10 @@ def _csv_text(rows: list[dict]) -> str:
 
 
 def _ms(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.2f}"
+    """About three significant digits: 583.6 -> '584', 14.42 -> '14.4', 2.345 -> '2.35'."""
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
 def _megabytes(n: Optional[int]) -> str:
@@ -248,10 +251,10 @@ def _hardware(env: dict) -> str:
 def _print_results(results: list, normalised: bool, hardware: str = "") -> None:
     device = results[0].config.device if results else "cpu"
     title = f"poolformer bench on {device}" + (f" ({hardware})" if hardware else "")
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("config")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("config", min_width=14, overflow="fold")
     table.add_column("status", no_wrap=True)
-    for column in ("img/s", "median\nms", "p90\nms", "IQR", "peak\nmem", "first\nms", "max\n|Δ|", "top-1\nagree",
+    for column in ("img/s", "median\nms", "p90\nms", "IQR", "peak\nmem", "first\nms", "max\n|Δ|",
                    *(["rel."] if normalised else [])):
         table.add_column(column, justify="right", no_wrap=True)
     any_noisy, errors = False, []
@@ -266,11 +269,13 @@ def _print_results(results: list, normalised: bool, hardware: str = "") -> None:
         if r.status == "error":
             errors.append(f"{_short_label(r.config)}: {r.error}")
         parity = r.parity
-        diff = "-" if parity is None else (f"{parity.max_abs_diff:.1e}" if parity.ok else f"[red]{parity.max_abs_diff:.1e}[/]")
-        agree = "-" if parity is None else f"{parity.top1_agreement:.0%}"
+        diff = "-"
+        if parity is not None:
+            diff = f"{parity.max_abs_diff:.0e}" + ("" if parity.top1_agreement == 1.0 else f" {parity.top1_agreement:.0%}")
+            diff = diff if parity.ok else f"[red]{diff}[/]"
         table.add_row(_short_label(r.config), status, "-" if r.throughput is None else f"{r.throughput:,.1f}",
                       _ms(lat and lat.median), _ms(lat and lat.p90), iqr, _megabytes(r.peak_memory_bytes),
-                      _ms(r.first_call_ms), diff, agree,
+                      _ms(r.first_call_ms), diff,
                       *([f"{r.relative_throughput:.3f}" if r.relative_throughput else "-"] if normalised else []))
     console.print(table)
     for line in errors:
@@ -281,9 +286,9 @@ def _print_results(results: list, normalised: bool, hardware: str = "") -> None:
               else "peak mem = peak resident memory of the whole process (1 MB = 10^6 bytes)")
     notes = [f"img/s = batch / median step latency; IQR = (p75 - p25) / median of the per-step latencies; "
              f"{memory}; first = the first forward alone (with --compile: the compile time; for runtimes: export "
-             "and session creation); max |Δ| / top-1 agree = the row's logits against the fp32 eager reference "
-             "with the same weights (timm's own for --impl timm); mismatch = beyond tolerance, not a speed "
-             "result; CL = channels_last."]
+             "and session creation); max |Δ| = the row's logits against the fp32 eager reference with the same "
+             "weights (timm's own for --impl timm), with the top-1 agreement where it is below 100%; mismatch = "
+             "beyond tolerance, not a speed result; CL = channels_last."]
     if any_noisy:
         notes.append("! noisy: the IQR is a large share of the median - the machine was busy; rerun, "
                      "raise --iters/--min-time, or use --threads.")

@@ -126,7 +126,7 @@ def test_run_config_measures_the_requested_configuration(monkeypatch):
                                channels_last=True)
     result = bench.run_config(config, bench.BenchSettings(warmup=2, iters=3))
     assert result.status == "ok", result.error
-    assert len(seen) == 1 + 2 + 3  # first call, warm-up, timed steps
+    assert len(seen) == 1 + 2 + 3 + 1  # first call, warm-up, timed steps, the parity check's untimed call
     assert set(seen) == {((2, 3, 64, 64), True, torch.bfloat16)}
     assert len(result.steps_ms) == 3
     assert result.latency_ms.median == pytest.approx(float(np.median(result.steps_ms)))
