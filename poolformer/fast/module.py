@@ -1,15 +1,21 @@
 """`optimize(model)`: the inference-only module that runs the folded model, and the choice of its kernels.
 
 Backends (the kernels one forward runs on), chosen once per (dtype, device) the module meets:
+- ``triton``: two fused Triton kernels per block (`poolformer.fast.triton_forward`); CUDA GPUs. On CPU
+  tensors only when asked for by name and POOLFORMER_TRITON_INTERPRET=1 is set: Triton's interpreter runs the
+  same kernels (tests, debugging; very slow).
 - ``onnxruntime``: the folded graph run by ONNX Runtime (`poolformer.fast.onnxruntime`); float32 on the CPU,
   where onnxruntime is installed. The fastest CPU path measured (benchmarks/results/runtimes_cpu.md).
 - ``onednn``: oneDNN's fused, pre-packed primitives (`poolformer.fast.cpu`); CPUs only, and only in a dtype
   oneDNN runs on this CPU (float32 everywhere; bfloat16 where `poolformer.capabilities` says oneDNN has it).
 - ``portable``: the same algebra with plain PyTorch operators; works on any device and dtype.
 
-`backend="auto"` takes the first of these that can run the dtype on the device; `forward_features` (maps, not
-logits) always runs oneDNN or portable. The environment variable POOLFORMER_FAST_BACKEND forces one backend
-everywhere (tests use it to cover every path on any host).
+`backend="auto"` takes the first of these that can run the dtype on the device; where it passed over the
+Triton kernels on a GPU, `FastPoolFormer.backend_note` says why in one line (the command line prints it).
+`forward_features` (maps, not logits) never runs in ONNX Runtime. The environment variable
+POOLFORMER_FAST_BACKEND forces one backend everywhere (tests use it to cover every path on any host).
+
+On CUDA every forward goes through CUDA graphs (`poolformer.fast.cuda`) unless turned off.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model import MetaFormer
-from . import cpu
+from . import cpu, triton_forward
+from .cuda import GraphCache, graphs_enabled_by_env
 from .folding import FoldedModel, fold
 
-BACKENDS = ("auto", "onnxruntime", "onednn", "portable")
+BACKENDS = ("auto", "triton", "onnxruntime", "onednn", "portable")
 BACKEND_ENV = "POOLFORMER_FAST_BACKEND"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -43,8 +50,18 @@ def onednn_runs(dtype: torch.dtype, device: torch.device) -> bool:
     return False  # float16: oneDNN's fp16 linear is not wired into _linear_pointwise on every torch
 
 
-def choose_backend(requested: str, dtype: torch.dtype, device: torch.device) -> str:
-    """The backend that runs `dtype` on `device` for a request of `requested` (see the module docstring)."""
+def onnxruntime_runs(dtype: torch.dtype, device: torch.device) -> bool:
+    from .onnxruntime import available
+
+    return device.type == "cpu" and dtype == torch.float32 and available()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def requested_backend(requested: str) -> str:
+    """`requested`, or the backend POOLFORMER_FAST_BACKEND forces; ConfigError for names that are none."""
     forced = os.environ.get(BACKEND_ENV, "").strip().lower()
     if forced and forced not in BACKENDS:
         raise ConfigError(f"{BACKEND_ENV}={forced!r} is not a backend; use one of: {', '.join(BACKENDS)}")
@@ -52,27 +69,41 @@ def choose_backend(requested: str, dtype: torch.dtype, device: torch.device) -> 
         requested = forced
     if requested not in BACKENDS:
         raise ConfigError(f"unknown fast backend {requested!r}; choose from: {', '.join(BACKENDS)}")
+    return requested
+
+
+def explain_backend(requested: str, dtype: torch.dtype, device: torch.device) -> tuple[str, str | None]:
+    """The backend that runs `dtype` on `device` for a request of `requested` (see the module docstring), and
+    a one-line note when "auto" passed over the Triton kernels on a GPU, where they are the fast path."""
+    requested = requested_backend(requested)
+    note = None
+    if requested == "triton" or (requested == "auto" and device.type != "cpu"):
+        reason = triton_forward.unavailable_reason(dtype, device)
+        if reason is None:
+            return "triton", None
+        if requested == "triton":
+            raise ConfigError(f"the Triton backend cannot run here: {reason}")
+        note = f"the fast path runs on PyTorch operators, not its Triton kernels: {reason}"
     runtime_possible = onnxruntime_runs(dtype, device)
     if requested == "onnxruntime":
         if not runtime_possible:
             raise ConfigError(f"the onnxruntime backend runs float32 on the CPU with onnxruntime installed, not "
-                              f"{str(dtype).removeprefix('torch.')} on {device}; use backend='auto'")
-        return "onnxruntime"
+                              f"{_dtype_name(dtype)} on {device}; use backend='auto'")
+        return "onnxruntime", None
     if requested == "auto" and runtime_possible:
-        return "onnxruntime"
+        return "onnxruntime", None
     possible = onednn_runs(dtype, device)
     if requested == "onednn" and not possible:
-        raise ConfigError(f"oneDNN cannot run {str(dtype).removeprefix('torch.')} on {device} here; "
+        raise ConfigError(f"oneDNN cannot run {_dtype_name(dtype)} on {device} here; "
                           "use backend='portable' or 'auto'")
     if requested == "portable" or not possible:
-        return "portable"
-    return "onednn"
+        return "portable", note
+    return "onednn", note
 
 
-def onnxruntime_runs(dtype: torch.dtype, device: torch.device) -> bool:
-    from .onnxruntime import available
-
-    return device.type == "cpu" and dtype == torch.float32 and available()
+def choose_backend(requested: str, dtype: torch.dtype, device: torch.device) -> str:
+    """The backend that runs `dtype` on `device` for a request of `requested` (see the module docstring)."""
+    return explain_backend(requested, dtype, device)[0]
 
 
 @dataclass(frozen=True)
@@ -82,6 +113,7 @@ class Prepared:
     folded: FoldedModel
     backend: str
     session: object | None = None  # the onnxruntime backend's FoldedSession
+    triton: triton_forward.TritonModel | None = None  # the kernels' form of the weights (backend "triton")
 
 
 class FastPoolFormer(nn.Module):
@@ -90,10 +122,12 @@ class FastPoolFormer(nn.Module):
 
     Runs in `dtype` (float32 unless given), or in bfloat16/float16 when called under autocast. Weights are
     converted to each (dtype, device) it meets once and cached, with the backend chosen for them
-    (`backend_for`).
+    (`backend_for`, and `backend_note` for why a faster one was not). On CUDA, repeated input shapes run as
+    CUDA graphs (`cuda_graphs`, default on unless POOLFORMER_CUDA_GRAPHS=0).
     """
 
-    def __init__(self, model: MetaFormer, dtype: torch.dtype | None = None, backend: str = "auto"):
+    def __init__(self, model: MetaFormer, dtype: torch.dtype | None = None, backend: str = "auto",
+                 cuda_graphs: bool | None = None):
         super().__init__()
         if dtype is not None and dtype not in DTYPES:
             raise ConfigError(f"optimize() runs in float32, bfloat16 or float16, not {dtype}")
@@ -106,6 +140,8 @@ class FastPoolFormer(nn.Module):
         self.arch = model.arch
         self.num_classes = model.num_classes
         self._cache: dict[tuple, Prepared] = {}
+        self.cuda_graphs = graphs_enabled_by_env() if cuda_graphs is None else cuda_graphs
+        self.graphs = GraphCache()
         self.eval()
 
     def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
@@ -114,17 +150,31 @@ class FastPoolFormer(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         return self.dtype
 
+    def _choice(self, dtype: torch.dtype, device: torch.device) -> tuple[str, str | None]:
+        backend, note = explain_backend(self.backend, dtype, device)
+        if backend == "triton":
+            reason = triton_forward.unsupported_model_reason(self.folded, self.plan)
+            if reason is not None:
+                if requested_backend(self.backend) == "triton":
+                    raise ConfigError(f"the Triton backend cannot run this model: {reason}")
+                backend = "onednn" if onednn_runs(dtype, device) else "portable"
+                note = f"the fast path runs on PyTorch operators, not its Triton kernels: {reason}"
+        return backend, note
+
     def prepared(self, dtype: torch.dtype, device: torch.device) -> Prepared:
         key = (dtype, device)
         if key not in self._cache:
-            backend = choose_backend(self.backend, dtype, device)
-            if backend == "onnxruntime":
+            backend, _ = self._choice(dtype, device)
+            if backend == "triton":
+                kernels_form = triton_forward.prepare(self.folded, dtype, device)
+                self._cache[key] = Prepared(kernels_form.folded, backend, triton=kernels_form)
+            elif backend == "onnxruntime":
                 from .onnxruntime import FoldedSession
 
                 self._cache[key] = Prepared(self.folded, backend, FoldedSession(self.folded, self.plan))
-                return self._cache[key]
-            folded = self.folded.to(dtype, device)
-            self._cache[key] = Prepared(cpu.pack_for_onednn(folded) if backend == "onednn" else folded, backend)
+            else:
+                folded = self.folded.to(dtype, device)
+                self._cache[key] = Prepared(cpu.pack_for_onednn(folded) if backend == "onednn" else folded, backend)
         return self._cache[key]
 
     def _torch_path(self, dtype: torch.dtype, device: torch.device) -> Prepared:
@@ -141,7 +191,23 @@ class FastPoolFormer(nn.Module):
 
     def backend_for(self, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> str:
         """The backend a forward in `dtype` (default: the module's) on `device` runs."""
-        return choose_backend(self.backend, dtype or self.dtype, torch.device(device))
+        return self._choice(dtype or self.dtype, torch.device(device))[0]
+
+    def backend_note(self, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> str | None:
+        """One line saying why a forward in `dtype` on `device` does not run the Triton kernels where they would
+        be the fast path (Triton missing, a GPU or model they do not cover); None when nothing was passed over."""
+        return self._choice(dtype or self.dtype, torch.device(device))[1]
+
+    def bytes_per_image(self, batch_size: int, height: int, width: int, dtype: torch.dtype | None = None,
+                        device: torch.device | str = "cuda") -> float | None:
+        """Bytes the Triton kernels move per image for a [batch_size, 3, height, width] float32 input (see
+        `poolformer.fast.roofline`); None where the forward does not run them."""
+        from .roofline import bytes_per_image, fast_traffic
+
+        dtype = dtype or self.dtype
+        if self.backend_for(dtype, device) != "triton":
+            return None
+        return bytes_per_image(fast_traffic(self.folded, self.plan, batch_size, height, width, dtype), batch_size)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, C, H/32, W/32] (a channels-last view), like MetaFormer.forward_features."""
@@ -160,11 +226,29 @@ class FastPoolFormer(nn.Module):
                 return prepared.session(x)
         prepared = self._torch_path(dtype, x.device)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            images = x.to(dtype).contiguous(memory_format=torch.channels_last)
-            features = cpu.features_forward(images, prepared.folded, self.plan, prepared.backend == "onednn")
+            if self._use_graphs(x, prepared):
+                return self.graphs(lambda images: self._forward(images, dtype, prepared, features_only), x,
+                                   extra=(dtype, features_only))
+            return self._forward(x, dtype, prepared, features_only)
+
+    def _use_graphs(self, x: torch.Tensor, prepared: Prepared) -> bool:
+        """CUDA graphs on CUDA, unless turned off or the kernels run in Triton's interpreter (host copies)."""
+        if not self.cuda_graphs or x.device.type != "cuda":
+            return False
+        return prepared.backend != "triton" or not triton_forward.triton_interprets()
+
+    def _forward(self, x: torch.Tensor, dtype: torch.dtype, prepared: Prepared, features_only: bool) -> torch.Tensor:
+        if prepared.backend == "triton":
+            images = triton_forward.images_in(x, dtype)
+            features = triton_forward.features_forward(images, prepared.triton, self.plan)
             if features_only:
                 return features.permute(0, 3, 1, 2)
-            return cpu.head_forward(features, prepared.folded, self.plan)
+            return triton_forward.head_forward(features, prepared.triton, self.plan)
+        images = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        features = cpu.features_forward(images, prepared.folded, self.plan, prepared.backend == "onednn")
+        if features_only:
+            return features.permute(0, 3, 1, 2)
+        return cpu.head_forward(features, prepared.folded, self.plan)
 
     def extra_repr(self) -> str:
         name = self.spec.name if self.spec is not None else "MetaFormer"
@@ -172,13 +256,16 @@ class FastPoolFormer(nn.Module):
                 f"blocks={sum(len(s.blocks) for s in self.folded.stages)}")
 
 
-def optimize(model: MetaFormer, dtype: torch.dtype | None = None, backend: str = "auto") -> FastPoolFormer:
+def optimize(model: MetaFormer, dtype: torch.dtype | None = None, backend: str = "auto",
+             cuda_graphs: bool | None = None) -> FastPoolFormer:
     """An inference-only form of a PoolFormer v1/v2 `model` with the same logits, faster (see
     `poolformer.fast`).
 
     dtype: run in this dtype (float32 default). bfloat16 is fast on CPUs with AVX512-BF16/AMX and runs
     (emulated, slowly) elsewhere; under autocast the module switches to the autocast dtype by itself.
-    backend: "auto" (default), "onednn" or "portable" (see this module's docstring).
+    backend: "auto" (default), "triton", "onnxruntime", "onednn" or "portable" (see this module's docstring).
+    cuda_graphs: replay CUDA graphs for repeated input shapes on CUDA (default: on, unless
+    POOLFORMER_CUDA_GRAPHS=0).
     Raises ConfigError for models the fast path does not cover (non-pooling token mixers, other norms).
     """
-    return FastPoolFormer(model, dtype=dtype, backend=backend)
+    return FastPoolFormer(model, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs)

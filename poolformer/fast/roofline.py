@@ -1,0 +1,100 @@
+"""Roofline of the fast path on a GPU: the bytes its kernels move per image, from the kernels' own reads and
+writes (tensor shapes x element sizes), and the memory bandwidth a measured speed implies.
+
+Each kernel is charged every tensor it reads and writes once: the ideal DRAM traffic of the schedule in
+`poolformer.fast.triton_forward` (pooling's neighbouring rows, the MLP's residual re-read and the weights that
+every program streams are assumed to come from L1/L2). Measured DRAM bytes (Nsight Compute) can only be
+higher; comparing the two is how a GPU session checks the kernels' caching.
+
+Per block the kernels move about 4 C-wide activations per token (mixer: read x, write x1; MLP: read x1, write
+y) plus the weights once per batch, against about 39 for an unfused eager block (GroupNorm 3, pooling 2,
+subtract 3, LayerScale 2, residual add 3, twice; fc1 5, GELU 8 on the 4C-wide hidden tensor, fc2 5).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .folding import FoldedModel, Plan
+from .triton_forward import (
+    KernelTraffic, elementwise_tile, mlp_configs, new_partials_shape,
+)
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _partials_bytes(rows: int, hw: int, block_rows: int) -> int:
+    slots, segs = new_partials_shape(rows, hw, block_rows)
+    return slots * segs * 3 * 4
+
+
+def fast_traffic(folded: FoldedModel, plan: Plan, batch_size: int, height: int, width: int, dtype: torch.dtype,
+                 input_dtype: torch.dtype = torch.float32, input_converted: bool = True,
+                 features_only: bool = False, interpret: bool = False) -> list[KernelTraffic]:
+    """The kernels (and PyTorch operators) of one forward of the Triton backend on a [batch_size, 3, height,
+    width] input, with the bytes each reads and writes. `folded` is the float32 folded model; `dtype` the
+    compute dtype; input_converted: the input needs a pass to become channels-last `dtype` (a float32 NCHW
+    input does); interpret: size the statistics buffers for the interpreter's tiles instead of the GPU's."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    input_size = torch.empty(0, dtype=input_dtype).element_size()
+    traffic: list[KernelTraffic] = []
+    batch = batch_size
+    pixels = batch * 3 * height * width
+    if input_converted:
+        traffic.append(KernelTraffic("input", pixels * input_size, pixels * size))
+    h, w = _conv_out(height, 7, 4, 2), _conv_out(width, 7, 4, 2)
+    channels = folded.stem_weight.shape[0]
+    traffic.append(KernelTraffic("stem", pixels * size + (folded.stem_weight.numel() + channels) * size,
+                                 batch * h * w * channels * size))
+    if folded.stem_norm_weight is not None:
+        activation = batch * h * w * channels * size
+        traffic.append(KernelTraffic("stem_norm", activation + channels * size, activation))
+    for stage in folded.stages:
+        if stage.down_weight is not None:
+            if plan.down_norm_eps is not None:
+                activation = batch * h * w * channels * size
+                traffic.append(KernelTraffic("down_norm", activation, activation))
+            weight_bytes = stage.down_weight.numel() * size
+            bias_bytes = stage.down_bias.numel() * size if stage.down_bias is not None else 0
+            read = batch * h * w * channels * size + weight_bytes + bias_bytes
+            h, w, channels = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1), stage.down_weight.shape[0]
+            traffic.append(KernelTraffic("down", read, batch * h * w * channels * size))
+        if not stage.blocks:
+            continue
+        rows, hw = batch * h * w, h * w
+        activation = rows * channels * size
+        tile_rows = elementwise_tile(rows, channels, interpret).block_rows
+        hidden = stage.blocks[0].fc1_weight.shape[0]
+        mlp_rows = mlp_configs(rows, channels, hidden, dtype, interpret)[0].block_rows
+        elementwise_partials = _partials_bytes(rows, hw, tile_rows)
+        mlp_partials = _partials_bytes(rows, hw, mlp_rows)
+        traffic.append(KernelTraffic("stats", activation, elementwise_partials))
+        incoming = elementwise_partials
+        for index, block in enumerate(stage.blocks):
+            vector = channels * 4  # scales and biases stay float32
+            mixer_reads = activation + incoming + vector * (1 + (block.skip_scale1 is not None))
+            traffic.append(KernelTraffic("pool_mix", mixer_reads, activation + elementwise_partials))
+            weights = 2 * hidden * channels * size + 4 * (
+                hidden * (block.fc1_bias is not None) + channels * (block.fc2_bias is not None)
+                + channels * (block.skip_scale2 is not None))
+            emits = index < len(stage.blocks) - 1
+            traffic.append(KernelTraffic("mlp", activation + elementwise_partials + weights,
+                                         activation + (mlp_partials if emits else 0)))
+            incoming = mlp_partials
+    if not features_only:
+        classes = folded.head_bias.numel()
+        head_reads = batch * h * w * channels * size + (folded.head_weight.numel() + classes) * 4
+        traffic.append(KernelTraffic("head", head_reads, batch * classes * 4))
+    return traffic
+
+
+def bytes_per_image(traffic: list[KernelTraffic], batch_size: int) -> float:
+    """Total bytes read and written, divided by the batch size."""
+    return sum(k.read_bytes + k.write_bytes for k in traffic) / batch_size
+
+
+def achieved_tb_per_s(bytes_per_image_: float, images_per_s: float) -> float:
+    """The memory bandwidth (10^12 bytes/s) a speed of images_per_s implies for that traffic."""
+    return bytes_per_image_ * images_per_s / 1e12

@@ -1,0 +1,446 @@
+"""The folded PoolFormer forward on Triton kernels (`poolformer.fast.triton_kernels`): two kernels per block.
+
+Per block, on channels-last activations [B, H, W, C] (= rows [R, C], R = B*H*W):
+1. `pool_mix_kernel`: x1 = skip1 * x + (mix_scale / sigma_b(x)) * (avg_pool(x) - x); one read of x, one write
+   of x1, plus x1's per-sample partial moments;
+2. `mlp_kernel`: y = skip2 * x1 + fc2(act(fc1((x1 - mu_b(x1)) / sigma_b(x1)))); one read of x1 (and an L2
+   re-read for the residual), one write of y, plus y's partial moments for the next block's mixer. The
+   4C-wide hidden activation lives only in registers/shared memory, BLOCK_D columns at a time.
+A stage's first block gets its input's moments from `stats_kernel` (one extra read per stage). The stem,
+the downsampling convolutions (with v2's LayerNorm) and the head are PyTorch operators (cuDNN on a GPU):
+they move ~10% of the bytes (see `poolformer.fast.roofline`).
+
+With POOLFORMER_TRITON_INTERPRET=1 (tests, debugging) the same kernels run in Triton's interpreter, on CPU
+tensors: Triton chooses between compiling and interpreting once per process, at its first import, so with the
+switch set every Triton kernel of the process is interpreted (CUDA tensors too, through host copies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from . import cpu
+from .folding import FoldedModel, Plan
+
+INTERPRET_ENV = "POOLFORMER_TRITON_INTERPRET"
+MIN_CHANNELS = 16  # tl.dot needs every block dimension >= 16
+MAX_SLOTS_PER_SAMPLE = 64  # producers size their slots so one sample's partials fit one gather in the consumer
+ACTIVATION_CODES = {"gelu": 0, "relu": 1, "silu": 2, "starrelu": 3}
+
+
+# ------------------------------------------------------------------------------------ availability
+
+
+def interpreter_enabled() -> bool:
+    """Whether POOLFORMER_TRITON_INTERPRET=1 lets the kernels run on CPU tensors (Triton's interpreter)."""
+    return os.environ.get(INTERPRET_ENV, "").strip() == "1"
+
+
+def unavailable_reason(dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run `dtype` on `device` here, in one line; None when they can."""
+    if device.type not in ("cuda", "cpu"):
+        return f"the Triton kernels run on CUDA GPUs (and on the CPU in Triton's interpreter), not on {device.type}"
+    if device.type == "cpu" and not interpreter_enabled():
+        return (f"the Triton kernels run on CUDA GPUs; on the CPU only in Triton's interpreter "
+                f"(set {INTERPRET_ENV}=1, for testing: it is very slow)")
+    try:
+        interprets = triton_interprets()
+    except ImportError as err:
+        return f"Triton is not importable ({err})"
+    if device.type == "cpu" and not interprets:
+        return (f"Triton was imported before {INTERPRET_ENV}=1 took effect (torch.compile imports it), so it "
+                f"compiles instead of interpreting; set {INTERPRET_ENV}=1 before starting Python")
+    if device.type == "cuda" and not interprets:
+        major, minor = torch.cuda.get_device_capability(device)
+        if dtype == torch.bfloat16 and major < 8:
+            return f"bf16 Triton kernels need a GPU of compute capability 8.0 or newer, this one is {major}.{minor}"
+    return None
+
+
+def unsupported_model_reason(folded: FoldedModel, plan: Plan) -> str | None:
+    """Why the kernels cannot run this folded model (shapes they do not cover); None when they can."""
+    if plan.pool_size % 2 == 0:
+        return f"the Triton token mixer needs an odd pool size, not {plan.pool_size}"
+    for stage in folded.stages:
+        for block in stage.blocks:
+            channels = block.fc1_weight.shape[1]
+            if channels < MIN_CHANNELS:
+                return f"the Triton MLP kernel needs at least {MIN_CHANNELS} channels, not {channels}"
+    return None
+
+
+@contextlib.contextmanager
+def _triton_interpret_env(interpret: bool) -> Iterator[None]:
+    """TRITON_INTERPRET set to `interpret` for the duration (Triton reads it when it decorates a function)."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+def _import_triton() -> ModuleType:
+    """Triton, imported so that POOLFORMER_TRITON_INTERPRET=1 takes effect: Triton decides between compiling
+    and interpreting when it decorates its own library, at its first import, so the switch must be seen before
+    anything imports Triton (torch.compile does); after that the process's mode is fixed, and TRITON_INTERPRET=1
+    stays set (parts of Triton imported later check it)."""
+    if "triton" not in sys.modules and interpreter_enabled():
+        os.environ["TRITON_INTERPRET"] = "1"
+    import triton
+
+    return triton
+
+
+def triton_interprets() -> bool:
+    """Whether this process's Triton runs kernels in its interpreter (fixed when Triton was first imported)."""
+    return type(_import_triton().language.cdiv).__name__ == "InterpretedFunction"
+
+
+def kernels() -> ModuleType:
+    """The kernels, decorated in the same mode as Triton's own library (whatever TRITON_INTERPRET says now)."""
+    if "poolformer.fast.triton_kernels" not in sys.modules:
+        with _triton_interpret_env(triton_interprets()):
+            from . import triton_kernels  # noqa: F401
+    return sys.modules["poolformer.fast.triton_kernels"]
+
+
+# ------------------------------------------------------------------------------------ prepared weights
+
+
+@dataclass(frozen=True)
+class TritonBlock:
+    """One folded block as the kernels take it. Scales and biases float32 [C] / [D]; fc weights in the compute
+    dtype, transposed so that each kernel streams contiguous rows: fc1_weight [C, D], fc2_weight [D, C]."""
+
+    mix_scale: torch.Tensor
+    skip_scale1: torch.Tensor | None
+    fc1_weight: torch.Tensor
+    fc1_bias: torch.Tensor | None
+    fc2_weight: torch.Tensor
+    fc2_bias: torch.Tensor | None
+    skip_scale2: torch.Tensor | None
+    norm1_eps: float
+    norm2_eps: float
+
+
+@dataclass(frozen=True)
+class TritonModel:
+    """`folded` in the compute dtype (stem, downsampling and head run as PyTorch operators) and the blocks of
+    each stage for the kernels."""
+
+    folded: FoldedModel
+    blocks: tuple[tuple[TritonBlock, ...], ...]
+
+
+def prepare(folded: FoldedModel, dtype: torch.dtype, device: torch.device) -> TritonModel:
+    """The float32 folded model converted for the kernels in `dtype` on `device`."""
+
+    def vector(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device=device, dtype=torch.float32).contiguous()
+
+    def block(b) -> TritonBlock:
+        return TritonBlock(
+            mix_scale=vector(b.mix_scale), skip_scale1=vector(b.skip_scale1),
+            fc1_weight=b.fc1_weight.t().to(device=device, dtype=dtype).contiguous(), fc1_bias=vector(b.fc1_bias),
+            fc2_weight=b.fc2_weight.t().to(device=device, dtype=dtype).contiguous(), fc2_bias=vector(b.fc2_bias),
+            skip_scale2=vector(b.skip_scale2), norm1_eps=b.norm1_eps, norm2_eps=b.norm2_eps)
+
+    return TritonModel(folded.to(dtype, device), tuple(tuple(block(b) for b in s.blocks) for s in folded.stages))
+
+
+# ------------------------------------------------------------------------------------ launch configuration
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class Partials:
+    """Per-sample partial moments written by a kernel: buffer [slots, segs, 3] float32 of (count, mean, M2)
+    for each slot of `slot_rows` consecutive rows and each sample it touches; `hw` rows per sample."""
+
+    buffer: torch.Tensor
+    slot_rows: int
+    segs: int
+    hw: int
+
+    @property
+    def max_slots(self) -> int:
+        """A power of two >= the number of slots one sample's rows touch (the consumer's gather width)."""
+        return next_power_of_two(cdiv(self.hw, self.slot_rows) + 1)
+
+
+def slot_rows_for(hw: int, block_rows: int) -> int:
+    """Rows per slot: the smallest multiple of block_rows such that one sample's rows touch at most
+    MAX_SLOTS_PER_SAMPLE slots (large maps get longer slots, so consumers gather a bounded number)."""
+    tiles = max(1, cdiv(cdiv(hw, MAX_SLOTS_PER_SAMPLE - 1), block_rows))
+    return tiles * block_rows
+
+
+def segments_for(slot_rows: int, hw: int) -> int:
+    """A power of two >= the number of samples a slot of `slot_rows` rows can touch."""
+    return max(2, next_power_of_two(cdiv(slot_rows - 1, hw) + 1))
+
+
+def new_partials_shape(rows: int, hw: int, block_rows: int) -> tuple[int, int]:
+    """(slots, segments per slot) of the partials a kernel with tiles of `block_rows` rows writes."""
+    slot_rows = slot_rows_for(hw, block_rows)
+    return cdiv(rows, slot_rows), segments_for(slot_rows, hw)
+
+
+def new_partials(rows: int, hw: int, block_rows: int, device: torch.device) -> Partials:
+    slots, segs = new_partials_shape(rows, hw, block_rows)
+    buffer = torch.empty(slots, segs, 3, device=device, dtype=torch.float32)
+    return Partials(buffer, slot_rows_for(hw, block_rows), segs, hw)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Tile of the elementwise kernels (statistics, token mixer): rows per step, channels per step, warps."""
+
+    block_rows: int
+    block_channels: int
+    num_warps: int = 4
+
+
+def elementwise_tile(rows: int, channels: int, interpret: bool = False) -> Tile:
+    """32 rows x the largest power of two <= 64 dividing C (no masked lanes; else 64): 4-16 KB per load, small
+    enough that neighbouring rows of the pooling window stay in L1/L2. Triton's interpreter pays per operation,
+    not per element, so there the tiles are as large as possible."""
+    if interpret:
+        return Tile(min(128, max(16, next_power_of_two(rows))), min(512, next_power_of_two(channels)))
+    for block in (64, 32, 16):
+        if channels % block == 0:
+            return Tile(32, block)
+    return Tile(32, 64)
+
+
+def channel_split(channels: int) -> tuple[int, int]:
+    """C = CA + rest with CA the largest power of two <= C and the rest padded to a power of two (0 if none):
+    320 -> (256, 64), 96 -> (64, 32), 512 -> (512, 0)."""
+    high = 1 << (channels.bit_length() - 1)
+    rest = channels - high
+    return high, (max(MIN_CHANNELS, next_power_of_two(rest)) if rest else 0)
+
+
+@dataclass(frozen=True)
+class MlpConfig:
+    """Tile of the fused MLP kernel: rows per tile, hidden columns per step, warps, software-pipeline stages."""
+
+    block_rows: int
+    block_hidden: int
+    num_warps: int
+    num_stages: int
+
+
+SHARED_MEMORY_BUDGET_BYTES = 160 * 1024  # of an H100's 228 KB per SM, with room for the compiler's own buffers
+
+
+def mlp_configs(rows: int, channels: int, hidden: int, dtype: torch.dtype, interpret: bool = False) -> list[MlpConfig]:
+    """Candidate tiles, best first: a design-time guess (not yet timed on a GPU; see benchmarks/fast_gpu.py
+    --tune). Each stage of the pipeline holds a [C, BLOCK_D] slice of fc1 and a [BLOCK_D, C] slice of fc2;
+    the accumulator [BLOCK_R, C] stays in registers (<= ~128 float32 per thread)."""
+    if interpret:  # the interpreter pays per operation: few, large steps
+        return [MlpConfig(min(128, max(16, next_power_of_two(rows))), min(1024, next_power_of_two(hidden)), 4, 1)]
+    width = sum(channel_split(channels))
+    size = torch.tensor([], dtype=dtype).element_size()
+    candidates = []
+    for block_rows in (64, 32, 16):
+        if block_rows == 64 and rows < 64 * 132:  # fewer tiles than a GPU has SMs: shorter tiles, more programs
+            continue
+        warps = 8 if width * block_rows > 64 * 128 else 4
+        for block_hidden in ((64, 32, 16) if size < 4 else (32, 16)):
+            for stages in (3, 2, 1):
+                staged = stages * 2 * width * block_hidden * size
+                resident = block_rows * width * size + block_rows * block_hidden * size
+                if staged + resident <= SHARED_MEMORY_BUDGET_BYTES:
+                    candidates.append(MlpConfig(block_rows, block_hidden, warps, stages))
+                    break
+    return candidates or [MlpConfig(16, 16, 4, 1)]
+
+
+# ------------------------------------------------------------------------------------ traffic records
+
+
+@dataclass(frozen=True)
+class KernelTraffic:
+    """Bytes one kernel (or PyTorch operator) reads and writes, each tensor it touches counted once."""
+
+    name: str
+    read_bytes: int
+    write_bytes: int
+
+
+_traffic_log: list[KernelTraffic] | None = None
+
+
+@contextlib.contextmanager
+def record_traffic() -> Iterator[list[KernelTraffic]]:
+    """Within this context every forward on the Triton backend lists its kernels' traffic (for the roofline
+    and its tests)."""
+    global _traffic_log
+    previous, _traffic_log = _traffic_log, []
+    try:
+        yield _traffic_log
+    finally:
+        _traffic_log = previous
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _record(name: str, reads, writes) -> None:
+    if _traffic_log is not None:
+        _traffic_log.append(KernelTraffic(name, _nbytes(reads), _nbytes(writes)))
+
+
+# ------------------------------------------------------------------------------------ launches
+
+
+def stage_input_stats(x: torch.Tensor, tile: Tile | None = None) -> Partials:
+    """Partials of a contiguous [B, H, W, C] activation."""
+    batch, height, width, channels = x.shape
+    rows = batch * height * width
+    tile = tile or elementwise_tile(rows, channels, triton_interprets())
+    out = new_partials(rows, height * width, tile.block_rows, x.device)
+    kernels().stats_kernel[(out.buffer.shape[0],)](
+        x, out.buffer, rows, height * width, channels, out.slot_rows,
+        BLOCK_R=tile.block_rows, BLOCK_C=tile.block_channels, SEGS=out.segs, num_warps=tile.num_warps)
+    _record("stats", [x], [out.buffer])
+    return out
+
+
+def pool_mix(x: torch.Tensor, stats: Partials, block: TritonBlock, pool_size: int,
+             tile: Tile | None = None) -> tuple[torch.Tensor, Partials]:
+    """The token mixer on a contiguous [B, H, W, C] activation -> (x1 [B, H, W, C], x1's partials)."""
+    batch, height, width, channels = x.shape
+    rows = batch * height * width
+    tile = tile or elementwise_tile(rows, channels, triton_interprets())
+    y = torch.empty_like(x)
+    out = new_partials(rows, height * width, tile.block_rows, x.device)
+    skip = block.skip_scale1
+    kernels().pool_mix_kernel[(out.buffer.shape[0],)](
+        x, y, stats.buffer, out.buffer, block.mix_scale, skip if skip is not None else block.mix_scale,
+        rows, height, width, channels, out.slot_rows, stats.slot_rows, block.norm1_eps,
+        POOL=pool_size, HAS_SKIP=skip is not None, BLOCK_R=tile.block_rows, BLOCK_C=tile.block_channels,
+        SEGS=out.segs, IN_SEGS=stats.segs, IN_MAX_SLOTS=stats.max_slots, num_warps=tile.num_warps)
+    _record("pool_mix", [x, stats.buffer, block.mix_scale, skip], [y, out.buffer])
+    return y, out
+
+
+_working_mlp_config: dict[tuple, MlpConfig] = {}  # (rows, C, D, dtype, device) -> the first candidate that compiled
+
+
+def mlp(x1: torch.Tensor, stats: Partials, block: TritonBlock, activation: str, emit_stats: bool,
+        config: MlpConfig | None = None) -> tuple[torch.Tensor, Partials | None]:
+    """The block's second half on a contiguous [B, H, W, C] activation -> (y [B, H, W, C], y's partials or
+    None). Without `config`, the first candidate of `mlp_configs` that the GPU accepts (shared memory,
+    registers) is used and remembered."""
+    batch, height, width, channels = x1.shape
+    rows, hidden = batch * height * width, block.fc1_weight.shape[1]
+    key = (rows, channels, hidden, x1.dtype, x1.device)
+    candidates = [config] if config else ([_working_mlp_config[key]] if key in _working_mlp_config
+                                          else mlp_configs(rows, channels, hidden, x1.dtype, triton_interprets()))
+    for index, candidate in enumerate(candidates):
+        try:
+            result = _launch_mlp(x1, stats, block, activation, emit_stats, candidate)
+        except Exception as err:  # only the compiler's "out of resource" moves on to a smaller tile
+            if type(err).__name__ != "OutOfResources" or index == len(candidates) - 1:
+                raise
+            continue
+        _working_mlp_config[key] = candidate
+        return result
+    raise AssertionError("unreachable")
+
+
+def _launch_mlp(x1, stats, block, activation, emit_stats, config: MlpConfig):
+    batch, height, width, channels = x1.shape
+    rows, hidden = batch * height * width, block.fc1_weight.shape[1]
+    y = torch.empty_like(x1)
+    out = new_partials(rows, height * width, config.block_rows, x1.device)
+    part_a, part_b = channel_split(channels)
+    placeholder = block.mix_scale  # a valid pointer for arguments a constexpr switches off
+    kernels().mlp_kernel[(out.buffer.shape[0],)](
+        x1, y, stats.buffer, out.buffer, block.fc1_weight,
+        block.fc1_bias if block.fc1_bias is not None else placeholder, block.fc2_weight,
+        block.fc2_bias if block.fc2_bias is not None else placeholder,
+        block.skip_scale2 if block.skip_scale2 is not None else placeholder,
+        rows, height * width, channels, hidden, out.slot_rows, stats.slot_rows, block.norm2_eps,
+        CA=part_a, CB=part_b, BLOCK_R=config.block_rows, BLOCK_D=config.block_hidden, SEGS=out.segs,
+        IN_SEGS=stats.segs, IN_MAX_SLOTS=stats.max_slots, ACT=ACTIVATION_CODES[activation],
+        HAS_B1=block.fc1_bias is not None, HAS_B2=block.fc2_bias is not None,
+        HAS_SKIP=block.skip_scale2 is not None, EMIT_STATS=emit_stats,
+        PRECISION="ieee" if x1.dtype == torch.float32 else "tf32", DOT_UPCAST=triton_interprets(),
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    _record("mlp", [x1, stats.buffer, block.fc1_weight, block.fc1_bias, block.fc2_weight, block.fc2_bias,
+                    block.skip_scale2], [y] + ([out.buffer] if emit_stats else []))
+    return y, (out if emit_stats else None)
+
+
+# ------------------------------------------------------------------------------------ the model
+
+
+def _conv(name: str, x: torch.Tensor, weight: torch.Tensor, bias, stride: int, padding: int) -> torch.Tensor:
+    out = cpu.conv_channels_last(x, weight, bias, stride, padding)
+    _record(name, [x, weight, bias], [out])
+    return out
+
+
+def _layer_norm(name: str, x: torch.Tensor, weight, eps: float) -> torch.Tensor:
+    out = F.layer_norm(x, x.shape[-1:], weight, None, eps)
+    _record(name, [x, weight], [out])
+    return out
+
+
+def images_in(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Images [B, 3, H, W] in `dtype`, channels-last (one conversion pass unless they already are)."""
+    images = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    if images.data_ptr() != x.data_ptr():
+        _record("input", [x], [images])
+    return images
+
+
+def features_forward(images: torch.Tensor, model: TritonModel, plan: Plan) -> torch.Tensor:
+    """Images [B, 3, H, W] channels-last in the compute dtype -> last map [B, H/32, W/32, C] (contiguous)."""
+    folded = model.folded
+    x = _conv("stem", images.permute(0, 2, 3, 1), folded.stem_weight, folded.stem_bias, stride=4, padding=2)
+    if folded.stem_norm_weight is not None:
+        x = _layer_norm("stem_norm", x, folded.stem_norm_weight, plan.stem_norm_eps)
+    for stage, blocks in zip(folded.stages, model.blocks):
+        if stage.down_weight is not None:
+            if plan.down_norm_eps is not None:
+                x = _layer_norm("down_norm", x, None, plan.down_norm_eps)
+            x = _conv("down", x, stage.down_weight, stage.down_bias, stride=2, padding=1)
+        if not blocks:
+            continue
+        x = x.contiguous()
+        stats = stage_input_stats(x)
+        for index, block in enumerate(blocks):
+            x1, mixed_stats = pool_mix(x, stats, block, plan.pool_size)
+            x, stats = mlp(x1, mixed_stats, block, plan.activation, emit_stats=index < len(blocks) - 1)
+    return x
+
+
+def head_forward(x: torch.Tensor, model: TritonModel, plan: Plan) -> torch.Tensor:
+    """Last map [B, H, W, C] -> float32 logits (PyTorch operators; see poolformer.fast.cpu.head_forward)."""
+    logits = cpu.head_forward(x, model.folded, plan)
+    _record("head", [x, model.folded.head_weight, model.folded.head_bias], [logits])
+    return logits

@@ -1,0 +1,280 @@
+"""The Triton kernels of the folded PoolFormer (v1 and v2); `poolformer.fast.triton_forward` launches them.
+Import it through `triton_forward.kernels()`, which makes POOLFORMER_TRITON_INTERPRET=1 take effect first
+(Triton decides between compiling and interpreting when it decorates, reading TRITON_INTERPRET).
+
+Every activation is a channels-last matrix [R, C]: R = B*H*W token rows, C contiguous channels. A program
+owns a *slot* of consecutive rows (a slot may run across samples). Per-sample statistics never need a pass
+of their own: each kernel that writes an activation also writes, per slot, centred partial moments
+(count, mean, M2 = sum of squared deviations from that mean) of every sample the slot touches ("segment"),
+in float32 [slots, SEGS, 3]. The kernel that needs the sample's statistics next combines those partials
+exactly (Chan et al.: total mean = count-weighted mean of the means; M2 = sum M2_i + n_i (mean_i - mean)^2),
+so nothing is ever computed as E[x^2] - E[x]^2.
+
+Numerics: loads are converted to float32; pooling, statistics, scales, residuals and the matmuls' sums are
+float32; the matmul operands are the compute dtype (float32 with input_precision="ieee": no TF32).
+Triton's interpreter multiplies bfloat16 dot operands as raw integers (triton 3.8), so there (DOT_UPCAST)
+the operands, already rounded to bfloat16, are widened to float32 first: the same products, exactly.
+"""
+
+import triton
+import triton.language as tl
+
+ACT_GELU, ACT_RELU, ACT_SILU, ACT_RELU_SQUARED = 0, 1, 2, 3  # codes of the ACT constexpr
+
+
+@triton.jit
+def _segment_stats(y, valid, seg, SEGS: tl.constexpr):
+    """Centred moments per segment of a tile y [BR, BC] (float32), only where `valid` [BR, BC]; seg [BR] is
+    each row's segment in [0, SEGS). Returns count, mean, M2, each [SEGS]."""
+    onehot = (seg[:, None] == tl.arange(0, SEGS)[None, :]).to(tl.float32)  # [BR, SEGS]
+    row_count = tl.sum(valid.to(tl.float32), axis=1)
+    row_sum = tl.sum(tl.where(valid, y, 0.0), axis=1)
+    count = tl.sum(onehot * row_count[:, None], axis=0)
+    mean = tl.sum(onehot * row_sum[:, None], axis=0) / tl.maximum(count, 1.0)
+    row_mean = tl.sum(onehot * mean[None, :], axis=1)
+    deviation = tl.where(valid, y - row_mean[:, None], 0.0)
+    m2 = tl.sum(onehot * tl.sum(deviation * deviation, axis=1)[:, None], axis=0)
+    return count, mean, m2
+
+
+@triton.jit
+def _merge_stats(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Chan's parallel combination of two sets of centred moments (elementwise; empty sets are fine)."""
+    count = count_a + count_b
+    delta = mean_b - mean_a
+    share_b = count_b / tl.maximum(count, 1.0)
+    return count, mean_a + delta * share_b, m2_a + m2_b + delta * delta * count_a * share_b
+
+
+@triton.jit
+def _store_stats(part_ptr, slot, count, mean, m2, SEGS: tl.constexpr):
+    offsets = (slot * SEGS + tl.arange(0, SEGS)) * 3
+    tl.store(part_ptr + offsets, count)
+    tl.store(part_ptr + offsets + 1, mean)
+    tl.store(part_ptr + offsets + 2, m2)
+
+
+@triton.jit
+def _sample_moments(part_ptr, sample, sample_ok, HW, SLOT_ROWS, eps, SEGS: tl.constexpr,
+                    MAX_SLOTS: tl.constexpr):
+    """Mean and 1/sqrt(var + eps) over all of each sample's elements, for samples [S] (int), from a producer's
+    partials (its SLOT_ROWS rows per slot, SEGS segments per slot; one sample's rows touch at most MAX_SLOTS
+    slots). Returns mean [S], inv_sigma [S]."""
+    first = (sample * HW) // SLOT_ROWS
+    last = ((sample + 1) * HW - 1) // SLOT_ROWS
+    slot = first[:, None] + tl.arange(0, MAX_SLOTS)[None, :]  # [S, MAX_SLOTS]
+    ok = (slot <= last[:, None]) & sample_ok[:, None]
+    segment = sample[:, None] - (slot * SLOT_ROWS) // HW
+    base = (slot * SEGS + segment) * 3
+    count = tl.load(part_ptr + base, mask=ok, other=0.0)
+    means = tl.load(part_ptr + base + 1, mask=ok, other=0.0)
+    m2s = tl.load(part_ptr + base + 2, mask=ok, other=0.0)
+    total = tl.maximum(tl.sum(count, axis=1), 1.0)
+    mean = tl.sum(count * means, axis=1) / total
+    spread = tl.where(ok, means - mean[:, None], 0.0)
+    m2 = tl.sum(m2s, axis=1) + tl.sum(count * spread * spread, axis=1)
+    return mean, 1.0 / tl.sqrt(m2 / total + eps)
+
+
+@triton.jit
+def _per_row(values, seg, SEGS: tl.constexpr):
+    """values [SEGS] -> [BR]: each row's segment's value."""
+    onehot = (seg[:, None] == tl.arange(0, SEGS)[None, :]).to(tl.float32)
+    return tl.sum(onehot * values[None, :], axis=1)
+
+
+@triton.jit
+def stats_kernel(x_ptr, part_ptr, R, HW, C, SLOT_ROWS,
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SEGS: tl.constexpr):
+    """Partials of x [R, C] (the input of a stage's first block, written by a cuDNN convolution)."""
+    slot = tl.program_id(0)
+    row0 = slot * SLOT_ROWS
+    first_sample = row0 // HW
+    count = tl.zeros([SEGS], dtype=tl.float32)
+    mean = tl.zeros([SEGS], dtype=tl.float32)
+    m2 = tl.zeros([SEGS], dtype=tl.float32)
+    for tile in range(0, SLOT_ROWS, BLOCK_R):
+        rows = row0 + tile + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        seg = rows // HW - first_sample
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            valid = row_ok[:, None] & (cols < C)[None, :]
+            y = tl.load(x_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+            c_count, c_mean, c_m2 = _segment_stats(y, valid, seg, SEGS)
+            count, mean, m2 = _merge_stats(count, mean, m2, c_count, c_mean, c_m2)
+    _store_stats(part_ptr, slot, count, mean, m2, SEGS)
+
+
+@triton.jit
+def pool_mix_kernel(x_ptr, y_ptr, in_part_ptr, out_part_ptr, mix_scale_ptr, skip_ptr,
+                    R, H, W, C, SLOT_ROWS, IN_SLOT_ROWS, eps,
+                    POOL: tl.constexpr, HAS_SKIP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                    SEGS: tl.constexpr, IN_SEGS: tl.constexpr, IN_MAX_SLOTS: tl.constexpr):
+    """The token mixer, one read and one write of x [R, C]:
+    y = skip * x + (mix_scale_c / sigma_b) * (avg_pool_POOLxPOOL(x) - x), the average over the window's
+    positions inside the map (count_include_pad=False); sigma_b from the partials of x. Writes y's partials."""
+    RADIUS: tl.constexpr = POOL // 2
+    slot = tl.program_id(0)
+    HW = H * W
+    row0 = slot * SLOT_ROWS
+    first_sample = row0 // HW
+    samples = first_sample + tl.arange(0, SEGS)
+    _, inv_sigma = _sample_moments(in_part_ptr, samples, samples * HW < R, HW, IN_SLOT_ROWS, eps,
+                                   IN_SEGS, IN_MAX_SLOTS)
+    count = tl.zeros([SEGS], dtype=tl.float32)
+    mean = tl.zeros([SEGS], dtype=tl.float32)
+    m2 = tl.zeros([SEGS], dtype=tl.float32)
+    for tile in range(0, SLOT_ROWS, BLOCK_R):
+        rows = row0 + tile + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        seg = rows // HW - first_sample
+        row_inv_sigma = _per_row(inv_sigma, seg, SEGS)
+        token = rows % HW
+        h = token // W
+        w = token % W
+        window = ((tl.minimum(h + RADIUS, H - 1) - tl.maximum(h - RADIUS, 0) + 1)
+                  * (tl.minimum(w + RADIUS, W - 1) - tl.maximum(w - RADIUS, 0) + 1))
+        inv_window = 1.0 / window.to(tl.float32)
+        row_offsets = rows.to(tl.int64) * C
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            col_ok = cols < C
+            total = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+            for dy in tl.static_range(POOL):
+                inside_h = (h + dy - RADIUS >= 0) & (h + dy - RADIUS < H)
+                for dx in tl.static_range(POOL):
+                    inside = row_ok & inside_h & (w + dx - RADIUS >= 0) & (w + dx - RADIUS < W)
+                    shift = ((dy - RADIUS) * W + (dx - RADIUS)) * C
+                    total += tl.load(x_ptr + row_offsets[:, None] + shift + cols[None, :],
+                                     mask=inside[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            valid = row_ok[:, None] & col_ok[None, :]
+            x = tl.load(x_ptr + row_offsets[:, None] + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+            scale = tl.load(mix_scale_ptr + cols, mask=col_ok, other=0.0)[None, :] * row_inv_sigma[:, None]
+            skip = x
+            if HAS_SKIP:
+                skip = x * tl.load(skip_ptr + cols, mask=col_ok, other=0.0)[None, :]
+            y = (skip + scale * (total * inv_window[:, None] - x)).to(y_ptr.dtype.element_ty)
+            tl.store(y_ptr + row_offsets[:, None] + cols[None, :], y, mask=valid)
+            c_count, c_mean, c_m2 = _segment_stats(y.to(tl.float32), valid, seg, SEGS)
+            count, mean, m2 = _merge_stats(count, mean, m2, c_count, c_mean, c_m2)
+    _store_stats(out_part_ptr, slot, count, mean, m2, SEGS)
+
+
+@triton.jit
+def _activation(h, ACT: tl.constexpr):
+    if ACT == 0:  # GELU, exact (erf) form
+        h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    elif ACT == 1:
+        h = tl.maximum(h, 0.0)
+    elif ACT == 2:  # SiLU
+        h = h / (1.0 + tl.exp(-h))
+    else:  # StarReLU after folding: relu(h)^2 (its scale and bias live in fc2)
+        h = tl.maximum(h, 0.0)
+        h = h * h
+    return h
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    if DOT_UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_rows(x_ptr, row_offsets, row_ok, C, c0, WIDTH: tl.constexpr):
+    """x[rows, c0:c0+WIDTH] as float32 [BR, WIDTH] (zero outside the matrix), and where it is valid."""
+    cols = c0 + tl.arange(0, WIDTH)
+    valid = row_ok[:, None] & (cols < C)[None, :]
+    return tl.load(x_ptr + row_offsets[:, None] + cols[None, :], mask=valid, other=0.0).to(tl.float32), valid
+
+
+@triton.jit
+def _residual_out(x_ptr, y_ptr, skip_ptr, b2_ptr, acc, row_offsets, row_ok, C, c0,
+                  WIDTH: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_B2: tl.constexpr):
+    """Store skip * x + acc + b2 for columns c0:c0+WIDTH; returns the stored values (float32) and validity."""
+    x, valid = _load_rows(x_ptr, row_offsets, row_ok, C, c0, WIDTH)
+    cols = c0 + tl.arange(0, WIDTH)
+    col_ok = cols < C
+    if HAS_SKIP:
+        x = x * tl.load(skip_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    y = x + acc
+    if HAS_B2:
+        y += tl.load(b2_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    y = y.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row_offsets[:, None] + cols[None, :], y, mask=valid)
+    return y.to(tl.float32), valid
+
+
+@triton.jit
+def mlp_kernel(x_ptr, y_ptr, in_part_ptr, out_part_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, skip_ptr,
+               R, HW, C, D, SLOT_ROWS, IN_SLOT_ROWS, eps,
+               CA: tl.constexpr, CB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+               SEGS: tl.constexpr, IN_SEGS: tl.constexpr, IN_MAX_SLOTS: tl.constexpr,
+               ACT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_SKIP: tl.constexpr,
+               EMIT_STATS: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """The block's second half for rows of x [R, C], the D-wide hidden tile never leaving the chip:
+    y = skip * x + fc2(act(fc1((x - mu_b) / sigma_b))) with w1 [C, D] (norm2's affine folded in) and
+    w2 [D, C] (LayerScale folded in), both in the compute dtype. C = CA + CB' with CA a power of two and the
+    rest (CB' <= CB, a power of two or 0) masked, so channel counts like 320 = 256 + 64 waste nothing.
+    mu_b and sigma_b come from the partials of x; y's partials are written when EMIT_STATS."""
+    slot = tl.program_id(0)
+    row0 = slot * SLOT_ROWS
+    first_sample = row0 // HW
+    samples = first_sample + tl.arange(0, SEGS)
+    mean_in, inv_sigma = _sample_moments(in_part_ptr, samples, samples * HW < R, HW, IN_SLOT_ROWS, eps,
+                                         IN_SEGS, IN_MAX_SLOTS)
+    count = tl.zeros([SEGS], dtype=tl.float32)
+    mean = tl.zeros([SEGS], dtype=tl.float32)
+    m2 = tl.zeros([SEGS], dtype=tl.float32)
+    dot_dtype = w1_ptr.dtype.element_ty
+    for tile in range(0, SLOT_ROWS, BLOCK_R):
+        rows = row0 + tile + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        seg = rows // HW - first_sample
+        row_offsets = rows.to(tl.int64) * C
+        row_mean = _per_row(mean_in, seg, SEGS)[:, None]
+        row_inv_sigma = _per_row(inv_sigma, seg, SEGS)[:, None]
+        xa, valid_a = _load_rows(x_ptr, row_offsets, row_ok, C, 0, CA)
+        xa = tl.where(valid_a, (xa - row_mean) * row_inv_sigma, 0.0).to(dot_dtype)
+        acc_a = tl.zeros([BLOCK_R, CA], dtype=tl.float32)
+        if CB > 0:
+            xb, valid_b = _load_rows(x_ptr, row_offsets, row_ok, C, CA, CB)
+            xb = tl.where(valid_b, (xb - row_mean) * row_inv_sigma, 0.0).to(dot_dtype)
+            acc_b = tl.zeros([BLOCK_R, CB], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            hidden_cols = d0 + tl.arange(0, BLOCK_D)
+            hidden_ok = hidden_cols < D
+            channels_a = tl.arange(0, CA)
+            w1a = tl.load(w1_ptr + channels_a[:, None] * D + hidden_cols[None, :], mask=hidden_ok[None, :], other=0.0)
+            h = _dot(xa, w1a, tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32), PRECISION, DOT_UPCAST)
+            if CB > 0:
+                channels_b = CA + tl.arange(0, CB)
+                w1b = tl.load(w1_ptr + channels_b[:, None] * D + hidden_cols[None, :],
+                              mask=(channels_b < C)[:, None] & hidden_ok[None, :], other=0.0)
+                h = _dot(xb, w1b, h, PRECISION, DOT_UPCAST)
+            if HAS_B1:
+                h += tl.load(b1_ptr + hidden_cols, mask=hidden_ok, other=0.0)[None, :]
+            hidden = _activation(h, ACT).to(dot_dtype)
+            w2a = tl.load(w2_ptr + hidden_cols[:, None] * C + channels_a[None, :], mask=hidden_ok[:, None], other=0.0)
+            acc_a = _dot(hidden, w2a, acc_a, PRECISION, DOT_UPCAST)
+            if CB > 0:
+                w2b = tl.load(w2_ptr + hidden_cols[:, None] * C + channels_b[None, :],
+                              mask=hidden_ok[:, None] & (channels_b < C)[None, :], other=0.0)
+                acc_b = _dot(hidden, w2b, acc_b, PRECISION, DOT_UPCAST)
+        # the residual is re-read here rather than kept in registers beside the accumulators (an L2 hit)
+        ya, valid_a = _residual_out(x_ptr, y_ptr, skip_ptr, b2_ptr, acc_a, row_offsets, row_ok, C, 0, CA,
+                                    HAS_SKIP, HAS_B2)
+        if EMIT_STATS:
+            c_count, c_mean, c_m2 = _segment_stats(ya, valid_a, seg, SEGS)
+            count, mean, m2 = _merge_stats(count, mean, m2, c_count, c_mean, c_m2)
+        if CB > 0:
+            yb, valid_b = _residual_out(x_ptr, y_ptr, skip_ptr, b2_ptr, acc_b, row_offsets, row_ok, C, CA, CB,
+                                        HAS_SKIP, HAS_B2)
+            if EMIT_STATS:
+                c_count, c_mean, c_m2 = _segment_stats(yb, valid_b, seg, SEGS)
+                count, mean, m2 = _merge_stats(count, mean, m2, c_count, c_mean, c_m2)
+    if EMIT_STATS:
+        _store_stats(out_part_ptr, slot, count, mean, m2, SEGS)
