@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from poolformer import create_model
+# The Triton kernels of the fast path run in Triton's interpreter on CPU tensors in the tests (see
+# poolformer.fast.triton_forward). Triton picks interpreting or compiling once, when it is first imported
+# (torchvision imports it), so both switches are set before anything is imported.
+os.environ.setdefault("POOLFORMER_TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_INTERPRET", os.environ["POOLFORMER_TRITON_INTERPRET"])
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from poolformer import create_model  # noqa: E402
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -5,6 +5,12 @@ What lives here:
   affines, LayerScale, StarReLU folded into the convolutions; the pooling mixer needs only sigma).
 - `cpu`: the folded forward made of PyTorch operators: oneDNN's fused primitives on CPUs that run the
   dtype natively, plain operators anywhere else (the portable path).
+- `onnxruntime`: the folded graph exported once per input shape and run by ONNX Runtime (fp32 CPU default).
+- `triton_kernels` / `triton_forward`: the GPU path, two fused Triton kernels per block (token mixer; MLP
+  with its 4x-wide hidden tile kept on chip) passing exact per-sample statistics along; the same kernels run
+  on CPU tensors in Triton's interpreter with POOLFORMER_TRITON_INTERPRET=1 (how the tests check them).
+- `cuda`: CUDA graphs for repeated input shapes (batch 1 is launch-bound).
+- `roofline`: the bytes the kernels move per image, and the bandwidth a measured speed implies.
 - `module`: `FastPoolFormer` / `optimize`, which picks the kernels per (dtype, device) from what the
   hardware can do (`poolformer.capabilities`).
 

@@ -1,0 +1,396 @@
+"""The Triton kernels of the fast path (`poolformer.fast.triton_forward`), run in Triton's interpreter on CPU
+tensors (conftest sets POOLFORMER_TRITON_INTERPRET=1 before Triton is imported): the same kernel code a GPU
+compiles, checked against plain PyTorch operators at odd shapes, then whole models against the reference.
+Also the CUDA graph cache (with a stand-in capture: no GPU here) and the roofline's byte count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from poolformer import ConfigError, create_model, optimize
+from poolformer.fast import triton_forward as tf
+from poolformer.fast.cuda import CapturedGraph, GraphCache, graphs_enabled_by_env
+from poolformer.fast.roofline import achieved_tb_per_s, bytes_per_image, fast_traffic
+
+from .conftest import randomize_
+
+pytestmark = pytest.mark.skipif(not tf.interpreter_enabled() or not tf.triton_interprets(),
+                                reason="Triton's interpreter is not on in this process (see tests/conftest.py)")
+
+SHAPES = [(1, 7, 7, 64), (3, 13, 17, 64), (3, 7, 7, 320), (1, 13, 17, 320)]  # B, H, W, C
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+
+
+def _sample_moments(partials: tf.Partials, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample (mean, variance) combined from a kernel's partials in float64, independently of the
+    kernels' own combination: slot s holds rows [s * slot_rows, (s + 1) * slot_rows), its segment k the rows
+    of sample s * slot_rows // hw + k."""
+    buffer = partials.buffer.double().numpy()
+    count, total, squares = np.zeros(batch), np.zeros(batch), np.zeros(batch)
+    for slot in range(buffer.shape[0]):
+        first = slot * partials.slot_rows // partials.hw
+        for k in range(partials.segs):
+            n, mean, m2 = buffer[slot, k]
+            if n == 0:
+                continue
+            sample = first + k
+            count[sample] += n
+            total[sample] += n * mean
+            squares[sample] += m2 + n * mean * mean  # sum of x^2 of the segment, in float64
+    mean = total / count
+    return mean, squares / count - mean * mean
+
+
+def _reference_moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    flat = x.double().reshape(x.shape[0], -1)
+    return flat.mean(1).numpy(), flat.var(1, unbiased=False).numpy()
+
+
+def _block(channels: int, hidden: int, dtype=torch.float32, skip: bool = True, bias: bool = True) -> tf.TritonBlock:
+    def vec(n, around=0.0):
+        return (torch.randn(n) * 0.3 + around).contiguous()
+
+    return tf.TritonBlock(
+        mix_scale=vec(channels, 1.0), skip_scale1=vec(channels, 1.0) if skip else None,
+        fc1_weight=(torch.randn(channels, hidden) / math.sqrt(channels)).to(dtype).contiguous(),
+        fc1_bias=vec(hidden) if bias else None,
+        fc2_weight=(torch.randn(hidden, channels) / math.sqrt(hidden)).to(dtype).contiguous(),
+        fc2_bias=vec(channels) if bias else None, skip_scale2=vec(channels, 1.0) if skip else None,
+        norm1_eps=1e-5, norm2_eps=1e-6)
+
+
+def _inv_sigma(x: torch.Tensor, eps: float) -> torch.Tensor:
+    var = x.double().reshape(x.shape[0], -1).var(1, unbiased=False)
+    return (1 / torch.sqrt(var + eps)).view(-1, 1, 1, 1)
+
+
+def _reference_pool_mix(x: torch.Tensor, block: tf.TritonBlock, pool: int) -> torch.Tensor:
+    """skip * x + mix_scale / sigma * (avg_pool(x) - x), count_include_pad=False, in float64 (NHWC in/out)."""
+    x64 = x.double()
+    nchw = x64.permute(0, 3, 1, 2)
+    pooled = F.avg_pool2d(nchw, pool, 1, pool // 2, count_include_pad=False).permute(0, 2, 3, 1)
+    skip = x64 * block.skip_scale1.double() if block.skip_scale1 is not None else x64
+    return skip + block.mix_scale.double() * _inv_sigma(x, block.norm1_eps) * (pooled - x64)
+
+
+ACTIVATIONS = {"gelu": lambda h: F.gelu(h), "relu": F.relu, "silu": F.silu, "starrelu": lambda h: F.relu(h) ** 2}
+
+
+def _reference_mlp(x: torch.Tensor, block: tf.TritonBlock, activation: str) -> torch.Tensor:
+    x64 = x.double()
+    mean = x64.reshape(x.shape[0], -1).mean(1).view(-1, 1, 1, 1)
+    normed = (x64 - mean) * _inv_sigma(x, block.norm2_eps)
+    hidden = normed @ block.fc1_weight.double()
+    if block.fc1_bias is not None:
+        hidden = hidden + block.fc1_bias.double()
+    out = ACTIVATIONS[activation](hidden) @ block.fc2_weight.double()
+    if block.fc2_bias is not None:
+        out = out + block.fc2_bias.double()
+    skip = x64 * block.skip_scale2.double() if block.skip_scale2 is not None else x64
+    return skip + out
+
+
+# ------------------------------------------------------------------------------ kernels, one by one
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_stats_kernel_gives_each_samples_mean_and_variance(shape):
+    x = torch.randn(shape) * torch.rand(shape[0], 1, 1, 1) * 3 + torch.randn(shape[0], 1, 1, 1)
+    mean, var = _sample_moments(tf.stage_input_stats(x.contiguous()), shape[0])
+    expected_mean, expected_var = _reference_moments(x)
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, expected_var, rtol=1e-5)
+
+
+def test_statistics_stay_exact_for_a_large_map_far_from_zero():
+    """56x56x64 per sample (stage 1 at 224) around 1000 with unit spread: E[x^2] - E[x]^2 in float32 would be
+    off by ~10% (1e6 * 2^-24 per term); centred partial moments are not."""
+    x = (torch.randn(2, 56, 56, 64) + 1000.0).contiguous()
+    _, var = _sample_moments(tf.stage_input_stats(x), 2)
+    np.testing.assert_allclose(var, _reference_moments(x)[1], rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("skip", [True, False], ids=["skip-scale", "plain-skip"])
+def test_pool_mix_kernel_matches_pooling_and_groupnorm(shape, skip):
+    x = (torch.randn(shape) * 2 + 0.5).contiguous()
+    block = _block(shape[-1], 4 * shape[-1], skip=skip)
+    y, partials = tf.pool_mix(x, tf.stage_input_stats(x), block, pool_size=3)
+    expected = _reference_pool_mix(x, block, 3)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    # the partials it writes are y's moments (what the MLP kernel normalises with)
+    mean, var = _sample_moments(partials, shape[0])
+    np.testing.assert_allclose(mean, _reference_moments(y)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(var, _reference_moments(y)[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("pool", [1, 5, 7])
+def test_pool_mix_kernel_other_pool_sizes_at_the_borders(pool):
+    x = torch.randn(3, 7, 9, 64).contiguous()
+    block = _block(64, 256)
+    y, _ = tf.pool_mix(x, tf.stage_input_stats(x), block, pool_size=pool)
+    torch.testing.assert_close(y.double(), _reference_pool_mix(x, block, pool), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("activation", ["gelu", "starrelu"])
+def test_mlp_kernel_matches_norm_fc1_activation_fc2_residual(shape, activation):
+    x = (torch.randn(shape) * 1.5 - 0.3).contiguous()
+    block = _block(shape[-1], 4 * shape[-1], bias=activation == "gelu", skip=activation == "gelu")
+    y, partials = tf.mlp(x, tf.stage_input_stats(x), block, activation, emit_stats=True)
+    expected = _reference_mlp(x, block, activation)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+    mean, var = _sample_moments(partials, shape[0])
+    np.testing.assert_allclose(var, _reference_moments(y)[1], rtol=1e-5)
+    np.testing.assert_allclose(mean, _reference_moments(y)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_mlp_kernel_other_activations(activation):
+    x = torch.randn(3, 7, 7, 64).contiguous()
+    block = _block(64, 256)
+    y, partials = tf.mlp(x, tf.stage_input_stats(x), block, activation, emit_stats=False)
+    assert partials is None
+    torch.testing.assert_close(y.double(), _reference_mlp(x, block, activation), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_kernels_keep_float32_statistics(dtype):
+    """Activations stored in bf16/fp16, statistics and sums in float32: within the storage format's rounding of
+    the float64 result."""
+    x = torch.randn(3, 13, 17, 64).to(dtype).contiguous()
+    block = _block(64, 256, dtype=dtype)
+    stats = tf.stage_input_stats(x)
+    _, var = _sample_moments(stats, 3)
+    np.testing.assert_allclose(var, _reference_moments(x)[1], rtol=1e-5)  # exact moments of the stored values
+    x1, mixed = tf.pool_mix(x, stats, block, 3)
+    y, _ = tf.mlp(x1, mixed, block, "gelu", emit_stats=True)
+    assert x1.dtype == y.dtype == dtype
+    resolution = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11
+    expected_x1 = _reference_pool_mix(x, block, 3)
+    assert ((x1.double() - expected_x1).abs() / (expected_x1.abs() + 1)).max() < 2 * resolution
+    expected_y = _reference_mlp(x1, block, "gelu")  # from the kernel's own x1: isolates the MLP's error
+    assert ((y.double() - expected_y).abs() / (expected_y.abs() + 1)).max() < 8 * resolution
+
+
+# ------------------------------------------------------------------------------ whole models
+
+
+@pytest.mark.parametrize("name, seed", [("s12", 1), ("v2_s12", 2)])
+@pytest.mark.parametrize("batch, height, width", [(1, 64, 64), (3, 71, 97)])
+def test_triton_backend_is_exact_in_fp32(name, seed, batch, height, width):
+    model = randomize_(create_model(name), seed=seed).eval()
+    fast = optimize(model, backend="triton")
+    assert fast.backend_for() == "triton"
+    x = torch.randn(batch, 3, height, width)
+    with torch.no_grad():
+        got, expected = fast(x), model(x)
+        features, expected_features = fast.forward_features(x), model.forward_features(x)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    scale = expected.abs().max().item()
+    assert (got - expected).abs().max().item() <= 1e-4 * max(1.0, scale)  # the issue's 1e-4 relative
+    torch.testing.assert_close(features, expected_features, rtol=1e-4, atol=1e-4 * expected_features.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_backend_low_precision_is_as_close_as_the_portable_path(dtype):
+    """bf16/fp16 logits are as far from fp32 as the portable path's in the same dtype (same rounding points)."""
+    model = randomize_(create_model("s12"), seed=3).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(x)
+        triton_error = (optimize(model, dtype=dtype, backend="triton")(x) - reference).abs().max().item()
+        portable_error = (optimize(model, dtype=dtype, backend="portable")(x) - reference).abs().max().item()
+    assert triton_error <= 2 * portable_error + 1e-3, (triton_error, portable_error)
+
+
+def test_triton_backend_under_autocast_runs_the_autocast_dtype():
+    model = randomize_(create_model("s12"), seed=4).eval()
+    fast = optimize(model, backend="triton")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fast(x)
+    assert got.dtype == torch.float32
+    assert (torch.bfloat16, torch.device("cpu")) in fast._cache
+    with torch.no_grad():
+        reference = model(x)
+    assert (got - reference).abs().max().item() < 0.1 * reference.abs().max().item()
+
+
+# ------------------------------------------------------------------------------ backend choice
+
+
+def test_auto_never_picks_the_interpreter_on_the_cpu(v1_random):
+    assert optimize(v1_random).backend_for(torch.float32, "cpu") != "triton"
+    assert optimize(v1_random).backend_note(torch.float32, "cpu") is None
+
+
+def test_triton_on_the_cpu_without_the_switch_is_a_clear_error(monkeypatch, v1_random):
+    monkeypatch.delenv(tf.INTERPRET_ENV)
+    reason = tf.unavailable_reason(torch.float32, torch.device("cpu"))
+    assert reason is not None and tf.INTERPRET_ENV in reason
+    with pytest.raises(ConfigError, match="Triton backend cannot run here"):
+        optimize(v1_random, backend="triton")(torch.randn(1, 3, 32, 32))
+
+
+def test_models_the_kernels_do_not_cover_fall_back_with_a_note(monkeypatch, v1_random):
+    fast = optimize(v1_random)
+    monkeypatch.setattr(tf, "unavailable_reason", lambda dtype, device: None)  # as on a GPU
+    monkeypatch.setattr(tf, "unsupported_model_reason", lambda folded, plan: "the Triton token mixer needs X")
+    assert fast.backend_for(torch.float32, "cuda") == "portable"
+    assert "needs X" in fast.backend_note(torch.float32, "cuda")
+    with pytest.raises(ConfigError, match="cannot run this model"):
+        optimize(v1_random, backend="triton").backend_for(torch.float32, "cuda")
+
+
+def test_auto_on_a_gpu_without_triton_says_why(monkeypatch, v1_random):
+    monkeypatch.setattr(tf, "unavailable_reason", lambda dtype, device: "Triton is not importable (test)")
+    fast = optimize(v1_random)
+    assert fast.backend_for(torch.float32, "cuda") == "portable"
+    assert "Triton is not importable" in fast.backend_note(torch.float32, "cuda")
+
+
+def test_unsupported_model_reason_covers_even_pool_sizes_and_narrow_channels():
+    folded, plan = optimize(create_model("s12")).folded, optimize(create_model("s12")).plan
+    assert tf.unsupported_model_reason(folded, plan) is None
+    assert "odd pool size" in tf.unsupported_model_reason(folded, type(plan)(**{**plan.__dict__, "pool_size": 4}))
+
+
+@pytest.fixture(scope="module")
+def v1_random():
+    return randomize_(create_model("s12"), seed=5).eval()
+
+
+# ------------------------------------------------------------------------------ launch geometry
+
+
+@pytest.mark.parametrize("hw", [1, 7 * 7, 13 * 17, 56 * 56, 128 * 128])
+@pytest.mark.parametrize("block_rows", [16, 32, 128])
+def test_partials_geometry_bounds_the_consumers_gather(hw, block_rows):
+    slot_rows = tf.slot_rows_for(hw, block_rows)
+    assert slot_rows % block_rows == 0
+    # every slot of `slot_rows` rows touches at most `segs` samples, wherever it starts
+    segs = tf.segments_for(slot_rows, hw)
+    assert max(((start + slot_rows - 1) // hw) - (start // hw) + 1 for start in range(0, 3 * hw, slot_rows)) <= segs
+    # one sample's rows touch at most max_slots slots, wherever the sample starts
+    partials = tf.Partials(torch.empty(0), slot_rows, segs, hw)
+    touched = max(((b + 1) * hw - 1) // slot_rows - (b * hw) // slot_rows + 1 for b in range(0, 64))
+    assert touched <= partials.max_slots <= 2 * tf.MAX_SLOTS_PER_SAMPLE
+
+
+@pytest.mark.parametrize("channels, split", [(64, (64, 0)), (320, (256, 64)), (96, (64, 32)), (72, (64, 16))])
+def test_channel_split_covers_every_channel(channels, split):
+    assert tf.channel_split(channels) == split
+    assert sum(split) >= channels
+
+
+def test_mlp_tiles_fit_the_shared_memory_budget():
+    for channels in (64, 128, 320, 512, 768):
+        for dtype in (torch.float32, torch.bfloat16):
+            configs = tf.mlp_configs(256 * 56 * 56, channels, 4 * channels, dtype)
+            assert configs
+            size = torch.tensor([], dtype=dtype).element_size()
+            width = sum(tf.channel_split(channels))
+            for c in configs[:-1] if configs[-1] == tf.MlpConfig(16, 16, 4, 1) else configs:
+                staged = c.num_stages * 2 * width * c.block_hidden * size
+                assert staged + c.block_rows * (width + c.block_hidden) * size <= tf.SHARED_MEMORY_BUDGET_BYTES
+
+
+# ------------------------------------------------------------------------------ roofline
+
+
+@pytest.mark.parametrize("name", ["s12", "v2_s12"])
+def test_roofline_count_equals_the_traffic_the_kernels_record(name):
+    """The analytic byte count (what bench reports on a GPU) equals what the launches themselves record."""
+    model = randomize_(create_model(name), seed=6).eval()
+    fast = optimize(model, backend="triton")
+    x = torch.randn(2, 3, 64, 64)
+    with tf.record_traffic() as recorded, torch.no_grad():
+        fast(x)
+    predicted = fast_traffic(fast.folded, fast.plan, 2, 64, 64, torch.float32, interpret=True)
+    assert [k.name for k in recorded] == [k.name for k in predicted]
+    assert recorded == predicted
+
+
+def test_roofline_fused_blocks_move_far_less_than_an_eager_block():
+    """Per block about 4 activations of traffic (plus weights), not the ~39 of an unfused eager block."""
+    fast = optimize(create_model("s12"))
+    traffic = fast_traffic(fast.folded, fast.plan, 256, 224, 224, torch.bfloat16)
+    activation = 256 * 56 * 56 * 64 * 2  # stage 1, bf16
+    first_mixer = next(k for k in traffic if k.name == "pool_mix")
+    assert activation * 2 <= first_mixer.read_bytes + first_mixer.write_bytes < activation * 2.1
+    per_image = bytes_per_image(traffic, 256)
+    assert 10e6 < per_image < 40e6  # s12's bf16 activations, ~2 reads + 2 writes per block, stem and head
+    assert achieved_tb_per_s(per_image, 10_000) == pytest.approx(per_image * 1e4 / 1e12)
+
+
+# ------------------------------------------------------------------------------ CUDA graphs
+
+
+class _FakeGraphs:
+    """Stands in for torch.cuda graphs: a 'capture' records the forward, 'replay' re-runs it on the static
+    input into the static output, as a real graph does."""
+
+    def __init__(self):
+        self.captured = 0
+        self.replays = 0
+
+    def __call__(self, forward, example):
+        self.captured += 1
+        static_input = example.clone()
+        static_output = forward(static_input)
+
+        def replay():
+            self.replays += 1
+            static_output.copy_(forward(static_input))
+
+        return CapturedGraph(static_input, static_output, replay)
+
+
+def test_graph_cache_warms_up_captures_once_and_replays():
+    fake = _FakeGraphs()
+    cache = GraphCache(capture=fake, warmup_calls=2)
+    eager_calls = []
+
+    def forward(x):
+        eager_calls.append(1)
+        return x * 2
+
+    for step in range(5):
+        x = torch.full((2, 3), float(step))
+        out = cache(forward, x)
+        torch.testing.assert_close(out, x * 2)
+    assert fake.captured == 1 and fake.replays == 3 and cache.captures == 1
+    # the returned tensor is the caller's: the next replay does not overwrite it
+    first = cache(forward, torch.ones(2, 3))
+    cache(forward, torch.zeros(2, 3))
+    torch.testing.assert_close(first, torch.full((2, 3), 2.0))
+
+
+def test_graph_cache_keys_on_shape_dtype_and_extra_and_drops_the_oldest():
+    fake = _FakeGraphs()
+    cache = GraphCache(capture=fake, warmup_calls=0, max_graphs=2)
+    for shape in [(1, 3), (2, 3), (1, 3), (3, 3)]:
+        cache(lambda x: x + 1, torch.zeros(shape))
+    assert fake.captured == 3 and list(cache.graphs) == [GraphCache.key(torch.zeros(1, 3)), GraphCache.key(torch.zeros(3, 3))]
+    cache(lambda x: x + 1, torch.zeros(1, 3), extra="bf16")
+    assert fake.captured == 4
+
+
+def test_graphs_switch(monkeypatch):
+    monkeypatch.setenv("POOLFORMER_CUDA_GRAPHS", "0")
+    assert not graphs_enabled_by_env()
+    assert optimize(create_model("s12")).cuda_graphs is False
+    monkeypatch.delenv("POOLFORMER_CUDA_GRAPHS")
+    assert graphs_enabled_by_env()
+    assert optimize(create_model("s12"), cuda_graphs=False).cuda_graphs is False
