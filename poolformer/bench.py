@@ -527,7 +527,7 @@ def run_benchmark(configs: Iterable[BenchConfig], settings: BenchSettings,
                   build_model: BuildModel | None = None) -> Iterator[BenchResult]:
     """Measure each configuration in turn, yielding each result as soon as it is known (so a caller can save
     finished rows before a Ctrl-C). GPU runs carry NVML telemetry (or the reason it is absent)."""
-    from .envinfo import NvmlTelemetry
+    from .envinfo import NvmlTelemetry, cuda_uuid
 
     check_settings(settings)
     for config in configs:
@@ -536,7 +536,8 @@ def run_benchmark(configs: Iterable[BenchConfig], settings: BenchSettings,
         if settings.normalised:
             reference = reference_workload(config.device, config.batch_size, config.resolution)
         if config.device.startswith("cuda"):
-            with NvmlTelemetry(torch.device(config.device).index or 0) as telemetry:
+            index = torch.device(config.device).index or 0
+            with NvmlTelemetry(index, uuid=cuda_uuid(index)) as telemetry:
                 result = run_config(config, settings, build_model, reference)
             result.telemetry = telemetry.summary.to_dict()
         else:

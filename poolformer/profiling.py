@@ -2,8 +2,10 @@
 
 Times are *self* times (the time spent in an operator itself, not in the operators it calls), so the shares
 add up to 100% without double counting: aten::conv2d, for example, has almost no self time because the work
-is done in the convolution kernel it calls. On a GPU the self time is the device (kernel) time; on the CPU
-it is the host time. Operators are also grouped into categories (convolution, normalisation, pooling,
+is done in the convolution kernel it calls. On a GPU the self time is the device (kernel) time of the kernels
+an operator launched itself; on the CPU it is the host time. (With CUDA activity the profiler also lists every
+kernel as an event of its own, carrying the same time again: those rows are left out and only give the total;
+kernels launched outside any operator appear as one row of their own.) Operators are also grouped into categories (convolution, normalisation, pooling,
 elementwise, ...) to show why a PoolFormer is slower than its MACs suggest: the normalisations, the pooling
 mixer and the elementwise ops (LayerScale, residual adds, GELU) do few MACs but move a lot of memory.
 """
@@ -92,16 +94,42 @@ def profile_model(config: BenchConfig, *, warmup: int = 3, steps: int = 5, trace
     return report
 
 
+UNATTRIBUTED_KERNELS = "(kernels launched outside any operator)"
+
+
 def _self_time_us(event: Any, time_kind: str) -> float:
     if time_kind == "cuda":
-        return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+        # torch >= 2.4 names it self_device_time_total; the old name warns (and is gone in newer releases)
+        name = "self_device_time_total" if hasattr(event, "self_device_time_total") else "self_cuda_time_total"
+        return float(getattr(event, name, 0.0))
     return float(event.self_cpu_time_total)
+
+
+def _is_device_event(event: Any) -> bool:
+    """A kernel, memcpy or memset as the GPU ran it (not the host-side operator that launched it)."""
+    device_type = getattr(event, "device_type", None)
+    return device_type is not None and getattr(device_type, "name", str(device_type)).split(".")[-1] != "CPU"
+
+
+def _host_rows(events: Any, time_kind: str) -> list[tuple[str, float, int]]:
+    """(operator, self µs, calls) of every host-side operator with self time. With CUDA times, each kernel
+    is listed twice by the profiler: inside the operator that launched it and as a device event of its own;
+    only the operators are kept, and kernels no operator claims (graph replays, compiled code launching
+    kernels directly) become one row, so the rows add up to the GPU's total kernel time."""
+    events = [e for e in events if not getattr(e, "is_user_annotation", False)]
+    rows = [(e.key, _self_time_us(e, time_kind), e.count) for e in events if not _is_device_event(e)]
+    rows = [(name, us, count) for name, us, count in rows if us > 0]
+    if time_kind == "cuda":
+        device_us = sum(_self_time_us(e, time_kind) for e in events if _is_device_event(e))
+        unattributed_us = device_us - sum(us for _, us, _ in rows)
+        if unattributed_us > 1e-3 * device_us:
+            rows.append((UNATTRIBUTED_KERNELS, unattributed_us, 0))
+    return rows
 
 
 def summarize(events: Any, steps: int, time_kind: str, config: BenchConfig) -> ProfileReport:
     """Per-operator self time, calls and share from profiler key averages, slowest first."""
-    rows = [(e.key, _self_time_us(e, time_kind), e.count) for e in events]
-    rows = [(name, us, count) for name, us, count in rows if us > 0]
+    rows = _host_rows(events, time_kind)
     total_us = sum(us for _, us, _ in rows) or 1.0
     operators = sorted((OperatorTime(name, categorize(name), us / 1000.0 / steps, round(count / steps), us / total_us)
                         for name, us, count in rows), key=lambda op: op.self_ms, reverse=True)

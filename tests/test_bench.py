@@ -27,7 +27,7 @@ FAST = ["--device", "cpu", "--resolutions", "64", "--warmup", "1", "--iters", "3
 REQUIRED_ROW_KEYS = {"model", "impl", "device", "batch_size", "resolution", "precision", "channels_last", "compile",
                      "status", "throughput", "latency_ms", "peak_memory_bytes"}
 REQUIRED_ENV_KEYS = {"poolformer", "torch", "timm", "cuda", "cpu_model", "threads", "device", "cudnn_benchmark",
-                     "matmul_precision", "date", "git_commit"}
+                     "matmul_precision", "cudnn_allow_tf32", "cuda_matmul_allow_tf32", "date", "git_commit"}
 
 
 @pytest.fixture(autouse=True)
@@ -239,29 +239,104 @@ def test_nvml_without_driver_degrades_gracefully():
     assert info["nvml"] is False and "NVML" in info["reason"]
 
 
-def test_nvml_telemetry_with_partial_support(monkeypatch):
-    """A fake NVML where power readings are unsupported: the other fields still arrive."""
-    class NVMLError(Exception):
-        pass
+class _NVMLError(Exception):
+    pass
 
-    def unsupported(*_):
-        raise NVMLError("Not Supported")
 
-    fake = types.SimpleNamespace(
-        nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: f"gpu{i}", NVML_CLOCK_SM=1,
-        NVML_TEMPERATURE_GPU=0, nvmlDeviceGetClockInfo=lambda h, kind: 1980, nvmlDeviceGetTemperature=lambda h, s: 61,
-        nvmlDeviceGetPowerUsage=unsupported, nvmlDeviceGetCurrentClocksThrottleReasons=lambda h: 0x4 | 0x40,
-        nvmlDeviceGetName=lambda h: b"NVIDIA H100", nvmlSystemGetDriverVersion=lambda: "550.54",
-        nvmlSystemGetCudaDriverVersion=lambda: 12040, nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(total=80e9))
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
-    assert envinfo.gpu_info(0) == {"nvml": True, "name": "NVIDIA H100", "driver": "550.54", "cuda_driver": "12.4",
-                                   "memory_total_bytes": 80e9}
+def _unsupported(*_):
+    raise _NVMLError("Not Supported")
+
+
+def _fake_nvml(**overrides):
+    """A fake pynvml for two GPUs, in NVML's (PCI) order: GPU-aaa then GPU-bbb (an H100 at 1980/2619 MHz)."""
+    uuids = ["GPU-aaa", "GPU-bbb"]
+    functions = dict(
+        nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: uuids[i],
+        nvmlDeviceGetHandleByUUID=lambda u: uuids[uuids.index(u)], nvmlDeviceGetUUID=lambda h: h,
+        NVML_CLOCK_SM=1, NVML_CLOCK_MEM=2, NVML_TEMPERATURE_GPU=0,
+        nvmlDeviceGetClockInfo=lambda h, kind: {1: 1980, 2: 2619}[kind],
+        nvmlDeviceGetMaxClockInfo=lambda h, kind: {1: 1980, 2: 2619}[kind],
+        nvmlDeviceGetTemperature=lambda h, sensor: 61, nvmlDeviceGetPowerUsage=lambda h: 650_000,
+        nvmlDeviceGetEnforcedPowerLimit=lambda h: 700_000,
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=97, memory=60),
+        nvmlDeviceGetCurrentClocksThrottleReasons=lambda h: 0x4 | 0x40,
+        nvmlDeviceGetName=lambda h: {"GPU-aaa": b"NVIDIA A100", "GPU-bbb": b"NVIDIA H100"}[h],
+        nvmlSystemGetDriverVersion=lambda: "550.54", nvmlSystemGetCudaDriverVersion=lambda: 12040,
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(total=80e9))
+    functions.update(overrides)
+    return types.SimpleNamespace(**{k: v for k, v in functions.items() if v is not None})
+
+
+def test_nvml_environment_and_telemetry_fields(monkeypatch):
+    """Every field the GPU report needs, per row (clocks, temperature, power, utilisation, throttle reasons)
+    and per run (name, driver, CUDA driver, memory, top clocks, power limit)."""
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml())
+    assert envinfo.gpu_info(0) == {
+        "nvml": True, "name": "NVIDIA A100", "uuid": "GPU-aaa", "driver": "550.54", "cuda_driver": "12.4",
+        "memory_total_bytes": 80e9, "max_sm_clock_mhz": 1980, "max_memory_clock_mhz": 2619, "power_limit_w": 700.0}
     with envinfo.NvmlTelemetry(0, period_s=0.001) as telemetry:
         pass
     summary = telemetry.summary
-    assert summary.available and summary.samples >= 1
-    assert (summary.sm_clock_mhz_min, summary.temperature_c_max, summary.power_w_mean) == (1980, 61, None)
+    assert summary.available and summary.samples >= 2
+    assert (summary.sm_clock_mhz_min, summary.sm_clock_mhz_median, summary.memory_clock_mhz_median) == (1980, 1980, 2619)
+    assert (summary.temperature_c_max, summary.power_w_mean, summary.power_w_max) == (61, 650.0, 650.0)
+    assert (summary.gpu_utilisation_pct_mean, summary.memory_utilisation_pct_mean) == (97, 60)
     assert summary.throttle_reasons == ["hw_thermal_slowdown", "sw_power_cap"]
+
+
+def test_nvml_finds_the_cuda_device_by_uuid(monkeypatch):
+    """CUDA_VISIBLE_DEVICES=1: CUDA's device 0 is NVML's device 1. By index NVML would describe (and sample)
+    the wrong GPU; by the UUID torch reports it finds the right one."""
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml())
+    assert envinfo.gpu_info(0, uuid="GPU-bbb")["name"] == "NVIDIA H100"
+    sampled = []
+    monkeypatch.setattr(envinfo, "_sample", lambda nvml, handle: sampled.append(handle) or envinfo.TelemetrySample(
+        1980, 2619, 61, 650.0, 97, 60, []))
+    with envinfo.NvmlTelemetry(0, period_s=10, uuid="GPU-bbb"):
+        pass
+    assert sampled == ["GPU-bbb", "GPU-bbb"]  # on entry and on exit
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(uuid="5a1e-77"))
+    assert envinfo.cuda_uuid(0) == "GPU-5a1e-77"
+
+    def no_device(i):
+        raise RuntimeError("no CUDA GPUs are available")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", no_device)
+    assert envinfo.cuda_uuid(0) is None
+
+
+def test_nvml_row_shorter_than_the_sampling_period_is_sampled_while_busy(monkeypatch):
+    """A 5 ms row with a 100 ms period used to keep only the sample taken before it ran (idle clocks)."""
+    clock = iter([345, 1980])
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(nvmlDeviceGetClockInfo=lambda h, kind: next(clock)
+                                                          if kind == 1 else 2619))
+    with envinfo.NvmlTelemetry(0, period_s=10) as telemetry:
+        pass
+    assert telemetry.summary.samples == 2 and telemetry.summary.sm_clock_mhz_median == (345 + 1980) / 2
+
+
+def test_nvml_telemetry_with_partial_support(monkeypatch):
+    """Power unsupported, utilisation missing from this nvidia-ml-py, and throttle reasons only under NVML's
+    newer name ("clocks event reasons"): the other fields still arrive, nothing raises."""
+    fake = _fake_nvml(nvmlDeviceGetPowerUsage=_unsupported, nvmlDeviceGetEnforcedPowerLimit=_unsupported,
+                      nvmlDeviceGetUtilizationRates=None, nvmlDeviceGetCurrentClocksThrottleReasons=None,
+                      nvmlDeviceGetCurrentClocksEventReasons=lambda h: 0x1)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert envinfo.gpu_info(0)["power_limit_w"] is None
+    with envinfo.NvmlTelemetry(0, period_s=0.001) as telemetry:
+        pass
+    summary = telemetry.summary
+    assert (summary.sm_clock_mhz_min, summary.temperature_c_max, summary.power_w_mean) == (1980, 61, None)
+    assert summary.gpu_utilisation_pct_mean is None and summary.throttle_reasons == ["gpu_idle"]
+
+
+def test_unreadable_throttle_reasons_are_unknown_not_none(monkeypatch):
+    """Where NVML cannot read throttle reasons the summary says None (unknown), never [] (no throttling)."""
+    fake = _fake_nvml(nvmlDeviceGetCurrentClocksThrottleReasons=_unsupported)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    with envinfo.NvmlTelemetry(0, period_s=0.001) as telemetry:
+        pass
+    assert telemetry.summary.available and telemetry.summary.throttle_reasons is None
 
 
 # ------------------------------------------------------------------------------------------ the command
@@ -369,6 +444,38 @@ def test_profile_names_the_operators(tmp_path):
     assert names["aten::native_group_norm"].calls == 25 and names["aten::avg_pool2d"].calls == 12
     assert sum(op.share for op in report.operators) == pytest.approx(1.0)
     assert report.operators == sorted(report.operators, key=lambda op: op.self_ms, reverse=True)
+
+
+def _event(key, self_device_us, count, device_type="CPU", annotation=False):
+    """A stand-in for one row of torch.profiler's key_averages() (FunctionEventAvg) in a CUDA run."""
+    from torch.autograd import DeviceType
+
+    return types.SimpleNamespace(key=key, count=count, self_device_time_total=float(self_device_us),
+                                 self_cpu_time_total=5.0, device_type=getattr(DeviceType, device_type),
+                                 is_user_annotation=annotation)
+
+
+def test_cuda_profile_counts_each_kernel_once():
+    """What torch 2.x's profiler returns with CUDA activity: every kernel twice, once inside the operator
+    that launched it (aten::...) and once as a device event under its own name; plus a user annotation
+    spanning everything and a Triton kernel no operator launched. Rows are operators only, and the total is
+    the GPU's kernel time: 300 us of convolution + 100 of group norm + 50 of the stray kernel per step."""
+    from poolformer.profiling import UNATTRIBUTED_KERNELS, summarize
+
+    events = [
+        _event("aten::cudnn_convolution", 600, 4), _event("aten::native_group_norm", 200, 4),
+        _event("aten::conv2d", 0, 4), _event("cudaLaunchKernel", 0, 8),
+        _event("sm90_xmma_fprop_implicit_gemm", 600, 4, "CUDA"), _event("group_norm_kernel", 200, 4, "CUDA"),
+        _event("triton_poi_fused_add_0", 100, 2, "CUDA"),
+        _event("ProfilerStep", 900, 2, "CUDA", annotation=True),
+    ]
+    report = summarize(events, steps=2, time_kind="cuda", config=bench.BenchConfig("s12", device="cuda"))
+    assert [op.name for op in report.operators] == ["aten::cudnn_convolution", "aten::native_group_norm",
+                                                   UNATTRIBUTED_KERNELS]
+    assert report.total_ms == pytest.approx(0.450)
+    assert [op.self_ms for op in report.operators] == pytest.approx([0.300, 0.100, 0.050])
+    assert sum(op.share for op in report.operators) == pytest.approx(1.0)
+    assert report.categories["convolution"] == pytest.approx(0.300 / 0.450)
 
 
 def test_profile_command_with_trace(tmp_path):
