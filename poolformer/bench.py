@@ -65,6 +65,7 @@ class BenchConfig:
     channels_last: bool = False
     compile: bool = False
     weights: str | None = None  # a checkpoint or an exported .onnx file; None: random weights (seeded)
+    cast: bool = False  # bf16/fp16: weights and input converted to the precision, no autocast (see prepare_model)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class BenchSettings:
     normalised: bool = False  # also time the reference workload, interleaved with the model's steps
     noisy_iqr_ratio: float = 0.10  # IQR / median above this flags the measurement as noisy
     compile_backend: str = "inductor"
+    compile_mode: str | None = None  # torch.compile's mode: None (its default), reduce-overhead, max-autotune, ...
     parity: bool = True  # check every row's logits against the fp32 reference (see check_parity)
 
 
@@ -131,6 +133,9 @@ class BenchResult:
     steps_ms: list[float] = field(default_factory=list)
     peak_memory_bytes: int | None = None  # GPU: peak allocated by tensors; CPU: process peak resident set
     peak_reserved_bytes: int | None = None  # GPU only: peak held by the caching allocator
+    start_memory_bytes: int | None = None  # in use when the peaks were reset, before the input was made (GPU:
+    # allocated bytes = the model's weights and buffers; CPU: the process's resident set); peak - start = the
+    # memory the forward pass itself needed
     first_call_ms: float | None = None  # the first forward on its own (includes compilation with compile)
     noisy: bool = False
     reference_ms: float | None = None  # normalised mode: median latency of the reference workload
@@ -141,6 +146,17 @@ class BenchResult:
     fp32_throughput: float | None = None  # emulated precision: a short fp32 run of the same configuration
     parity: Parity | None = None  # the row's logits against the fp32 reference (None: not checked, see note)
     parity_note: str | None = None
+    backend: str | None = None  # --impl fast: the kernels the forward ran (triton, onnxruntime, onednn, portable)
+    backend_note: str | None = None  # --impl fast: why it did not run its Triton kernels on a GPU
+    bytes_per_image: float | None = None  # --impl fast on Triton: bytes its kernels move per image (roofline)
+    compile_mode: str | None = None  # torch.compile's mode of a compiled row ("default" when none was given)
+
+    @property
+    def achieved_tb_per_s(self) -> float | None:
+        """The memory bandwidth (10^12 B/s) the measured speed implies for the kernels' own traffic."""
+        if self.status != "ok" or self.bytes_per_image is None or not self.throughput:
+            return None
+        return self.bytes_per_image * self.throughput / 1e12
 
     @property
     def relative_throughput(self) -> float | None:
@@ -163,12 +179,16 @@ class BenchResult:
             row["latency_ms"].update(mean=lat.mean, min=lat.min, steps=self.steps_ms)
         if self.reference_steps_ms:
             row["reference_steps_ms"] = self.reference_steps_ms
-        row.update(peak_reserved_bytes=self.peak_reserved_bytes, first_call_ms=self.first_call_ms,
-                   compile_ms=self.first_call_ms if self.config.compile else None, noisy=self.noisy,
+        row.update(peak_reserved_bytes=self.peak_reserved_bytes, start_memory_bytes=self.start_memory_bytes,
+                   first_call_ms=self.first_call_ms,
+                   compile_ms=self.first_call_ms if self.config.compile else None, compile_mode=self.compile_mode,
+                   noisy=self.noisy,
                    reference_ms=self.reference_ms, relative_throughput=self.relative_throughput,
                    error=self.error, telemetry=self.telemetry, precision_note=self.precision_note,
                    fp32_throughput=self.fp32_throughput,
-                   parity=asdict(self.parity) if self.parity is not None else None, parity_note=self.parity_note)
+                   parity=asdict(self.parity) if self.parity is not None else None, parity_note=self.parity_note,
+                   backend=self.backend, backend_note=self.backend_note, bytes_per_image=self.bytes_per_image,
+                   achieved_tb_per_s=self.achieved_tb_per_s)
         return row
 
 
@@ -211,6 +231,10 @@ def check_precision(device: str, precision: str) -> None:
         raise ConfigError(f"{precision} autocast is not supported on {device} by torch {torch.__version__}")
 
 
+# torch.compile's modes (inductor); max-autotune is what timm's best published GPU figures use
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def check_settings(settings: BenchSettings) -> None:
     if settings.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {settings.warmup}")
@@ -220,6 +244,8 @@ def check_settings(settings: BenchSettings) -> None:
         raise ConfigError(f"--min-time must be > 0 seconds, got {settings.min_time_s}")
     if settings.threads is not None and settings.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {settings.threads}")
+    if settings.compile_mode is not None and settings.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"unknown --compile-mode {settings.compile_mode!r}; choose from: {', '.join(COMPILE_MODES)}")
 
 
 # ----------------------------------------------------------------------------------- timing
@@ -227,17 +253,21 @@ def check_settings(settings: BenchSettings) -> None:
 
 class _Stopwatch:
     """Times calls on one device. CPU: perf_counter now. CUDA: a pair of events per call, read in `resolve`
-    after a single synchronisation, so that timing does not insert a sync between steps."""
+    after a single synchronisation, so that timing does not insert a sync between steps. The events go on
+    the current stream of the measured device (the one its kernels run on), which is not the current
+    device's when measuring cuda:1 from a process whose current device is cuda:0."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
 
     def time(self, fn: Callable[[], Any]) -> Any:
         if self.cuda:
+            stream = torch.cuda.current_stream(self.device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             fn()
-            end.record()
+            end.record(stream)
             return start, end
         t0 = time.perf_counter()
         fn()
@@ -246,7 +276,7 @@ class _Stopwatch:
     def resolve(self, handles: list[Any]) -> list[float]:
         if not self.cuda:
             return list(handles)
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(self.device)
         return [start.elapsed_time(end) for start, end in handles]
 
 
@@ -321,18 +351,38 @@ def _peak_memory(device: torch.device) -> tuple[int | None, int | None]:
         return None, None
 
 
+def _current_memory(device: torch.device) -> int | None:
+    """Bytes in use now: allocated by tensors on a GPU, the process's resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
+# How an allocation failure reads when it is not torch.OutOfMemoryError: the CPU allocator, a raw CUDA call
+# ("CUDA error: out of memory"), and cuDNN / cuBLAS failing to get their workspace or handle.
+_OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "cudnn_status_alloc_failed",
+                           "cublas_status_alloc_failed")
+
+
 def is_out_of_memory(err: BaseException) -> bool:
-    """torch.OutOfMemoryError (CUDA), or the CPU allocator's failure, which is a plain RuntimeError."""
+    """torch.OutOfMemoryError (the CUDA caching allocator), or an allocation failure reported as a plain
+    RuntimeError (see _OUT_OF_MEMORY_MESSAGES)."""
     if isinstance(err, torch.OutOfMemoryError):
         return True
     message = str(err).lower()
-    return isinstance(err, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+    return isinstance(err, RuntimeError) and any(text in message for text in _OUT_OF_MEMORY_MESSAGES)
 
 
 def _one_line(err: BaseException) -> str:
@@ -361,23 +411,58 @@ def _build_kwargs(config: BenchConfig) -> dict[str, Any]:
     return weights if get_spec(config.model).family in ("v1", "v2") else {"img_size": config.resolution, **weights}
 
 
+def cast_dtype(config: BenchConfig) -> torch.dtype | None:
+    """The dtype weights and input are converted to (config.cast in bf16/fp16), or None: fp32 or autocast."""
+    return PRECISIONS[config.precision] if config.cast else None
+
+
 def prepare_model(config: BenchConfig, build_model: BuildModel | None = None,
-                  compile_backend: str = "inductor") -> nn.Module:
-    """The model for `config` on its device, in eval mode, channels_last and compiled as asked."""
+                  compile_backend: str = "inductor", compile_mode: str | None = None) -> nn.Module:
+    """The model for `config` on its device, in eval mode, channels_last, cast and compiled as asked.
+    cast: the weights are converted to bf16/fp16 and run without autocast (timm's `--model-dtype`; GroupNorm
+    then runs in bf16 too, which autocast would keep in fp32); the fast path runs that dtype throughout."""
     build_model = build_model or _default_build()
     torch.manual_seed(BUILD_SEED)
     model = build_model(config.model, config.impl, **_build_kwargs(config)).eval().to(config.device)
+    dtype = cast_dtype(config)
+    if dtype is not None:
+        from .fast import FastPoolFormer
+
+        if isinstance(model, FastPoolFormer):
+            model.dtype = dtype
+        else:
+            model = model.to(dtype)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.compile:
-        model = torch.compile(model, backend=compile_backend)
+        model = torch.compile(model, backend=compile_backend, mode=compile_mode)
     return model
 
 
 def make_input(config: BenchConfig) -> torch.Tensor:
-    """A random image batch [batch_size, 3, resolution, resolution] on the config's device and memory format."""
+    """A random image batch [batch_size, 3, resolution, resolution] on the config's device and memory format
+    (in the cast dtype with config.cast)."""
     x = torch.randn(config.batch_size, 3, config.resolution, config.resolution, device=config.device)
+    dtype = cast_dtype(config)
+    x = x if dtype is None else x.to(dtype)
     return x.contiguous(memory_format=torch.channels_last) if config.channels_last else x
+
+
+def row_autocast(config: BenchConfig) -> contextlib.AbstractContextManager:
+    """Autocast in the row's precision, unless the model was cast to it."""
+    return contextlib.nullcontext() if config.cast else autocast(config.device, config.precision)
+
+
+def _fast_details(model: nn.Module, config: BenchConfig) -> tuple[str | None, str | None, float | None]:
+    """(backend, backend note, bytes per image) of an `optimize`d model for this row; Nones otherwise."""
+    from .fast import FastPoolFormer
+
+    if not isinstance(model, FastPoolFormer):
+        return None, None, None
+    dtype = PRECISIONS[config.precision] or model.dtype
+    backend, note = model.backend_for(dtype, config.device), model.backend_note(dtype, config.device)
+    traffic = model.bytes_per_image(config.batch_size, config.resolution, config.resolution, dtype, config.device)
+    return backend, note, traffic
 
 
 class _ReferenceBlock(nn.Module):
@@ -424,17 +509,46 @@ def reference_workload(device: str, batch_size: int, resolution: int) -> Callabl
     return run
 
 
+class ModelCache:
+    """The last models built, handed again to configurations that differ only in batch size (or in the
+    autocast precision, which leaves the model as built): building a model and moving it to the device can take
+    longer than measuring it. At most `size` models (two: a cast row and its fp32 comparison alternate), the
+    least recently used dropped before the next is built. Compiled models are built afresh for every
+    configuration, so that each row's first call shows its compilation."""
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self.models: dict[BenchConfig, nn.Module] = {}
+
+    def get(self, config: BenchConfig, build: Callable[[], nn.Module]) -> nn.Module:
+        if config.compile:
+            return build()
+        key = replace(config, batch_size=0, precision=config.precision if config.cast else "")
+        if key in self.models:
+            self.models[key] = self.models.pop(key)  # most recently used last
+            return self.models[key]
+        while len(self.models) >= self.size:
+            del self.models[next(iter(self.models))]
+        self.models[key] = build()
+        return self.models[key]
+
+
 def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildModel | None = None,
-               reference: Callable[[], Any] | None = None) -> BenchResult:
-    """Measure one configuration. Never raises for OOM or a failing model: the status says what happened."""
+               reference: Callable[[], Any] | None = None, models: ModelCache | None = None) -> BenchResult:
+    """Measure one configuration. Never raises for OOM or a failing model: the status says what happened.
+    models: reuse a model built for an earlier configuration (see ModelCache)."""
     device = torch.device(config.device)
     model = x = None
     try:
-        model = prepare_model(config, build_model, settings.compile_backend)
+        def build() -> nn.Module:
+            return prepare_model(config, build_model, settings.compile_backend, settings.compile_mode)
+
+        model = models.get(config, build) if models is not None else build()
         _free_memory(device)
         _reset_peak_memory(device)
+        start_memory = _current_memory(device)
         x = make_input(config)
-        with torch.inference_mode(), autocast(config.device, config.precision):
+        with torch.inference_mode(), row_autocast(config):
             def step() -> Any:
                 return model(x)
 
@@ -446,9 +560,12 @@ def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildM
         result = BenchResult(
             config=config, status="ok", throughput=config.batch_size * 1000.0 / stats.median,
             latency_ms=stats, steps_ms=steps_ms, peak_memory_bytes=peak, peak_reserved_bytes=reserved,
-            first_call_ms=first_call_ms, noisy=stats.iqr > settings.noisy_iqr_ratio * stats.median,
+            start_memory_bytes=start_memory, first_call_ms=first_call_ms,
+            noisy=stats.iqr > settings.noisy_iqr_ratio * stats.median,
             reference_ms=statistics.median(reference_ms) if reference_ms else None,
             reference_steps_ms=reference_ms)
+        result.backend, result.backend_note, result.bytes_per_image = _fast_details(model, config)
+        result.compile_mode = (settings.compile_mode or "default") if config.compile else None
         if settings.parity:
             result.parity, result.parity_note = check_parity(config, model, x, build_model, settings)
             if result.parity is not None and not result.parity.ok:
@@ -483,15 +600,16 @@ def check_parity(config: BenchConfig, model: nn.Module, x: torch.Tensor, build_m
     same_model = reference_name == config.impl and not config.compile and config.precision == "fp32"
     try:
         with torch.inference_mode():
-            with autocast(config.device, config.precision):
+            with row_autocast(config):
                 got = model(x)[:samples].float()
+            images = x[:samples].float().contiguous()  # the reference runs fp32 (a cast row's input is not)
             if same_model:
-                expected = model(x[:samples].contiguous()).float()
+                expected = model(images).float()
             else:
                 torch.manual_seed(BUILD_SEED)
                 build = build_model or _default_build()
                 reference = build(config.model, reference_name, **_build_kwargs(config)).eval().to(device)
-                expected = reference(x[:samples].contiguous()).float()
+                expected = reference(images).float()
                 del reference
     except Exception as err:
         return None, f"not checked: the reference failed ({_one_line(err)})"
@@ -509,9 +627,10 @@ def check_parity(config: BenchConfig, model: nn.Module, x: torch.Tensor, build_m
 
 def expand_configs(models: Iterable[str], impls: Iterable[str], device: str, batch_sizes: Iterable[int],
                    resolutions: Iterable[int], precisions: Iterable[str], channels_last: bool,
-                   compile: bool, weights: str | None = None) -> list[BenchConfig]:
-    """Every combination, in the order model > impl > precision > resolution > batch size."""
-    return [BenchConfig(m, i, device, b, r, p, channels_last, compile, weights)
+                   compile: bool, weights: str | None = None, cast: bool = False) -> list[BenchConfig]:
+    """Every combination, in the order model > impl > precision > resolution > batch size (cast applies to
+    bf16/fp16 rows only)."""
+    return [BenchConfig(m, i, device, b, r, p, channels_last, compile, weights, cast and p != "fp32")
             for m in models for i in impls for p in precisions for r in resolutions for b in batch_sizes]
 
 
@@ -524,12 +643,14 @@ def apply_settings(settings: BenchSettings, device: str) -> None:
 
 
 def run_benchmark(configs: Iterable[BenchConfig], settings: BenchSettings,
-                  build_model: BuildModel | None = None) -> Iterator[BenchResult]:
+                  build_model: BuildModel | None = None, models: ModelCache | None = None) -> Iterator[BenchResult]:
     """Measure each configuration in turn, yielding each result as soon as it is known (so a caller can save
-    finished rows before a Ctrl-C). GPU runs carry NVML telemetry (or the reason it is absent)."""
+    finished rows before a Ctrl-C). GPU runs carry NVML telemetry (or the reason it is absent).
+    models: a ModelCache to share across calls (a caller running one configuration per call)."""
     from .envinfo import NvmlTelemetry, cuda_uuid
 
     check_settings(settings)
+    models = models if models is not None else ModelCache()
     for config in configs:
         apply_settings(settings, config.device)
         reference = None
@@ -538,18 +659,19 @@ def run_benchmark(configs: Iterable[BenchConfig], settings: BenchSettings,
         if config.device.startswith("cuda"):
             index = torch.device(config.device).index or 0
             with NvmlTelemetry(index, uuid=cuda_uuid(index)) as telemetry:
-                result = run_config(config, settings, build_model, reference)
+                result = run_config(config, settings, build_model, reference, models)
             result.telemetry = telemetry.summary.to_dict()
         else:
-            result = run_config(config, settings, build_model, reference)
-        _add_precision_note(result, settings, build_model)
+            result = run_config(config, settings, build_model, reference, models)
+        _add_precision_note(result, settings, build_model, models)
         yield result
 
 
 FP32_COMPARISON_STEPS = 3  # timed steps of the fp32 run beside an emulated-precision row (after 1 warm-up)
 
 
-def _add_precision_note(result: BenchResult, settings: BenchSettings, build_model: BuildModel | None) -> None:
+def _add_precision_note(result: BenchResult, settings: BenchSettings, build_model: BuildModel | None,
+                        models: ModelCache | None = None) -> None:
     """Where the row's precision is not native here, say so; where it is emulated (many times slower than
     fp32), also time a few fp32 steps of the same configuration, so the row shows what fp32 would give."""
     from .devices import precision_is_emulated, precision_note
@@ -559,55 +681,75 @@ def _add_precision_note(result: BenchResult, settings: BenchSettings, build_mode
     if result.status != "ok" or not precision_is_emulated(config.device, config.precision):
         return
     quick = replace(settings, warmup=1, iters=FP32_COMPARISON_STEPS, min_time_s=None, normalised=False, parity=False)
-    fp32 = run_config(replace(config, precision="fp32"), quick, build_model)
+    fp32 = run_config(replace(config, precision="fp32", cast=False), quick, build_model, models=models)
     result.fp32_throughput = fp32.throughput
 
 
 # ----------------------------------------------------------------------------------- max batch
 
 
-def _fits(model: nn.Module, config: BenchConfig) -> bool:
-    """Whether two forward passes of `model` at `config`'s batch size run without running out of memory
-    (other errors propagate)."""
+@dataclass(frozen=True)
+class MaxBatch:
+    """The largest batch size that ran, and what stopped the search there."""
+
+    batch_size: int | None  # None: not even batch 1 fits in memory
+    limited_by: str  # "memory", "the limit (N)", or "batch N: <the error>" (see search_max_batch)
+
+
+def _try_batch(model: nn.Module, config: BenchConfig) -> str | None:
+    """None when two forward passes of `model` at `config`'s batch size run; "memory" when they run out of
+    memory; otherwise the error in one line."""
     device = torch.device(config.device)
     x = None
     try:
         x = make_input(config)
-        with torch.inference_mode(), autocast(config.device, config.precision):
+        with torch.inference_mode(), row_autocast(config):
             model(x)
             model(x)
         synchronize(device)
-        return True
+        return None
     except Exception as err:
-        if is_out_of_memory(err):
-            return False
-        raise
+        return "memory" if is_out_of_memory(err) else _one_line(err)
     finally:
         del x
         _free_memory(device)
 
 
-def find_max_batch(config: BenchConfig, limit: int = 4096, build_model: BuildModel | None = None) -> int | None:
-    """The largest batch size <= limit that fits in memory for `config` (doubling, then bisection; the model
-    is built once, uncompiled), or None when not even batch 1 fits. Assumes memory grows with batch size."""
+def search_max_batch(config: BenchConfig, limit: int = 4096, build_model: BuildModel | None = None) -> MaxBatch:
+    """The largest batch size <= limit that runs for `config` (doubling, then bisection; the model is built
+    once, uncompiled). Memory is what usually stops it, but huge batches can also fail otherwise before memory
+    runs out: some kernels index with 32-bit integers (avg_pool2d refuses outputs over 2^31 elements, about
+    10,700 images of s12 at 224 px). Such an error above a batch that ran ends the search like an
+    out-of-memory does, and `limited_by` names it. An error at batch 1 is raised: the model does not run.
+    Assumes what fits at one batch size fits at every smaller one."""
     model = prepare_model(replace(config, compile=False), build_model)
     try:
-        if not _fits(model, replace(config, batch_size=1)):
-            return None
-        good, bad = 1, None
+        first = _try_batch(model, replace(config, batch_size=1))
+        if first == "memory":
+            return MaxBatch(None, "memory")
+        if first is not None:
+            raise RuntimeError(first)
+        good, bad, failures = 1, None, {}
+
+        def runs(batch_size: int) -> bool:
+            failures[batch_size] = _try_batch(model, replace(config, batch_size=batch_size))
+            return failures[batch_size] is None
+
         while bad is None and good < limit:
             trial = min(good * 2, limit)
-            if _fits(model, replace(config, batch_size=trial)):
-                good = trial
-            else:
-                bad = trial
+            good, bad = (trial, None) if runs(trial) else (good, trial)
         while bad is not None and bad - good > 1:
             middle = (good + bad) // 2
-            if _fits(model, replace(config, batch_size=middle)):
-                good = middle
-            else:
-                bad = middle
-        return good
+            good, bad = (middle, bad) if runs(middle) else (good, middle)
+        if bad is None:
+            return MaxBatch(good, f"the limit ({limit})")
+        reason = failures[bad]
+        return MaxBatch(good, "memory" if reason == "memory" else f"batch {bad}: {reason}")
     finally:
         del model
         _free_memory(torch.device(config.device))
+
+
+def find_max_batch(config: BenchConfig, limit: int = 4096, build_model: BuildModel | None = None) -> int | None:
+    """search_max_batch's batch size: the largest that runs, or None when not even batch 1 fits."""
+    return search_max_batch(config, limit, build_model).batch_size

@@ -103,6 +103,14 @@ def environment(device: str) -> dict[str, Any]:
     return env
 
 
+def memory_bandwidth_tb_s(max_memory_clock_mhz: int | None, bus_width_bits: int | None) -> float | None:
+    """Peak DRAM bandwidth (10^12 B/s) from the memory clock and bus width: two transfers per clock (HBM and
+    GDDR as NVML reports their clocks). H100 SXM: 2619 MHz x 5120 bits -> 3.35 TB/s, its datasheet figure."""
+    if not max_memory_clock_mhz or not bus_width_bits:
+        return None
+    return max_memory_clock_mhz * 1e6 * 2 * bus_width_bits / 8 / 1e12
+
+
 def cuda_properties(index: int) -> dict[str, Any]:
     """What torch knows about CUDA device `index`: compute capability, multiprocessors, memory."""
     import torch
@@ -177,6 +185,8 @@ def gpu_info(index: int = 0, uuid: str | None = None) -> dict[str, Any]:
     memory = _call(nvml, "nvmlDeviceGetMemoryInfo", handle)
     cuda_driver = _call(nvml, "nvmlSystemGetCudaDriverVersion")
     power_limit_mw = _call(nvml, "nvmlDeviceGetEnforcedPowerLimit", handle)
+    max_memory_clock = _call(nvml, "nvmlDeviceGetMaxClockInfo", handle, getattr(nvml, "NVML_CLOCK_MEM", 2))
+    bus_width = _call(nvml, "nvmlDeviceGetMemoryBusWidth", handle)
     return {
         "nvml": True,
         "name": _call(nvml, "nvmlDeviceGetName", handle),
@@ -185,7 +195,9 @@ def gpu_info(index: int = 0, uuid: str | None = None) -> dict[str, Any]:
         "cuda_driver": f"{cuda_driver // 1000}.{cuda_driver % 1000 // 10}" if cuda_driver else None,
         "memory_total_bytes": getattr(memory, "total", None),
         "max_sm_clock_mhz": _call(nvml, "nvmlDeviceGetMaxClockInfo", handle, getattr(nvml, "NVML_CLOCK_SM", 1)),
-        "max_memory_clock_mhz": _call(nvml, "nvmlDeviceGetMaxClockInfo", handle, getattr(nvml, "NVML_CLOCK_MEM", 2)),
+        "max_memory_clock_mhz": max_memory_clock,
+        "memory_bus_width_bits": bus_width,
+        "memory_bandwidth_tb_s": memory_bandwidth_tb_s(max_memory_clock, bus_width),
         "power_limit_w": None if power_limit_mw is None else power_limit_mw / 1000.0,
     }
 

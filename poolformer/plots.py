@@ -27,8 +27,9 @@ def _pyplot():
 
 
 def _series_label(row: dict[str, Any]) -> str:
-    label = f"{row['model']}/{row['impl']} {row['precision']}"
-    return label + (" CL" if row.get("channels_last") else "") + (" compiled" if row.get("compile") else "")
+    from .regression import options_suffix
+
+    return f"{row['model']}/{row['impl']} {row['precision']}" + options_suffix(row)
 
 
 def bench_figure(rows: Iterable[dict[str, Any]]):

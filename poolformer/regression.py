@@ -33,7 +33,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-KEY_FIELDS = ("model", "impl", "device", "batch_size", "resolution", "precision", "channels_last", "compile")
+KEY_FIELDS = ("model", "impl", "device", "batch_size", "resolution", "precision", "channels_last", "compile",
+              "cast")
 ALPHA = 0.05  # significance level of the step-time test
 CLOCK_CHANGE = 0.05  # relative SM/memory clock difference that is reported
 TEMPERATURE_CHANGE_C = 10
@@ -69,15 +70,24 @@ class RegressionReport:
 def config_key(row: dict[str, Any]) -> tuple:
     """The identity of a row: its configuration, with 'cuda:1' reduced to 'cuda'."""
     values = [row.get(name) for name in KEY_FIELDS]
+    values[KEY_FIELDS.index("cast")] = bool(row.get("cast"))  # files written before --cast-model have no key
     values[KEY_FIELDS.index("device")] = str(values[KEY_FIELDS.index("device")]).split(":")[0]
     return tuple(values)
 
 
 def config_label(row: dict[str, Any]) -> str:
-    """'s12/ours cpu bs2 128px fp32' plus ' CL' / ' compiled' when set."""
+    """'s12/ours cpu bs2 128px fp32' plus the options set (see options_suffix)."""
     label = (f"{row.get('model')}/{row.get('impl')} {str(row.get('device')).split(':')[0]} "
              f"bs{row.get('batch_size')} {row.get('resolution')}px {row.get('precision')}")
-    return label + (" CL" if row.get("channels_last") else "") + (" compiled" if row.get("compile") else "")
+    return label + options_suffix(row)
+
+
+def options_suffix(row: dict[str, Any]) -> str:
+    """' CL' (channels_last), ' cast' (weights in the precision, no autocast), ' compiled' or
+    ' compiled(max-autotune)' - for a row dict or a BenchConfig's asdict."""
+    mode = row.get("compile_mode")
+    return ((" CL" if row.get("channels_last") else "") + (" cast" if row.get("cast") else "")
+            + ((f" compiled({mode})" if mode and mode != "default" else " compiled") if row.get("compile") else ""))
 
 
 def load_results(path: str | Path) -> dict[str, Any]:

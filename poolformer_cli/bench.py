@@ -47,6 +47,11 @@ def bench_command(
                                        help="Model and input in channels_last memory format."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model; the compile time (first "
                                                           "call) is reported separately."),
+    compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile mode for --compile: "
+                                               "default, reduce-overhead, max-autotune (timm's fastest), "
+                                               "max-autotune-no-cudagraphs."),
+    cast_model: bool = typer.Option(False, "--cast-model", help="bf16/fp16 rows: convert the weights and input "
+                                    "to the precision and run without autocast (timm's --model-dtype)."),
     impl: str = typer.Option("ours", help="Comma-separated implementations of the same model (see "
                                           "poolformer.implementations), e.g. ours,timm,fast,onnxruntime,openvino."),
     weights: Optional[Path] = typer.Option(None, help="A checkpoint (any supported layout) or an exported .onnx "
@@ -104,8 +109,11 @@ def bench_command(
     from poolformer.regression import compare, load_results
 
     impls = _parse_names(impl, "--impl", list(IMPLEMENTATIONS))
+    if compile_mode is not None and not compile:
+        fail("--compile-mode applies to --compile; add --compile")
     settings = engine.BenchSettings(warmup=warmup, iters=50 if iters is None else iters, min_time_s=min_time,
-                                    threads=threads, normalised=normalised, noisy_iqr_ratio=noisy_threshold)
+                                    threads=threads, normalised=normalised, noisy_iqr_ratio=noisy_threshold,
+                                    compile_mode=compile_mode)
     with user_errors():
         engine.check_settings(settings)
         device_name = engine.resolve_device(device)
@@ -115,11 +123,13 @@ def bench_command(
         engine.apply_settings(settings, device_name)
         env = environment(device_name)
         env["settings"] = {"warmup": settings.warmup, "iters": None if min_time else settings.iters,
-                           "min_time_s": min_time, "autocast": "torch.autocast for bf16/fp16",
+                           "min_time_s": min_time, "compile_mode": compile_mode,
+                           "autocast": ("weights cast to bf16/fp16, no autocast" if cast_model
+                                        else "torch.autocast for bf16/fp16"),
                            "normalised": normalised, "noisy_iqr_ratio": noisy_threshold}
         configs = engine.expand_configs(names, impls, device_name, [1] if max_batch else batch_list,
                                         resolution_list, precisions, channels_last, compile,
-                                        None if weights is None else str(weights.expanduser()))
+                                        None if weights is None else str(weights.expanduser()), cast_model)
         results = _run_all(engine, configs, settings, env, output, csv_path, max_batch, max_batch_limit)
 
     document = {"env": env, "results": [r.to_row() for r in results]}
@@ -131,7 +141,7 @@ def bench_command(
     if json_output:
         print_json(document)
     else:
-        _print_results(results, normalised, _hardware(env))
+        _print_results(results, normalised, _hardware(env), (env.get("gpu") or {}).get("memory_bandwidth_tb_s"))
     if report is not None:
         _print_regression(report, to_stderr=json_output)
         if report.failed:
@@ -163,6 +173,7 @@ def _run_all(engine: Any, configs: list, settings: Any, env: dict, output: Optio
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     results: list = []
+    models = engine.ModelCache()  # rows that differ only in batch size (or autocast precision) share a model
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err_console, transient=True)
     try:
@@ -172,12 +183,13 @@ def _run_all(engine: Any, configs: list, settings: Any, env: dict, output: Optio
                 progress.update(task, description=_describe(config))
                 if max_batch:
                     try:
-                        found = engine.find_max_batch(config, limit=max_batch_limit)
-                    except Exception:  # not memory: the row measured at batch 1 below will carry the error
-                        found = None
-                    env.setdefault("max_batch", {})[_describe(config)] = found
-                    config = replace(config, batch_size=found or 1)
-                results.extend(engine.run_benchmark([config], settings))
+                        found = engine.search_max_batch(config, limit=max_batch_limit)
+                    except Exception as err:  # the model fails at batch 1: the row below will carry the error
+                        found = engine.MaxBatch(None, "batch 1: " + (str(err).strip().splitlines() or [""])[0])
+                    env.setdefault("max_batch", {})[_describe(config)] = found.batch_size
+                    env.setdefault("max_batch_limited_by", {})[_describe(config)] = found.limited_by
+                    config = replace(config, batch_size=found.batch_size or 1)
+                results.extend(engine.run_benchmark([config], settings, models=models))
                 _save(env, results, output, csv_path)
                 progress.advance(task)
     except KeyboardInterrupt:
@@ -186,9 +198,13 @@ def _run_all(engine: Any, configs: list, settings: Any, env: dict, output: Optio
     return results
 
 
-def _describe(config: Any) -> str:
+def _describe(config: Any, compile_mode: Optional[str] = None) -> str:
+    from dataclasses import asdict
+
+    from poolformer.regression import options_suffix
+
     return (f"{config.model}/{config.impl} bs{config.batch_size} {config.resolution}px {config.precision}"
-            + (" CL" if config.channels_last else "") + (" compiled" if config.compile else ""))
+            + options_suffix({**asdict(config), "compile_mode": compile_mode}))
 
 
 def _save(env: dict, results: list, output: Optional[Path], csv_path: Optional[Path]) -> None:
@@ -200,11 +216,11 @@ def _save(env: dict, results: list, output: Optional[Path], csv_path: Optional[P
 
 
 CSV_COLUMNS = ("model", "impl", "device", "batch_size", "resolution", "precision", "channels_last", "compile",
-               "status", "throughput", "latency_median_ms", "latency_p90_ms", "latency_iqr_ms",
+               "cast", "compile_mode", "status", "throughput", "latency_median_ms", "latency_p90_ms", "latency_iqr_ms",
                "peak_memory_bytes", "peak_reserved_bytes", "first_call_ms", "compile_ms", "noisy",
                "reference_ms", "relative_throughput", "fp32_throughput", "precision_note",
                "parity_max_abs_diff", "parity_relative_diff", "parity_top1_agreement", "parity_ok", "parity_note",
-               "error")
+               "backend", "backend_note", "bytes_per_image", "achieved_tb_per_s", "error")
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -232,13 +248,13 @@ def _megabytes(n: Optional[int]) -> str:
     return "-" if n is None else f"{n / 1e6:,.0f}MB"
 
 
-def _short_label(config: Any) -> str:
+def _short_label(config: Any, compile_mode: Optional[str] = None) -> str:
     """'s12/ours bs32 224px fp32 CL' - the zoo's first alias keeps the table narrow."""
     from poolformer.peers import is_peer
     from poolformer.zoo import get_spec
 
     aliases = () if is_peer(config.model) else get_spec(config.model).aliases
-    return _describe(config).replace(config.model, aliases[0] if aliases else config.model, 1)
+    return _describe(config, compile_mode).replace(config.model, aliases[0] if aliases else config.model, 1)
 
 
 def _hardware(env: dict) -> str:
@@ -248,7 +264,8 @@ def _hardware(env: dict) -> str:
     return str((env.get("cpu") or {}).get("summary") or env.get("cpu_model") or "")
 
 
-def _print_results(results: list, normalised: bool, hardware: str = "") -> None:
+def _print_results(results: list, normalised: bool, hardware: str = "",
+                   bandwidth_tb_s: Optional[float] = None) -> None:
     device = results[0].config.device if results else "cpu"
     title = f"poolformer bench on {device}" + (f" ({hardware})" if hardware else "")
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
@@ -267,20 +284,20 @@ def _print_results(results: list, normalised: bool, hardware: str = "") -> None:
                 iqr, any_noisy = f"[yellow]{iqr}![/]", True
         status = {"ok": "ok", "oom": "[red]oom[/]", "mismatch": "[red]mismatch[/]"}.get(r.status, "[red]error[/]")
         if r.status == "error":
-            errors.append(f"{_short_label(r.config)}: {r.error}")
+            errors.append(f"{_short_label(r.config, r.compile_mode)}: {r.error}")
         parity = r.parity
         diff = "-"
         if parity is not None:
             diff = f"{parity.max_abs_diff:.0e}" + ("" if parity.top1_agreement == 1.0 else f" {parity.top1_agreement:.0%}")
             diff = diff if parity.ok else f"[red]{diff}[/]"
-        table.add_row(_short_label(r.config), status, "-" if r.throughput is None else f"{r.throughput:,.1f}",
+        table.add_row(_short_label(r.config, r.compile_mode), status, "-" if r.throughput is None else f"{r.throughput:,.1f}",
                       _ms(lat and lat.median), _ms(lat and lat.p90), iqr, _megabytes(r.peak_memory_bytes),
                       _ms(r.first_call_ms), diff,
                       *([f"{r.relative_throughput:.3f}" if r.relative_throughput else "-"] if normalised else []))
     console.print(table)
     for line in errors:
         console.print(f"[red]error[/] {line}", soft_wrap=True)
-    for line in _precision_notes(results):
+    for line in _precision_notes(results) + _fast_notes(results, bandwidth_tb_s):
         console.print(f"[yellow]note[/] {line}", soft_wrap=True)
     memory = ("peak mem = peak bytes allocated by tensors on the GPU (1 MB = 10^6 bytes)" if device.startswith("cuda")
               else "peak mem = peak resident memory of the whole process (1 MB = 10^6 bytes)")
@@ -298,12 +315,24 @@ def _print_results(results: list, normalised: bool, hardware: str = "") -> None:
     console.print(" ".join(notes), style="dim")
 
 
+def _fast_notes(results: list, bandwidth_tb_s: Optional[float]) -> list[str]:
+    """Why --impl fast did not run its Triton kernels (once per reason), and each Triton row's roofline: the
+    bytes its kernels move per image and the bandwidth the measured speed implies."""
+    lines = list(dict.fromkeys(r.backend_note for r in results if r.backend_note))
+    for r in results:
+        if r.achieved_tb_per_s is not None:
+            share = f" ({r.achieved_tb_per_s / bandwidth_tb_s:.0%} of {bandwidth_tb_s:.2f})" if bandwidth_tb_s else ""
+            lines.append(f"{_short_label(r.config, r.compile_mode)}: roofline {r.bytes_per_image / 1e6:.1f} MB moved "
+                         f"per image by its kernels, {r.achieved_tb_per_s:.2f} TB/s{share}")
+    return lines
+
+
 def _precision_notes(results: list) -> list[str]:
     """One line per precision the hardware does not run natively, then one per emulated row with fp32's speed."""
     lines = list(dict.fromkeys(r.precision_note for r in results if r.precision_note))
     for r in results:
         if r.fp32_throughput and r.throughput:
-            lines.append(f"{_short_label(r.config)}: {r.throughput:,.1f} img/s; the same in fp32: "
+            lines.append(f"{_short_label(r.config, r.compile_mode)}: {r.throughput:,.1f} img/s; the same in fp32: "
                          f"{r.fp32_throughput:,.1f} img/s ({r.fp32_throughput / r.throughput:.1f}x faster)")
     return lines
 

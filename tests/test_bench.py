@@ -7,9 +7,12 @@ poolformer.implementations.IMPLEMENTATIONS, which is how `--impl` finds implemen
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import sys
 import types
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -182,6 +185,87 @@ def test_find_max_batch(monkeypatch, oom_at, limit, expected):
     assert bench.find_max_batch(config, limit=limit) == expected
 
 
+def test_max_batch_search_stops_at_a_kernel_limit_below_memory(monkeypatch):
+    """Huge batches can fail before memory runs out (CUDA avg_pool2d refuses outputs over 2^31 elements: s12
+    at 224 px above ~10,700 images). That used to abort the search, and `--max-batch` then benchmarked
+    batch 1 as if it were the largest; now the search ends at the last batch that ran and says why."""
+    _register(monkeypatch, "int32_at_7", 7, lambda: RuntimeError(
+        "value cannot be converted to type int32_t without overflow"))
+    found = bench.search_max_batch(bench.BenchConfig("s12", "int32_at_7", resolution=64), limit=64)
+    assert found.batch_size == 6 and found.limited_by.startswith("batch 7: RuntimeError: value cannot be")
+    _register(monkeypatch, "oom_at_5", 5, _oom)
+    assert bench.search_max_batch(bench.BenchConfig("s12", "oom_at_5", resolution=64), limit=64).limited_by == "memory"
+    assert bench.search_max_batch(bench.BenchConfig("s12", "oom_at_5", resolution=64), limit=4).limited_by == \
+        "the limit (4)"
+    result = _run([*FAST, "--impl", "int32_at_7", "--max-batch", "--max-batch-limit", "16", "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert [r["batch_size"] for r in document["results"]] == [6]
+    assert "int32_t" in list(document["env"]["max_batch_limited_by"].values())[0]
+
+
+@pytest.mark.parametrize("message", ["CUDA error: out of memory", "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+                                     "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"])
+def test_library_allocation_failures_count_as_out_of_memory(message):
+    """cuDNN and cuBLAS report a failed workspace or handle allocation as a RuntimeError, not OutOfMemoryError."""
+    assert bench.is_out_of_memory(RuntimeError(message))
+
+
+def test_a_sweep_builds_each_model_once_per_batch_size_sweep(monkeypatch):
+    """Configurations that differ only in batch size share one built model (a build can take longer than the
+    measurement); another precision, memory format or implementation gets its own; compiled ones never share."""
+    builds = []
+
+    def counting(model):
+        builds.append(model.spec.name)
+        return model
+
+    monkeypatch.setitem(IMPLEMENTATIONS, "counting", counting)
+    settings = bench.BenchSettings(warmup=0, iters=1)
+    configs = bench.expand_configs(["s12"], ["counting"], "cpu", [1, 2, 1], [64], ["fp32", "bf16"], False, False)
+    results = list(bench.run_benchmark(configs, settings))
+    # autocast leaves the model as built: fp32 and bf16 rows (and an emulated row's fp32 comparison) share it
+    assert [r.status for r in results] == ["ok"] * 6 and len(builds) == 1
+    builds.clear()
+    cast = bench.expand_configs(["s12"], ["counting"], "cpu", [1, 2], [64], ["fp32", "bf16"], False, False, cast=True)
+    assert [c.cast for c in cast] == [False, False, True, True]
+    models = bench.ModelCache()
+    for config in cast:  # one configuration per call, as the command line does
+        list(bench.run_benchmark([config], bench.BenchSettings(warmup=0, iters=1, parity=False), models=models))
+    assert len(builds) == 2  # fp32 (also for the emulated bf16 rows' fp32 comparison) and bf16 weights
+    assert all(r.start_memory_bytes > 0 and r.peak_memory_bytes >= r.start_memory_bytes for r in results)
+    builds.clear()
+    compiled = bench.expand_configs(["s12"], ["counting"], "cpu", [1, 2], [64], ["fp32"], False, True)
+    list(bench.run_benchmark(compiled, bench.BenchSettings(warmup=0, iters=1, compile_backend="eager")))
+    assert len(builds) == 2
+
+
+def test_cuda_events_go_on_the_measured_devices_stream(monkeypatch):
+    """Timing cuda:1 from a process whose current device is cuda:0: events recorded on the current device's
+    stream would time nothing of the work. Fake CUDA: which stream each event is recorded on, which device is
+    synchronised."""
+    recorded, synchronised = [], []
+
+    class Event:
+        def __init__(self, enable_timing):
+            self.stream = None
+
+        def record(self, stream=None):
+            self.stream = stream
+            recorded.append(stream)
+
+        def elapsed_time(self, end):
+            return 2.5
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synchronised.append(device))
+    watch = bench._Stopwatch(torch.device("cuda", 1))
+    handles = [watch.time(lambda: None) for _ in range(2)]
+    assert watch.resolve(handles) == [2.5, 2.5]
+    assert recorded == ["stream of cuda:1"] * 4 and synchronised == [torch.device("cuda", 1)]
+
+
 def test_normalised_mode_times_the_reference_workload():
     settings = bench.BenchSettings(warmup=0, iters=3, normalised=True)
     (result,) = bench.run_benchmark([bench.BenchConfig("s12", resolution=64)], settings)
@@ -257,7 +341,7 @@ def _fake_nvml(**overrides):
         nvmlDeviceGetClockInfo=lambda h, kind: {1: 1980, 2: 2619}[kind],
         nvmlDeviceGetMaxClockInfo=lambda h, kind: {1: 1980, 2: 2619}[kind],
         nvmlDeviceGetTemperature=lambda h, sensor: 61, nvmlDeviceGetPowerUsage=lambda h: 650_000,
-        nvmlDeviceGetEnforcedPowerLimit=lambda h: 700_000,
+        nvmlDeviceGetEnforcedPowerLimit=lambda h: 700_000, nvmlDeviceGetMemoryBusWidth=lambda h: 5120,
         nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=97, memory=60),
         nvmlDeviceGetCurrentClocksThrottleReasons=lambda h: 0x4 | 0x40,
         nvmlDeviceGetName=lambda h: {"GPU-aaa": b"NVIDIA A100", "GPU-bbb": b"NVIDIA H100"}[h],
@@ -273,7 +357,8 @@ def test_nvml_environment_and_telemetry_fields(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml())
     assert envinfo.gpu_info(0) == {
         "nvml": True, "name": "NVIDIA A100", "uuid": "GPU-aaa", "driver": "550.54", "cuda_driver": "12.4",
-        "memory_total_bytes": 80e9, "max_sm_clock_mhz": 1980, "max_memory_clock_mhz": 2619, "power_limit_w": 700.0}
+        "memory_total_bytes": 80e9, "max_sm_clock_mhz": 1980, "max_memory_clock_mhz": 2619, "power_limit_w": 700.0,
+        "memory_bus_width_bits": 5120, "memory_bandwidth_tb_s": pytest.approx(3.352, abs=1e-3)}  # H100's datasheet
     with envinfo.NvmlTelemetry(0, period_s=0.001) as telemetry:
         pass
     summary = telemetry.summary
@@ -323,6 +408,10 @@ def test_nvml_telemetry_with_partial_support(monkeypatch):
                       nvmlDeviceGetCurrentClocksEventReasons=lambda h: 0x1)
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     assert envinfo.gpu_info(0)["power_limit_w"] is None
+    assert envinfo.gpu_info(0)["memory_bandwidth_tb_s"] is not None
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(nvmlDeviceGetMemoryBusWidth=_unsupported))
+    assert envinfo.gpu_info(0)["memory_bandwidth_tb_s"] is None
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
     with envinfo.NvmlTelemetry(0, period_s=0.001) as telemetry:
         pass
     summary = telemetry.summary
@@ -363,7 +452,9 @@ def test_bench_json_output_file_and_csv(tmp_path):
         assert len(row["latency_ms"]["steps"]) == 3
     lines = csv_path.read_text().splitlines()
     assert len(lines) == 1 + 4 and lines[0].startswith("model,impl,device,batch_size")
-    assert float(lines[1].split(",")[9]) == pytest.approx(rows[0]["throughput"])
+    first = next(csv.DictReader(io.StringIO(csv_path.read_text())))
+    assert float(first["throughput"]) == pytest.approx(rows[0]["throughput"])
+    assert first["cast"] == "False" and first["backend"] == ""
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
 
 
@@ -515,3 +606,76 @@ def test_help_does_not_import_torch():
     out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import poolformer_cli.app"],
                          capture_output=True, text=True, check=True).stderr
     assert "torch" not in out
+
+
+# ------------------------------------------------------------------------------------------ cast, compile mode
+
+
+def test_cast_rows_convert_weights_and_input_and_skip_autocast(monkeypatch):
+    """--cast-model: bf16 weights and a bf16 input with autocast off (timm's --model-dtype), checked against
+    the fp32 reference like every row."""
+    seen = []
+
+    class Recording(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            seen.append((x.dtype, next(self.model.parameters()).dtype, torch.is_autocast_enabled("cpu")))
+            return self.model(x)
+
+    monkeypatch.setitem(IMPLEMENTATIONS, "recording", Recording)
+    config = bench.BenchConfig("s12", "recording", "cpu", batch_size=2, resolution=64, precision="bf16", cast=True)
+    result = bench.run_config(config, bench.BenchSettings(warmup=1, iters=2))
+    assert result.status == "ok", result.error
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16, False)}
+    assert result.parity is not None and result.parity.ok and result.parity.reference == "ours"
+    assert result.to_row()["cast"] is True
+
+
+def test_cast_fast_rows_run_the_fast_path_in_the_precision():
+    config = bench.BenchConfig("s12", "fast", "cpu", batch_size=1, resolution=64, precision="bf16", cast=True)
+    model = bench.prepare_model(config)
+    assert model.dtype == torch.bfloat16
+    result = bench.run_config(config, bench.BenchSettings(warmup=0, iters=1))
+    assert result.status == "ok" and result.backend in ("onednn", "portable"), (result.status, result.error)
+
+
+def test_cast_and_compile_mode_on_the_command_line(tmp_path):
+    out = tmp_path / "r.json"
+    result = _run(["s12", *FAST, "--impl", "ours", "--batch-sizes", "1", "--precision", "fp32,bf16", "--cast-model",
+                   "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["precision"], r["cast"]) for r in rows] == [("fp32", False), ("bf16", True)]
+    assert "bf16 cast" in result.stdout
+
+
+def test_compile_mode_reaches_torch_compile_and_the_row(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
+    config = bench.BenchConfig("s12", "timm", "cpu", batch_size=1, resolution=64, compile=True)
+    result = bench.run_config(config, bench.BenchSettings(warmup=0, iters=1, compile_mode="max-autotune"))
+    assert result.status == "ok" and calls == [{"backend": "inductor", "mode": "max-autotune"}]
+    assert result.to_row()["compile_mode"] == "max-autotune"
+    uncompiled = bench.run_config(replace(config, compile=False), bench.BenchSettings(warmup=0, iters=1))
+    assert uncompiled.to_row()["compile_mode"] is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--compile", "--compile-mode", "fastest"], "unknown --compile-mode 'fastest'"),
+    (["--compile-mode", "max-autotune"], "--compile-mode applies to --compile"),
+])
+def test_bad_compile_mode_is_one_line(args, message):
+    from .conftest import assert_one_line_error
+
+    assert_one_line_error(_run(["s12", *FAST, *args]), message)
+
+
+def test_regression_keys_treat_files_without_cast_as_autocast():
+    from poolformer.regression import config_key
+
+    old = {"model": "poolformer_s12", "impl": "ours", "device": "cuda:0", "batch_size": 1, "resolution": 224,
+           "precision": "bf16", "channels_last": False, "compile": False}
+    assert config_key(old) == config_key({**old, "cast": False}) != config_key({**old, "cast": True})

@@ -394,3 +394,27 @@ def test_graphs_switch(monkeypatch):
     monkeypatch.delenv("POOLFORMER_CUDA_GRAPHS")
     assert graphs_enabled_by_env()
     assert optimize(create_model("s12"), cuda_graphs=False).cuda_graphs is False
+
+
+# ------------------------------------------------------------------------------------------ in bench
+
+
+def test_bench_fast_rows_on_the_kernels_report_backend_and_roofline(monkeypatch, tmp_path):
+    """A fast row that ran the Triton kernels (here in the interpreter) records its backend and the bytes its
+    kernels moved per image; the table adds the roofline line."""
+    from typer.testing import CliRunner
+
+    from poolformer_cli.app import app
+
+    monkeypatch.setenv("POOLFORMER_FAST_BACKEND", "triton")
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(app, ["bench", "s12", "--impl", "fast", "--device", "cpu", "--resolutions", "64",
+                                      "--batch-sizes", "2", "--warmup", "0", "--iters", "2", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    row = __import__("json").loads(out.read_text())["results"][0]
+    assert row["status"] == "ok" and row["backend"] == "triton" and row["parity"]["ok"]
+    fast = optimize(create_model("s12"))
+    assert row["bytes_per_image"] == bytes_per_image(
+        fast_traffic(fast.folded, fast.plan, 2, 64, 64, torch.float32), 2)
+    assert row["achieved_tb_per_s"] == pytest.approx(row["bytes_per_image"] * row["throughput"] / 1e12)
+    assert "roofline" in result.stdout and "MB moved per image" in result.stdout
