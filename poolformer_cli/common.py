@@ -100,6 +100,17 @@ def print_precision_note(device, precision: str) -> None:
         err_console.print(f"[yellow]note[/] {note}", soft_wrap=True)
 
 
+def print_classifier_notes(classifier, precision: str) -> None:
+    """The precision note, and for --impl fast on a GPU why it did not run its Triton kernels (one line each)."""
+    from poolformer.devices import PRECISIONS
+
+    print_precision_note(classifier.device, precision)
+    backend_note = getattr(classifier.module, "backend_note", None)
+    note = backend_note(PRECISIONS[precision], classifier.device) if backend_note is not None else None
+    if note:
+        err_console.print(f"[yellow]note[/] {note}", soft_wrap=True)
+
+
 def parse_int_list(text: str, option: str, minimum: int = 1) -> list[int]:
     """'224,288' -> [224, 288]; exit 2 naming the option on anything that is not an integer >= minimum."""
     values = []

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .common import (
-    check_precision_name, check_writable, console, err_console, fail, print_json, print_precision_note, resolve_model,
+    check_precision_name, check_writable, console, err_console, fail, print_json, print_classifier_notes, resolve_model,
     user_errors, write_atomic,
 )
 from .predict import check_impl
@@ -136,7 +136,7 @@ def eval_command(
         with distributed(resolve_device(device)) as procs:
             classifier = load_classifier(name, weights=weights, pretrained=pretrained, impl=impl, device=procs.device)
             if procs.is_main:
-                print_precision_note(procs.device, precision)
+                print_classifier_notes(classifier, precision)
             with _progress_bar(progress and procs.is_main and not json_output) as on_batch:
                 result = evaluate(classifier, dataset, batch_size=batch_size, workers=workers, limit=limit,
                                   precision=precision, channels_last=channels_last,

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from .common import (
-    check_precision_name, console, err_console, fail, print_json, print_precision_note, resolve_model, user_errors,
+    check_precision_name, console, err_console, fail, print_json, print_classifier_notes, resolve_model, user_errors,
 )
 
 
@@ -75,7 +75,7 @@ def predict_command(
     with user_errors():
         classifier = load_classifier(name, weights=weights, pretrained=pretrained, impl=impl, device=device,
                                      labels_file=labels)
-        print_precision_note(classifier.device, precision)
+        print_classifier_notes(classifier, precision)
         results = predict(classifier, collect_images(images), top=top_k, batch_size=batch_size, precision=precision)
     if json_output:
         print_json([_result_json(r) for r in results])

@@ -418,3 +418,19 @@ def test_bench_fast_rows_on_the_kernels_report_backend_and_roofline(monkeypatch,
         fast_traffic(fast.folded, fast.plan, 2, 64, 64, torch.float32), 2)
     assert row["achieved_tb_per_s"] == pytest.approx(row["bytes_per_image"] * row["throughput"] / 1e12)
     assert "roofline" in result.stdout and "MB moved per image" in result.stdout
+
+
+def test_predict_and_eval_print_why_the_fast_path_skipped_its_kernels(monkeypatch, v1_random):
+    import types
+
+    from poolformer_cli.common import err_console, print_classifier_notes
+
+    monkeypatch.setattr(tf, "unavailable_reason", lambda dtype, device: "Triton is not importable (test)")
+    classifier = types.SimpleNamespace(module=optimize(v1_random), device=torch.device("cuda"))
+    with err_console.capture() as captured:
+        print_classifier_notes(classifier, "bf16")
+    assert "not its Triton kernels: Triton is not importable (test)" in captured.get()
+    classifier.device = torch.device("cpu")  # on a CPU nothing was passed over: no note
+    with err_console.capture() as captured:
+        print_classifier_notes(classifier, "fp32")
+    assert captured.get() == ""
