@@ -81,6 +81,7 @@ class BenchSettings:
     compile_backend: str = "inductor"
     compile_mode: str | None = None  # torch.compile's mode: None (its default), reduce-overhead, max-autotune, ...
     parity: bool = True  # check every row's logits against the fp32 reference (see check_parity)
+    fp32_comparison: bool = True  # emulated bf16/fp16 rows: also time fp32 (see _add_precision_note)
 
 
 @dataclass
@@ -233,6 +234,7 @@ def check_precision(device: str, precision: str) -> None:
 
 # torch.compile's modes (inductor); max-autotune is what timm's best published GPU figures use
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("inductor", "eager", "aot_eager", "cudagraphs")
 
 
 def check_settings(settings: BenchSettings) -> None:
@@ -244,6 +246,9 @@ def check_settings(settings: BenchSettings) -> None:
         raise ConfigError(f"--min-time must be > 0 seconds, got {settings.min_time_s}")
     if settings.threads is not None and settings.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {settings.threads}")
+    if settings.compile_backend not in COMPILE_BACKENDS:
+        raise ConfigError(f"unknown --compile-backend {settings.compile_backend!r}; choose from: "
+                          f"{', '.join(COMPILE_BACKENDS)}")
     if settings.compile_mode is not None and settings.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"unknown --compile-mode {settings.compile_mode!r}; choose from: {', '.join(COMPILE_MODES)}")
 
@@ -678,7 +683,8 @@ def _add_precision_note(result: BenchResult, settings: BenchSettings, build_mode
 
     config = result.config
     result.precision_note = precision_note(config.device, config.precision)
-    if result.status != "ok" or not precision_is_emulated(config.device, config.precision):
+    if result.status != "ok" or not settings.fp32_comparison or not precision_is_emulated(config.device,
+                                                                                           config.precision):
         return
     quick = replace(settings, warmup=1, iters=FP32_COMPARISON_STEPS, min_time_s=None, normalised=False, parity=False)
     fp32 = run_config(replace(config, precision="fp32", cast=False), quick, build_model, models=models)

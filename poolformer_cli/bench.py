@@ -50,6 +50,8 @@ def bench_command(
     compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile mode for --compile: "
                                                "default, reduce-overhead, max-autotune (timm's fastest), "
                                                "max-autotune-no-cudagraphs."),
+    compile_backend: str = typer.Option("inductor", "--compile-backend", help="torch.compile backend for "
+                                        "--compile: inductor, or eager / aot_eager to check tracing quickly."),
     cast_model: bool = typer.Option(False, "--cast-model", help="bf16/fp16 rows: convert the weights and input "
                                     "to the precision and run without autocast (timm's --model-dtype)."),
     impl: str = typer.Option("ours", help="Comma-separated implementations of the same model (see "
@@ -109,11 +111,11 @@ def bench_command(
     from poolformer.regression import compare, load_results
 
     impls = _parse_names(impl, "--impl", list(IMPLEMENTATIONS))
-    if compile_mode is not None and not compile:
-        fail("--compile-mode applies to --compile; add --compile")
+    if (compile_mode is not None or compile_backend != "inductor") and not compile:
+        fail("--compile-mode and --compile-backend apply to --compile; add --compile")
     settings = engine.BenchSettings(warmup=warmup, iters=50 if iters is None else iters, min_time_s=min_time,
                                     threads=threads, normalised=normalised, noisy_iqr_ratio=noisy_threshold,
-                                    compile_mode=compile_mode)
+                                    compile_mode=compile_mode, compile_backend=compile_backend)
     with user_errors():
         engine.check_settings(settings)
         device_name = engine.resolve_device(device)
@@ -124,6 +126,7 @@ def bench_command(
         env = environment(device_name)
         env["settings"] = {"warmup": settings.warmup, "iters": None if min_time else settings.iters,
                            "min_time_s": min_time, "compile_mode": compile_mode,
+                           "compile_backend": compile_backend if compile else None,
                            "autocast": ("weights cast to bf16/fp16, no autocast" if cast_model
                                         else "torch.autocast for bf16/fp16"),
                            "normalised": normalised, "noisy_iqr_ratio": noisy_threshold}

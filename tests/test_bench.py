@@ -665,7 +665,8 @@ def test_compile_mode_reaches_torch_compile_and_the_row(monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["--compile", "--compile-mode", "fastest"], "unknown --compile-mode 'fastest'"),
-    (["--compile-mode", "max-autotune"], "--compile-mode applies to --compile"),
+    (["--compile-mode", "max-autotune"], "apply to --compile"),
+    (["--compile", "--compile-backend", "tvm"], "unknown --compile-backend 'tvm'"),
 ])
 def test_bad_compile_mode_is_one_line(args, message):
     from .conftest import assert_one_line_error

@@ -1,0 +1,245 @@
+"""`--impl fast` on a GPU against timm, side by side in one run: the issue-13 targets, measured.
+
+Per model (poolformer_s12, poolformerv2_s12, poolformer_m36; 224 px; random weights, the same in every row):
+- throughput at batch 256, bf16: timm eager under autocast in both memory formats (the faster one counts),
+  timm at its fastest (bf16 weights, no autocast, torch.compile mode max-autotune), ours eager, and fast
+  (the Triton kernels, CUDA graphs);
+- batch-1 latency, bf16: timm eager, timm max-autotune and fast;
+- exactness: fast fp32 logits against our fp32 model (relative max |diff|, the target is 1e-4) and the top-1
+  agreement of fast bf16 and of timm under bf16 autocast with fp32, over `--agreement-images` images;
+- roofline: bytes the fast kernels move per image (poolformer.fast.roofline) and the bandwidth the measured
+  speed implies, against the GPU's peak (NVML: memory clock x bus width).
+Every row goes through `poolformer.bench` (CUDA events, warm-up apart, parity against the fp32 reference), so
+`poolformer bench` reproduces any of them, e.g.
+    poolformer bench s12 --device cuda --impl timm --precision bf16 --batch-sizes 256 --cast-model --compile \\
+        --compile-mode max-autotune
+
+    PYTHONPATH=. python benchmarks/fast_gpu.py --out DIR [--models s12,v2_s12] [--sections throughput,...]
+Writes DIR/fast_gpu.json and DIR/fast_gpu.md. `--smoke` runs the same code on the CPU at tiny sizes (the
+kernels in Triton's interpreter, compile with the eager backend) in seconds: the test suite runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+if "--smoke" in sys.argv:  # Triton must see the interpreter switch before anything imports it
+    os.environ.setdefault("POOLFORMER_TRITON_INTERPRET", "1")
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+from poolformer import bench, create_model  # noqa: E402
+from poolformer.envinfo import environment  # noqa: E402
+from poolformer.implementations import IMPLEMENTATIONS  # noqa: E402
+
+MODELS = ("poolformer_s12", "poolformerv2_s12", "poolformer_m36")
+SECTIONS = ("throughput", "latency", "exactness")
+TARGETS = {"vs_timm_eager": 2.5, "vs_timm_fastest": 1.3, "latency_vs_timm_eager": 1 / 3, "bandwidth_share": 0.5,
+           "fp32_relative_diff": 1e-4}
+
+
+def randomised_build(seed: int = 0):
+    """bench's build_model: the zoo model with random weights around the init scale (LayerScale's 1e-5 init
+    would make every block nearly the identity and parity trivially good), in the requested implementation."""
+    def build(name: str, impl: str, **kwargs):
+        model = create_model(name, **kwargs)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02 + (1.0 if p.ndim == 1 else 0.0))
+        return IMPLEMENTATIONS[impl](model)
+
+    return build
+
+
+def candidates(model: str, device: str, batch: int, resolution: int, precision: str) -> list[tuple[str, bench.BenchConfig, str | None]]:
+    """(name, configuration, compile mode) of every contender for one model and batch size."""
+    base = bench.BenchConfig(model, "timm", device, batch, resolution, precision)
+    return [
+        ("timm eager", replace(base, channels_last=True), None),
+        ("timm eager NCHW", base, None),
+        ("timm max-autotune", replace(base, channels_last=True, cast=True, compile=True), "max-autotune"),
+        ("ours eager", replace(base, impl="ours", channels_last=True), None),
+        ("fast", replace(base, impl="fast"), None),
+    ]
+
+
+def measure(named: list, settings: bench.BenchSettings, build) -> dict[str, dict]:
+    """name -> the bench row of each contender (each compiled one with its own compile mode)."""
+    rows = {}
+    for name, config, mode in named:
+        started = time.perf_counter()
+        result = next(bench.run_benchmark([config], replace(settings, compile_mode=mode), build))
+        row = result.to_row()
+        row["wall_s"] = time.perf_counter() - started
+        rows[name] = row
+        print(f"  {name:20s} {row['status']:8s} "
+              + (f"{row['throughput']:10.1f} img/s" if row["throughput"] else str(row["error"])), file=sys.stderr)
+    return rows
+
+
+def _ok(row: dict | None) -> float | None:
+    return row["throughput"] if row and row["status"] == "ok" else None
+
+
+def throughput_summary(rows: dict[str, dict], bandwidth_tb_s: float | None) -> dict:
+    """The ratios the targets are about, from one model's rows."""
+    eager = max(filter(None, (_ok(rows.get("timm eager")), _ok(rows.get("timm eager NCHW")))), default=None)
+    fastest = max(filter(None, (eager, _ok(rows.get("timm max-autotune")))), default=None)
+    fast = rows.get("fast") or {}
+    summary = {"timm_eager": eager, "timm_fastest": fastest, "fast": _ok(fast),
+               "vs_timm_eager": _ok(fast) / eager if _ok(fast) and eager else None,
+               "vs_timm_fastest": _ok(fast) / fastest if _ok(fast) and fastest else None,
+               "fast_backend": fast.get("backend"), "bytes_per_image": fast.get("bytes_per_image"),
+               "achieved_tb_per_s": fast.get("achieved_tb_per_s")}
+    summary["bandwidth_share"] = (summary["achieved_tb_per_s"] / bandwidth_tb_s
+                                  if summary["achieved_tb_per_s"] and bandwidth_tb_s else None)
+    return summary
+
+
+def agreement(model: str, device: str, images: int, resolution: int, build, batch: int = 64) -> dict:
+    """Top-1 agreement with fp32 of fast bf16 and of timm under bf16 autocast; fast fp32's relative max |diff|
+    against our fp32 model - over `images` random images."""
+    torch.manual_seed(bench.BUILD_SEED)
+    ours = build(model, "ours").eval().to(device)
+    torch.manual_seed(bench.BUILD_SEED)
+    timm_model = build(model, "timm").eval().to(device)
+    torch.manual_seed(bench.BUILD_SEED)
+    fast = build(model, "fast")
+    generator = torch.Generator().manual_seed(1)
+    counts = {"fast_bf16": 0, "timm_bf16": 0}
+    worst = 0.0
+    with torch.inference_mode():
+        for start in range(0, images, batch):
+            x = torch.randn(min(batch, images - start), 3, resolution, resolution, generator=generator).to(device)
+            reference, timm_reference = ours(x).float(), timm_model(x).float()
+            worst = max(worst, ((fast(x) - reference).abs().max() / reference.abs().max().clamp(min=1)).item())
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+                counts["fast_bf16"] += (fast(x).argmax(1) == reference.argmax(1)).sum().item()
+                counts["timm_bf16"] += (timm_model(x).argmax(1) == timm_reference.argmax(1)).sum().item()
+    return {"images": images, "fast_fp32_relative_diff": worst,
+            "fast_bf16_top1_agreement": counts["fast_bf16"] / images,
+            "timm_bf16_top1_agreement": counts["timm_bf16"] / images}
+
+
+def markdown(document: dict) -> str:
+    env, gpu = document["env"], document["env"].get("gpu") or {}
+    lines = [f"# `--impl fast` on {env.get('device_name')}", "",
+             f"Command: `{document['command']}`  ",
+             f"GPU {env.get('device_name')}, driver {gpu.get('driver')}, CUDA {env.get('cuda')}, torch {env.get('torch')}, "
+             f"timm {env.get('timm')}, peak memory bandwidth {gpu.get('memory_bandwidth_tb_s')} TB/s; "
+             f"{document['settings']}.", ""]
+    if document["throughput"]:
+        lines += ["## Throughput, bf16, batch %d, %d px (img/s)" % (document["batch_size"], document["resolution"]), "",
+                  "| model | timm eager | timm max-autotune (bf16 weights) | ours eager | fast | fast / timm eager "
+                  f"(target {TARGETS['vs_timm_eager']}x) | fast / timm fastest (target {TARGETS['vs_timm_fastest']}x) "
+                  "| MB moved / image | TB/s | share of peak |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for model, entry in document["throughput"].items():
+            rows, s = entry["rows"], entry["summary"]
+
+            def cell(name):
+                row = rows.get(name)
+                return f"{row['throughput']:,.0f}" if row and row["status"] == "ok" else (row or {}).get("status", "-")
+
+            def ratio(value, digits=2):
+                return "-" if value is None else f"{value:.{digits}f}"
+
+            lines.append(f"| {model} | {cell('timm eager')} / {cell('timm eager NCHW')} (CL / NCHW) | "
+                         f"{cell('timm max-autotune')} | {cell('ours eager')} | {cell('fast')} | "
+                         f"{ratio(s['vs_timm_eager'])} | {ratio(s['vs_timm_fastest'])} | "
+                         f"{ratio(s['bytes_per_image'] and s['bytes_per_image'] / 1e6, 1)} | "
+                         f"{ratio(s['achieved_tb_per_s'])} | "
+                         f"{'-' if s['bandwidth_share'] is None else format(s['bandwidth_share'], '.0%')} |")
+        lines.append("")
+    if document["latency"]:
+        lines += ["## Batch-1 latency, bf16 (median ms)", "",
+                  "| model | timm eager | timm max-autotune | fast | fast / timm eager (target <= 0.33) |",
+                  "|---|---|---|---|---|"]
+        for model, rows in document["latency"].items():
+            def ms(name):
+                row = rows.get(name)
+                return row["latency_ms"]["median"] if row and row["status"] == "ok" else None
+
+            share = ms("fast") / ms("timm eager") if ms("fast") and ms("timm eager") else None
+            cells = [f"{ms(n):.3f}" if ms(n) else "-" for n in ("timm eager", "timm max-autotune", "fast")]
+            lines.append(f"| {model} | " + " | ".join(cells) + f" | {'-' if share is None else f'{share:.2f}'} |")
+        lines.append("")
+    if document["exactness"]:
+        lines += ["## Exactness", "", "| model | images | fast fp32 rel. max diff (target 1e-4) | "
+                  "fast bf16 top-1 agreement | timm bf16 autocast top-1 agreement |", "|---|---|---|---|---|"]
+        for model, e in document["exactness"].items():
+            lines.append(f"| {model} | {e['images']} | {e['fast_fp32_relative_diff']:.1e} | "
+                         f"{e['fast_bf16_top1_agreement']:.1%} | {e['timm_bf16_top1_agreement']:.1%} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, kernels in Triton's interpreter")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed steps per row")
+    parser.add_argument("--agreement-images", type=int, default=1024)
+    args = parser.parse_args(argv)
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    models = [m for m in args.models.split(",") if m]
+    if args.smoke:  # the fast rows run the Triton kernels in the interpreter (see the module docstring)
+        os.environ["POOLFORMER_FAST_BACKEND"] = "triton"
+        device, resolution, batch, images = "cpu", 64, 1, 2
+        settings = bench.BenchSettings(warmup=0, iters=1, compile_backend="eager", fp32_comparison=False)
+    else:
+        if not torch.cuda.is_available():
+            print("fast_gpu.py: no CUDA GPU here (use --smoke for the CPU run)", file=sys.stderr)
+            return 2
+        device, resolution, batch, images = "cuda", 224, args.batch_size, args.agreement_images
+        settings = bench.BenchSettings(warmup=10, iters=20, min_time_s=args.min_time)
+    args.out.mkdir(parents=True, exist_ok=True)
+    build = randomised_build()
+    env = environment(device)
+    bandwidth = (env.get("gpu") or {}).get("memory_bandwidth_tb_s")
+    document = {"command": "PYTHONPATH=. python " + " ".join(["benchmarks/fast_gpu.py", *(argv or sys.argv[1:])]),
+                "env": env, "targets": TARGETS, "batch_size": batch, "resolution": resolution,
+                "settings": f"warm-up {settings.warmup} steps, then >= {settings.min_time_s or 0} s and "
+                            f">= {settings.iters} timed steps per row, median; compile time reported apart",
+                "throughput": {}, "latency": {}, "exactness": {}}
+
+    def save() -> None:
+        for name, text in (("fast_gpu.json", json.dumps(document, indent=2) + "\n"), ("fast_gpu.md", markdown(document))):
+            partial = args.out / f".{name}.partial"
+            partial.write_text(text)
+            partial.replace(args.out / name)
+
+    for model in models:
+        print(model, file=sys.stderr)
+        if "throughput" in sections:
+            rows = measure(candidates(model, device, batch, resolution, "bf16"), settings, build)
+            document["throughput"][model] = {"rows": rows, "summary": throughput_summary(rows, bandwidth)}
+            save()
+        if "latency" in sections:
+            named = [c for c in candidates(model, device, 1, resolution, "bf16") if c[0] in
+                     ("timm eager", "timm max-autotune", "fast")]
+            document["latency"][model] = measure(named, settings, build)
+            save()
+        if "exactness" in sections:
+            document["exactness"][model] = agreement(model, device, images, resolution, build)
+            save()
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

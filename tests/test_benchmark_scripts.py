@@ -1,0 +1,102 @@
+"""The GPU benchmark scripts in their --smoke form (the same code on the CPU at tiny sizes), so they never rot
+between the sessions that have a GPU. Each runs in a fresh interpreter where fvcore and thop cannot be
+imported, as on the GPU machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK_OPTIONAL_COUNTERS = "import sys; sys.modules['fvcore'] = None; sys.modules['thop'] = None"
+
+
+def _run_script(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    code = (f"{BLOCK_OPTIONAL_COUNTERS}; import runpy; sys.argv = {[script, *args]!r}; "
+            f"runpy.run_path({script!r}, run_name='__main__')")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for name in ("POOLFORMER_TRITON_INTERPRET", "TRITON_INTERPRET", "POOLFORMER_FAST_BACKEND"):
+        env.pop(name, None)  # the scripts set what they need themselves
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def gpu_suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_suite")
+    done = _run_script("benchmarks/gpu_suite.py", "--smoke", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "gpu_suite.json").read_text()), (out / "gpu_suite.md").read_text()
+
+
+def test_gpu_suite_smoke_runs_every_section_without_defects(gpu_suite):
+    document, report = gpu_suite
+    assert document["defects"] == [], document["defects"]
+    assert set(document["sections"]) == {"sweep", "oom", "timing", "profile", "predict_eval", "memory", "regression"}
+    assert document["command"].startswith("PYTHONPATH=. python benchmarks/gpu_suite.py --smoke")
+    assert "## bench: main" in report and "## regression" in report
+
+
+def test_gpu_suite_sweep_covers_impls_compile_and_max_batch(gpu_suite):
+    sweep = gpu_suite[0]["sections"]["sweep"]
+    main = sweep["main"]["rows"]
+    assert {r["impl"] for r in main} == {"ours", "timm", "fast"} and all(r["status"] == "ok" for r in main)
+    assert all(r["channels_last"] for r in main)
+    assert not any(r["channels_last"] for r in sweep["s12 without channels-last"]["rows"])
+    assert {r["resolution"] for r in sweep["s12 at larger resolutions"]["rows"]} == {64}
+    compiled = sweep["compiled"]["rows"]
+    assert {r["impl"] for r in compiled} == {"ours", "timm"} and all(r["compile"] for r in compiled)
+    assert list(sweep["max batch"]["max_batch"].values()) == [2]  # the smoke run's limit
+    assert all(r["parity_rel"] is not None for r in main)
+    assert sweep["env"]["device"] == "cpu" and sweep["env"]["cpu"]
+
+
+def test_gpu_suite_oom_row_and_recovery(gpu_suite):
+    oom = gpu_suite[0]["sections"]["oom"]
+    assert oom["statuses"] == ["ok", "oom", "ok"] and oom["ok"]
+    assert oom["simulated"] is True  # on the CPU the out-of-memory is raised by a stand-in model
+    assert oom["throughput_after_oom"] > 0 and oom["throughput_without_oom"] > 0
+
+
+def test_gpu_suite_timing_profile_memory_and_known_answers(gpu_suite):
+    sections = gpu_suite[0]["sections"]
+    timing = sections["timing"]["batch 2"]
+    assert {"bench_median_ms", "blocked_autorange_ms", "timm_style_mean_ms"} <= timing.keys()
+    assert all(v > 0 for k, v in timing.items() if k.endswith("_ms"))
+    profile = sections["profile"]
+    assert profile["time_kind"] == "cpu" and profile["trace_written"] and profile["top"]
+    predict_eval = sections["predict_eval"]
+    assert predict_eval["ok"] and predict_eval["eval cpu fp32"] == predict_eval["expected"]
+    assert sections["memory"]["summary_activation_bytes"] > 0
+    regression = sections["regression"]
+    assert regression["unchanged"]["fired"] in (0, 1, 2) and len(regression["slowed"]["changes_pct"]) == 2
+
+
+def test_fast_gpu_smoke_measures_every_contender(tmp_path):
+    done = _run_script("benchmarks/fast_gpu.py", "--smoke", "--out", str(tmp_path), "--models", "poolformer_s12")
+    assert done.returncode == 0, done.stderr[-3000:]
+    document = json.loads((tmp_path / "fast_gpu.json").read_text())
+    rows = document["throughput"]["poolformer_s12"]["rows"]
+    assert set(rows) == {"timm eager", "timm eager NCHW", "timm max-autotune", "ours eager", "fast"}
+    assert all(r["status"] == "ok" for r in rows.values()), {k: r["error"] for k, r in rows.items()}
+    assert rows["fast"]["backend"] == "triton" and rows["fast"]["bytes_per_image"] > 0
+    assert rows["timm max-autotune"]["cast"] and rows["timm max-autotune"]["compile_mode"] == "max-autotune"
+    summary = document["throughput"]["poolformer_s12"]["summary"]
+    assert summary["vs_timm_eager"] == pytest.approx(rows["fast"]["throughput"] / summary["timm_eager"])
+    exact = document["exactness"]["poolformer_s12"]
+    assert exact["fast_fp32_relative_diff"] < 1e-4 and 0 <= exact["fast_bf16_top1_agreement"] <= 1
+    assert set(document["latency"]["poolformer_s12"]) == {"timm eager", "timm max-autotune", "fast"}
+    report = (tmp_path / "fast_gpu.md").read_text()
+    assert "| poolformer_s12 |" in report and "Batch-1 latency" in report
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here: the scripts would run in full")
+@pytest.mark.parametrize("script", ["benchmarks/gpu_suite.py", "benchmarks/fast_gpu.py"])
+def test_scripts_without_a_gpu_say_so(script, tmp_path):
+    done = _run_script(script, "--out", str(tmp_path))
+    assert done.returncode == 2 and "no CUDA GPU here" in done.stderr
