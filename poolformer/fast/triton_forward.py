@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Iterator
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu
-from .folding import FoldedModel, Plan
+from .folding import FoldedBlock, FoldedModel, Plan
 
 INTERPRET_ENV = "POOLFORMER_TRITON_INTERPRET"
 MIN_CHANNELS = 16  # tl.dot needs every block dimension >= 16
@@ -119,20 +119,10 @@ def kernels() -> ModuleType:
 # ------------------------------------------------------------------------------------ prepared weights
 
 
-@dataclass(frozen=True)
-class TritonBlock:
-    """One folded block as the kernels take it. Scales and biases float32 [C] / [D]; fc weights in the compute
-    dtype, transposed so that each kernel streams contiguous rows: fc1_weight [C, D], fc2_weight [D, C]."""
-
-    mix_scale: torch.Tensor
-    skip_scale1: torch.Tensor | None
-    fc1_weight: torch.Tensor
-    fc1_bias: torch.Tensor | None
-    fc2_weight: torch.Tensor
-    fc2_bias: torch.Tensor | None
-    skip_scale2: torch.Tensor | None
-    norm1_eps: float
-    norm2_eps: float
+# One folded block as the kernels take it: a FoldedBlock whose scales and biases are float32 [C] / [D] and whose
+# fc weights are in the compute dtype and transposed, so that each kernel streams contiguous rows:
+# fc1_weight [C, D], fc2_weight [D, C] (see `prepare`).
+TritonBlock = FoldedBlock
 
 
 @dataclass(frozen=True)
@@ -150,12 +140,12 @@ def prepare(folded: FoldedModel, dtype: torch.dtype, device: torch.device) -> Tr
     def vector(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(device=device, dtype=torch.float32).contiguous()
 
-    def block(b) -> TritonBlock:
-        return TritonBlock(
-            mix_scale=vector(b.mix_scale), skip_scale1=vector(b.skip_scale1),
+    def block(b: FoldedBlock) -> TritonBlock:
+        return replace(
+            b, mix_scale=vector(b.mix_scale), skip_scale1=vector(b.skip_scale1),
             fc1_weight=b.fc1_weight.t().to(device=device, dtype=dtype).contiguous(), fc1_bias=vector(b.fc1_bias),
             fc2_weight=b.fc2_weight.t().to(device=device, dtype=dtype).contiguous(), fc2_bias=vector(b.fc2_bias),
-            skip_scale2=vector(b.skip_scale2), norm1_eps=b.norm1_eps, norm2_eps=b.norm2_eps)
+            skip_scale2=vector(b.skip_scale2))
 
     return TritonModel(folded.to(dtype, device), tuple(tuple(block(b) for b in s.blocks) for s in folded.stages))
 

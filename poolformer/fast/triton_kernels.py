@@ -84,15 +84,33 @@ def _per_row(values, seg, SEGS: tl.constexpr):
 
 
 @triton.jit
+def _no_moments(SEGS: tl.constexpr):
+    """count, mean and M2 of nothing yet, for SEGS segments (the start of a slot's running moments)."""
+    zero = tl.zeros([SEGS], dtype=tl.float32)
+    return zero, zero, zero
+
+
+@triton.jit
+def _slot_input_moments(in_part_ptr, R, HW, SLOT_ROWS, IN_SLOT_ROWS, eps, SEGS: tl.constexpr,
+                        IN_SEGS: tl.constexpr, IN_MAX_SLOTS: tl.constexpr):
+    """This program's first row, the first sample its slot touches, and the mean and 1/sigma [SEGS] of every
+    sample it touches, from the partials its producer wrote."""
+    row0 = tl.program_id(0) * SLOT_ROWS
+    first_sample = row0 // HW
+    samples = first_sample + tl.arange(0, SEGS)
+    mean, inv_sigma = _sample_moments(in_part_ptr, samples, samples * HW < R, HW, IN_SLOT_ROWS, eps,
+                                      IN_SEGS, IN_MAX_SLOTS)
+    return row0, first_sample, mean, inv_sigma
+
+
+@triton.jit
 def stats_kernel(x_ptr, part_ptr, R, HW, C, SLOT_ROWS,
                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SEGS: tl.constexpr):
     """Partials of x [R, C] (the input of a stage's first block, written by a cuDNN convolution)."""
     slot = tl.program_id(0)
     row0 = slot * SLOT_ROWS
     first_sample = row0 // HW
-    count = tl.zeros([SEGS], dtype=tl.float32)
-    mean = tl.zeros([SEGS], dtype=tl.float32)
-    m2 = tl.zeros([SEGS], dtype=tl.float32)
+    count, mean, m2 = _no_moments(SEGS)
     for tile in range(0, SLOT_ROWS, BLOCK_R):
         rows = row0 + tile + tl.arange(0, BLOCK_R)
         row_ok = rows < R
@@ -115,16 +133,10 @@ def pool_mix_kernel(x_ptr, y_ptr, in_part_ptr, out_part_ptr, mix_scale_ptr, skip
     y = skip * x + (mix_scale_c / sigma_b) * (avg_pool_POOLxPOOL(x) - x), the average over the window's
     positions inside the map (count_include_pad=False); sigma_b from the partials of x. Writes y's partials."""
     RADIUS: tl.constexpr = POOL // 2
-    slot = tl.program_id(0)
     HW = H * W
-    row0 = slot * SLOT_ROWS
-    first_sample = row0 // HW
-    samples = first_sample + tl.arange(0, SEGS)
-    _, inv_sigma = _sample_moments(in_part_ptr, samples, samples * HW < R, HW, IN_SLOT_ROWS, eps,
-                                   IN_SEGS, IN_MAX_SLOTS)
-    count = tl.zeros([SEGS], dtype=tl.float32)
-    mean = tl.zeros([SEGS], dtype=tl.float32)
-    m2 = tl.zeros([SEGS], dtype=tl.float32)
+    row0, first_sample, _, inv_sigma = _slot_input_moments(in_part_ptr, R, HW, SLOT_ROWS, IN_SLOT_ROWS, eps,
+                                                           SEGS, IN_SEGS, IN_MAX_SLOTS)
+    count, mean, m2 = _no_moments(SEGS)
     for tile in range(0, SLOT_ROWS, BLOCK_R):
         rows = row0 + tile + tl.arange(0, BLOCK_R)
         row_ok = rows < R
@@ -158,7 +170,7 @@ def pool_mix_kernel(x_ptr, y_ptr, in_part_ptr, out_part_ptr, mix_scale_ptr, skip
             tl.store(y_ptr + row_offsets[:, None] + cols[None, :], y, mask=valid)
             c_count, c_mean, c_m2 = _segment_stats(y.to(tl.float32), valid, seg, SEGS)
             count, mean, m2 = _merge_stats(count, mean, m2, c_count, c_mean, c_m2)
-    _store_stats(out_part_ptr, slot, count, mean, m2, SEGS)
+    _store_stats(out_part_ptr, tl.program_id(0), count, mean, m2, SEGS)
 
 
 @triton.jit
@@ -220,15 +232,9 @@ def mlp_kernel(x_ptr, y_ptr, in_part_ptr, out_part_ptr, w1_ptr, b1_ptr, w2_ptr, 
     w2 [D, C] (LayerScale folded in), both in the compute dtype. C = CA + CB' with CA a power of two and the
     rest (CB' <= CB, a power of two or 0) masked, so channel counts like 320 = 256 + 64 waste nothing.
     mu_b and sigma_b come from the partials of x; y's partials are written when EMIT_STATS."""
-    slot = tl.program_id(0)
-    row0 = slot * SLOT_ROWS
-    first_sample = row0 // HW
-    samples = first_sample + tl.arange(0, SEGS)
-    mean_in, inv_sigma = _sample_moments(in_part_ptr, samples, samples * HW < R, HW, IN_SLOT_ROWS, eps,
-                                         IN_SEGS, IN_MAX_SLOTS)
-    count = tl.zeros([SEGS], dtype=tl.float32)
-    mean = tl.zeros([SEGS], dtype=tl.float32)
-    m2 = tl.zeros([SEGS], dtype=tl.float32)
+    row0, first_sample, mean_in, inv_sigma = _slot_input_moments(in_part_ptr, R, HW, SLOT_ROWS, IN_SLOT_ROWS, eps,
+                                                                 SEGS, IN_SEGS, IN_MAX_SLOTS)
+    count, mean, m2 = _no_moments(SEGS)
     dot_dtype = w1_ptr.dtype.element_ty
     for tile in range(0, SLOT_ROWS, BLOCK_R):
         rows = row0 + tile + tl.arange(0, BLOCK_R)
@@ -277,4 +283,4 @@ def mlp_kernel(x_ptr, y_ptr, in_part_ptr, out_part_ptr, w1_ptr, b1_ptr, w2_ptr, 
                 c_count, c_mean, c_m2 = _segment_stats(yb, valid_b, seg, SEGS)
                 count, mean, m2 = _merge_stats(count, mean, m2, c_count, c_mean, c_m2)
     if EMIT_STATS:
-        _store_stats(out_part_ptr, slot, count, mean, m2, SEGS)
+        _store_stats(out_part_ptr, tl.program_id(0), count, mean, m2, SEGS)
