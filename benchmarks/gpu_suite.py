@@ -107,7 +107,8 @@ def run_json(*args: str) -> dict:
 
 def rows_summary(rows: list[dict]) -> list[dict]:
     keep = ("model", "impl", "batch_size", "resolution", "precision", "channels_last", "compile", "status",
-            "throughput", "peak_memory_bytes", "first_call_ms", "backend", "bytes_per_image", "achieved_tb_per_s")
+            "throughput", "peak_memory_bytes", "first_call_ms", "backend", "backend_note", "bytes_per_image",
+            "achieved_tb_per_s")
     out = []
     for row in rows:
         item = {k: row.get(k) for k in keep}
@@ -163,6 +164,12 @@ def section_sweep(plan: Plan, work: Path) -> dict:
         bad = [r for r in document["results"] if r["status"] not in ("ok",)]
         out[name]["not_ok"] = [f"{r['model']}/{r['impl']} bs{r['batch_size']} {r['precision']}: {r['status']} "
                                f"{r.get('error') or ''}" for r in bad]
+        # on a GPU, --impl fast must run its Triton kernels: anything else is a defect to fix
+        out[name]["not_ok"] += [f"{r['model']}/fast bs{r['batch_size']} {r['precision']}: ran {r['backend']}: "
+                                f"{r.get('backend_note')}" for r in document["results"]
+                                if r["impl"] == "fast" and plan.device == "cuda" and r["status"] == "ok"
+                                and r.get("backend") != "triton"]
+    out["ok"] = not any(run["not_ok"] for run in out.values() if isinstance(run, dict) and "not_ok" in run)
     return out
 
 

@@ -20,7 +20,14 @@ from poolformer.fast.roofline import achieved_tb_per_s, bytes_per_image, fast_tr
 
 from .conftest import randomize_
 
-pytestmark = pytest.mark.skipif(not tf.interpreter_enabled() or not tf.triton_interprets(),
+def _interpreter_on() -> bool:
+    try:
+        return tf.interpreter_enabled() and tf.triton_interprets()
+    except ImportError:  # no Triton in this environment
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _interpreter_on(),
                                 reason="Triton's interpreter is not on in this process (see tests/conftest.py)")
 
 SHAPES = [(1, 7, 7, 64), (3, 13, 17, 64), (3, 7, 7, 320), (1, 13, 17, 320)]  # B, H, W, C
@@ -434,3 +441,27 @@ def test_predict_and_eval_print_why_the_fast_path_skipped_its_kernels(monkeypatc
     with err_console.capture() as captured:
         print_classifier_notes(classifier, "fp32")
     assert captured.get() == ""
+
+
+def test_auto_falls_back_when_the_kernels_fail_on_this_gpu(monkeypatch, v1_random):
+    """A GPU or Triton version the kernels do not compile on: backend="auto" answers on PyTorch operators and
+    says why; backend="triton" (asked for by name) raises."""
+    from poolformer.fast import module
+
+    monkeypatch.setattr(module, "explain_backend", lambda requested, dtype, device: ("triton", None))
+    monkeypatch.setattr(tf, "triton_interprets", lambda: False)  # as compiled kernels on a GPU
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed\nmore detail")
+
+    monkeypatch.setattr(tf, "features_forward", broken)
+    x = torch.randn(2, 3, 64, 64)
+    fast = optimize(v1_random)
+    with torch.no_grad():
+        got, expected = fast(x), v1_random(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert fast.backend_for() in ("onednn", "portable")
+    assert fast.backend_note() == ("the fast path runs on PyTorch operators: its Triton kernels failed here "
+                                   "(RuntimeError: PassManager::run failed)")
+    with pytest.raises(RuntimeError, match="PassManager"):
+        optimize(v1_random, backend="triton")(x)

@@ -140,6 +140,8 @@ class FastPoolFormer(nn.Module):
         self.arch = model.arch
         self.num_classes = model.num_classes
         self._cache: dict[tuple, Prepared] = {}
+        self._triton_failures: dict[tuple, str] = {}  # (dtype, device) -> why the kernels were given up there
+        self._triton_ran: set[tuple] = set()  # (dtype, device) where a forward on the kernels succeeded
         self.cuda_graphs = graphs_enabled_by_env() if cuda_graphs is None else cuda_graphs
         self.graphs = GraphCache()
         self.eval()
@@ -152,6 +154,9 @@ class FastPoolFormer(nn.Module):
 
     def _choice(self, dtype: torch.dtype, device: torch.device) -> tuple[str, str | None]:
         backend, note = explain_backend(self.backend, dtype, device)
+        failure = self._triton_failures.get((dtype, device))
+        if backend == "triton" and failure is not None:
+            return ("onednn" if onednn_runs(dtype, device) else "portable"), failure
         if backend == "triton":
             reason = triton_forward.unsupported_model_reason(self.folded, self.plan)
             if reason is not None:
@@ -226,10 +231,38 @@ class FastPoolFormer(nn.Module):
                 return prepared.session(x)
         prepared = self._torch_path(dtype, x.device)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            if self._use_graphs(x, prepared):
-                return self.graphs(lambda images: self._forward(images, dtype, prepared, features_only), x,
-                                   extra=(dtype, features_only))
-            return self._forward(x, dtype, prepared, features_only)
+            try:
+                out = self._forward_or_replay(x, dtype, prepared, features_only)
+            except Exception as err:
+                if not self._may_give_up_triton(prepared, dtype, x.device, err):
+                    raise
+                return self._run(x, features_only)
+        if prepared.backend == "triton":
+            self._triton_ran.add((dtype, x.device))
+        return out
+
+    def _forward_or_replay(self, x: torch.Tensor, dtype: torch.dtype, prepared: Prepared,
+                           features_only: bool) -> torch.Tensor:
+        if self._use_graphs(x, prepared):
+            return self.graphs(lambda images: self._forward(images, dtype, prepared, features_only), x,
+                               extra=(dtype, features_only))
+        return self._forward(x, dtype, prepared, features_only)
+
+    def _may_give_up_triton(self, prepared: Prepared, dtype: torch.dtype, device: torch.device,
+                            err: Exception) -> bool:
+        """On the first forward in (dtype, device), a failure of the Triton kernels (a GPU or Triton version they
+        do not compile on) moves backend="auto" to PyTorch operators, with `backend_note` saying why; an
+        explicit backend="triton", out-of-memory, the interpreter (tests) and a later failure raise."""
+        key = (dtype, device)
+        if (prepared.backend != "triton" or key in self._triton_ran or isinstance(err, torch.OutOfMemoryError)
+                or requested_backend(self.backend) == "triton" or triton_forward.triton_interprets()):
+            return False
+        first_line = (str(err).strip().splitlines() or [""])[0][:300]
+        self._triton_failures[key] = (f"the fast path runs on PyTorch operators: its Triton kernels failed here "
+                                      f"({type(err).__name__}: {first_line})")
+        self._cache.pop(key, None)
+        self.graphs.clear()
+        return True
 
     def _use_graphs(self, x: torch.Tensor, prepared: Prepared) -> bool:
         """CUDA graphs on CUDA, unless turned off or the kernels run in Triton's interpreter (host copies)."""
