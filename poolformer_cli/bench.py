@@ -291,7 +291,8 @@ def _print_results(results: list, normalised: bool, hardware: str = "",
         parity = r.parity
         diff = "-"
         if parity is not None:
-            diff = f"{parity.max_abs_diff:.0e}" + ("" if parity.top1_agreement == 1.0 else f" {parity.top1_agreement:.0%}")
+            diff = (f"{parity.max_abs_diff:.0e}" if parity.max_abs_diff else "0") + (
+                "" if parity.top1_agreement == 1.0 else f" {parity.top1_agreement:.0%}")
             diff = diff if parity.ok else f"[red]{diff}[/]"
         table.add_row(_short_label(r.config, r.compile_mode), status, "-" if r.throughput is None else f"{r.throughput:,.1f}",
                       _ms(lat and lat.median), _ms(lat and lat.p90), iqr, _megabytes(r.peak_memory_bytes),
