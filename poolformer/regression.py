@@ -35,6 +35,7 @@ from .errors import ConfigError
 
 KEY_FIELDS = ("model", "impl", "device", "batch_size", "resolution", "precision", "channels_last", "compile",
               "cast")
+REQUIRED_FIELDS = tuple(name for name in KEY_FIELDS if name != "cast")  # files before --cast-model lack it
 ALPHA = 0.05  # significance level of the step-time test
 CLOCK_CHANGE = 0.05  # relative SM/memory clock difference that is reported
 TEMPERATURE_CHANGE_C = 10
@@ -102,8 +103,8 @@ def load_results(path: str | Path) -> dict[str, Any]:
     if not isinstance(document, dict) or not isinstance(document.get("results"), list):
         raise ConfigError(f"{str(path)!r} is not a poolformer bench result file (no \"results\" list)")
     for row in document["results"]:
-        if not isinstance(row, dict) or any(name not in row for name in (*KEY_FIELDS, "status", "throughput")):
-            raise ConfigError(f"{str(path)!r} has a result row without the fields {', '.join(KEY_FIELDS)}")
+        if not isinstance(row, dict) or any(name not in row for name in (*REQUIRED_FIELDS, "status", "throughput")):
+            raise ConfigError(f"{str(path)!r} has a result row without the fields {', '.join(REQUIRED_FIELDS)}")
     return document
 
 
