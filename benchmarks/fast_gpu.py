@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed steps per row")
     parser.add_argument("--agreement-images", type=int, default=1024)
+    parser.add_argument("--no-autotune", action="store_true", help="take the first MLP tile that compiles "
+                        "instead of timing every candidate (POOLFORMER_TRITON_AUTOTUNE)")
     args = parser.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
     unknown = set(sections) - set(SECTIONS)
@@ -208,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         device, resolution, batch, images = "cuda", 224, args.batch_size, args.agreement_images
         settings = bench.BenchSettings(warmup=10, iters=20, min_time_s=args.min_time)
+    autotune = not args.no_autotune and not args.smoke  # the interpreter has one candidate tile
+    if autotune:
+        os.environ["POOLFORMER_TRITON_AUTOTUNE"] = "1"
     args.out.mkdir(parents=True, exist_ok=True)
     build = randomised_build()
     env = environment(device)
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 "env": env, "targets": TARGETS, "batch_size": batch, "resolution": resolution,
                 "settings": f"warm-up {settings.warmup} steps, then >= {settings.min_time_s or 0} s and "
                             f">= {settings.iters} timed steps per row, median; compile time reported apart",
-                "throughput": {}, "latency": {}, "exactness": {}}
+                "autotune": autotune, "throughput": {}, "latency": {}, "exactness": {}}
 
     def save() -> None:
         write_atomic(args.out / "fast_gpu.json", json.dumps(document, indent=2) + "\n")

@@ -465,3 +465,25 @@ def test_auto_falls_back_when_the_kernels_fail_on_this_gpu(monkeypatch, v1_rando
                                    "(RuntimeError: PassManager::run failed)")
     with pytest.raises(RuntimeError, match="PassManager"):
         optimize(v1_random, backend="triton")(x)
+
+
+def test_autotune_times_every_tile_and_keeps_the_fastest(monkeypatch):
+    """POOLFORMER_TRITON_AUTOTUNE=1: each candidate tile runs (and gives the same answer); the fastest is kept
+    for the shape, and later calls reuse it without timing again."""
+    candidates = [tf.MlpConfig(16, 16, 4, 1), tf.MlpConfig(32, 64, 4, 1)]
+    monkeypatch.setenv(tf.AUTOTUNE_ENV, "1")
+    monkeypatch.setattr(tf, "_working_mlp_config", {})
+    monkeypatch.setattr(tf, "mlp_configs", lambda *args, **kwargs: list(candidates))
+    launched = []
+    real_launch = tf._launch_mlp
+    monkeypatch.setattr(tf, "_launch_mlp", lambda *args: launched.append(args[-1]) or real_launch(*args))
+    x = torch.randn(3, 7, 7, 64).contiguous()
+    block = _block(64, 256)
+    y, _ = tf.mlp(x, tf.stage_input_stats(x), block, "gelu", emit_stats=True)
+    torch.testing.assert_close(y.double(), _reference_mlp(x, block, "gelu"), rtol=1e-4, atol=1e-4)
+    assert set(launched) == set(candidates) and len(launched) == 2 * (1 + tf.AUTOTUNE_REPEATS) + 1
+    (chosen,) = tf._working_mlp_config.values()
+    assert chosen in candidates
+    launched.clear()
+    tf.mlp(x, tf.stage_input_stats(x), block, "gelu", emit_stats=True)
+    assert launched == [chosen]

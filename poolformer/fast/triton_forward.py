@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Iterator
@@ -244,8 +245,8 @@ SHARED_MEMORY_BUDGET_BYTES = 160 * 1024  # of an H100's 228 KB per SM, with room
 
 
 def mlp_configs(rows: int, channels: int, hidden: int, dtype: torch.dtype, interpret: bool = False) -> list[MlpConfig]:
-    """Candidate tiles, best first: a design-time guess (not yet timed on a GPU; see benchmarks/fast_gpu.py
-    --tune). Each stage of the pipeline holds a [C, BLOCK_D] slice of fc1 and a [BLOCK_D, C] slice of fc2;
+    """Candidate tiles, best first: a design-time guess, not yet timed on a GPU (POOLFORMER_TRITON_AUTOTUNE=1
+    times them all instead; benchmarks/fast_gpu.py does). Each stage of the pipeline holds a [C, BLOCK_D] slice of fc1 and a [BLOCK_D, C] slice of fc2;
     the accumulator [BLOCK_R, C] stays in registers (<= ~128 float32 per thread)."""
     if interpret:  # the interpreter pays per operation: few, large steps
         return [MlpConfig(min(128, max(16, next_power_of_two(rows))), min(1024, next_power_of_two(hidden)), 4, 1)]
@@ -336,17 +337,28 @@ def pool_mix(x: torch.Tensor, stats: Partials, block: TritonBlock, pool_size: in
     return y, out
 
 
-_working_mlp_config: dict[tuple, MlpConfig] = {}  # (rows, C, D, dtype, device) -> the first candidate that compiled
+_working_mlp_config: dict[tuple, MlpConfig] = {}  # (rows, C, D, dtype, device) -> the tile in use
+AUTOTUNE_ENV = "POOLFORMER_TRITON_AUTOTUNE"
+AUTOTUNE_REPEATS = 5
+
+
+def autotune_enabled() -> bool:
+    """POOLFORMER_TRITON_AUTOTUNE=1: time every candidate tile of the MLP kernel on the first call of each shape
+    (a few seconds of compiling per shape) instead of taking the first that compiles."""
+    return os.environ.get(AUTOTUNE_ENV, "").strip() == "1"
 
 
 def mlp(x1: torch.Tensor, stats: Partials, block: TritonBlock, activation: str, emit_stats: bool,
         config: MlpConfig | None = None) -> tuple[torch.Tensor, Partials | None]:
     """The block's second half on a contiguous [B, H, W, C] activation -> (y [B, H, W, C], y's partials or
     None). Without `config`, the first candidate of `mlp_configs` that the GPU accepts (shared memory,
-    registers) is used and remembered."""
+    registers) is used and remembered - or, with autotuning on, the fastest of them."""
     batch, height, width, channels = x1.shape
     rows, hidden = batch * height * width, block.fc1_weight.shape[1]
     key = (rows, channels, hidden, x1.dtype, x1.device)
+    if config is None and key not in _working_mlp_config and autotune_enabled():
+        candidates = mlp_configs(rows, channels, hidden, x1.dtype, triton_interprets())
+        _working_mlp_config[key] = fastest_mlp_config(x1, stats, block, activation, emit_stats, candidates)
     candidates = [config] if config else ([_working_mlp_config[key]] if key in _working_mlp_config
                                           else mlp_configs(rows, channels, hidden, x1.dtype, triton_interprets()))
     for index, candidate in enumerate(candidates):
@@ -359,6 +371,37 @@ def mlp(x1: torch.Tensor, stats: Partials, block: TritonBlock, activation: str, 
         _working_mlp_config[key] = candidate
         return result
     raise AssertionError("unreachable")
+
+
+def fastest_mlp_config(x1: torch.Tensor, stats: Partials, block: TritonBlock, activation: str, emit_stats: bool,
+                       candidates: list[MlpConfig]) -> MlpConfig:
+    """The candidate with the lowest median time over AUTOTUNE_REPEATS launches (after one that compiles it);
+    candidates the GPU refuses (out of resources) are skipped."""
+    timings: dict[MlpConfig, float] = {}
+    for candidate in candidates:
+        try:
+            _launch_mlp(x1, stats, block, activation, emit_stats, candidate)
+        except Exception as err:
+            if type(err).__name__ != "OutOfResources":
+                raise
+            continue
+        times = []
+        for _ in range(AUTOTUNE_REPEATS):
+            if x1.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                _launch_mlp(x1, stats, block, activation, emit_stats, candidate)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                started = time.perf_counter()
+                _launch_mlp(x1, stats, block, activation, emit_stats, candidate)
+                times.append((time.perf_counter() - started) * 1e3)
+        timings[candidate] = sorted(times)[len(times) // 2]
+    if not timings:
+        raise RuntimeError(f"no MLP tile fits this GPU for C={x1.shape[-1]}, D={block.fc1_weight.shape[1]}")
+    return min(timings, key=timings.get)
 
 
 def _launch_mlp(x1, stats, block, activation, emit_stats, config: MlpConfig):
