@@ -123,11 +123,6 @@ def rows_summary(rows: list[dict]) -> list[dict]:
     return out
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 # ------------------------------------------------------------------------------------------ sections
 
 
@@ -214,9 +209,10 @@ def section_timing(plan: Plan, work: Path) -> dict:
     for batch in plan.timing_batches:
         config = bench.BenchConfig("poolformer_s12", "ours", plan.device, batch, plan.resolution, "bf16",
                                    channels_last=True)
+        built = bench.ModelCache()  # the other timers run the very model bench measured
         ours = bench.run_config(config, bench.BenchSettings(warmup=plan.warmup + 5, iters=max(plan.iters, 20),
-                                                            parity=False)).latency_ms.median
-        model = bench.prepare_model(config)
+                                                            parity=False), models=built).latency_ms.median
+        model = built.get(config, lambda: bench.prepare_model(config))
         x = bench.make_input(config)
         device_type = torch.device(plan.device).type
 
@@ -226,15 +222,15 @@ def section_timing(plan: Plan, work: Path) -> dict:
 
         for _ in range(plan.warmup + 3):
             step()
-        synchronize(plan.device)
+        bench.synchronize(torch.device(plan.device))
         timer = tbench.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
         blocked = timer.blocked_autorange(min_run_time=1.0 if plan.device.startswith("cuda") else 0.2).median * 1e3
         deltas = []
         for _ in range(max(plan.iters, 10)):  # timm benchmark.py style: synchronise around every step
-            synchronize(plan.device)
+            bench.synchronize(torch.device(plan.device))
             t0 = time.perf_counter()
             step()
-            synchronize(plan.device)
+            bench.synchronize(torch.device(plan.device))
             deltas.append((time.perf_counter() - t0) * 1e3)
         entry = {"bench_median_ms": ours, "blocked_autorange_ms": blocked, "timm_style_mean_ms": statistics.fmean(deltas),
                  "timm_style_median_ms": statistics.median(deltas)}
@@ -406,11 +402,11 @@ def _calibrate(config: bench.BenchConfig, base_ms: float, extra: float = 0.2) ->
         w = torch.randn(size, size, device=device)
         for _ in range(3):
             w @ w
-        synchronize(config.device)
+        bench.synchronize(torch.device(config.device))
         t0 = time.perf_counter()
         for _ in range(5):
             w @ w
-        synchronize(config.device)
+        bench.synchronize(torch.device(config.device))
         if (time.perf_counter() - t0) / 5 * 1e3 >= extra * base_ms:
             return size
         size = int(size * 1.25)

@@ -154,17 +154,23 @@ class FastPoolFormer(nn.Module):
 
     def _choice(self, dtype: torch.dtype, device: torch.device) -> tuple[str, str | None]:
         backend, note = explain_backend(self.backend, dtype, device)
+        if backend != "triton":
+            return backend, note
+        operators = "onednn" if onednn_runs(dtype, device) else "portable"  # where the kernels cannot go
         failure = self._triton_failures.get((dtype, device))
-        if backend == "triton" and failure is not None:
-            return ("onednn" if onednn_runs(dtype, device) else "portable"), failure
-        if backend == "triton":
-            reason = triton_forward.unsupported_model_reason(self.folded, self.plan)
-            if reason is not None:
-                if requested_backend(self.backend) == "triton":
-                    raise ConfigError(f"the Triton backend cannot run this model: {reason}")
-                backend = "onednn" if onednn_runs(dtype, device) else "portable"
-                note = f"the fast path runs on PyTorch operators, not its Triton kernels: {reason}"
-        return backend, note
+        if failure is not None:
+            return operators, failure
+        reason = triton_forward.unsupported_model_reason(self.folded, self.plan)
+        if reason is None:
+            return backend, note
+        if requested_backend(self.backend) == "triton":
+            raise ConfigError(f"the Triton backend cannot run this model: {reason}")
+        return operators, f"the fast path runs on PyTorch operators, not its Triton kernels: {reason}"
+
+    def _operators(self, backend: str, dtype: torch.dtype, device: torch.device) -> Prepared:
+        """The folded tensors for the PyTorch-operator backends: pre-packed for oneDNN, or as they are."""
+        folded = self.folded.to(dtype, device)
+        return Prepared(cpu.pack_for_onednn(folded) if backend == "onednn" else folded, backend)
 
     def prepared(self, dtype: torch.dtype, device: torch.device) -> Prepared:
         key = (dtype, device)
@@ -178,8 +184,7 @@ class FastPoolFormer(nn.Module):
 
                 self._cache[key] = Prepared(self.folded, backend, FoldedSession(self.folded, self.plan))
             else:
-                folded = self.folded.to(dtype, device)
-                self._cache[key] = Prepared(cpu.pack_for_onednn(folded) if backend == "onednn" else folded, backend)
+                self._cache[key] = self._operators(backend, dtype, device)
         return self._cache[key]
 
     def _torch_path(self, dtype: torch.dtype, device: torch.device) -> Prepared:
@@ -190,8 +195,7 @@ class FastPoolFormer(nn.Module):
         key = (dtype, device, "torch")
         if key not in self._cache:
             backend = "onednn" if onednn_runs(dtype, device) and self.backend in ("auto", "onnxruntime") else "portable"
-            folded = self.folded.to(dtype, device)
-            self._cache[key] = Prepared(cpu.pack_for_onednn(folded) if backend == "onednn" else folded, backend)
+            self._cache[key] = self._operators(backend, dtype, device)
         return self._cache[key]
 
     def backend_for(self, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> str:

@@ -365,12 +365,17 @@ def mlp(x1: torch.Tensor, stats: Partials, block: TritonBlock, activation: str, 
         try:
             result = _launch_mlp(x1, stats, block, activation, emit_stats, candidate)
         except Exception as err:  # only the compiler's "out of resource" moves on to a smaller tile
-            if type(err).__name__ != "OutOfResources" or index == len(candidates) - 1:
+            if not _out_of_resources(err) or index == len(candidates) - 1:
                 raise
             continue
         _working_mlp_config[key] = candidate
         return result
     raise AssertionError("unreachable")
+
+
+def _out_of_resources(err: Exception) -> bool:
+    """Triton's compile-time refusal of a tile (too much shared memory or too many registers for this GPU)."""
+    return type(err).__name__ == "OutOfResources"
 
 
 def fastest_mlp_config(x1: torch.Tensor, stats: Partials, block: TritonBlock, activation: str, emit_stats: bool,
@@ -382,7 +387,7 @@ def fastest_mlp_config(x1: torch.Tensor, stats: Partials, block: TritonBlock, ac
         try:
             _launch_mlp(x1, stats, block, activation, emit_stats, candidate)
         except Exception as err:
-            if type(err).__name__ != "OutOfResources":
+            if not _out_of_resources(err):
                 raise
             continue
         times = []
