@@ -142,3 +142,18 @@ def test_attention_hybrids_export_through_the_reference_model(tmp_path):
     model = randomize_(create_model("s12_pppa", img_size=64), seed=2)
     report = export_model(model, tmp_path / "pppa.onnx", resolution=64, runtimes=("onnxruntime",))
     assert report.passed and report.written
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_an_export_made_under_autocast_holds_the_float32_graph(tmp_path, s12, fast):
+    """A runtime's first call under a bf16 bench row exports there: the file must not freeze bf16 casts in."""
+    ort = pytest.importorskip("onnxruntime")
+    module = FoldedExport(s12) if fast else portable_form(s12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        export_onnx(module, tmp_path / "m.onnx", (1, 3, 64, 64))
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert not [n for n in graph.node if n.op_type == "Cast"]
+    x = torch.randn(1, 3, 64, 64)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), s12(x), atol=1e-4, rtol=1e-4)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,11 +66,19 @@ class ExportReport:
         return {**asdict(self), "passed": self.passed}
 
 
+@contextmanager
+def _no_autocast():
+    """The file holds the float32 graph even when the export happens under autocast (a runtime made on the first
+    call of a bf16 bench row): traced under autocast, its matmuls would be frozen in as bf16 casts."""
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        yield
+
+
 def export_onnx(module: nn.Module, path: str | os.PathLike, shape: tuple[int, ...], opset: int = DEFAULT_OPSET,
                 dynamic_batch: bool = False) -> None:
     """Trace `module` on zeros of `shape` [B, 3, H, W] and write ONNX (input "images", output "logits")."""
     axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), _no_autocast(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         torch.onnx.export(module.eval(), (torch.zeros(shape),), str(path), opset_version=opset, dynamo=False,
                           input_names=["images"], output_names=["logits"], dynamic_axes=axes)
@@ -80,7 +89,7 @@ def export_pt2(module: nn.Module, path: str | os.PathLike, shape: tuple[int, ...
     dynamic = None
     if dynamic_batch:
         dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},)
-    with torch.no_grad():
+    with torch.no_grad(), _no_autocast():
         program = torch.export.export(module.eval(), (torch.zeros(shape),), dynamic_shapes=dynamic)
     torch.export.save(program, str(path))
 
