@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from poolformer import ConfigError, create_model, list_models, optimize
+from poolformer.capabilities import cpu_capabilities
 from poolformer.fast import fold, pool_minus_identity_weight
 from poolformer.fast import cpu as fast_cpu
-from poolformer.fast import onnxruntime as fast_onnxruntime
+from poolformer.fast import runtime as fast_runtime
 from poolformer.fast.cpu import block_forward, head_forward, per_sample_inv_sigma, pool_minus_identity, pool_mix
 from poolformer.implementations import IMPLEMENTATIONS, build
 from poolformer_cli.app import app
@@ -216,37 +217,59 @@ def test_rejects_non_metaformer_and_bad_input(v1_model):
         optimize(v1_model)(torch.randn(1, 4, 32, 32))
 
 
-# ------------------------------------------------------------------------------ the onnxruntime backend
-
-needs_onnxruntime = pytest.mark.skipif(not fast_onnxruntime.available(), reason="onnxruntime is not installed")
+# ------------------------------------------------------------------------------ the runtime backends
 
 
-@needs_onnxruntime
+def _needs(runtime: str):
+    return pytest.mark.skipif(not fast_runtime.available(runtime), reason=f"{runtime} is not installed")
+
+
+@pytest.mark.parametrize("runtime", [pytest.param(r, marks=_needs(r)) for r in fast_runtime.RUNTIMES])
 @pytest.mark.parametrize("family", ["v1", "v2"])
 @pytest.mark.parametrize(("batch", "height", "width"), [(1, 64, 64), (3, 97, 75)])
-def test_onnxruntime_backend_runs_the_folded_graph_exactly(family, batch, height, width, v1_model, v2_model):
+def test_runtime_backends_run_the_folded_graph_exactly(runtime, family, batch, height, width, v1_model, v2_model):
     model = v1_model if family == "v1" else v2_model
-    _assert_as_exact_as_reference(model, torch.randn(batch, 3, height, width), backend="onnxruntime")
+    _assert_as_exact_as_reference(model, torch.randn(batch, 3, height, width), backend=runtime)
 
 
-@needs_onnxruntime
-def test_onnxruntime_is_the_default_cpu_fp32_backend_and_features_fall_back(v2_model):
+@_needs("openvino")
+def test_openvino_is_the_default_cpu_backend_and_features_fall_back(v2_model):
     fast = optimize(v2_model)
-    assert fast.backend_for(torch.float32) == "onnxruntime"
-    assert fast.backend_for(torch.bfloat16) in ("onednn", "portable")  # onnxruntime has no bf16 here
+    assert fast.backend_for(torch.float32) == "openvino"
+    native = cpu_capabilities().native_bf16  # OpenVINO's bf16 is only ever the native one
+    assert fast.backend_for(torch.bfloat16) == "openvino" if native else fast.backend_for(torch.bfloat16) != "openvino"
     x = torch.randn(2, 3, 64, 64)
     _assert_as_exact_as_reference(v2_model, x, features=True, backend="auto")  # maps: oneDNN, not the runtime
     with torch.no_grad():
         logits = fast(x)
-    assert fast.prepared(torch.float32, x.device).backend == "onnxruntime" and logits.shape == (2, 1000)
-    assert len(fast.prepared(torch.float32, x.device).session._sessions) == 1  # one session per input shape
+    session = fast.prepared(torch.float32, x.device).session
+    assert fast.prepared(torch.float32, x.device).backend == "openvino" and logits.shape == (2, 1000)
+    assert len(session._runners) == 1  # one export and compiled model per input shape
     fast(torch.randn(1, 3, 64, 64))
-    assert len(fast.prepared(torch.float32, x.device).session._sessions) == 2
+    assert len(session._runners) == 2
 
 
-def test_asking_for_onnxruntime_where_it_cannot_run_is_a_config_error(v1_model):
-    with pytest.raises(ConfigError, match="onnxruntime backend runs float32"):
-        optimize(v1_model, dtype=torch.bfloat16, backend="onnxruntime")(torch.randn(1, 3, 32, 32))
+@_needs("openvino")
+@pytest.mark.skipif(not cpu_capabilities().native_bf16, reason="OpenVINO computes bf16 only on CPUs with native bf16")
+def test_openvino_bf16_computes_in_bf16(v1_model):
+    """Not a float32 run under a bf16 label: its logits differ from fp32 by bf16 rounding (the agreement tests
+    below bound how much)."""
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got, fp32 = optimize(v1_model, dtype=torch.bfloat16, backend="openvino")(x), v1_model(x)
+    assert got.dtype == torch.float32 and (got - fp32).abs().max().item() > 1e-4 * fp32.abs().max().item()
+
+
+@pytest.mark.parametrize("runtime", fast_runtime.RUNTIMES)
+def test_asking_for_a_runtime_where_it_cannot_run_is_a_config_error(runtime, v1_model, monkeypatch):
+    from poolformer.capabilities import CpuCapabilities
+
+    monkeypatch.setattr("poolformer.capabilities.cpu_capabilities", lambda: CpuCapabilities(
+        model="Test CPU", architecture="x86_64", isa=("avx2",), torch_vector_isa=None, onednn=True,
+        onednn_bf16=False, onednn_fp16=False))
+    for dtype in (torch.bfloat16, torch.float16):
+        with pytest.raises(ConfigError, match=f"{runtime} backend runs float32"):
+            optimize(v1_model, dtype=dtype, backend=runtime)(torch.randn(1, 3, 32, 32))
 
 
 # ------------------------------------------------------------------------------ bf16
@@ -273,7 +296,11 @@ def _agree_or_near_tie(reference: torch.Tensor, other: torch.Tensor, tie: float)
 
 ONEDNN_BF16 = pytest.param("onednn", marks=pytest.mark.skipif(
     not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN has no bf16 on this CPU (needs AVX-512 or AVX-NE-CONVERT)"))
-BF16_BACKENDS = ["auto", "portable", ONEDNN_BF16]  # auto: oneDNN where it runs bf16, the portable path elsewhere
+OPENVINO_BF16 = pytest.param("openvino", marks=pytest.mark.skipif(
+    not fast_runtime.runs("openvino", torch.bfloat16, torch.device("cpu")),
+    reason="OpenVINO computes bf16 only on CPUs with native bf16 (and where it is installed)"))
+# auto: OpenVINO where it computes bf16, else oneDNN where it runs bf16, else the portable path
+BF16_BACKENDS = ["auto", "portable", ONEDNN_BF16, OPENVINO_BF16]
 
 
 @pytest.mark.parametrize("backend", BF16_BACKENDS)

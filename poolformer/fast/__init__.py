@@ -5,7 +5,8 @@ What lives here:
   affines, LayerScale, StarReLU folded into the convolutions; the pooling mixer needs only sigma).
 - `cpu`: the folded forward made of PyTorch operators: oneDNN's fused primitives on CPUs that run the
   dtype natively, plain operators anywhere else (the portable path).
-- `onnxruntime`: the folded graph exported once per input shape and run by ONNX Runtime (fp32 CPU default).
+- `runtime`: the folded graph exported once per input shape and run by OpenVINO (the CPU default: fp32, and
+  bf16 where the CPU computes it natively) or ONNX Runtime (fp32).
 - `triton_kernels` / `triton_forward`: the GPU path, two fused Triton kernels per block (token mixer; MLP
   with its 4x-wide hidden tile kept on chip) passing exact per-sample statistics along; the same kernels run
   on CPU tensors in Triton's interpreter with POOLFORMER_TRITON_INTERPRET=1 (how the tests check them).

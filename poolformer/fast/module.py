@@ -4,15 +4,18 @@ Backends (the kernels one forward runs on), chosen once per (dtype, device) the 
 - ``triton``: two fused Triton kernels per block (`poolformer.fast.triton_forward`); CUDA GPUs. On CPU
   tensors only when asked for by name and POOLFORMER_TRITON_INTERPRET=1 is set: Triton's interpreter runs the
   same kernels (tests, debugging; very slow).
-- ``onnxruntime``: the folded graph run by ONNX Runtime (`poolformer.fast.onnxruntime`); float32 on the CPU,
-  where onnxruntime is installed. The fastest CPU path measured (benchmarks/results/runtimes_cpu.md).
+- ``openvino``: the folded graph run by OpenVINO (`poolformer.fast.runtime`) on the CPU, where openvino is
+  installed: float32, and bfloat16 on CPUs that compute it natively. The fastest CPU path measured
+  (benchmarks/results/runtimes_cpu_*.md), in both precisions.
+- ``onnxruntime``: the folded graph run by ONNX Runtime (`poolformer.fast.runtime`); float32 on the CPU,
+  where onnxruntime is installed.
 - ``onednn``: oneDNN's fused, pre-packed primitives (`poolformer.fast.cpu`); CPUs only, and only in a dtype
   oneDNN runs on this CPU (float32 everywhere; bfloat16 where `poolformer.capabilities` says oneDNN has it).
 - ``portable``: the same algebra with plain PyTorch operators; works on any device and dtype.
 
 `backend="auto"` takes the first of these that can run the dtype on the device; where it passed over the
 Triton kernels on a GPU, `FastPoolFormer.backend_note` says why in one line (the command line prints it).
-`forward_features` (maps, not logits) never runs in ONNX Runtime. The environment variable
+`forward_features` (maps, not logits) never runs in a runtime (it takes oneDNN or the portable path). The environment variable
 POOLFORMER_FAST_BACKEND forces one backend everywhere (tests use it to cover every path on any host).
 
 On CUDA every forward goes through CUDA graphs (`poolformer.fast.cuda`) unless turned off.
@@ -28,11 +31,12 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model import MetaFormer
-from . import cpu, triton_forward
+from . import cpu, runtime, triton_forward
 from .cuda import GraphCache, graphs_enabled_by_env
 from .folding import FoldedModel, fold
 
-BACKENDS = ("auto", "triton", "onnxruntime", "onednn", "portable")
+BACKENDS = ("auto", "triton", "openvino", "onnxruntime", "onednn", "portable")
+RUNTIME_BACKENDS = runtime.RUNTIMES
 BACKEND_ENV = "POOLFORMER_FAST_BACKEND"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -48,12 +52,6 @@ def onednn_runs(dtype: torch.dtype, device: torch.device) -> bool:
 
         return cpu_capabilities().onednn_bf16
     return False  # float16: oneDNN's fp16 linear is not wired into _linear_pointwise on every torch
-
-
-def onnxruntime_runs(dtype: torch.dtype, device: torch.device) -> bool:
-    from .onnxruntime import available
-
-    return device.type == "cpu" and dtype == torch.float32 and available()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -84,14 +82,16 @@ def explain_backend(requested: str, dtype: torch.dtype, device: torch.device) ->
         if requested == "triton":
             raise ConfigError(f"the Triton backend cannot run here: {reason}")
         note = f"the fast path runs on PyTorch operators, not its Triton kernels: {reason}"
-    runtime_possible = onnxruntime_runs(dtype, device)
-    if requested == "onnxruntime":
-        if not runtime_possible:
-            raise ConfigError(f"the onnxruntime backend runs float32 on the CPU with onnxruntime installed, not "
-                              f"{_dtype_name(dtype)} on {device}; use backend='auto'")
-        return "onnxruntime", None
-    if requested == "auto" and runtime_possible:
-        return "onnxruntime", None
+    if requested in RUNTIME_BACKENDS:
+        if not runtime.runs(requested, dtype, device):
+            what = "float32, and bfloat16 on CPUs with native bf16," if requested == "openvino" else "float32"
+            raise ConfigError(f"the {requested} backend runs {what} on the CPU with {requested} installed, not "
+                              f"{_dtype_name(dtype)} on {device} here; use backend='auto'")
+        return requested, None
+    if requested == "auto":
+        for name in RUNTIME_BACKENDS:
+            if runtime.runs(name, dtype, device):
+                return name, None
     possible = onednn_runs(dtype, device)
     if requested == "onednn" and not possible:
         raise ConfigError(f"oneDNN cannot run {_dtype_name(dtype)} on {device} here; "
@@ -112,7 +112,7 @@ class Prepared:
 
     folded: FoldedModel
     backend: str
-    session: object | None = None  # the onnxruntime backend's FoldedSession
+    session: runtime.FoldedSession | None = None  # the openvino and onnxruntime backends' runner
     triton: triton_forward.TritonModel | None = None  # the kernels' form of the weights (backend "triton")
 
 
@@ -179,10 +179,9 @@ class FastPoolFormer(nn.Module):
             if backend == "triton":
                 kernels_form = triton_forward.prepare(self.folded, dtype, device)
                 self._cache[key] = Prepared(kernels_form.folded, backend, triton=kernels_form)
-            elif backend == "onnxruntime":
-                from .onnxruntime import FoldedSession
-
-                self._cache[key] = Prepared(self.folded, backend, FoldedSession(self.folded, self.plan))
+            elif backend in RUNTIME_BACKENDS:
+                session = runtime.FoldedSession(self.folded, self.plan, backend, dtype)
+                self._cache[key] = Prepared(self.folded, backend, session)
             else:
                 self._cache[key] = self._operators(backend, dtype, device)
         return self._cache[key]
@@ -190,11 +189,11 @@ class FastPoolFormer(nn.Module):
     def _torch_path(self, dtype: torch.dtype, device: torch.device) -> Prepared:
         """oneDNN or portable, for what the runtime backend does not give (feature maps)."""
         prepared = self.prepared(dtype, device)
-        if prepared.backend != "onnxruntime":
+        if prepared.backend not in RUNTIME_BACKENDS:
             return prepared
         key = (dtype, device, "torch")
         if key not in self._cache:
-            backend = "onednn" if onednn_runs(dtype, device) and self.backend in ("auto", "onnxruntime") else "portable"
+            backend = "onednn" if onednn_runs(dtype, device) and self.backend != "portable" else "portable"
             self._cache[key] = self._operators(backend, dtype, device)
         return self._cache[key]
 
@@ -230,7 +229,7 @@ class FastPoolFormer(nn.Module):
             raise ConfigError(f"expected images [B, {self.folded.stem_weight.shape[1]}, H, W], got {list(x.shape)}")
         dtype = self.compute_dtype(x)
         prepared = self.prepared(dtype, x.device)
-        if prepared.backend == "onnxruntime" and not features_only:
+        if prepared.backend in RUNTIME_BACKENDS and not features_only:
             with torch.no_grad():
                 return prepared.session(x)
         prepared = self._torch_path(dtype, x.device)
@@ -300,7 +299,8 @@ def optimize(model: MetaFormer, dtype: torch.dtype | None = None, backend: str =
 
     dtype: run in this dtype (float32 default). bfloat16 is fast on CPUs with AVX512-BF16/AMX and runs
     (emulated, slowly) elsewhere; under autocast the module switches to the autocast dtype by itself.
-    backend: "auto" (default), "triton", "onnxruntime", "onednn" or "portable" (see this module's docstring).
+    backend: "auto" (default), "triton", "openvino", "onnxruntime", "onednn" or "portable" (see this module's
+    docstring).
     cuda_graphs: replay CUDA graphs for repeated input shapes on CUDA (default: on, unless
     POOLFORMER_CUDA_GRAPHS=0).
     Raises ConfigError for models the fast path does not cover (non-pooling token mixers, other norms).
