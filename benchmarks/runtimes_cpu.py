@@ -3,21 +3,35 @@
 Every candidate carries the same weights (randomised: nothing can be downloaded here). Each runtime runs two
 exports of the model and the better one counts as that runtime's figure: PyTorch's own ONNX export
 (GroupNorm as InstanceNormalization over a reshape, AveragePool) and our portable export
-(poolformer.runtimes.export_forms: reductions, a depthwise conv and a constant map). All use the same number of
-threads (torch.set_num_threads; intra-op threads for ONNX Runtime, INFERENCE_NUM_THREADS for OpenVINO) and fp32.
+(poolformer.runtimes.export_forms: reductions, a depthwise conv and a constant map). `fast` is
+`poolformer.optimize(model)` with the backend it picks by itself (the folded graph in OpenVINO where that is
+installed); its other backends run as `fast (NAME)`. All use the same number of threads
+(torch.set_num_threads; intra-op threads for ONNX Runtime, INFERENCE_NUM_THREADS for OpenVINO).
+
+Precisions: fp32, and bf16 on CPUs that compute it natively (AVX512-BF16/AMX; elsewhere it is emulated and
+skipped): PyTorch candidates under autocast or in bf16, OpenVINO with bf16 inference precision; ONNX Runtime
+has no bf16 CPU kernels. Parity is always against the reference model in fp32.
+
 For each batch size the candidates take turns, round after round, so that load from other processes hits them
 alike: in each round a candidate runs one untimed step (the runtimes' thread pools spin after a call and
 would otherwise slow whichever candidate runs next) and then `--block` timed steps. The figure per candidate
 is its median step over all rounds of all repeats; the table also gives the fast / best-runtime ratio of each
 repeat.
 
-    flock /tmp/poolformer-cpu.lock python benchmarks/runtimes_cpu.py
-Writes benchmarks/results/runtimes_cpu.json and runtimes_cpu.md (command, machine, CPU flags, table).
+The convolution floor: s12's MACs are all in its convolutions, almost all in the 1x1 ones (fc1/fc2). The time
+oneDNN takes for exactly those convolutions (the model's shapes at this batch, in this dtype; the 1x1 ones as
+packed matmuls with no activation; nothing else: no GELU, pooling, statistics or head) bounds every exact
+implementation that runs its convolutions as fast as oneDNN does; "floor img/s" is batch / that time, the
+speed of a model that did nothing but convolve, and "1x1 only" counts the 1x1 convolutions alone.
+
+    flock /tmp/poolformer-cpu.lock python benchmarks/runtimes_cpu.py --repeats 3 --out benchmarks/results/runtimes_cpu_NAME
+Writes OUT.json and OUT.md (command, machine, CPU flags, tables).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,15 +48,17 @@ import torch
 
 from poolformer import create_model
 from poolformer.capabilities import cpu_capabilities
-from poolformer.fast import optimize
+from poolformer.fast import fold, optimize
+from poolformer.fast.runtime import runs as runtime_runs
 from poolformer.implementations import IMPLEMENTATIONS
 from poolformer.runtimes.export_forms import portable_form
 from poolformer.runtimes.exporting import export_onnx
 from poolformer.runtimes.runners import OnnxRuntimeRunner, OpenVinoRunner
 
 RESULTS = Path(__file__).parent / "results"
-RUNTIME_CANDIDATES = ("onnxruntime/torch-export", "onnxruntime/portable-export", "openvino/torch-export",
-                      "openvino/portable-export")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+RUNTIMES = {"fp32": ("onnxruntime", "openvino"), "bf16": ("openvino",)}  # ONNX Runtime: no bf16 CPU kernels
+EXPORTS = ("torch-export", "portable-export")
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -54,39 +70,91 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def candidates(model_name: str, shape: tuple[int, ...], threads: int, folder: str) -> dict:
-    """name -> a callable images(tensor, NCHW) -> logits (numpy or tensor); all carry the same weights."""
-    ours = randomize_(create_model(model_name))
+def runtime_candidates(precision: str) -> tuple[str, ...]:
+    return tuple(f"{runtime}/{export}" for runtime in RUNTIMES[precision] for export in EXPORTS)
+
+
+def candidates(ours: torch.nn.Module, shape: tuple[int, ...], threads: int, folder: str, precision: str) -> dict:
+    """name -> a callable images (NCHW float32 tensor) -> logits; all carry the same weights, all compute in
+    `precision`."""
+    dtype = DTYPES[precision]
     timm_cl = IMPLEMENTATIONS["timm"](ours).to(memory_format=torch.channels_last)
-    fast = optimize(ours)
-    fast_onednn = optimize(ours, backend="onednn")
-    torch_export, portable_export = os.path.join(folder, "torch.onnx"), os.path.join(folder, "portable.onnx")
+    autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if precision != "fp32" else contextlib.nullcontext
+    fast = optimize(ours, dtype=dtype)
+    table = {
+        "ours": lambda x: _under(autocast, ours, x),
+        "timm channels_last": lambda x: _under(autocast, timm_cl, x.contiguous(memory_format=torch.channels_last)),
+        "fast (oneDNN)": optimize(ours, dtype=dtype, backend="onednn"),
+    }
+    for runtime in ("onnxruntime", "openvino"):
+        if runtime_runs(runtime, dtype, torch.device("cpu")) and fast.backend_for() != runtime:
+            table[f"fast ({runtime})"] = optimize(ours, dtype=dtype, backend=runtime)
+    table["fast"] = fast
+    paths = {"torch-export": os.path.join(folder, "torch.onnx"), "portable-export": os.path.join(folder, "portable.onnx")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(ours, (torch.zeros(shape),), torch_export, opset_version=17, dynamo=False)
-    export_onnx(portable_form(ours), portable_export, shape)
-    runners = {
-        "onnxruntime/torch-export": OnnxRuntimeRunner(torch_export, threads),
-        "onnxruntime/portable-export": OnnxRuntimeRunner(portable_export, threads),
-        "openvino/torch-export": OpenVinoRunner(torch_export, threads),
-        "openvino/portable-export": OpenVinoRunner(portable_export, threads),
-    }
-    table = {
-        "ours": lambda x: ours(x),
-        "timm channels_last": lambda x: timm_cl(x.contiguous(memory_format=torch.channels_last)),
-        "fast (oneDNN)": lambda x: fast_onednn(x),
-        "fast": lambda x: fast(x),
-    }
-    for name, run in runners.items():
+        torch.onnx.export(ours, (torch.zeros(shape),), paths["torch-export"], opset_version=17, dynamo=False)
+    export_onnx(portable_form(ours), paths["portable-export"], shape)
+    for name in runtime_candidates(precision):
+        runtime, export = name.split("/")
+        run = (OnnxRuntimeRunner(paths[export], threads) if runtime == "onnxruntime"
+               else OpenVinoRunner(paths[export], threads, precision))
         table[name] = (lambda r: lambda x: r(x.numpy()))(run)
-    return table, ours
+    return table, fast.backend_for()
 
 
-def measure(model_name: str, batch: int, resolution: int, threads: int, rounds: int, warmup: int,
-            block: int) -> dict:
+def _under(autocast, module, x):
+    with autocast():
+        return module(x)
+
+
+def _median_call_s(call, seconds: float) -> float:
+    call()
+    times, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 3:
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def convolution_floor_s(ours: torch.nn.Module, batch: int, resolution: int, precision: str,
+                        seconds: float = 0.3) -> dict[str, float]:
+    """Seconds oneDNN takes for the model's convolutions at this batch and nothing else: every 1x1 convolution
+    (fc1 and fc2 of every block) as its packed matmul with no activation, and the stem and downsampling
+    convolutions on channels-last input. Median of repeated calls per distinct shape, times its count."""
+    dtype = DTYPES[precision]
+    folded, _ = fold(ours)
+    side = resolution
+    floor = {"1x1": 0.0, "stem and downsampling": 0.0}
+
+    def conv(weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int) -> None:
+        nonlocal side
+        x = torch.randn(batch, weight.shape[1], side, side, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        weight = weight.to(dtype).contiguous(memory_format=torch.channels_last)
+        bias = None if bias is None else bias.to(dtype)
+        call = lambda: torch.nn.functional.conv2d(x, weight, bias, stride=stride, padding=padding)  # noqa: E731
+        floor["stem and downsampling"] += _median_call_s(call, seconds)
+        side = call().shape[-1]
+
+    conv(folded.stem_weight, folded.stem_bias, 4, 2)
+    for stage in folded.stages:
+        if stage.down_weight is not None:
+            conv(stage.down_weight, stage.down_bias, 2, 1)
+        block = stage.blocks[0]
+        for weight in (block.fc1_weight, block.fc2_weight):
+            x = torch.randn(batch * side * side, weight.shape[1], dtype=dtype)
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype))
+            call = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
+            floor["1x1"] += _median_call_s(call, seconds) * len(stage.blocks)
+    return floor
+
+
+def measure(ours: torch.nn.Module, batch: int, resolution: int, threads: int, rounds: int, warmup: int,
+            block: int, precision: str) -> dict:
     shape = (batch, 3, resolution, resolution)
     with tempfile.TemporaryDirectory() as folder:
-        table, ours = candidates(model_name, shape, threads, folder)
+        table, fast_backend = candidates(ours, shape, threads, folder, precision)
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
         steps = {name: [] for name in table}
         outputs = {}
@@ -100,14 +168,15 @@ def measure(model_name: str, batch: int, resolution: int, threads: int, rounds: 
                         elapsed = time.perf_counter() - start
                         if round_index >= warmup:
                             steps[name].append(elapsed)
-                    outputs[name] = torch.as_tensor(np.asarray(out)).float()
+                    outputs[name] = (out if isinstance(out, torch.Tensor) else torch.from_numpy(np.asarray(out))).float()
             reference = ours(x).float()
     diffs = {name: (None if name.startswith("timm") else float((out - reference).abs().max())) for name, out in outputs.items()}
     agree = {name: float((out.argmax(1) == reference.argmax(1)).float().mean()) for name, out in outputs.items()}
-    return {"batch_size": batch, "steps_s": steps, "max_abs_diff_vs_ours": diffs, "top1_agreement_vs_ours": agree}
+    return {"batch_size": batch, "steps_s": steps, "fast_backend": fast_backend, "max_abs_diff_vs_ours": diffs,
+            "top1_agreement_vs_ours": agree}
 
 
-def summarise(runs: list[dict]) -> dict:
+def summarise(runs: list[dict], precision: str, floor_s: dict[str, float]) -> dict:
     """Pool the repeats: median img/s per candidate, and the fast / best-runtime ratio per repeat."""
     batch = runs[0]["batch_size"]
     names = list(runs[0]["steps_s"])
@@ -115,7 +184,7 @@ def summarise(runs: list[dict]) -> dict:
     img_s = {name: batch / statistics.median(times) for name, times in pooled.items()}
 
     def best_runtime(per_name: dict) -> tuple[str, float]:
-        name = max(RUNTIME_CANDIDATES, key=lambda n: per_name[n])
+        name = max(runtime_candidates(precision), key=lambda n: per_name[n])
         return name, per_name[name]
 
     best_name, best = best_runtime(img_s)
@@ -123,8 +192,11 @@ def summarise(runs: list[dict]) -> dict:
     for run in runs:
         repeat = {name: batch / statistics.median(times) for name, times in run["steps_s"].items()}
         per_repeat.append(repeat["fast"] / best_runtime(repeat)[1])
-    return {"batch_size": batch, "img_s": img_s, "best_runtime": best_name, "fast_over_best_runtime": img_s["fast"] / best,
-            "per_repeat": per_repeat, "max_abs_diff_vs_ours": runs[-1]["max_abs_diff_vs_ours"],
+    return {"precision": precision, "batch_size": batch, "img_s": img_s, "fast_backend": runs[-1]["fast_backend"],
+            "best_runtime": best_name, "fast_over_best_runtime": img_s["fast"] / best, "per_repeat": per_repeat,
+            "floor_s": floor_s, "floor_img_s": batch / sum(floor_s.values()),
+            "floor_1x1_img_s": batch / floor_s["1x1"], "target_img_s": 1.15 * best,
+            "max_abs_diff_vs_ours": runs[-1]["max_abs_diff_vs_ours"],
             "top1_agreement_vs_ours": runs[-1]["top1_agreement_vs_ours"]}
 
 
@@ -135,65 +207,91 @@ def markdown(results: dict) -> str:
              f"Machine: {env['cpu']['summary']}; instruction sets: {', '.join(env['cpu']['isa'])}; "
              f"{env['threads']} threads; torch {env['torch']}, onnxruntime {env['onnxruntime']}, openvino "
              f"{env['openvino']}, timm {env['timm']}  ",
-             f"Model: {results['model']} at {results['resolution']}x{results['resolution']}, fp32, randomised weights; "
+             f"Model: {results['model']} at {results['resolution']}x{results['resolution']}, randomised weights; "
              f"{results['repeats']} repeats of rounds of {results['block']} timed steps per candidate (1 untimed first); "
-             f"{env['date']}", ""]
-    names = list(results["batches"][0]["img_s"])
-    lines.append("| batch | " + " | ".join(names) + " | fast / best runtime | (per repeat) |")
-    lines.append("|---|" + "---|" * (len(names) + 2))
-    for row in results["batches"]:
-        cells = [f"{row['img_s'][n]:.1f}" for n in names]
-        lines.append(f"| {row['batch_size']} | " + " | ".join(cells) +
-                     f" | {row['fast_over_best_runtime']:.2f}x (vs {row['best_runtime']}) | "
-                     + ", ".join(f"{r:.2f}" for r in row["per_repeat"]) + " |")
-    lines += ["", "img/s. Max |logit difference| against our reference model (timm's v1 head differs by design):", "",
-              "| batch | " + " | ".join(n for n in names if not n.startswith("timm")) + " |",
-              "|---|" + "---|" * len([n for n in names if not n.startswith("timm")])]
-    for row in results["batches"]:
-        diffs = row["max_abs_diff_vs_ours"]
-        lines.append(f"| {row['batch_size']} | " + " | ".join(f"{diffs[n]:.1e}" for n in names if not n.startswith("timm")) + " |")
+             f"{env['date']}"]
+    if results.get("skipped"):
+        lines.append(f"  \nNot measured: {results['skipped']}")
+    for precision in dict.fromkeys(row["precision"] for row in results["batches"]):
+        rows = [row for row in results["batches"] if row["precision"] == precision]
+        names = list(rows[0]["img_s"])
+        lines += ["", f"## {precision}", "",
+                  "| batch | " + " | ".join(names) + " | fast / best runtime | (per repeat) | 1.15x target "
+                  "| convolution floor (1x1 only) |",
+                  "|---|" + "---|" * (len(names) + 4)]
+        for row in rows:
+            cells = [f"{row['img_s'][n]:.1f}" for n in names]
+            lines.append(f"| {row['batch_size']} | " + " | ".join(cells) +
+                         f" | {row['fast_over_best_runtime']:.2f}x (vs {row['best_runtime']}) | "
+                         + ", ".join(f"{r:.2f}" for r in row["per_repeat"])
+                         + f" | {row['target_img_s']:.1f} | {row['floor_img_s']:.1f} ({row['floor_1x1_img_s']:.1f}) |")
+        lines += ["", f"img/s; `fast` ran on its `{rows[0]['fast_backend']}` backend. Max |logit difference| "
+                  "against our fp32 reference model, and top-1 agreement with it over the batch (timm's v1 head "
+                  "differs by design):", "",
+                  "| batch | " + " | ".join(n for n in names if not n.startswith("timm")) + " |",
+                  "|---|" + "---|" * len([n for n in names if not n.startswith("timm")])]
+        for row in rows:
+            diffs, agree = row["max_abs_diff_vs_ours"], row["top1_agreement_vs_ours"]
+            lines.append(f"| {row['batch_size']} | " + " | ".join(
+                f"{diffs[n]:.1e} ({agree[n]:.0%})" for n in names if not n.startswith("timm")) + " |")
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="s12")
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--batch-sizes", default="1,16")
+    parser.add_argument("--precisions", default="fp32,bf16", help="bf16 only runs on CPUs with native bf16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--block", type=int, default=3, help="timed steps per candidate per round")
     parser.add_argument("--out", default=str(RESULTS / "runtimes_cpu"), help="path without suffix")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import onnxruntime
     import openvino
     import timm
 
+    cpu = cpu_capabilities()
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    unknown = [p for p in precisions if p not in DTYPES]
+    if unknown:
+        parser.error(f"unknown precision(s) {', '.join(unknown)}; choose from {', '.join(DTYPES)}")
+    skipped = None
+    if "bf16" in precisions and not cpu.native_bf16:
+        precisions.remove("bf16")
+        skipped = "bf16 (this CPU has no native bf16: it would be emulated)"
+        print(f"skipping {skipped}", flush=True)
+    ours = randomize_(create_model(args.model)).eval()
     results = {
-        "model": create_model(args.model).spec.name, "resolution": args.resolution, "rounds": args.rounds,
-        "block": args.block,
-        "repeats": args.repeats,
-        "env": {"command": "python " + " ".join(["benchmarks/runtimes_cpu.py", *sys.argv[1:]]),
-                "cpu": cpu_capabilities().to_dict(), "threads": args.threads, "torch": torch.__version__,
+        "model": ours.spec.name, "resolution": args.resolution, "rounds": args.rounds, "block": args.block,
+        "repeats": args.repeats, "skipped": skipped,
+        "env": {"command": "python " + " ".join(["benchmarks/runtimes_cpu.py", *(sys.argv[1:] if argv is None else argv)]),
+                "cpu": cpu.to_dict(), "threads": args.threads, "torch": torch.__version__,
                 "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__, "timm": timm.__version__,
                 "platform": platform.platform(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")},
         "batches": [],
     }
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
-        rounds = args.rounds if batch == 1 else max(2, args.rounds // 4)
-        runs = [measure(args.model, batch, args.resolution, args.threads, rounds, args.warmup, args.block)
-                for _ in range(args.repeats)]
-        results["batches"].append(summarise(runs))
-        row = results["batches"][-1]
-        print(f"batch {batch}: " + ", ".join(f"{n} {v:.1f}" for n, v in row["img_s"].items())
-              + f"; fast / best runtime {row['fast_over_best_runtime']:.2f}x", flush=True)
+    for precision in precisions:
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            rounds = args.rounds if batch == 1 else max(2, args.rounds // 4)
+            runs = [measure(ours, batch, args.resolution, args.threads, rounds, args.warmup, args.block, precision)
+                    for _ in range(args.repeats)]
+            floor = convolution_floor_s(ours, batch, args.resolution, precision)
+            results["batches"].append(summarise(runs, precision, floor))
+            row = results["batches"][-1]
+            print(f"{precision} batch {batch}: " + ", ".join(f"{n} {v:.1f}" for n, v in row["img_s"].items())
+                  + f"; fast / best runtime {row['fast_over_best_runtime']:.2f}x; convolution floor "
+                  f"{row['floor_img_s']:.1f} (1x1 only {row['floor_1x1_img_s']:.1f})", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(results))
+    for suffix, text in ((".json", json.dumps(results, indent=2) + "\n"), (".md", markdown(results))):
+        temporary = out.with_suffix(suffix + ".tmp")
+        temporary.write_text(text)
+        os.replace(temporary, out.with_suffix(suffix))
     print(f"wrote {out.with_suffix('.md')}")
 
 

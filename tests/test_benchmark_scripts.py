@@ -1,4 +1,4 @@
-"""The GPU benchmark scripts in their --smoke form (the same code on the CPU at tiny sizes), so they never rot
+"""The benchmark scripts at tiny sizes (the GPU ones in their --smoke form: the same code on the CPU), so they never rot
 between the sessions that have a GPU. Each runs in a fresh interpreter where fvcore and thop cannot be
 imported, as on the GPU machine."""
 
@@ -100,3 +100,29 @@ def test_fast_gpu_smoke_measures_every_contender(tmp_path):
 def test_scripts_without_a_gpu_say_so(script, tmp_path):
     done = _run_script(script, "--out", str(tmp_path))
     assert done.returncode == 2 and "no CUDA GPU here" in done.stderr
+
+
+def test_runtimes_cpu_benchmark_measures_every_candidate_with_parity_and_a_floor(tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "runtimes"
+    done = _run_script("benchmarks/runtimes_cpu.py", "--resolution", "64", "--batch-sizes", "2", "--rounds", "1",
+                       "--warmup", "0", "--repeats", "1", "--block", "1", "--threads", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    document = json.loads(out.with_suffix(".json").read_text())
+    from poolformer.capabilities import cpu_capabilities
+
+    precisions = [row["precision"] for row in document["batches"]]
+    assert precisions == (["fp32", "bf16"] if cpu_capabilities().native_bf16 else ["fp32"])
+    assert (document["skipped"] is None) == cpu_capabilities().native_bf16
+    for row in document["batches"]:
+        assert {"ours", "fast", "fast (oneDNN)", "openvino/torch-export", "openvino/portable-export"} <= set(row["img_s"])
+        assert row["fast_backend"] == "openvino" and "fast (openvino)" not in row["img_s"]  # fast is that column
+        assert 0 < row["floor_img_s"] < row["floor_1x1_img_s"] and row["target_img_s"] > 0
+        assert set(row["floor_s"]) == {"1x1", "stem and downsampling"}
+        for name, diff in row["max_abs_diff_vs_ours"].items():
+            if diff is not None:  # every exact candidate is exact: fp32 to rounding, bf16 to bf16's
+                assert diff < (1e-4 if row["precision"] == "fp32" else 0.1), (name, diff)
+    fp32 = document["batches"][0]
+    assert {"onnxruntime/torch-export", "onnxruntime/portable-export", "fast (onnxruntime)"} <= set(fp32["img_s"])
+    assert "## fp32" in out.with_suffix(".md").read_text()
