@@ -5,8 +5,9 @@ Backends (the kernels one forward runs on), chosen once per (dtype, device) the 
   tensors only when asked for by name and POOLFORMER_TRITON_INTERPRET=1 is set: Triton's interpreter runs the
   same kernels (tests, debugging; very slow).
 - ``openvino``: the folded graph run by OpenVINO (`poolformer.fast.runtime`) on the CPU, where openvino is
-  installed: float32, and bfloat16 on CPUs that compute it natively. The fastest CPU path measured
-  (benchmarks/results/runtimes_cpu_*.md), in both precisions.
+  installed: float32, and bfloat16 on CPUs that compute it natively. The fastest of these backends measured
+  (benchmarks/results/runtimes_cpu_*.md): level with ONNX Runtime at fp32 batch 1, ahead at batch 16 and
+  1.2-1.6x oneDNN in bf16.
 - ``onnxruntime``: the folded graph run by ONNX Runtime (`poolformer.fast.runtime`); float32 on the CPU,
   where onnxruntime is installed.
 - ``onednn``: oneDNN's fused, pre-packed primitives (`poolformer.fast.cpu`); CPUs only, and only in a dtype
