@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import threading
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,13 @@ def cpu_model() -> str | None:
     return platform.processor() or None
 
 
+@lru_cache(maxsize=1)
 def git_commit() -> str | None:
-    """The commit of the checkout poolformer runs from ('+dirty' when files differ), or None if not a checkout."""
+    """The commit of the checkout poolformer runs from ('+dirty' when files differ), or None if not a checkout.
+
+    Asked once per process: forking git from a process whose runtimes already run thread pools (OpenVINO's, after
+    a bench row) crashed the parent with SIGSEGV in this call's wait on a 2-core AVX-512 machine, in the test suite
+    (many bench runs in one process)."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
