@@ -113,7 +113,7 @@ class Prepared:
 
     folded: FoldedModel
     backend: str
-    session: runtime.FoldedSession | None = None  # the openvino and onnxruntime backends' runner
+    session: nn.Module | None = None  # the openvino and onnxruntime backends' RuntimeModule
     triton: triton_forward.TritonModel | None = None  # the kernels' form of the weights (backend "triton")
 
 
@@ -181,7 +181,7 @@ class FastPoolFormer(nn.Module):
                 kernels_form = triton_forward.prepare(self.folded, dtype, device)
                 self._cache[key] = Prepared(kernels_form.folded, backend, triton=kernels_form)
             elif backend in RUNTIME_BACKENDS:
-                session = runtime.FoldedSession(self.folded, self.plan, backend, dtype)
+                session = runtime.folded_session(self.folded, self.plan, backend, dtype)
                 self._cache[key] = Prepared(self.folded, backend, session)
             else:
                 self._cache[key] = self._operators(backend, dtype, device)

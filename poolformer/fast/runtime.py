@@ -13,11 +13,6 @@ OpenVINO runs the float32 graph with bf16 inference precision (statistics and th
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-
-import numpy as np
 import torch
 
 from .folding import FoldedModel, Plan
@@ -43,36 +38,13 @@ def runs(runtime: str, dtype: torch.dtype, device: torch.device) -> bool:
     return runtime == "openvino" and cpu_capabilities().native_bf16
 
 
-class FoldedSession:
-    """Runs the folded model in `runtime`: images [B, 3, H, W] (CPU tensor) -> float32 logits [B, classes],
-    computed in `dtype` (see `runs`)."""
+def folded_session(folded: FoldedModel, plan: Plan, runtime: str, dtype: torch.dtype = torch.float32):
+    """The folded model run by `runtime` in `dtype` (see `runs`): a `poolformer.runtimes.runners.RuntimeModule`
+    taking images [B, 3, H, W] to float32 logits, with one export and compiled model per input shape."""
+    from ..runtimes.export_forms import FoldedExport
+    from ..runtimes.exporting import export_onnx
+    from ..runtimes.runners import RuntimeModule
 
-    def __init__(self, folded: FoldedModel, plan: Plan, runtime: str, dtype: torch.dtype = torch.float32):
-        from ..runtimes.export_forms import FoldedExport
-
-        self.runtime, self.precision = runtime, PRECISIONS[dtype]
-        self.module = FoldedExport(folded=folded, plan=plan)
-        self._runners: dict[tuple[int, ...], object] = {}
-        self._folder: str | None = None
-
-    def _runner(self, shape: tuple[int, ...]):
-        if shape not in self._runners:
-            from ..runtimes.exporting import export_onnx
-            from ..runtimes.runners import make_runner
-
-            self._folder = self._folder or tempfile.mkdtemp(prefix="poolformer-fast-")
-            path = os.path.join(self._folder, f"{'x'.join(map(str, shape))}.onnx")
-            if not os.path.exists(path):
-                export_onnx(self.module, path, shape)
-            self._runners[shape] = make_runner(self.runtime, path, threads=torch.get_num_threads(),
-                                               precision=self.precision)
-        return self._runners[shape]
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        run = self._runner(tuple(images.shape))
-        logits = run(np.ascontiguousarray(images.detach().float().numpy()))
-        return torch.from_numpy(np.asarray(logits, dtype=np.float32))
-
-    def __del__(self) -> None:
-        if getattr(self, "_folder", None):
-            shutil.rmtree(self._folder, ignore_errors=True)
+    module = FoldedExport(folded=folded, plan=plan)
+    return RuntimeModule(runtime, export=lambda path, shape: export_onnx(module, path, shape),
+                         num_classes=folded.head_weight.shape[0], precision=PRECISIONS[dtype])

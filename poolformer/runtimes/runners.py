@@ -174,14 +174,16 @@ class RuntimeModule(nn.Module):
 
     Built from a model (`export`: how to write an ONNX file for an input shape; one export and session per
     shape, made on the first call with that shape) or from an exported file (fixed H, W; batch dynamic or fixed).
-    Runs under autocast in bf16 where the runtime computes bf16 (see `make_runner`).
+    Runs under autocast in bf16 where the runtime computes bf16 (see `make_runner`), or always in `precision`
+    when one is given.
     """
 
     def __init__(self, runtime: str, export: Callable[[str, tuple[int, ...]], None] | None = None,
-                 path: str | None = None, num_classes: int = 1000):
+                 path: str | None = None, num_classes: int = 1000, precision: str | None = None):
         super().__init__()
         require(runtime)
         self.runtime, self._export, self._path, self.num_classes = runtime, export, path, num_classes
+        self.precision = precision
         self._runners: dict[tuple, Callable] = {}
         self._folder: str | None = None
         self.threads: int | None = None  # None: torch's thread count at session creation
@@ -217,7 +219,7 @@ class RuntimeModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ConfigError(f"expected images [B, 3, H, W], got {list(x.shape)}")
-        runner = self._runner(tuple(x.shape), _precision_of(x), x.device.type)
+        runner = self._runner(tuple(x.shape), self.precision or _precision_of(x), x.device.type)
         images = np.ascontiguousarray(x.detach().float().cpu().numpy())
         return torch.from_numpy(np.asarray(runner(images), dtype=np.float32)).to(x.device)
 
