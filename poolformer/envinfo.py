@@ -50,9 +50,8 @@ def cpu_model() -> str | None:
 def git_commit() -> str | None:
     """The commit of the checkout poolformer runs from ('+dirty' when files differ), or None if not a checkout.
 
-    Asked once per process: forking git from a process whose runtimes already run thread pools (OpenVINO's, after
-    a bench row) crashed the parent with SIGSEGV in this call's wait on a 2-core AVX-512 machine, in the test suite
-    (many bench runs in one process)."""
+    Asked once per process: every bench run records it, and two git processes per run add up in a long process
+    (the test suite runs hundreds)."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
