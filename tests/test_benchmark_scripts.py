@@ -117,12 +117,12 @@ def test_runtimes_cpu_benchmark_measures_every_candidate_with_parity_and_a_floor
     assert (document["skipped"] is None) == cpu_capabilities().native_bf16
     for row in document["batches"]:
         assert {"ours", "fast", "fast (oneDNN)", "openvino/torch-export", "openvino/portable-export"} <= set(row["img_s"])
-        assert row["fast_backend"] == "openvino" and "fast (openvino)" not in row["img_s"]  # fast is that column
+        assert f"fast ({row['fast_backend']})" not in row["img_s"] and "fast (openvino)" in row["img_s"]
         assert 0 < row["floor_img_s"] < row["floor_1x1_img_s"] and row["target_img_s"] > 0
         assert set(row["floor_s"]) == {"1x1", "stem and downsampling"}
         for name, diff in row["max_abs_diff_vs_ours"].items():
             if diff is not None:  # every exact candidate is exact: fp32 to rounding, bf16 to bf16's
                 assert diff < (1e-4 if row["precision"] == "fp32" else 0.1), (name, diff)
     fp32 = document["batches"][0]
-    assert {"onnxruntime/torch-export", "onnxruntime/portable-export", "fast (onnxruntime)"} <= set(fp32["img_s"])
+    assert {"onnxruntime/torch-export", "onnxruntime/portable-export", "fast (openvino)"} <= set(fp32["img_s"])
     assert "## fp32" in out.with_suffix(".md").read_text()

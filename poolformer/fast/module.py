@@ -4,12 +4,13 @@ Backends (the kernels one forward runs on), chosen once per (dtype, device) the 
 - ``triton``: two fused Triton kernels per block (`poolformer.fast.triton_forward`); CUDA GPUs. On CPU
   tensors only when asked for by name and POOLFORMER_TRITON_INTERPRET=1 is set: Triton's interpreter runs the
   same kernels (tests, debugging; very slow).
-- ``openvino``: the folded graph run by OpenVINO (`poolformer.fast.runtime`) on the CPU, where openvino is
-  installed: float32, and bfloat16 on CPUs that compute it natively. The fastest of these backends measured
-  (benchmarks/results/runtimes_cpu_*.md): level with ONNX Runtime at fp32 batch 1, ahead at batch 16 and
-  1.2-1.6x oneDNN in bf16.
+- ``openvino`` (by name only): the folded graph run by OpenVINO (`poolformer.fast.runtime`) on the CPU, where
+  openvino is installed: float32, and bfloat16 on CPUs that compute it natively. The fastest of these backends
+  measured (benchmarks/results/runtimes_cpu_*.md): level with ONNX Runtime at fp32 batch 1, ahead at batch 16
+  and 1.2-1.6x oneDNN in bf16. Not auto's choice yet: as the default it made the test suite's process die
+  with SIGSEGV on an AVX-512 machine (cause not found).
 - ``onnxruntime``: the folded graph run by ONNX Runtime (`poolformer.fast.runtime`); float32 on the CPU,
-  where onnxruntime is installed.
+  where onnxruntime is installed (auto's fp32 CPU choice).
 - ``onednn``: oneDNN's fused, pre-packed primitives (`poolformer.fast.cpu`); CPUs only, and only in a dtype
   oneDNN runs on this CPU (float32 everywhere; bfloat16 where `poolformer.capabilities` says oneDNN has it).
 - ``portable``: the same algebra with plain PyTorch operators; works on any device and dtype.
@@ -90,7 +91,7 @@ def explain_backend(requested: str, dtype: torch.dtype, device: torch.device) ->
                               f"{_dtype_name(dtype)} on {device} here; use backend='auto'")
         return requested, None
     if requested == "auto":
-        for name in RUNTIME_BACKENDS:
+        for name in runtime.AUTO_RUNTIMES:
             if runtime.runs(name, dtype, device):
                 return name, None
     possible = onednn_runs(dtype, device)
