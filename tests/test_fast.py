@@ -350,6 +350,33 @@ def test_onednn_and_portable_paths_agree_in_fp32(family, v1_model, v2_model):
     assert (onednn - portable).abs().max().item() < TOLERANCE * max(1.0, onednn.abs().max().item())
 
 
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_onednn_packed_convolutions_equal_plain_ones_per_input_shape(monkeypatch, family, v1_model, v2_model):
+    """The stem and downsampling convolutions run on weights packed once per input shape; the result is the
+    plain convolution's up to the kernels' rounding, for every shape met, and the cache starts again past its
+    bound."""
+    import dataclasses
+
+    model = v1_model if family == "v1" else v2_model
+    fast, plain = optimize(model, backend="onednn"), optimize(model, backend="onednn")
+    cpu_device = torch.device("cpu")
+    prepared = plain.prepared(torch.float32, cpu_device)
+    plain._cache[(torch.float32, cpu_device)] = dataclasses.replace(prepared, packs=None)
+    packs = fast.prepared(torch.float32, cpu_device).packs
+    dense_convs = 1 + sum(stage.down_weight is not None for stage in fast.folded.stages)
+    with torch.no_grad():
+        for shape in [(2, 3, 64, 80), (1, 3, 97, 65), (2, 3, 64, 80)]:
+            x = torch.randn(*shape)
+            got, expected = fast(x), plain(x)
+            assert (got - expected).abs().max().item() < TOLERANCE * max(1.0, expected.abs().max().item())
+        assert len(packs) == 2 * dense_convs  # one packed weight per convolution and distinct shape
+        monkeypatch.setattr(fast_cpu.ConvPacks, "MAX_ENTRIES", dense_convs + 1)
+        x = torch.randn(1, 3, 48, 48)
+        got, expected = fast(x), plain(x)
+        assert (got - expected).abs().max().item() < TOLERANCE * max(1.0, expected.abs().max().item())
+        assert len(packs) <= dense_convs + 1
+
+
 # ------------------------------------------------------------------------------ --impl fast
 
 

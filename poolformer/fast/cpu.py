@@ -4,7 +4,9 @@ plain operators everywhere else (the portable path: any CPU, any device, any dty
 Layout is channels-last ([B, H, W, C] in memory), so every 1x1 convolution is one matrix multiply on
 [B*H*W, C]. With oneDNN (`torch.ops.mkldnn._linear_pointwise`) fc1 runs fused with its activation and fc2
 with the residual add, so neither the 4C-wide hidden tensor nor the residual take an extra pass; their
-weights are reordered once into oneDNN's blocked layout (10-20% faster matmuls). Very large hidden tensors
+weights are reordered once into oneDNN's blocked layout (10-20% faster matmuls), and so are the stem's and the
+downsampling convolutions' weights, once per input shape (`ConvPacks`: F.conv2d reorders them on every call,
+which made stage 4's downsampling take 2.6x its packed time in bf16 at batch 1). Very large hidden tensors
 are processed in row chunks (see MLP_SINGLE_PASS_MAX_BYTES). pool(x) - x is one depthwise convolution
 (oneDNN runs it several times faster than avg_pool2d) with the border strips rescaled in place.
 
@@ -160,9 +162,46 @@ def block_forward(x: torch.Tensor, block: FoldedBlock, pool_weight: torch.Tensor
     return out.view_as(x)
 
 
-def conv_channels_last(x: torch.Tensor, weight: torch.Tensor, bias, stride: int, padding: int) -> torch.Tensor:
-    """Convolution of [B, H, W, C] (as memory) -> [B, H', W', C']."""
-    out = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, stride=stride, padding=padding)
+class ConvPacks:
+    """oneDNN's blocked copies of dense convolution weights (stem, downsampling), one per weight and input shape.
+
+    oneDNN picks a weight layout for each convolution shape; F.conv2d reorders the weight into it on every
+    call. Here that happens once per (weight, input shape), and `conv` runs the packed primitive (the same
+    kernel, so the same result). Holds at most MAX_ENTRIES packed weights (about 4 MB per shape for s12
+    in bf16); past that it starts again.
+    """
+
+    MAX_ENTRIES = 64
+
+    def __init__(self) -> None:
+        self._packed: dict[tuple, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+             padding: int) -> torch.Tensor:
+        """F.conv2d(x, weight, bias, stride, padding) for channels-last x [B, C, H, W] (groups 1)."""
+        geometry = ([padding, padding], [stride, stride], [1, 1])
+        key = (id(weight), tuple(x.shape))  # the weights live in the same Prepared as this cache
+        packed = self._packed.get(key)
+        if packed is None:
+            if len(self._packed) >= self.MAX_ENTRIES:
+                self._packed.clear()
+            packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *geometry, 1, list(x.shape))
+            self._packed[key] = packed
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *geometry, 1, "none", [], "")
+
+
+def conv_channels_last(x: torch.Tensor, weight: torch.Tensor, bias, stride: int, padding: int,
+                       packs: ConvPacks | None = None) -> torch.Tensor:
+    """Convolution of [B, H, W, C] (as memory) -> [B, H', W', C']; through oneDNN's packed weights when
+    `packs` is given."""
+    images = x.permute(0, 3, 1, 2)
+    if packs is not None:
+        out = packs.conv(images, weight, bias, stride, padding)
+    else:
+        out = F.conv2d(images, weight, bias, stride=stride, padding=padding)
     return out.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
 
 
@@ -182,27 +221,30 @@ def head_forward(x: torch.Tensor, folded: FoldedModel, plan: Plan) -> torch.Tens
     return F.linear(normalised, folded.head_weight, folded.head_bias)
 
 
-def stem_forward(x: torch.Tensor, folded: FoldedModel, plan: Plan) -> torch.Tensor:
+def stem_forward(x: torch.Tensor, folded: FoldedModel, plan: Plan, packs: ConvPacks | None = None) -> torch.Tensor:
     """Images [B, 3, H, W] in the compute dtype -> stage-1 input [B, H/4, W/4, C0] channels-last."""
-    x = conv_channels_last(x.permute(0, 2, 3, 1), folded.stem_weight, folded.stem_bias, stride=4, padding=2)
+    x = conv_channels_last(x.permute(0, 2, 3, 1), folded.stem_weight, folded.stem_bias, 4, 2, packs)
     if folded.stem_norm_weight is not None:
         x = F.layer_norm(x, x.shape[-1:], folded.stem_norm_weight, None, plan.stem_norm_eps)
     return x
 
 
-def downsample_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan) -> torch.Tensor:
+def downsample_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan,
+                       packs: ConvPacks | None = None) -> torch.Tensor:
     """(v2: bias-free LayerNorm, its weight folded into the conv) 3x3 stride-2 conv, [B, H, W, C] channels-last."""
     if plan.down_norm_eps is not None:
         x = F.layer_norm(x, x.shape[-1:], eps=plan.down_norm_eps)
-    return conv_channels_last(x, weight, bias, stride=2, padding=1)
+    return conv_channels_last(x, weight, bias, 2, 1, packs)
 
 
-def features_forward(x: torch.Tensor, folded: FoldedModel, plan: Plan, onednn: bool = False) -> torch.Tensor:
-    """Stem and stages: images [B, 3, H, W] in the compute dtype -> last map [B, H/32, W/32, C] channels-last."""
-    x = stem_forward(x, folded, plan)
+def features_forward(x: torch.Tensor, folded: FoldedModel, plan: Plan, onednn: bool = False,
+                     packs: ConvPacks | None = None) -> torch.Tensor:
+    """Stem and stages: images [B, 3, H, W] in the compute dtype -> last map [B, H/32, W/32, C] channels-last.
+    `packs` (oneDNN only): where the dense convolutions keep their packed weights."""
+    x = stem_forward(x, folded, plan, packs)
     for stage in folded.stages:
         if stage.down_weight is not None:
-            x = downsample_forward(x, stage.down_weight, stage.down_bias, plan)
+            x = downsample_forward(x, stage.down_weight, stage.down_bias, plan, packs)
         for block in stage.blocks:
             x = block_forward(x, block, stage.pool_minus_identity, plan, onednn)
     return x

@@ -116,6 +116,7 @@ class Prepared:
     backend: str
     session: nn.Module | None = None  # the openvino and onnxruntime backends' RuntimeModule
     triton: triton_forward.TritonModel | None = None  # the kernels' form of the weights (backend "triton")
+    packs: cpu.ConvPacks | None = None  # backend "onednn": packed convolution weights, per input shape
 
 
 class FastPoolFormer(nn.Module):
@@ -172,7 +173,9 @@ class FastPoolFormer(nn.Module):
     def _operators(self, backend: str, dtype: torch.dtype, device: torch.device) -> Prepared:
         """The folded tensors for the PyTorch-operator backends: pre-packed for oneDNN, or as they are."""
         folded = self.folded.to(dtype, device)
-        return Prepared(cpu.pack_for_onednn(folded) if backend == "onednn" else folded, backend)
+        if backend == "onednn":
+            return Prepared(cpu.pack_for_onednn(folded), backend, packs=cpu.ConvPacks())
+        return Prepared(folded, backend)
 
     def prepared(self, dtype: torch.dtype, device: torch.device) -> Prepared:
         key = (dtype, device)
@@ -283,7 +286,8 @@ class FastPoolFormer(nn.Module):
                 return features.permute(0, 3, 1, 2)
             return triton_forward.head_forward(features, prepared.triton, self.plan)
         images = x.to(dtype).contiguous(memory_format=torch.channels_last)
-        features = cpu.features_forward(images, prepared.folded, self.plan, prepared.backend == "onednn")
+        features = cpu.features_forward(images, prepared.folded, self.plan, prepared.backend == "onednn",
+                                        prepared.packs)
         if features_only:
             return features.permute(0, 3, 1, 2)
         return cpu.head_forward(features, prepared.folded, self.plan)
