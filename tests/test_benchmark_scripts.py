@@ -102,6 +102,30 @@ def test_scripts_without_a_gpu_say_so(script, tmp_path):
     assert done.returncode == 2 and "no CUDA GPU here" in done.stderr
 
 
+def test_openvino_heap_check_counts_processes_under_glibc_checks(tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "heap"
+    done = _run_script("benchmarks/openvino_heap_check.py", "--runs", "1", "--resolution", "32",
+                       "--cases", "openvino,onnxruntime-after-torch", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    document = json.loads(out.with_suffix(".json").read_text())
+    assert "MALLOC_CHECK_=3" in document["env"]["checks"] and "PYTHONMALLOC=malloc" in document["env"]["checks"]
+    rows = {row["case"]: row for row in document["cases"]}
+    assert set(rows) == {"openvino", "onnxruntime-after-torch"} and all(r["runs"] == 1 for r in rows.values())
+    assert rows["onnxruntime-after-torch"]["failed"] == 0, rows  # the control: auto's fp32 CPU runtime
+    assert rows["openvino"]["failed"] in (0, 1)  # machine-dependent: the committed results say where it is not 0
+    assert "| ONNX Runtime after import torch (control) | 1 | 0 |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [(["--runs", "0"], "--runs must be at least 1"),
+                                           (["--cases", "openvino,bogus"], "unknown case(s) bogus")])
+def test_openvino_heap_check_refuses_bad_arguments_in_one_line(tmp_path, args, message):
+    done = _run_script("benchmarks/openvino_heap_check.py", *args, "--out", str(tmp_path / "heap"))
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_runtimes_cpu_benchmark_measures_every_candidate_with_parity_and_a_floor(tmp_path):
     pytest.importorskip("openvino")
     pytest.importorskip("onnxruntime")

@@ -7,8 +7,9 @@ Backends (the kernels one forward runs on), chosen once per (dtype, device) the 
 - ``openvino`` (by name only): the folded graph run by OpenVINO (`poolformer.fast.runtime`) on the CPU, where
   openvino is installed: float32, and bfloat16 on CPUs that compute it natively. The fastest of these backends
   measured (benchmarks/results/runtimes_cpu_*.md): level with ONNX Runtime at fp32 batch 1, ahead at batch 16
-  and 1.2-1.6x oneDNN in bf16. Not auto's choice yet: as the default it made the test suite's process die
-  with SIGSEGV on an AVX-512 machine (cause not found).
+  and 1.2-1.6x oneDNN in bf16 (before oneDNN's convolutions were packed). Not auto's choice: OpenVINO 2026.4
+  overwrites heap memory on some machines (benchmarks/openvino_heap_check.py; as the default it made the test
+  suite's process die with SIGSEGV on one).
 - ``onnxruntime``: the folded graph run by ONNX Runtime (`poolformer.fast.runtime`); float32 on the CPU,
   where onnxruntime is installed (auto's fp32 CPU choice).
 - ``onednn``: oneDNN's fused, pre-packed primitives (`poolformer.fast.cpu`); CPUs only, and only in a dtype

@@ -18,7 +18,8 @@ import torch
 from .folding import FoldedModel, Plan
 
 RUNTIMES = ("openvino", "onnxruntime")
-# what auto takes on a CPU: OpenVINO by default made the test suite's process die with SIGSEGV (cause open)
+# what auto takes on a CPU: not OpenVINO, which overwrites heap memory on some machines
+# (benchmarks/openvino_heap_check.py)
 AUTO_RUNTIMES = ("onnxruntime",)
 PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
