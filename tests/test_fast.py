@@ -78,16 +78,34 @@ def test_inv_sigma_is_groupnorm_statistic_with_eps_inside_the_root():
     torch.testing.assert_close(manual, F.group_norm(x, 1, eps=1e-3), rtol=1e-4, atol=1e-4)
 
 
+BORDER_PATHS = {"gathered": 1 << 40, "in bands": 0}  # BORDER_GATHER_MAX_ELEMENTS choosing each way
+
+
+@pytest.mark.parametrize("border", BORDER_PATHS)
 @pytest.mark.parametrize("pool_size", [1, 3, 5, 9])
 @pytest.mark.parametrize(("height", "width"), [(7, 6), (1, 5), (3, 11), (4, 4)])
-def test_depthwise_conv_with_border_rescale_is_avg_pool_without_padding(pool_size, height, width):
+def test_depthwise_conv_with_border_rescale_is_avg_pool_without_padding(monkeypatch, border, pool_size, height, width):
+    monkeypatch.setattr(fast_cpu, "BORDER_GATHER_MAX_ELEMENTS", BORDER_PATHS[border])
     x = torch.randn(2, 5, height, width)
     expected = F.avg_pool2d(x, pool_size, 1, pool_size // 2, count_include_pad=False) - x
     got = pool_minus_identity(_nhwc(x), pool_minus_identity_weight(5, pool_size))
     torch.testing.assert_close(got, _nhwc(expected), rtol=1e-5, atol=1e-5)
 
 
-def test_depthwise_pool_in_bf16_is_within_bf16_rounding():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_border_paths_give_the_same_bits(monkeypatch, dtype):
+    x = _nhwc(torch.randn(3, 64, 23, 17)).to(dtype)
+    weight = pool_minus_identity_weight(64, 3).to(dtype)
+    results = []
+    for limit in BORDER_PATHS.values():
+        monkeypatch.setattr(fast_cpu, "BORDER_GATHER_MAX_ELEMENTS", limit)
+        results.append(pool_minus_identity(x, weight))
+    assert torch.equal(*results)
+
+
+@pytest.mark.parametrize("border", BORDER_PATHS)
+def test_depthwise_pool_in_bf16_is_within_bf16_rounding(monkeypatch, border):
+    monkeypatch.setattr(fast_cpu, "BORDER_GATHER_MAX_ELEMENTS", BORDER_PATHS[border])
     x = torch.randn(2, 8, 9, 10, generator=torch.Generator().manual_seed(0)).bfloat16().float()  # exact in bf16
     expected = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False) - x
     got = pool_minus_identity(_nhwc(x).bfloat16(), pool_minus_identity_weight(8, 3).bfloat16())

@@ -54,13 +54,6 @@ def per_sample_inv_sigma(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt((mean_square - mean.square()).clamp_min(0.0) + eps)
 
 
-def _clipped_spans(length: int, radius: int) -> tuple[list[slice], slice]:
-    """Along one axis: the spans where a window of `radius` is clipped by the border, and the span between."""
-    if length <= 2 * radius:
-        return [slice(0, length)], slice(0, 0)
-    return [slice(0, radius), slice(length - radius, length)], slice(radius, length - radius)
-
-
 def window_counts(length: int, radius: int) -> torch.Tensor:
     """[length] float64: how many positions of a (2 radius + 1) window lie inside the axis."""
     index = torch.arange(length)
@@ -75,11 +68,26 @@ def _border_factor(height: int, width: int, pool_size: int, dtype: torch.dtype, 
     return (pool_size**2 / counts).to(device=device, dtype=dtype)[..., None]
 
 
+@lru_cache(maxsize=64)
+def _border(height: int, width: int, pool_size: int, dtype: torch.dtype,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions whose window the border clips, as flat indices [N] into H*W, and their k^2 / count [N, 1]."""
+    factor = _border_factor(height, width, pool_size, torch.float64, device).reshape(-1)
+    index = torch.nonzero(factor != 1.0).squeeze(1)  # exactly 1 where the whole window is inside
+    return index, factor[index].to(dtype)[:, None]
+
+
+# Up to this many border elements (batch x border positions x channels) the border is gathered into one
+# strip (5 operator calls); past it, the border's four bands are fixed in place as slices (about 30 calls, but
+# no copies: 10% faster at batch 16, 25% slower at batch 1; s12, 2-core Zen 5).
+BORDER_GATHER_MAX_ELEMENTS = 1 << 17
+
+
 def pool_minus_identity(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """avg_pool(x, k, stride 1, count_include_pad=False) - x for channels-last x [B, H, W, C] -> [B, H, W, C].
 
-    A depthwise convolution gives the zero-padded average minus x; where the window is clipped (border
-    strips, radius k//2 wide) the average is rescaled by k^2 / count: q = f * (q + x) - x with f >= 1.
+    A depthwise convolution gives the zero-padded average minus x; where the window is clipped (the border,
+    radius k//2 wide) the average is rescaled by k^2 / count: q = f * (q + x) - x with f > 1.
     """
     pool_size = weight.shape[-1]
     radius = pool_size // 2
@@ -87,15 +95,28 @@ def pool_minus_identity(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = out.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
     if radius == 0:
         return out
-    height, width = x.shape[1:3]
-    factor = _border_factor(height, width, pool_size, x.dtype, x.device)
+    batch, height, width, channels = x.shape
+    index, factor = _border(height, width, pool_size, x.dtype, x.device)
+    if batch * index.numel() * channels <= BORDER_GATHER_MAX_ELEMENTS:
+        rows_out, rows_in = out.view(batch, height * width, channels), x.reshape(batch, height * width, channels)
+        inputs = rows_in.index_select(1, index)
+        rows_out.index_copy_(1, index, rows_out.index_select(1, index).add_(inputs).mul_(factor).sub_(inputs))
+        return out
+    factor_map = _border_factor(height, width, pool_size, x.dtype, x.device)
     row_spans, middle_rows = _clipped_spans(height, radius)
     column_spans, _ = _clipped_spans(width, radius)
     regions = [(rows, slice(None)) for rows in row_spans] + [(middle_rows, cols) for cols in column_spans]
     for rows, cols in regions:
         strip, inputs = out[:, rows, cols], x[:, rows, cols]
-        strip.add_(inputs).mul_(factor[rows, cols]).sub_(inputs)
+        strip.add_(inputs).mul_(factor_map[rows, cols]).sub_(inputs)
     return out
+
+
+def _clipped_spans(length: int, radius: int) -> tuple[list[slice], slice]:
+    """Along one axis: the spans where a window of `radius` is clipped by the border, and the span between."""
+    if length <= 2 * radius:
+        return [slice(0, length)], slice(0, 0)
+    return [slice(0, radius), slice(length - radius, length)], slice(radius, length - radius)
 
 
 def pool_mix(x: torch.Tensor, block: FoldedBlock, pool_weight: torch.Tensor) -> torch.Tensor:
