@@ -200,6 +200,13 @@ class ConvPacks:
     def __len__(self) -> int:
         return len(self._packed)
 
+    @classmethod
+    def if_available(cls) -> ConvPacks | None:
+        """A cache where this torch has oneDNN's packed-convolution operators (inductor's), else None (plain
+        F.conv2d)."""
+        ops = ("_reorder_convolution_weight", "_convolution_pointwise")
+        return cls() if all(hasattr(torch.ops.mkldnn, op) for op in ops) else None
+
     def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
              padding: int) -> torch.Tensor:
         """F.conv2d(x, weight, bias, stride, padding) for channels-last x [B, C, H, W] (groups 1)."""

@@ -175,7 +175,7 @@ class FastPoolFormer(nn.Module):
         """The folded tensors for the PyTorch-operator backends: pre-packed for oneDNN, or as they are."""
         folded = self.folded.to(dtype, device)
         if backend == "onednn":
-            return Prepared(cpu.pack_for_onednn(folded), backend, packs=cpu.ConvPacks())
+            return Prepared(cpu.pack_for_onednn(folded), backend, packs=cpu.ConvPacks.if_available())
         return Prepared(folded, backend)
 
     def prepared(self, dtype: torch.dtype, device: torch.device) -> Prepared:
