@@ -8,7 +8,8 @@ weights are reordered once into oneDNN's blocked layout (10-20% faster matmuls),
 downsampling convolutions' weights, once per input shape (`ConvPacks`: F.conv2d reorders them on every call,
 which made stage 4's downsampling take 2.6x its packed time in bf16 at batch 1). Very large hidden tensors
 are processed in row chunks (see MLP_SINGLE_PASS_MAX_BYTES). pool(x) - x is one depthwise convolution
-(oneDNN runs it several times faster than avg_pool2d) with the border strips rescaled in place.
+(oneDNN runs it several times faster than avg_pool2d) with the clipped border rescaled (gathered into one strip
+while small, see BORDER_GATHER_MAX_ELEMENTS).
 
 `onednn` below is decided once per (dtype, device) by `poolformer.fast.module` from what the CPU can do
 (`poolformer.capabilities`): oneDNN's bf16 primitives refuse CPUs without AVX512-BF16/AMX/AVX-NE-CONVERT.
@@ -79,7 +80,7 @@ def _border(height: int, width: int, pool_size: int, dtype: torch.dtype,
 
 # Up to this many border elements (batch x border positions x channels) the border is gathered into one
 # strip (5 operator calls); past it, the border's four bands are fixed in place as slices (about 30 calls, but
-# no copies: 10% faster at batch 16, 25% slower at batch 1; s12, 2-core Zen 5).
+# no copies: 6-15% faster per block at batch 16, 32-38% slower at batch 1; s12's stages, 2-core Zen 5).
 BORDER_GATHER_MAX_ELEMENTS = 1 << 17
 
 
