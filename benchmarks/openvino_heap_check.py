@@ -33,6 +33,8 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from poolformer_cli.common import write_atomic
+
 RESULTS = Path(__file__).parent / "results"
 
 _OPENVINO = """
@@ -194,10 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     results["cases"] = rows
-    for suffix, text in ((".json", json.dumps(results, indent=2) + "\n"), (".md", markdown(results))):
-        temporary = out.with_suffix(suffix + ".tmp")
-        temporary.write_text(text)
-        os.replace(temporary, out.with_suffix(suffix))
+    write_atomic(out.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
+    write_atomic(out.with_suffix(".md"), markdown(results))
     print(f"wrote {out.with_suffix('.md')}")
 
 

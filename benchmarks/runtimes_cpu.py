@@ -54,6 +54,7 @@ from poolformer.implementations import IMPLEMENTATIONS
 from poolformer.runtimes.export_forms import portable_form
 from poolformer.runtimes.exporting import export_onnx
 from poolformer.runtimes.runners import OnnxRuntimeRunner, OpenVinoRunner
+from poolformer_cli.common import write_atomic
 
 RESULTS = Path(__file__).parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -288,10 +289,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{row['floor_img_s']:.1f} (1x1 only {row['floor_1x1_img_s']:.1f})", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(results, indent=2) + "\n"), (".md", markdown(results))):
-        temporary = out.with_suffix(suffix + ".tmp")
-        temporary.write_text(text)
-        os.replace(temporary, out.with_suffix(suffix))
+    write_atomic(out.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
+    write_atomic(out.with_suffix(".md"), markdown(results))
     print(f"wrote {out.with_suffix('.md')}")
 
 
