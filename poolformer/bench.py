@@ -4,7 +4,8 @@ How a configuration (model, implementation, device, batch size, resolution, prec
 compile) is measured, in order:
 
 1. build the model (random weights: speed does not depend on the values), move it to the device, convert it
-   to channels_last if asked, wrap it in torch.compile if asked;
+   to channels_last if asked, wrap it in torch.compile if asked (`--impl fast` compiles its folded graph
+   instead: the fast path's "inductor" backend, CPU only);
 2. reset the peak-memory counters (CUDA allocator peaks; on CPU the process's peak resident set via
    /proc/self/clear_refs);
 3. time the first call on its own (with compile, this is the compile time) - it is never mixed into the
@@ -423,7 +424,8 @@ def cast_dtype(config: BenchConfig) -> torch.dtype | None:
 
 def prepare_model(config: BenchConfig, build_model: BuildModel | None = None,
                   compile_backend: str = "inductor", compile_mode: str | None = None) -> nn.Module:
-    """The model for `config` on its device, in eval mode, channels_last, cast and compiled as asked.
+    """The model for `config` on its device, in eval mode, channels_last, cast and compiled as asked (the fast
+    path by compiling its folded graph, see FastPoolFormer.compile_with).
     cast: the weights are converted to bf16/fp16 and run without autocast (timm's `--model-dtype`; GroupNorm
     then runs in bf16 too, which autocast would keep in fp32); the fast path runs that dtype throughout."""
     build_model = build_model or _default_build()
@@ -440,6 +442,14 @@ def prepare_model(config: BenchConfig, build_model: BuildModel | None = None,
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.compile:
+        from .fast import FastPoolFormer
+
+        if isinstance(model, FastPoolFormer):  # its folded graph is what compiles (backend "inductor")
+            return model.compile_with(compile_mode, compile_backend)
+        if torch.device(config.device).type == "cpu":  # weights as constants: oneDNN packs them once
+            from .fast.compiled import Frozen
+
+            return Frozen(model, compile_mode, compile_backend)
         model = torch.compile(model, backend=compile_backend, mode=compile_mode)
     return model
 

@@ -658,7 +658,8 @@ def test_compile_mode_reaches_torch_compile_and_the_row(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
     config = bench.BenchConfig("s12", "timm", "cpu", batch_size=1, resolution=64, compile=True)
     result = bench.run_config(config, bench.BenchSettings(warmup=0, iters=1, compile_mode="max-autotune"))
-    assert result.status == "ok" and calls == [{"backend": "inductor", "mode": "max-autotune"}]
+    # on the CPU through Frozen: one static graph per shape, compiled with freezing
+    assert result.status == "ok" and calls == [{"backend": "inductor", "mode": "max-autotune", "dynamic": False}]
     assert result.to_row()["compile_mode"] == "max-autotune"
     uncompiled = bench.run_config(replace(config, compile=False), bench.BenchSettings(warmup=0, iters=1))
     assert uncompiled.to_row()["compile_mode"] is None

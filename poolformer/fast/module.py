@@ -12,13 +12,18 @@ Backends (the kernels one forward runs on), chosen once per (dtype, device) the 
   suite's process die with SIGSEGV on one).
 - ``onnxruntime``: the folded graph run by ONNX Runtime (`poolformer.fast.runtime`); float32 on the CPU,
   where onnxruntime is installed (auto's fp32 CPU choice).
+- ``inductor`` (by name only, or `FastPoolFormer.compile_with`): the folded graph compiled by torch.compile
+  with freezing (`poolformer.fast.compiled`); float32 and bfloat16 on the CPU with a C++ compiler. The fastest
+  PyTorch path in bf16 at small batches, but each input shape first compiles for ~10-15 s, so auto never
+  takes it; `bench --impl fast --compile` runs it.
 - ``onednn``: oneDNN's fused, pre-packed primitives (`poolformer.fast.cpu`); CPUs only, and only in a dtype
   oneDNN runs on this CPU (float32 everywhere; bfloat16 where `poolformer.capabilities` says oneDNN has it).
 - ``portable``: the same algebra with plain PyTorch operators; works on any device and dtype.
 
 `backend="auto"` takes the first of these that can run the dtype on the device; where it passed over the
 Triton kernels on a GPU, `FastPoolFormer.backend_note` says why in one line (the command line prints it).
-`forward_features` (maps, not logits) never runs in a runtime (it takes oneDNN or the portable path). The environment variable
+`forward_features` (maps, not logits) never runs in a runtime or the compiled graph (it takes oneDNN or the
+portable path). The environment variable
 POOLFORMER_FAST_BACKEND forces one backend everywhere (tests use it to cover every path on any host).
 
 On CUDA every forward goes through CUDA graphs (`poolformer.fast.cuda`) unless turned off.
@@ -34,12 +39,13 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model import MetaFormer
-from . import cpu, runtime, triton_forward
+from . import compiled, cpu, runtime, triton_forward
 from .cuda import GraphCache, graphs_enabled_by_env
 from .folding import FoldedModel, fold
 
-BACKENDS = ("auto", "triton", "openvino", "onnxruntime", "onednn", "portable")
+BACKENDS = ("auto", "triton", "openvino", "onnxruntime", "inductor", "onednn", "portable")
 RUNTIME_BACKENDS = runtime.RUNTIMES
+GRAPH_BACKENDS = (*RUNTIME_BACKENDS, "inductor")  # whole-graph backends: logits only, no feature maps
 BACKEND_ENV = "POOLFORMER_FAST_BACKEND"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -91,6 +97,11 @@ def explain_backend(requested: str, dtype: torch.dtype, device: torch.device) ->
             raise ConfigError(f"the {requested} backend runs {what} on the CPU with {requested} installed, not "
                               f"{_dtype_name(dtype)} on {device} here; use backend='auto'")
         return requested, None
+    if requested == "inductor":
+        reason = compiled.unavailable_reason(dtype, device)
+        if reason is not None:
+            raise ConfigError(f"the inductor backend cannot run here: {reason}")
+        return requested, None
     if requested == "auto":
         for name in runtime.AUTO_RUNTIMES:
             if runtime.runs(name, dtype, device):
@@ -118,6 +129,7 @@ class Prepared:
     session: nn.Module | None = None  # the openvino and onnxruntime backends' RuntimeModule
     triton: triton_forward.TritonModel | None = None  # the kernels' form of the weights (backend "triton")
     packs: cpu.ConvPacks | None = None  # backend "onednn": packed convolution weights, per input shape
+    graph: nn.Module | None = None  # backend "inductor": the compiled folded graph
 
 
 class FastPoolFormer(nn.Module):
@@ -148,7 +160,16 @@ class FastPoolFormer(nn.Module):
         self._triton_ran: set[tuple] = set()  # (dtype, device) where a forward on the kernels succeeded
         self.cuda_graphs = graphs_enabled_by_env() if cuda_graphs is None else cuda_graphs
         self.graphs = GraphCache()
+        self.compile_mode: str | None = None  # backend "inductor": torch.compile's mode and backend
+        self.compiler = "inductor"
         self.eval()
+
+    def compile_with(self, mode: str | None = None, compiler: str = "inductor") -> FastPoolFormer:
+        """Run on the compiled folded graph from now on (backend "inductor"; CPU): torch.compile with
+        `compiler` as its backend ("eager"/"aot_eager" only trace) and `mode`. Returns self."""
+        self.backend, self.compile_mode, self.compiler = "inductor", mode, compiler
+        self._cache.clear()
+        return self
 
     def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """bfloat16/float16 under autocast on x's device, else the dtype given to optimize()."""
@@ -188,14 +209,17 @@ class FastPoolFormer(nn.Module):
             elif backend in RUNTIME_BACKENDS:
                 session = runtime.folded_session(self.folded, self.plan, backend, dtype)
                 self._cache[key] = Prepared(self.folded, backend, session)
+            elif backend == "inductor":
+                graph = compiled.compile_folded(self.folded, self.plan, dtype, self.compile_mode, self.compiler)
+                self._cache[key] = Prepared(self.folded, backend, graph=graph)
             else:
                 self._cache[key] = self._operators(backend, dtype, device)
         return self._cache[key]
 
     def _torch_path(self, dtype: torch.dtype, device: torch.device) -> Prepared:
-        """oneDNN or portable, for what the runtime backend does not give (feature maps)."""
+        """oneDNN or portable, for what a whole-graph backend does not give (feature maps)."""
         prepared = self.prepared(dtype, device)
-        if prepared.backend not in RUNTIME_BACKENDS:
+        if prepared.backend not in GRAPH_BACKENDS:
             return prepared
         key = (dtype, device, "torch")
         if key not in self._cache:
@@ -238,6 +262,9 @@ class FastPoolFormer(nn.Module):
         if prepared.backend in RUNTIME_BACKENDS and not features_only:
             with torch.no_grad():
                 return prepared.session(x)
+        if prepared.backend == "inductor" and not features_only:
+            with torch.autocast(x.device.type, enabled=False):
+                return prepared.graph(x)
         prepared = self._torch_path(dtype, x.device)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             try:
@@ -306,8 +333,8 @@ def optimize(model: MetaFormer, dtype: torch.dtype | None = None, backend: str =
 
     dtype: run in this dtype (float32 default). bfloat16 is fast on CPUs with AVX512-BF16/AMX and runs
     (emulated, slowly) elsewhere; under autocast the module switches to the autocast dtype by itself.
-    backend: "auto" (default), "triton", "openvino", "onnxruntime", "onednn" or "portable" (see this module's
-    docstring).
+    backend: "auto" (default), "triton", "openvino", "onnxruntime", "inductor", "onednn" or "portable" (see this
+    module's docstring).
     cuda_graphs: replay CUDA graphs for repeated input shapes on CUDA (default: on, unless
     POOLFORMER_CUDA_GRAPHS=0).
     Raises ConfigError for models the fast path does not cover (non-pooling token mixers, other norms).
