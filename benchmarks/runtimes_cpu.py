@@ -5,7 +5,10 @@ exports of the model and the better one counts as that runtime's figure: PyTorch
 (GroupNorm as InstanceNormalization over a reshape, AveragePool) and our portable export
 (poolformer.runtimes.export_forms: reductions, a depthwise conv and a constant map). `fast` is
 `poolformer.optimize(model)` with the backend it picks by itself (ONNX Runtime in fp32, oneDNN in bf16, where
-installed); its other backends run as `fast (NAME)`. All use the same number of threads
+installed); its other backends run as `fast (NAME)`, among them `fast (inductor)`, the folded graph compiled by
+torch.compile with freezing (what `bench --impl fast --compile` runs). `timm compiled` is timm's model,
+channels-last, under torch.compile with inductor's freezing (weights as constants: oneDNN packs them once, as
+PyTorch advises for CPU inference); compilation happens in the first, untimed round. All use the same number of threads
 (torch.set_num_threads; intra-op threads for ONNX Runtime, INFERENCE_NUM_THREADS for OpenVINO).
 
 Precisions: fp32, and bf16 on CPUs that compute it natively (AVX512-BF16/AMX; elsewhere it is emulated and
@@ -49,6 +52,7 @@ import torch
 from poolformer import create_model
 from poolformer.capabilities import cpu_capabilities
 from poolformer.fast import fold, optimize
+from poolformer.fast.compiled import Frozen, unavailable_reason
 from poolformer.fast.runtime import runs as runtime_runs
 from poolformer.implementations import IMPLEMENTATIONS
 from poolformer.runtimes.export_forms import portable_form
@@ -75,18 +79,25 @@ def runtime_candidates(precision: str) -> tuple[str, ...]:
     return tuple(f"{runtime}/{export}" for runtime in RUNTIMES[precision] for export in EXPORTS)
 
 
-def candidates(ours: torch.nn.Module, shape: tuple[int, ...], threads: int, folder: str, precision: str) -> dict:
+def candidates(ours: torch.nn.Module, shape: tuple[int, ...], threads: int, folder: str, precision: str,
+               compiler: str | None = "inductor") -> dict:
     """name -> a callable images (NCHW float32 tensor) -> logits; all carry the same weights, all compute in
-    `precision`."""
+    `precision`. `compiler`: torch.compile's backend for the compiled candidates (None: none of them)."""
     dtype = DTYPES[precision]
     timm_cl = IMPLEMENTATIONS["timm"](ours).to(memory_format=torch.channels_last)
     autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if precision != "fp32" else contextlib.nullcontext
     fast = optimize(ours, dtype=dtype)
+    compiled = compiler is not None and unavailable_reason(dtype, torch.device("cpu")) is None
     table = {
         "ours": lambda x: _under(autocast, ours, x),
         "timm channels_last": lambda x: _under(autocast, timm_cl, x.contiguous(memory_format=torch.channels_last)),
-        "fast (oneDNN)": optimize(ours, dtype=dtype, backend="onednn"),
     }
+    if compiled:
+        timm_compiled = Frozen(timm_cl, compiler=compiler)
+        table["timm compiled"] = lambda x: _under(autocast, timm_compiled, x.contiguous(memory_format=torch.channels_last))
+    table["fast (oneDNN)"] = optimize(ours, dtype=dtype, backend="onednn")
+    if compiled:
+        table["fast (inductor)"] = optimize(ours, dtype=dtype).compile_with(compiler=compiler)
     for runtime in ("onnxruntime", "openvino"):
         if runtime_runs(runtime, dtype, torch.device("cpu")) and fast.backend_for() != runtime:
             table[f"fast ({runtime})"] = optimize(ours, dtype=dtype, backend=runtime)
@@ -152,10 +163,10 @@ def convolution_floor_s(ours: torch.nn.Module, batch: int, resolution: int, prec
 
 
 def measure(ours: torch.nn.Module, batch: int, resolution: int, threads: int, rounds: int, warmup: int,
-            block: int, precision: str) -> dict:
+            block: int, precision: str, compiler: str | None = "inductor") -> dict:
     shape = (batch, 3, resolution, resolution)
     with tempfile.TemporaryDirectory() as folder:
-        table, fast_backend = candidates(ours, shape, threads, folder, precision)
+        table, fast_backend = candidates(ours, shape, threads, folder, precision, compiler)
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
         steps = {name: [] for name in table}
         outputs = {}
@@ -193,8 +204,12 @@ def summarise(runs: list[dict], precision: str, floor_s: dict[str, float]) -> di
     for run in runs:
         repeat = {name: batch / statistics.median(times) for name, times in run["steps_s"].items()}
         per_repeat.append(repeat["fast"] / best_runtime(repeat)[1])
+    best_fast = max((n for n in names if n.startswith("fast")), key=lambda n: img_s[n])
+    timm_best = max((n for n in names if n.startswith("timm")), key=lambda n: img_s[n])
     return {"precision": precision, "batch_size": batch, "img_s": img_s, "fast_backend": runs[-1]["fast_backend"],
             "best_runtime": best_name, "fast_over_best_runtime": img_s["fast"] / best, "per_repeat": per_repeat,
+            "best_fast": best_fast, "best_fast_over_best_runtime": img_s[best_fast] / best,
+            "best_timm": timm_best, "best_fast_over_best_timm": img_s[best_fast] / img_s[timm_best],
             "floor_s": floor_s, "floor_img_s": batch / sum(floor_s.values()),
             "floor_1x1_img_s": batch / floor_s["1x1"], "target_img_s": 1.15 * best,
             "max_abs_diff_vs_ours": runs[-1]["max_abs_diff_vs_ours"],
@@ -217,15 +232,16 @@ def markdown(results: dict) -> str:
         rows = [row for row in results["batches"] if row["precision"] == precision]
         names = list(rows[0]["img_s"])
         lines += ["", f"## {precision}", "",
-                  "| batch | " + " | ".join(names) + " | fast / best runtime | (per repeat) | 1.15x target "
-                  "| convolution floor (1x1 only) |",
-                  "|---|" + "---|" * (len(names) + 4)]
+                  "| batch | " + " | ".join(names) + " | fast / best runtime | (per repeat) | fastest fast backend "
+                  "/ best runtime | fastest fast / best timm | 1.15x target | convolution floor (1x1 only) |",
+                  "|---|" + "---|" * (len(names) + 6)]
         for row in rows:
             cells = [f"{row['img_s'][n]:.1f}" for n in names]
             lines.append(f"| {row['batch_size']} | " + " | ".join(cells) +
                          f" | {row['fast_over_best_runtime']:.2f}x (vs {row['best_runtime']}) | "
                          + ", ".join(f"{r:.2f}" for r in row["per_repeat"])
-                         + f" | {row['target_img_s']:.1f} | {row['floor_img_s']:.1f} ({row['floor_1x1_img_s']:.1f}) |")
+                         + f" | {row['best_fast_over_best_runtime']:.2f}x ({row['best_fast']}) | "
+                         f"{row['best_fast_over_best_timm']:.2f}x (vs {row['best_timm']}) | {row['target_img_s']:.1f} | {row['floor_img_s']:.1f} ({row['floor_1x1_img_s']:.1f}) |")
         lines += ["", f"img/s; `fast` ran on its `{rows[0]['fast_backend']}` backend. Max |logit difference| "
                   "against our fp32 reference model, and top-1 agreement with it over the batch (timm's v1 head "
                   "differs by design):", "",
@@ -249,8 +265,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--block", type=int, default=3, help="timed steps per candidate per round")
+    parser.add_argument("--compiler", default="inductor",
+                        help="torch.compile backend of the compiled candidates (timm compiled, fast (inductor)): "
+                             "inductor; aot_eager only traces (quick checks); none leaves them out")
     parser.add_argument("--out", default=str(RESULTS / "runtimes_cpu"), help="path without suffix")
     args = parser.parse_args(argv)
+    if args.compiler not in ("inductor", "aot_eager", "eager", "none"):
+        parser.error(f"unknown --compiler {args.compiler!r}; choose from inductor, aot_eager, eager, none")
+    compiler = None if args.compiler == "none" else args.compiler
     torch.set_num_threads(args.threads)
     import onnxruntime
     import openvino
@@ -269,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     ours = randomize_(create_model(args.model)).eval()
     results = {
         "model": ours.spec.name, "resolution": args.resolution, "rounds": args.rounds, "block": args.block,
-        "repeats": args.repeats, "skipped": skipped,
+        "repeats": args.repeats, "skipped": skipped, "compiler": compiler,
         "env": {"command": "python " + " ".join(["benchmarks/runtimes_cpu.py", *(sys.argv[1:] if argv is None else argv)]),
                 "cpu": cpu.to_dict(), "threads": args.threads, "torch": torch.__version__,
                 "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__, "timm": timm.__version__,
@@ -279,8 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     for precision in precisions:
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             rounds = args.rounds if batch == 1 else max(2, args.rounds // 4)
-            runs = [measure(ours, batch, args.resolution, args.threads, rounds, args.warmup, args.block, precision)
-                    for _ in range(args.repeats)]
+            runs = [measure(ours, batch, args.resolution, args.threads, rounds, args.warmup, args.block, precision,
+                            compiler) for _ in range(args.repeats)]
             floor = convolution_floor_s(ours, batch, args.resolution, precision)
             results["batches"].append(summarise(runs, precision, floor))
             row = results["batches"][-1]

@@ -131,9 +131,11 @@ def test_runtimes_cpu_benchmark_measures_every_candidate_with_parity_and_a_floor
     pytest.importorskip("onnxruntime")
     out = tmp_path / "runtimes"
     done = _run_script("benchmarks/runtimes_cpu.py", "--resolution", "64", "--batch-sizes", "2", "--rounds", "1",
-                       "--warmup", "0", "--repeats", "1", "--block", "1", "--threads", "1", "--out", str(out))
+                       "--warmup", "0", "--repeats", "1", "--block", "1", "--threads", "1", "--compiler", "aot_eager",
+                       "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     document = json.loads(out.with_suffix(".json").read_text())
+    assert document["compiler"] == "aot_eager"
     from poolformer.capabilities import cpu_capabilities
 
     precisions = [row["precision"] for row in document["batches"]]
@@ -142,6 +144,9 @@ def test_runtimes_cpu_benchmark_measures_every_candidate_with_parity_and_a_floor
     for row in document["batches"]:
         assert {"ours", "fast", "fast (oneDNN)", "openvino/torch-export", "openvino/portable-export"} <= set(row["img_s"])
         assert f"fast ({row['fast_backend']})" not in row["img_s"] and "fast (openvino)" in row["img_s"]
+        assert {"timm compiled", "fast (inductor)"} <= set(row["img_s"])  # the compiled peer and our compiled graph
+        assert row["best_fast"].startswith("fast") and row["best_timm"].startswith("timm")
+        assert row["best_fast_over_best_runtime"] >= row["fast_over_best_runtime"]
         assert 0 < row["floor_img_s"] < row["floor_1x1_img_s"] and row["target_img_s"] > 0
         assert set(row["floor_s"]) == {"1x1", "stem and downsampling"}
         for name, diff in row["max_abs_diff_vs_ours"].items():
@@ -150,3 +155,9 @@ def test_runtimes_cpu_benchmark_measures_every_candidate_with_parity_and_a_floor
     fp32 = document["batches"][0]
     assert {"onnxruntime/torch-export", "onnxruntime/portable-export", "fast (openvino)"} <= set(fp32["img_s"])
     assert "## fp32" in out.with_suffix(".md").read_text()
+
+
+def test_runtimes_cpu_benchmark_refuses_an_unknown_compiler(tmp_path):
+    done = _run_script("benchmarks/runtimes_cpu.py", "--compiler", "tvm", "--out", str(tmp_path / "r"))
+    assert done.returncode == 2 and "unknown --compiler 'tvm'" in done.stderr and "Traceback" not in done.stderr
+    assert not list(tmp_path.iterdir())
