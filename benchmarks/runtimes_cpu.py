@@ -88,6 +88,8 @@ def candidates(ours: torch.nn.Module, shape: tuple[int, ...], threads: int, fold
     autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if precision != "fp32" else contextlib.nullcontext
     fast = optimize(ours, dtype=dtype)
     compiled = compiler is not None and unavailable_reason(dtype, torch.device("cpu")) is None
+    if compiled:  # new instances of compiled forwards: past dynamo's recompile limit (8) they would run eagerly
+        torch._dynamo.reset()
     table = {
         "ours": lambda x: _under(autocast, ours, x),
         "timm channels_last": lambda x: _under(autocast, timm_cl, x.contiguous(memory_format=torch.channels_last)),

@@ -442,6 +442,9 @@ def prepare_model(config: BenchConfig, build_model: BuildModel | None = None,
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.compile:
+        # Each compiled row is a new model, and dynamo keeps compiling the same forward for new instances only up
+        # to its recompile limit (8), then silently runs them eagerly; the previous row's graphs are done with.
+        torch._dynamo.reset()
         from .fast import FastPoolFormer
 
         if isinstance(model, FastPoolFormer):  # its folded graph is what compiles (backend "inductor")

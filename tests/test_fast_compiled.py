@@ -224,3 +224,20 @@ def test_bench_cli_fast_compile_row(tmp_path):
     assert result.exit_code == 0, result.output
     (row,) = json.loads(out.read_text())["results"]
     assert row["status"] == "ok" and row["compile"] and row["backend"] == "inductor" and row["compile_ms"] > 0
+
+
+def test_every_compiled_bench_row_compiles_past_dynamos_recompile_limit():
+    """dynamo compiles one forward for at most 8 new instances, then runs the rest eagerly without a word;
+    every bench row builds a new model, so a long sweep of compiled rows must not reach that limit."""
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    for batch in range(1, 12):
+        config = bench.BenchConfig("s12", "ours", "cpu", batch_size=batch % 2 + 1, resolution=32, compile=True)
+        model = bench.prepare_model(config, compile_backend=counting_backend)
+        with torch.inference_mode():
+            model(torch.randn(config.batch_size, 3, 32, 32))
+    assert len(graphs) >= 11
