@@ -24,25 +24,11 @@ from poolformer.fast.module import explain_backend
 from poolformer_cli.app import app
 
 from .conftest import randomize_
+from .test_fast import _seeded, v1_model, v2_model  # noqa: F401  (the same seeded, randomised models)
 
 TOLERANCE = 1e-4  # fp32 logits, absolute (or twice the reference's own fp32 error against float64)
 HAS_CXX = any(shutil.which(name) for name in ("c++", "g++", "clang++"))
 needs_cxx = pytest.mark.skipif(not HAS_CXX, reason="inductor compiles C++ on the CPU and no compiler is installed")
-
-
-@pytest.fixture(autouse=True)
-def _seeded():
-    torch.manual_seed(0)
-
-
-@pytest.fixture(scope="module")
-def v1_model():
-    return randomize_(create_model("s12"), seed=1)
-
-
-@pytest.fixture(scope="module")
-def v2_model():
-    return randomize_(create_model("v2_s12"), seed=2)
 
 
 def _assert_as_exact_as_reference(model, got: torch.Tensor, x: torch.Tensor) -> None:
