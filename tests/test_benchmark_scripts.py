@@ -136,8 +136,13 @@ def test_runtimes_cpu_benchmark_measures_every_candidate_with_parity_and_a_floor
     assert done.returncode == 0, done.stderr[-3000:]
     document = json.loads(out.with_suffix(".json").read_text())
     assert document["compiler"] == "aot_eager"
-    from poolformer.capabilities import cpu_capabilities
+    import torch
 
+    from poolformer import create_model
+    from poolformer.capabilities import cpu_capabilities
+    from poolformer.flops import count_analytic
+
+    conv_macs = count_analytic(create_model("s12").eval(), torch.zeros(1, 3, 64, 64)).by_operator["conv"].macs
     precisions = [row["precision"] for row in document["batches"]]
     assert precisions == (["fp32", "bf16"] if cpu_capabilities().native_bf16 else ["fp32"])
     assert (document["skipped"] is None) == cpu_capabilities().native_bf16
@@ -147,8 +152,12 @@ def test_runtimes_cpu_benchmark_measures_every_candidate_with_parity_and_a_floor
         assert {"timm compiled", "fast (inductor)"} <= set(row["img_s"])  # the compiled peer and our compiled graph
         assert row["best_fast"].startswith("fast") and row["best_timm"].startswith("timm")
         assert row["best_fast_over_best_runtime"] >= row["fast_over_best_runtime"] and row["fast_over_best_timm"] > 0
-        assert 0 < row["floor_img_s"] < row["floor_1x1_img_s"] and row["target_img_s"] > 0
-        assert set(row["floor_s"]) == {"1x1", "stem and downsampling"}
+        # the bounds ran interleaved as candidates; no output of theirs counts as a logit
+        assert {"floor: convolutions", "floor: convolutions + activation", "ceiling: square matmul"} <= set(row["img_s"])
+        assert not {"floor: convolutions", "ceiling: square matmul"} & set(row["max_abs_diff_vs_ours"])
+        assert row["macs_per_image"] == conv_macs  # the floor does the model's convolutions, all of them
+        assert row["target_img_s"] > 0 and row["ceiling_gmac_s"] > 0
+        assert row["target_over_floor"] == pytest.approx(row["target_img_s"] / row["img_s"]["floor: convolutions + activation"])
         for name, diff in row["max_abs_diff_vs_ours"].items():
             if diff is not None:  # every exact candidate is exact: fp32 to rounding, bf16 to bf16's
                 assert diff < (1e-4 if row["precision"] == "fp32" else 0.1), (name, diff)
