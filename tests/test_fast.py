@@ -78,18 +78,27 @@ def test_inv_sigma_is_groupnorm_statistic_with_eps_inside_the_root():
     torch.testing.assert_close(manual, F.group_norm(x, 1, eps=1e-3), rtol=1e-4, atol=1e-4)
 
 
-BORDER_PATHS = {"gathered": 1 << 40, "in bands": 0}  # BORDER_GATHER_MAX_ELEMENTS choosing each way
+# (AVG_POOL_MAX_ELEMENTS, BORDER_GATHER_MAX_ELEMENTS) choosing each way pool(x) - x is computed
+POOL_PATHS = {"depthwise, border gathered": (0, 1 << 40), "depthwise, border in bands": (0, 0),
+              "avg_pool": (1 << 40, 0)}
 
 
-@pytest.mark.parametrize("border", BORDER_PATHS)
+def _use_pool_path(monkeypatch, path: str) -> None:
+    avg_pool_limit, border_limit = POOL_PATHS[path]
+    monkeypatch.setattr(fast_cpu, "AVG_POOL_MAX_ELEMENTS", avg_pool_limit)
+    monkeypatch.setattr(fast_cpu, "BORDER_GATHER_MAX_ELEMENTS", border_limit)
+
+
+@pytest.mark.parametrize("path", POOL_PATHS)
 @pytest.mark.parametrize("pool_size", [1, 3, 5, 9])
 @pytest.mark.parametrize(("height", "width"), [(7, 6), (1, 5), (3, 11), (4, 4)])
-def test_depthwise_conv_with_border_rescale_is_avg_pool_without_padding(monkeypatch, border, pool_size, height, width):
-    monkeypatch.setattr(fast_cpu, "BORDER_GATHER_MAX_ELEMENTS", BORDER_PATHS[border])
+def test_pool_minus_identity_is_avg_pool_without_padding_on_every_path(monkeypatch, path, pool_size, height, width):
+    _use_pool_path(monkeypatch, path)
     x = torch.randn(2, 5, height, width)
     expected = F.avg_pool2d(x, pool_size, 1, pool_size // 2, count_include_pad=False) - x
     got = pool_minus_identity(_nhwc(x), pool_minus_identity_weight(5, pool_size))
     torch.testing.assert_close(got, _nhwc(expected), rtol=1e-5, atol=1e-5)
+    assert got.is_contiguous()  # channels-last [B, H, W, C] in memory, as the next operators expect
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -97,15 +106,26 @@ def test_both_border_paths_give_the_same_bits(monkeypatch, dtype):
     x = _nhwc(torch.randn(3, 64, 23, 17)).to(dtype)
     weight = pool_minus_identity_weight(64, 3).to(dtype)
     results = []
-    for limit in BORDER_PATHS.values():
-        monkeypatch.setattr(fast_cpu, "BORDER_GATHER_MAX_ELEMENTS", limit)
+    for path in ("depthwise, border gathered", "depthwise, border in bands"):
+        _use_pool_path(monkeypatch, path)
         results.append(pool_minus_identity(x, weight))
     assert torch.equal(*results)
 
 
-@pytest.mark.parametrize("border", BORDER_PATHS)
-def test_depthwise_pool_in_bf16_is_within_bf16_rounding(monkeypatch, border):
-    monkeypatch.setattr(fast_cpu, "BORDER_GATHER_MAX_ELEMENTS", BORDER_PATHS[border])
+def test_small_maps_take_avg_pool_and_large_ones_the_depthwise_convolution(monkeypatch):
+    calls, avg_pool2d = [], F.avg_pool2d
+    monkeypatch.setattr(fast_cpu.F, "avg_pool2d", lambda *a, **k: calls.append("avg_pool") or avg_pool2d(*a, **k))
+    weight = pool_minus_identity_weight(64, 3)
+    for side in (14, 56):  # s12 at batch 1: stage 3 (12.5k elements) and stage 1 (200k)
+        before = len(calls)
+        pool_minus_identity(torch.randn(1, side, side, 64), weight)
+        assert (len(calls) > before) == (side * side * 64 <= fast_cpu.AVG_POOL_MAX_ELEMENTS)
+    assert calls == ["avg_pool"]
+
+
+@pytest.mark.parametrize("path", POOL_PATHS)
+def test_pool_in_bf16_is_within_bf16_rounding(monkeypatch, path):
+    _use_pool_path(monkeypatch, path)
     x = torch.randn(2, 8, 9, 10, generator=torch.Generator().manual_seed(0)).bfloat16().float()  # exact in bf16
     expected = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False) - x
     got = pool_minus_identity(_nhwc(x).bfloat16(), pool_minus_identity_weight(8, 3).bfloat16())

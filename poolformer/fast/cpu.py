@@ -8,8 +8,8 @@ weights are reordered once into oneDNN's blocked layout (10-20% faster matmuls),
 downsampling convolutions' weights, once per input shape (`ConvPacks`: F.conv2d reorders them on every call,
 which made stage 4's downsampling take 2.6x its packed time in bf16 at batch 1). Very large hidden tensors
 are processed in row chunks (see MLP_SINGLE_PASS_MAX_BYTES). pool(x) - x is one depthwise convolution
-(oneDNN runs it several times faster than avg_pool2d) with the clipped border rescaled (gathered into one strip
-while small, see BORDER_GATHER_MAX_ELEMENTS).
+(on big maps oneDNN runs it several times faster than avg_pool2d) with the clipped border rescaled (gathered into one strip
+while small, see BORDER_GATHER_MAX_ELEMENTS); on small maps it is avg_pool2d minus x (AVG_POOL_MAX_ELEMENTS).
 
 `onednn` below is decided once per (dtype, device) by `poolformer.fast.module` from what the CPU can do
 (`poolformer.capabilities`): oneDNN's bf16 primitives refuse CPUs without AVX512-BF16/AMX/AVX-NE-CONVERT.
@@ -82,16 +82,26 @@ def _border(height: int, width: int, pool_size: int, dtype: torch.dtype,
 # strip (5 operator calls); past it, the border's four bands are fixed in place as slices (about 30 calls, but
 # no copies: 6-15% faster per block at batch 16, 32-38% slower at batch 1; s12's stages, 2-core Zen 5).
 BORDER_GATHER_MAX_ELEMENTS = 1 << 17
+# Up to this many elements of x, pool(x) - x is avg_pool2d minus x: faster on small maps, slower on big ones
+# (s12 batch 16, stage 3: 270 against 100 us in bf16).
+AVG_POOL_MAX_ELEMENTS = 1 << 17
 
 
 def pool_minus_identity(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """avg_pool(x, k, stride 1, count_include_pad=False) - x for channels-last x [B, H, W, C] -> [B, H, W, C].
 
-    A depthwise convolution gives the zero-padded average minus x; where the window is clipped (the border,
-    radius k//2 wide) the average is rescaled by k^2 / count: q = f * (q + x) - x with f > 1.
+    `weight` [C, 1, k, k] is `pool_minus_identity_weight`'s. Small maps (at most AVG_POOL_MAX_ELEMENTS): avg_pool2d,
+    then minus x (oneDNN's depthwise convolution costs ~25-40 us per call even on s12's 7x7 and 14x14 maps at
+    batch 1, avg_pool2d 10-20 us, and needs no border fix: bf16 batch 1 ran ~5% faster end to end). Otherwise a
+    depthwise convolution gives the zero-padded average minus x; where the window is clipped (the border, radius
+    k//2 wide) the average is rescaled by k^2 / count: q = f * (q + x) - x with f > 1.
     """
     pool_size = weight.shape[-1]
     radius = pool_size // 2
+    if x.numel() <= AVG_POOL_MAX_ELEMENTS:
+        images = x.permute(0, 3, 1, 2)
+        pooled = F.avg_pool2d(images, pool_size, 1, radius, count_include_pad=False)
+        return pooled.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).sub_(x)
     out = F.conv2d(x.permute(0, 3, 1, 2), weight, None, padding=radius, groups=x.shape[-1])
     out = out.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
     if radius == 0:
