@@ -7,9 +7,10 @@ with the residual add, so neither the 4C-wide hidden tensor nor the residual tak
 weights are reordered once into oneDNN's blocked layout (10-20% faster matmuls), and so are the stem's and the
 downsampling convolutions' weights, once per input shape (`ConvPacks`: F.conv2d reorders them on every call,
 which made stage 4's downsampling take 2.6x its packed time in bf16 at batch 1). Very large hidden tensors
-are processed in row chunks (see MLP_SINGLE_PASS_MAX_BYTES). pool(x) - x is one depthwise convolution
-(on big maps oneDNN runs it several times faster than avg_pool2d) with the clipped border rescaled (gathered into one strip
-while small, see BORDER_GATHER_MAX_ELEMENTS); on small maps it is avg_pool2d minus x (AVG_POOL_MAX_ELEMENTS).
+are processed in row chunks (see MLP_SINGLE_PASS_MAX_BYTES). pool(x) - x is one depthwise convolution (on big
+maps oneDNN runs it several times faster than avg_pool2d) with the clipped border rescaled (gathered into one
+strip while small, see BORDER_GATHER_MAX_ELEMENTS); on small maps it is avg_pool2d minus x
+(AVG_POOL_MAX_ELEMENTS).
 
 `onednn` below is decided once per (dtype, device) by `poolformer.fast.module` from what the CPU can do
 (`poolformer.capabilities`): oneDNN's bf16 primitives refuse CPUs without AVX512-BF16/AMX/AVX-NE-CONVERT.
