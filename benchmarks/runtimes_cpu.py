@@ -126,16 +126,6 @@ def _under(autocast, module, x):
         return module(x)
 
 
-def _median_call_s(call, seconds: float) -> float:
-    call()
-    times, deadline = [], time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times) < 3:
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 FLOOR = "floor: convolutions"
 FLOOR_ACTIVATION = "floor: convolutions + activation"
 CEILING = "ceiling: square matmul"
@@ -159,7 +149,8 @@ class ConvolutionsOnly:
 
         def conv(weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int) -> None:
             nonlocal side
-            x = torch.randn(batch, weight.shape[1], side, side, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            x = torch.randn(batch, weight.shape[1], side, side, dtype=dtype)
+            x = x.contiguous(memory_format=torch.channels_last)
             weight = weight.to(dtype).contiguous(memory_format=torch.channels_last)
             bias = None if bias is None else bias.to(dtype)
             self.calls.append(lambda: torch.nn.functional.conv2d(x, weight, bias, stride=stride, padding=padding))
@@ -170,7 +161,8 @@ class ConvolutionsOnly:
             x = torch.randn(rows, weight.shape[1], dtype=dtype)
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype))
             out_bytes = weight.shape[0] * x.element_size()
-            parts = (x,) if rows * out_bytes <= MLP_SINGLE_PASS_MAX_BYTES else x.split(max(1, MLP_CHUNK_BYTES // out_bytes))
+            chunked = rows * out_bytes > MLP_SINGLE_PASS_MAX_BYTES
+            parts = x.split(max(1, MLP_CHUNK_BYTES // out_bytes)) if chunked else (x,)
             for _ in range(count):
                 self.calls += [(lambda part: lambda: torch.ops.mkldnn._linear_pointwise(
                     part, packed, None, post, [], algorithm if post != "none" else ""))(part) for part in parts]
@@ -191,7 +183,7 @@ class ConvolutionsOnly:
 
 class SquareMatmul:
     """One side x side matmul with a packed weight, oneDNN's fastest case: its rate stands in for the CPU's peak
-    multiply-add rate in this dtype (`images` converts a call into images' worth of the model's MACs)."""
+    multiply-add rate in this dtype (`bounds` counts a call as macs / the model's MACs per image images)."""
 
     def __init__(self, side: int, dtype: torch.dtype):
         self.x = torch.randn(side, side, dtype=dtype)
@@ -233,7 +225,8 @@ def measure(ours: torch.nn.Module, batch: int, resolution: int, threads: int, ro
                         if round_index >= warmup:
                             steps[name].append(elapsed)
                     if name not in BOUNDS:
-                        outputs[name] = (out if isinstance(out, torch.Tensor) else torch.from_numpy(np.asarray(out))).float()
+                        out = out if isinstance(out, torch.Tensor) else torch.from_numpy(np.asarray(out))
+                        outputs[name] = out.float()
             reference = ours(x).float()
     diffs = {name: (None if name.startswith("timm") else float((out - reference).abs().max())) for name, out in outputs.items()}
     agree = {name: float((out.argmax(1) == reference.argmax(1)).float().mean()) for name, out in outputs.items()}
@@ -267,7 +260,8 @@ def summarise(runs: list[dict], precision: str) -> dict:
             "best_timm": timm_best, "fast_over_best_timm": img_s["fast"] / img_s[timm_best],
             "target_img_s": 1.15 * best, "macs_per_image": runs[0]["macs_per_image"],
             "ceiling_gmac_s": img_s[CEILING] * runs[0]["macs_per_image"] / 1e9,
-            "target_over_floor": 1.15 * best / img_s[FLOOR_ACTIVATION], "target_over_ceiling": 1.15 * best / img_s[CEILING],
+            "target_over_floor": 1.15 * best / img_s[FLOOR_ACTIVATION],
+            "target_over_ceiling": 1.15 * best / img_s[CEILING],
             "max_abs_diff_vs_ours": runs[-1]["max_abs_diff_vs_ours"],
             "top1_agreement_vs_ours": runs[-1]["top1_agreement_vs_ours"]}
 
@@ -309,7 +303,8 @@ def markdown(results: dict) -> str:
                   "differs by design):", "", "| batch | " + " | ".join(exact) + " |", "|---|" + "---|" * len(exact)]
         for row in rows:
             diffs, agree = row["max_abs_diff_vs_ours"], row["top1_agreement_vs_ours"]
-            lines.append(f"| {row['batch_size']} | " + " | ".join(f"{diffs[n]:.1e} ({agree[n]:.0%})" for n in exact) + " |")
+            cells = [f"{diffs[n]:.1e} ({agree[n]:.0%})" for n in exact]
+            lines.append(f"| {row['batch_size']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -153,11 +153,13 @@ def test_runtimes_cpu_benchmark_measures_every_candidate_with_parity_and_a_floor
         assert row["best_fast"].startswith("fast") and row["best_timm"].startswith("timm")
         assert row["best_fast_over_best_runtime"] >= row["fast_over_best_runtime"] and row["fast_over_best_timm"] > 0
         # the bounds ran interleaved as candidates; no output of theirs counts as a logit
-        assert {"floor: convolutions", "floor: convolutions + activation", "ceiling: square matmul"} <= set(row["img_s"])
-        assert not {"floor: convolutions", "ceiling: square matmul"} & set(row["max_abs_diff_vs_ours"])
+        bounds = {"floor: convolutions", "floor: convolutions + activation", "ceiling: square matmul"}
+        assert bounds <= set(row["img_s"])
+        assert not bounds & set(row["max_abs_diff_vs_ours"])
         assert row["macs_per_image"] == conv_macs  # the floor does the model's convolutions, all of them
         assert row["target_img_s"] > 0 and row["ceiling_gmac_s"] > 0
-        assert row["target_over_floor"] == pytest.approx(row["target_img_s"] / row["img_s"]["floor: convolutions + activation"])
+        floor = row["img_s"]["floor: convolutions + activation"]
+        assert row["target_over_floor"] == pytest.approx(row["target_img_s"] / floor)
         for name, diff in row["max_abs_diff_vs_ours"].items():
             if diff is not None:  # every exact candidate is exact: fp32 to rounding, bf16 to bf16's
                 assert diff < (1e-4 if row["precision"] == "fp32" else 0.1), (name, diff)
