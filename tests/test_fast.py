@@ -78,25 +78,28 @@ def test_inv_sigma_is_groupnorm_statistic_with_eps_inside_the_root():
     torch.testing.assert_close(manual, F.group_norm(x, 1, eps=1e-3), rtol=1e-4, atol=1e-4)
 
 
-# (AVG_POOL_MAX_ELEMENTS, BORDER_GATHER_MAX_ELEMENTS) choosing each way pool(x) - x is computed
-POOL_PATHS = {"depthwise, border gathered": (0, 1 << 40), "depthwise, border in bands": (0, 0),
-              "avg_pool": (1 << 40, 0)}
+# (onednn, BORDER_GATHER_MAX_ELEMENTS) choosing each way pool(x) - x is computed (oneDNN: avg_pool2d on the
+# small maps of these tests; otherwise the depthwise convolution with either border fix)
+POOL_PATHS = {"depthwise, border gathered": (False, 1 << 40), "depthwise, border in bands": (False, 0),
+              "oneDNN, avg_pool": (True, 0)}
 
 
-def _use_pool_path(monkeypatch, path: str) -> None:
-    avg_pool_limit, border_limit = POOL_PATHS[path]
-    monkeypatch.setattr(fast_cpu, "AVG_POOL_MAX_ELEMENTS", avg_pool_limit)
+def _use_pool_path(monkeypatch, path: str) -> bool:
+    """Set the border limit for `path`; returns the `onednn` argument that takes it."""
+    onednn, border_limit = POOL_PATHS[path]
+    monkeypatch.setattr(fast_cpu, "AVG_POOL_MAX_ELEMENTS", 1 << 40)
     monkeypatch.setattr(fast_cpu, "BORDER_GATHER_MAX_ELEMENTS", border_limit)
+    return onednn
 
 
 @pytest.mark.parametrize("path", POOL_PATHS)
 @pytest.mark.parametrize("pool_size", [1, 3, 5, 9])
 @pytest.mark.parametrize(("height", "width"), [(7, 6), (1, 5), (3, 11), (4, 4)])
 def test_pool_minus_identity_is_avg_pool_without_padding_on_every_path(monkeypatch, path, pool_size, height, width):
-    _use_pool_path(monkeypatch, path)
+    onednn = _use_pool_path(monkeypatch, path)
     x = torch.randn(2, 5, height, width)
     expected = F.avg_pool2d(x, pool_size, 1, pool_size // 2, count_include_pad=False) - x
-    got = pool_minus_identity(_nhwc(x), pool_minus_identity_weight(5, pool_size))
+    got = pool_minus_identity(_nhwc(x), pool_minus_identity_weight(5, pool_size), onednn)
     torch.testing.assert_close(got, _nhwc(expected), rtol=1e-5, atol=1e-5)
     assert got.is_contiguous()  # channels-last [B, H, W, C] in memory, as the next operators expect
 
@@ -112,23 +115,25 @@ def test_both_border_paths_give_the_same_bits(monkeypatch, dtype):
     assert torch.equal(*results)
 
 
-def test_small_maps_take_avg_pool_and_large_ones_the_depthwise_convolution(monkeypatch):
+def test_onednn_takes_avg_pool_on_small_maps_only_and_the_portable_path_never(monkeypatch):
     calls, avg_pool2d = [], F.avg_pool2d
     monkeypatch.setattr(fast_cpu.F, "avg_pool2d", lambda *a, **k: calls.append("avg_pool") or avg_pool2d(*a, **k))
     weight = pool_minus_identity_weight(64, 3)
     for side in (14, 56):  # s12 at batch 1: stage 3 (12.5k elements) and stage 1 (200k)
         before = len(calls)
-        pool_minus_identity(torch.randn(1, side, side, 64), weight)
+        pool_minus_identity(torch.randn(1, side, side, 64), weight, onednn=True)
         assert (len(calls) > before) == (side * side * 64 <= fast_cpu.AVG_POOL_MAX_ELEMENTS)
+    assert calls == ["avg_pool"]
+    pool_minus_identity(torch.randn(1, 14, 14, 64), weight)  # portable: the Triton kernels' rounding points
     assert calls == ["avg_pool"]
 
 
 @pytest.mark.parametrize("path", POOL_PATHS)
 def test_pool_in_bf16_is_within_bf16_rounding(monkeypatch, path):
-    _use_pool_path(monkeypatch, path)
+    onednn = _use_pool_path(monkeypatch, path)
     x = torch.randn(2, 8, 9, 10, generator=torch.Generator().manual_seed(0)).bfloat16().float()  # exact in bf16
     expected = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False) - x
-    got = pool_minus_identity(_nhwc(x).bfloat16(), pool_minus_identity_weight(8, 3).bfloat16())
+    got = pool_minus_identity(_nhwc(x).bfloat16(), pool_minus_identity_weight(8, 3).bfloat16(), onednn)
     # corners average 4 of 9 positions: the rescale (add, multiply by 9/4, subtract, each rounded to bf16)
     # amplifies rounding at most 9/4 times; allow 4 bf16 ulps of the largest input at that scale
     torch.testing.assert_close(got.float(), _nhwc(expected), rtol=0, atol=9 / 4 * 4 * 2**-8 * x.abs().max().item())

@@ -9,7 +9,7 @@ downsampling convolutions' weights, once per input shape (`ConvPacks`: F.conv2d 
 which made stage 4's downsampling take 2.6x its packed time in bf16 at batch 1). Very large hidden tensors
 are processed in row chunks (see MLP_SINGLE_PASS_MAX_BYTES). pool(x) - x is one depthwise convolution (on big
 maps oneDNN runs it several times faster than avg_pool2d) with the clipped border rescaled (gathered into one
-strip while small, see BORDER_GATHER_MAX_ELEMENTS); on small maps it is avg_pool2d minus x
+strip while small, see BORDER_GATHER_MAX_ELEMENTS); with oneDNN, on small maps, it is avg_pool2d minus x
 (AVG_POOL_MAX_ELEMENTS).
 
 `onednn` below is decided once per (dtype, device) by `poolformer.fast.module` from what the CPU can do
@@ -83,23 +83,25 @@ def _border(height: int, width: int, pool_size: int, dtype: torch.dtype,
 # strip (5 operator calls); past it, the border's four bands are fixed in place as slices (about 30 calls, but
 # no copies: 6-15% faster per block at batch 16, 32-38% slower at batch 1; s12's stages, 2-core Zen 5).
 BORDER_GATHER_MAX_ELEMENTS = 1 << 17
-# Up to this many elements of x, pool(x) - x is avg_pool2d minus x: faster on small maps, slower on big ones
+# Up to this many elements of x, the oneDNN path's pool(x) - x is avg_pool2d minus x: faster on small maps, slower
+# on big ones
 # (s12 batch 16, stage 3: 270 against 100 us in bf16).
 AVG_POOL_MAX_ELEMENTS = 1 << 17
 
 
-def pool_minus_identity(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def pool_minus_identity(x: torch.Tensor, weight: torch.Tensor, onednn: bool = False) -> torch.Tensor:
     """avg_pool(x, k, stride 1, count_include_pad=False) - x for channels-last x [B, H, W, C] -> [B, H, W, C].
 
-    `weight` [C, 1, k, k] is `pool_minus_identity_weight`'s. Small maps (at most AVG_POOL_MAX_ELEMENTS): avg_pool2d,
-    then minus x (oneDNN's depthwise convolution costs ~25-40 us per call even on s12's 7x7 and 14x14 maps at
-    batch 1, avg_pool2d 10-20 us, and needs no border fix: bf16 batch 1 ran ~5% faster end to end). Otherwise a
-    depthwise convolution gives the zero-padded average minus x; where the window is clipped (the border, radius
-    k//2 wide) the average is rescaled by k^2 / count: q = f * (q + x) - x with f > 1.
+    `weight` [C, 1, k, k] is `pool_minus_identity_weight`'s. A depthwise convolution gives the zero-padded
+    average minus x; where the window is clipped (the border, radius k//2 wide) the average is rescaled by
+    k^2 / count: q = f * (q + x) - x with f > 1 (the Triton kernels round at the same points, so the portable
+    path is their reference in bf16/fp16). On the oneDNN path, small maps (at most AVG_POOL_MAX_ELEMENTS) take
+    avg_pool2d minus x instead: oneDNN's depthwise convolution costs ~25-40 us per call even on s12's 7x7 and
+    14x14 maps at batch 1, avg_pool2d 10-20 us, and it needs no border fix (bf16 batch 1 ~5% faster end to end).
     """
     pool_size = weight.shape[-1]
     radius = pool_size // 2
-    if x.numel() <= AVG_POOL_MAX_ELEMENTS:
+    if onednn and x.numel() <= AVG_POOL_MAX_ELEMENTS:
         images = x.permute(0, 3, 1, 2)
         pooled = F.avg_pool2d(images, pool_size, 1, radius, count_include_pad=False)
         return pooled.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).sub_(x)
@@ -131,13 +133,13 @@ def _clipped_spans(length: int, radius: int) -> tuple[list[slice], slice]:
     return [slice(0, radius), slice(length - radius, length)], slice(radius, length - radius)
 
 
-def pool_mix(x: torch.Tensor, block: FoldedBlock, pool_weight: torch.Tensor) -> torch.Tensor:
+def pool_mix(x: torch.Tensor, block: FoldedBlock, pool_weight: torch.Tensor, onednn: bool = False) -> torch.Tensor:
     """The block's first half: [B, H, W, C] -> [B, H, W, C],
     x1 = skip_scale1 * x + (mix_scale / sigma_b) * (pool(x) - x)."""
     batch, channels = x.shape[0], x.shape[-1]
     inv_sigma = per_sample_inv_sigma(x, block.norm1_eps)
     scale = (block.mix_scale.float()[None, :] * inv_sigma[:, None]).to(x.dtype).view(batch, 1, 1, channels)
-    mixed = pool_minus_identity(x, pool_weight)
+    mixed = pool_minus_identity(x, pool_weight, onednn)
     skip = x if block.skip_scale1 is None else x * block.skip_scale1
     return torch.addcmul(skip, scale, mixed)
 
@@ -188,7 +190,7 @@ def block_forward(x: torch.Tensor, block: FoldedBlock, pool_weight: torch.Tensor
                   onednn: bool = False) -> torch.Tensor:
     """One folded PoolFormer block on channels-last x [B, H, W, C] -> [B, H, W, C]."""
     batch, height, width, channels = x.shape
-    x1 = pool_mix(x, block, pool_weight)
+    x1 = pool_mix(x, block, pool_weight, onednn)
     standardised = F.layer_norm(x1.reshape(batch, -1), (height * width * channels,), eps=block.norm2_eps)
     skip = x1 if block.skip_scale2 is None else x1 * block.skip_scale2
     out = mlp_with_residual(standardised.view(-1, channels), skip.view(-1, channels), block, plan.activation, onednn)
