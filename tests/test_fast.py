@@ -119,7 +119,7 @@ def test_onednn_takes_avg_pool_on_small_maps_only_and_the_portable_path_never(mo
     calls, avg_pool2d = [], F.avg_pool2d
     monkeypatch.setattr(fast_cpu.F, "avg_pool2d", lambda *a, **k: calls.append("avg_pool") or avg_pool2d(*a, **k))
     weight = pool_minus_identity_weight(64, 3)
-    for side in (14, 56):  # s12 at batch 1: stage 3 (12.5k elements) and stage 1 (200k)
+    for side in (14, 56):  # 12.5k and 200k elements: either side of the limit
         before = len(calls)
         pool_minus_identity(torch.randn(1, side, side, 64), weight, onednn=True)
         assert (len(calls) > before) == (side * side * 64 <= fast_cpu.AVG_POOL_MAX_ELEMENTS)

@@ -83,9 +83,8 @@ def _border(height: int, width: int, pool_size: int, dtype: torch.dtype,
 # strip (5 operator calls); past it, the border's four bands are fixed in place as slices (about 30 calls, but
 # no copies: 6-15% faster per block at batch 16, 32-38% slower at batch 1; s12's stages, 2-core Zen 5).
 BORDER_GATHER_MAX_ELEMENTS = 1 << 17
-# Up to this many elements of x, the oneDNN path's pool(x) - x is avg_pool2d minus x: faster on small maps, slower
-# on big ones
-# (s12 batch 16, stage 3: 270 against 100 us in bf16).
+# Up to this many elements of x, the oneDNN path's pool(x) - x is avg_pool2d minus x: faster on small maps,
+# slower on big ones (s12 batch 16, stage 3: 270 against 100 us in bf16).
 AVG_POOL_MAX_ELEMENTS = 1 << 17
 
 
