@@ -213,7 +213,7 @@ def test_triton_backend_is_exact_in_fp32(name, seed, batch, height, width):
 def test_triton_backend_low_precision_is_as_close_as_the_portable_path(dtype):
     """bf16/fp16 logits are as far from fp32 as the portable path's in the same dtype (same rounding points)."""
     model = randomize_(create_model("s12"), seed=3).eval()
-    x = torch.randn(3, 3, 64, 64)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # bf16: 1.6-1.8x over 5 inputs
     with torch.no_grad():
         reference = model(x)
         triton_error = (optimize(model, dtype=dtype, backend="triton")(x) - reference).abs().max().item()
