@@ -295,8 +295,9 @@ def markdown(results: dict) -> str:
                          f"{row['target_over_floor']:.0%} | {row['target_over_ceiling']:.0%} |")
         rates = ", ".join(f"{row['ceiling_gmac_s']:.0f} GMAC/s in the batch {row['batch_size']} run" for row in rows)
         lines += ["", f"Bounds, as img/s: the floors are the model's convolutions alone (with fc1's activation "
-                  f"fused in, or without); the ceiling is a square matmul's rate ({rates}) in images' worth of the "
-                  f"model's {rows[0]['macs_per_image'] / 1e9:.2f} GMACs of convolution."]
+                  f"fused in, or without; \"target / floor\" divides by the first); the ceiling is a square "
+                  f"matmul's rate ({rates}) in images' worth of the model's "
+                  f"{rows[0]['macs_per_image'] / 1e9:.2f} GMACs of convolution."]
         exact = [n for n in names if not n.startswith("timm") and n not in BOUNDS]
         lines += ["", f"img/s; `fast` ran on its `{rows[0]['fast_backend']}` backend. Max |logit difference| "
                   "against our fp32 reference model, and top-1 agreement with it over the batch (timm's v1 head "
