@@ -47,6 +47,7 @@ import tempfile
 import time
 import warnings
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,8 @@ from poolformer import create_model
 from poolformer.capabilities import cpu_capabilities
 from poolformer.fast import fold, optimize
 from poolformer.fast.compiled import Frozen, unavailable_reason
-from poolformer.fast.cpu import MLP_CHUNK_BYTES, MLP_SINGLE_PASS_MAX_BYTES, ONEDNN_ACTIVATIONS
+from poolformer.fast.cpu import ONEDNN_ACTIVATIONS, mlp_rows_per_pass
+from poolformer.fast.folding import FoldedModel, Plan
 from poolformer.fast.runtime import runs as runtime_runs
 from poolformer.implementations import IMPLEMENTATIONS
 from poolformer.runtimes.export_forms import portable_form
@@ -135,16 +137,17 @@ BOUNDS = (FLOOR, FLOOR_ACTIVATION, CEILING)
 class ConvolutionsOnly:
     """The model's convolutions at one batch size and resolution, and nothing else: no pooling, statistics,
     residuals, head or layout changes. The stem and downsampling convolutions on channels-last inputs, and every
-    block's fc1 and fc2 as oneDNN's packed matmuls (over row chunks where the fast path chunks them: a big output
-    is a fresh mmap whose pages fault in on every call); with `activation`, fc1 has the model's activation fused
-    into it (exact erf GELU for v1: the cheapest place to apply it, in registers after the matmul). Inputs are
-    made once, one per distinct shape (so they stay in cache: the bound is generous); a call ignores its
-    argument. Its speed bounds every exact implementation whose convolutions run as fast as oneDNN's."""
+    block's fc1 and fc2 as oneDNN's packed matmuls, over the row chunks the fast path uses
+    (`mlp_rows_per_pass`: a big output is a fresh mmap whose pages fault in on every call); with `activation`,
+    fc1 has the model's activation fused into it (exact erf GELU for v1: the cheapest place to apply it, in
+    registers after the matmul). Inputs are made once, one per distinct shape (so they stay in cache: the bound
+    is generous); a call ignores its argument. Its speed bounds every exact implementation whose convolutions
+    run as fast as oneDNN's."""
 
-    def __init__(self, ours: torch.nn.Module, batch: int, resolution: int, dtype: torch.dtype, activation: bool):
-        folded, plan = fold(ours)
-        post = ONEDNN_ACTIVATIONS[plan.activation] if activation else "none"
-        algorithm = "none" if post == "gelu" else ""  # "none": erf (exact) GELU, not the tanh approximation
+    def __init__(self, folded: FoldedModel, plan: Plan, batch: int, resolution: int, dtype: torch.dtype,
+                 activation: bool):
+        fc1_post = ONEDNN_ACTIVATIONS[plan.activation] if activation else "none"
+        element_size = torch.empty((), dtype=dtype).element_size()
         self.calls, self.macs_per_image, side = [], 0, resolution
 
         def conv(weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int) -> None:
@@ -153,28 +156,23 @@ class ConvolutionsOnly:
             x = x.contiguous(memory_format=torch.channels_last)
             weight = weight.to(dtype).contiguous(memory_format=torch.channels_last)
             bias = None if bias is None else bias.to(dtype)
-            self.calls.append(lambda: torch.nn.functional.conv2d(x, weight, bias, stride=stride, padding=padding))
+            self.calls.append(partial(torch.nn.functional.conv2d, x, weight, bias, stride=stride, padding=padding))
             side = (side + 2 * padding - weight.shape[-1]) // stride + 1
             self.macs_per_image += side * side * weight.numel()
-
-        def matmul(rows: int, weight: torch.Tensor, count: int, post: str = "none") -> None:
-            x = torch.randn(rows, weight.shape[1], dtype=dtype)
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype))
-            out_bytes = weight.shape[0] * x.element_size()
-            chunked = rows * out_bytes > MLP_SINGLE_PASS_MAX_BYTES
-            parts = x.split(max(1, MLP_CHUNK_BYTES // out_bytes)) if chunked else (x,)
-            for _ in range(count):
-                self.calls += [(lambda part: lambda: torch.ops.mkldnn._linear_pointwise(
-                    part, packed, None, post, [], algorithm if post != "none" else ""))(part) for part in parts]
-            self.macs_per_image += count * (rows // batch) * weight.numel()
 
         conv(folded.stem_weight, folded.stem_bias, 4, 2)
         for stage in folded.stages:
             if stage.down_weight is not None:
                 conv(stage.down_weight, stage.down_bias, 2, 1)
-            block, rows, count = stage.blocks[0], batch * side * side, len(stage.blocks)
-            matmul(rows, block.fc1_weight, count, post)
-            matmul(rows, block.fc2_weight, count)
+            block, rows = stage.blocks[0], batch * side * side
+            chunk = mlp_rows_per_pass(rows, block.fc1_weight.shape[0] * element_size)
+            for weight, post in ((block.fc1_weight, fc1_post), (block.fc2_weight, "none")):
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype))
+                algorithm = "none" if post == "gelu" else ""  # "none": erf (exact) GELU, not the tanh approximation
+                parts = torch.randn(rows, weight.shape[1], dtype=dtype).split(chunk)
+                self.calls += [partial(torch.ops.mkldnn._linear_pointwise, part, packed, None, post, [], algorithm)
+                               for part in parts] * len(stage.blocks)
+                self.macs_per_image += len(stage.blocks) * side * side * weight.numel()
 
     def __call__(self, x: torch.Tensor | None = None) -> None:
         for call in self.calls:
@@ -197,9 +195,10 @@ class SquareMatmul:
 def bounds(ours: torch.nn.Module, shape: tuple[int, ...], precision: str, square: int = 2048) -> tuple[dict, dict]:
     """The floor and ceiling candidates (name -> callable) and the images each call counts for."""
     batch, resolution, dtype = shape[0], shape[-1], DTYPES[precision]
-    floor = ConvolutionsOnly(ours, batch, resolution, dtype, activation=False)
+    folded, plan = fold(ours)
+    floor = ConvolutionsOnly(folded, plan, batch, resolution, dtype, activation=False)
     ceiling = SquareMatmul(square, dtype)
-    table = {FLOOR: floor, FLOOR_ACTIVATION: ConvolutionsOnly(ours, batch, resolution, dtype, activation=True),
+    table = {FLOOR: floor, FLOOR_ACTIVATION: ConvolutionsOnly(folded, plan, batch, resolution, dtype, activation=True),
              CEILING: ceiling}
     return table, {FLOOR: batch, FLOOR_ACTIVATION: batch, CEILING: ceiling.macs / floor.macs_per_image}
 

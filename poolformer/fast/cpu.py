@@ -167,16 +167,23 @@ MLP_SINGLE_PASS_MAX_BYTES = 32 << 20
 MLP_CHUNK_BYTES = 8 << 20
 
 
+def mlp_rows_per_pass(rows: int, hidden_row_bytes: int) -> int:
+    """How many rows the MLP runs at once: all of them while the hidden [rows, D] stays within
+    MLP_SINGLE_PASS_MAX_BYTES, else chunks of MLP_CHUNK_BYTES of hidden activations."""
+    if rows * hidden_row_bytes <= MLP_SINGLE_PASS_MAX_BYTES:
+        return rows
+    return max(1, MLP_CHUNK_BYTES // hidden_row_bytes)
+
+
 def mlp_with_residual(standardised: torch.Tensor, skip: torch.Tensor, block: FoldedBlock, activation: str,
                       onednn: bool) -> torch.Tensor:
     """skip + fc2(act(fc1(standardised))) for rows [N, C] -> [N, C], in row chunks when the hidden [N, D] is
     big (rows are independent: chunks change only the matmul kernels' rounding)."""
     rows = standardised.shape[0]
-    hidden_row_bytes = block.fc1_weight.shape[0] * standardised.element_size()
-    if rows * hidden_row_bytes <= MLP_SINGLE_PASS_MAX_BYTES:
+    chunk = mlp_rows_per_pass(rows, block.fc1_weight.shape[0] * standardised.element_size())
+    if chunk >= rows:
         hidden = linear_act(standardised, block.fc1_weight, block.fc1_bias, activation, onednn)
         return linear_add(hidden, skip, block.fc2_weight, block.fc2_bias, onednn)
-    chunk = max(1, MLP_CHUNK_BYTES // hidden_row_bytes)
     out = torch.empty_like(skip)
     for start in range(0, rows, chunk):
         part = slice(start, start + chunk)
