@@ -3,9 +3,9 @@
 Eager, the oneDNN path (`poolformer.fast.cpu`) spends about 40% of a bf16 batch-1 forward outside its matrix
 multiplies: some 310 operator calls for pooling, statistics, scaling and residuals. Compiled by inductor with
 freezing, the same algebra keeps oneDNN's packed convolutions (weights become constants, reordered once) and
-turns everything between them into a few generated C++ loops: on a 2-core Zen 5, s12 bf16 batch 1 runs at
-1.08x the eager oneDNN backend and 1.08x timm compiled; at bf16 batch 16 it is 0.94x oneDNN, in fp32 level with
-the ONNX Runtime backend at batch 1 and 0.93x at batch 16 (benchmarks/results/runtimes_cpu_avx512_bf16.md).
+turns everything between them into a few generated C++ loops: on a 2-core Zen 5, s12 bf16 runs at 1.11-1.13x
+the eager oneDNN backend and 1.11-1.20x timm compiled; in fp32 it is 0.98x the ONNX Runtime backend at batch 1
+and 0.84x at batch 16 (benchmarks/results/runtimes_cpu_avx512_bf16.md; runs move by 5-20% on that machine).
 The price is compilation: ~10-15 s per input shape with a C++ compiler, so "auto" never picks it; it is what
 `bench --impl fast --compile` (and `optimize(model, backend="inductor")`) runs.
 
