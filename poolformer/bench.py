@@ -550,6 +550,10 @@ class ModelCache:
         self.models[key] = build()
         return self.models[key]
 
+    def discard(self, config: BenchConfig) -> None:
+        """Forget the model of `config` (one that ran out of memory: memory is short, and it would only fail again)."""
+        self.models.pop(replace(config, batch_size=0, precision=config.precision if config.cast else ""), None)
+
 
 def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildModel | None = None,
                reference: Callable[[], Any] | None = None, models: ModelCache | None = None) -> BenchResult:
@@ -591,6 +595,8 @@ def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildM
         return result
     except Exception as err:
         status = "oom" if is_out_of_memory(err) else "error"
+        if status == "oom" and models is not None:
+            models.discard(config)
         return BenchResult(config=config, status=status, error=_one_line(err))
     finally:
         del model, x

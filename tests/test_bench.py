@@ -174,6 +174,30 @@ def test_oom_gives_an_oom_row_and_the_run_goes_on(monkeypatch):
     assert results[2].throughput > 0
 
 
+def test_an_oom_row_leaves_no_model_behind(monkeypatch):
+    """On an H200 the m48 model of an OOM row stayed in the model cache (294 MB held for the rest of the run,
+    where memory had just run out); the row that runs out of memory now drops its model."""
+    import weakref
+
+    built = []
+
+    def tracked(model):
+        failing = _Failing(model, 4, _oom)
+        built.append(weakref.ref(failing))
+        return failing
+
+    monkeypatch.setitem(IMPLEMENTATIONS, "tracked", tracked)
+    models = bench.ModelCache()
+    settings = bench.BenchSettings(warmup=0, iters=1, parity=False)
+    ok = list(bench.run_benchmark(bench.expand_configs(["s12"], ["tracked"], "cpu", [2], [64], ["fp32"], False, False),
+                                  settings, models=models))
+    assert ok[0].status == "ok" and len(models.models) == 1  # a model that worked stays for the next batch size
+    oom = bench.expand_configs(["s24"], ["tracked"], "cpu", [4], [64], ["fp32"], False, False)
+    assert [r.status for r in bench.run_benchmark(oom, settings, models=models)] == ["oom"]
+    assert len(built) == 2 and built[1]() is None  # s24's model is gone, not only out of the cache
+    assert [key.model for key in models.models] == ["s12"]
+
+
 def test_cpu_allocator_failure_counts_as_oom_but_other_errors_do_not():
     assert bench.is_out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: 9 GB"))
     assert bench.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
@@ -576,6 +600,29 @@ def test_cuda_profile_counts_each_kernel_once():
     assert [op.self_ms for op in report.operators] == pytest.approx([0.300, 0.100, 0.050])
     assert sum(op.share for op in report.operators) == pytest.approx(1.0)
     assert report.categories["convolution"] == pytest.approx(0.300 / 0.450)
+
+
+def test_profile_categories_match_whole_operator_names():
+    """On an H200, CUPTI's "Command Buffer Full" (launches that waited for a full launch queue) carried kernel
+    time and was filed as matmul, "mm" being inside "command"."""
+    from poolformer.profiling import categorize
+
+    assert [categorize(n) for n in ("aten::addmm", "aten::mm", "aten::bmm", "aten::_scaled_mm", "aten::linear")] \
+        == ["matmul"] * 5
+    assert categorize("Command Buffer Full") == "other"
+    assert categorize("aten::cudnn_convolution") == "convolution" and categorize("aten::add_") == "elementwise"
+
+
+def test_cuda_profile_names_the_launch_queue_range():
+    """The kernel time CUPTI files under "Command Buffer Full" (14% on the H200 run) gets a row saying what it is."""
+    from poolformer.profiling import CUPTI_RANGES, summarize
+
+    events = [_event("aten::cudnn_convolution", 300, 2), _event("Command Buffer Full", 100, 2),
+              _event("sm90_xmma_fprop_implicit_gemm", 400, 2, "CUDA")]
+    report = summarize(events, steps=2, time_kind="cuda", config=bench.BenchConfig("s12", device="cuda"))
+    assert [(op.name, op.category) for op in report.operators] == [
+        ("aten::cudnn_convolution", "convolution"), (CUPTI_RANGES["Command Buffer Full"], "other")]
+    assert "launch queue" in report.operators[1].name
 
 
 def test_profile_command_with_trace(tmp_path):
