@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 if "--smoke" in sys.argv:  # Triton must see the interpreter switch before anything imports it
     os.environ.setdefault("POOLFORMER_TRITON_INTERPRET", "1")
@@ -63,24 +64,27 @@ def randomised_build(seed: int = 0):
 def candidates(model: str, device: str, batch: int, resolution: int, precision: str) -> list[tuple[str, bench.BenchConfig, str | None]]:
     """(name, configuration, compile mode) of every contender for one model and batch size."""
     base = bench.BenchConfig(model, "timm", device, batch, resolution, precision)
-    return [
+    return [  # the long max-autotune compile last: a run cut short by a time limit keeps the others
+        ("fast", replace(base, impl="fast"), None),
         ("timm eager", replace(base, channels_last=True), None),
         ("timm eager NCHW", base, None),
-        ("timm max-autotune", replace(base, channels_last=True, cast=True, compile=True), "max-autotune"),
         ("ours eager", replace(base, impl="ours", channels_last=True), None),
-        ("fast", replace(base, impl="fast"), None),
+        ("timm max-autotune", replace(base, channels_last=True, cast=True, compile=True), "max-autotune"),
     ]
 
 
-def measure(named: list, settings: bench.BenchSettings, build) -> dict[str, dict]:
-    """name -> the bench row of each contender (each compiled one with its own compile mode)."""
-    rows = {}
+def measure(named: list, settings: bench.BenchSettings, build, rows: dict | None = None,
+            progress: Callable[[], None] = lambda: None) -> dict[str, dict]:
+    """name -> the bench row of each contender (each compiled one with its own compile mode), filled into `rows`
+    row by row; `progress` runs after each (the script saves, so a run cut short keeps what it measured)."""
+    rows = {} if rows is None else rows
     for name, config, mode in named:
         started = time.perf_counter()
         result = next(bench.run_benchmark([config], replace(settings, compile_mode=mode), build))
         row = result.to_row()
         row["wall_s"] = time.perf_counter() - started
         rows[name] = row
+        progress()
         print(f"  {name:20s} {row['status']:8s} "
               + (f"{row['throughput']:10.1f} img/s" if row["throughput"] else str(row["error"])), file=sys.stderr)
     return rows
@@ -191,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed steps per row")
+    parser.add_argument("--candidates", default=None, help="comma-separated names of the contenders to run "
+                        "(default: all of them; e.g. leave out 'timm max-autotune' and its long compile)")
     parser.add_argument("--agreement-images", type=int, default=1024)
     parser.add_argument("--no-autotune", action="store_true", help="take the first MLP tile that compiles "
                         "instead of timing every candidate (POOLFORMER_TRITON_AUTOTUNE)")
@@ -200,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     models = [m for m in args.models.split(",") if m]
+    names = [c[0] for c in candidates("s12", "cpu", 1, 64, "bf16")]
+    chosen = names if args.candidates is None else [c.strip() for c in args.candidates.split(",") if c.strip()]
+    if set(chosen) - set(names):
+        parser.error(f"unknown candidates {sorted(set(chosen) - set(names))}; choose from {names}")
     if args.smoke:  # the fast rows run the Triton kernels in the interpreter (see the module docstring)
         os.environ["POOLFORMER_FAST_BACKEND"] = "triton"
         device, resolution, batch, images = "cpu", 64, 1, 2
@@ -230,17 +240,22 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         print(model, file=sys.stderr)
         if "throughput" in sections:
-            rows = measure(candidates(model, device, batch, resolution, "bf16"), settings, build)
-            document["throughput"][model] = {"rows": rows, "summary": throughput_summary(rows, bandwidth)}
+            entry = document["throughput"][model] = {"rows": {}, "summary": {}}
+
+            def progress() -> None:
+                entry["summary"] = throughput_summary(entry["rows"], bandwidth)
+                save()
+
+            measure([c for c in candidates(model, device, batch, resolution, "bf16") if c[0] in chosen], settings,
+                    build, entry["rows"], progress)
+        if "exactness" in sections:  # before latency, whose max-autotune compile is the long part
+            document["exactness"][model] = agreement(model, device, images, resolution, build)
             save()
         if "latency" in sections:
             named = [c for c in candidates(model, device, 1, resolution, "bf16") if c[0] in
-                     ("timm eager", "timm max-autotune", "fast")]
-            document["latency"][model] = measure(named, settings, build)
-            save()
-        if "exactness" in sections:
-            document["exactness"][model] = agreement(model, device, images, resolution, build)
-            save()
+                     ("timm eager", "timm max-autotune", "fast") and c[0] in chosen]
+            document["latency"][model] = {}
+            measure(named, settings, build, document["latency"][model], save)
     save()
     return 0
 

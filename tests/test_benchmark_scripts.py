@@ -39,12 +39,12 @@ def test_gpu_suite_smoke_runs_every_section_without_defects(gpu_suite):
     assert document["defects"] == [], document["defects"]
     assert set(document["sections"]) == {"sweep", "oom", "timing", "profile", "predict_eval", "memory", "regression"}
     assert document["command"].startswith("PYTHONPATH=. python benchmarks/gpu_suite.py --smoke")
-    assert "## bench: main" in report and "## regression" in report
+    assert "## bench: main: s12" in report and "## regression" in report
 
 
 def test_gpu_suite_sweep_covers_impls_compile_and_max_batch(gpu_suite):
     sweep = gpu_suite[0]["sections"]["sweep"]
-    main = sweep["main"]["rows"]
+    main = sweep["main: s12"]["rows"]
     assert {r["impl"] for r in main} == {"ours", "timm", "fast"} and all(r["status"] == "ok" for r in main)
     assert all(r["channels_last"] for r in main)
     assert not any(r["channels_last"] for r in sweep["s12 without channels-last"]["rows"])
@@ -59,6 +59,7 @@ def test_gpu_suite_sweep_covers_impls_compile_and_max_batch(gpu_suite):
 def test_gpu_suite_oom_row_and_recovery(gpu_suite):
     oom = gpu_suite[0]["sections"]["oom"]
     assert oom["statuses"] == ["ok", "oom", "ok"] and oom["ok"]
+    assert len(oom["allocated_after_each_row"]) == 3
     assert oom["simulated"] is True  # on the CPU the out-of-memory is raised by a stand-in model
     assert oom["throughput_after_oom"] > 0 and oom["throughput_without_oom"] > 0
 
@@ -68,6 +69,7 @@ def test_gpu_suite_timing_profile_memory_and_known_answers(gpu_suite):
     timing = sections["timing"]["batch 2"]
     assert {"bench_median_ms", "blocked_autorange_ms", "timm_style_mean_ms"} <= timing.keys()
     assert all(v > 0 for k, v in timing.items() if k.endswith("_ms"))
+    assert timing["bench_again_ms"] > 0 and "launch overhead" in timing["explanation"]
     profile = sections["profile"]
     assert profile["time_kind"] == "cpu" and profile["trace_written"] and profile["top"]
     predict_eval = sections["predict_eval"]
@@ -93,6 +95,19 @@ def test_fast_gpu_smoke_measures_every_contender(tmp_path):
     assert set(document["latency"]["poolformer_s12"]) == {"timm eager", "timm max-autotune", "fast"}
     report = (tmp_path / "fast_gpu.md").read_text()
     assert "| poolformer_s12 |" in report and "Batch-1 latency" in report
+
+
+def test_fast_gpu_runs_only_the_chosen_contenders(tmp_path):
+    """--candidates leaves out contenders (the H200 run had no time for max-autotune's compile); a name that is
+    not a contender is refused before anything runs."""
+    done = _run_script("benchmarks/fast_gpu.py", "--smoke", "--out", str(tmp_path), "--models", "s12",
+                       "--sections", "throughput", "--candidates", "ours eager,timm eager")
+    assert done.returncode == 0, done.stderr[-3000:]
+    document = json.loads((tmp_path / "fast_gpu.json").read_text())
+    assert set(document["throughput"]["s12"]["rows"]) == {"ours eager", "timm eager"}
+    bad = _run_script("benchmarks/fast_gpu.py", "--smoke", "--out", str(tmp_path / "bad"), "--candidates", "fastest")
+    assert bad.returncode == 2 and "unknown candidates ['fastest']" in bad.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here: the scripts would run in full")
