@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                 "autotune": autotune, "throughput": {}, "latency": {}, "exactness": {}}
 
     def save() -> None:
+        from poolformer.fast.triton_forward import mlp_tiles_in_use
+
+        document["mlp_tiles"] = mlp_tiles_in_use()  # which tile each MLP shape ran with (autotuned on a GPU)
         write_atomic(args.out / "fast_gpu.json", json.dumps(document, indent=2) + "\n")
         write_atomic(args.out / "fast_gpu.md", markdown(document))
 

@@ -87,6 +87,8 @@ def test_fast_gpu_smoke_measures_every_contender(tmp_path):
     assert set(rows) == {"timm eager", "timm eager NCHW", "timm max-autotune", "ours eager", "fast"}
     assert all(r["status"] == "ok" for r in rows.values()), {k: r["error"] for k, r in rows.items()}
     assert rows["fast"]["backend"] == "triton" and rows["fast"]["bytes_per_image"] > 0
+    tiles = document["mlp_tiles"]  # one per MLP shape: s12's four stages at batch 1 (latency adds none here)
+    assert {t["channels"] for t in tiles} == {64, 128, 320, 512} and all(t["block_rows"] > 0 for t in tiles)
     assert rows["timm max-autotune"]["cast"] and rows["timm max-autotune"]["compile_mode"] == "max-autotune"
     summary = document["throughput"]["poolformer_s12"]["summary"]
     assert summary["vs_timm_eager"] == pytest.approx(rows["fast"]["throughput"] / summary["timm_eager"])

@@ -21,7 +21,7 @@ import contextlib
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from types import ModuleType
 from typing import Iterator
 
@@ -371,6 +371,14 @@ def mlp(x1: torch.Tensor, stats: Partials, block: TritonBlock, activation: str, 
         _working_mlp_config[key] = candidate
         return result
     raise AssertionError("unreachable")
+
+
+def mlp_tiles_in_use() -> list[dict]:
+    """The MLP tile in use for each shape run so far in this process (the autotuned one where autotuning was on):
+    what a GPU run records, so the design-time order of `mlp_configs` can follow what won."""
+    return [{"rows": rows, "channels": channels, "hidden": hidden, "dtype": str(dtype).replace("torch.", ""),
+             "device": str(device), **asdict(tile)}
+            for (rows, channels, hidden, dtype, device), tile in _working_mlp_config.items()]
 
 
 def _out_of_resources(err: Exception) -> bool:
