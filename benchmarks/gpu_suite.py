@@ -1,8 +1,10 @@
 """The GPU evidence suite: every CUDA path of poolformer, run through the real commands and the library.
 
-    PYTHONPATH=. python benchmarks/gpu_suite.py --out DIR            # on a GPU machine (about 8 minutes, H100)
+    PYTHONPATH=. python benchmarks/gpu_suite.py --out DIR            # on a GPU machine (see below)
     PYTHONPATH=. python benchmarks/gpu_suite.py --out DIR --smoke    # the same suite on the CPU, tiny sizes
 
+On an H200 every section but the sweep takes about 2 minutes; the whole sweep has not yet finished inside one
+lease (its main grid is one bench run per model, `--models` picks some, and each finished run is saved).
 Sections (each recorded in DIR/gpu_suite.json and DIR/gpu_suite.md; one that fails is recorded as a defect
 with its error, and the suite goes on):
 - environment: GPU name, driver, CUDA, torch, timm, NVML's clocks and bandwidth;
@@ -397,8 +399,10 @@ def section_memory(plan: Plan, work: Path) -> dict:
                           "forward_peak_over_summary": forward / figure if forward else None}
     out["explanation"] = ("summary counts every tensor the forward writes (what training would keep); inference "
                           "frees each activation once its consumers ran, so the measured peak is a few live "
-                          "tensors (the widest stage's MLP hidden map and its neighbours) plus the input: a "
-                          "small fraction of the summary's figure, smaller again in bf16.")
+                          "tensors (the widest stage's MLP hidden map and its neighbours), the input, and the "
+                          "workspace the convolution library takes. On the first H200 run that was 0.09 of the "
+                          "summary's figure in bf16 but 0.63 in fp32, far above fp32's live tensors: most likely "
+                          "cuDNN's convolution workspace (not yet confirmed).")
     return out
 
 
