@@ -189,3 +189,23 @@ def test_runtimes_cpu_benchmark_refuses_an_unknown_compiler(tmp_path):
     done = _run_script("benchmarks/runtimes_cpu.py", "--compiler", "tvm", "--out", str(tmp_path / "r"))
     assert done.returncode == 2 and "unknown --compiler 'tvm'" in done.stderr and "Traceback" not in done.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_triton_sm90_compiles_the_recorded_launches_without_a_gpu(tmp_path):
+    """The kernels' launches of a real forward (meta tensors), compiled for Hopper by Triton and its ptxas: every
+    kernel of a stage appears with its registers and spills. Recording drifts with the launch code, so this
+    fails the day a kernel gains an argument that the recorded launch does not carry."""
+    pytest.importorskip("triton.backends.nvidia")
+    done = _run_script("benchmarks/triton_sm90.py", "--out", str(tmp_path), "--models", "s12", "--batch", "2",
+                       "--resolution", "64")
+    if done.returncode == 2 and "no ptxas" in done.stderr:
+        pytest.skip(done.stderr.strip())
+    assert done.returncode == 0, done.stderr[-3000:]
+    document = json.loads((tmp_path / "triton_sm90.json").read_text())
+    rows = document["rows"]
+    assert not [r for r in rows if "error" in r], rows
+    kernels = [r["launch"].split()[0] for r in rows]
+    assert kernels.count("mlp") == 4 and kernels.count("pool_mix") == 4 and kernels.count("stats") == 4
+    assert sum(r["launches"] for r in rows if r["launch"].startswith("mlp")) == 12  # s12: 2 + 2 + 6 + 2 blocks
+    assert all(0 < r["registers"] <= 255 and r["spill_store_bytes"] >= 0 for r in rows)
+    assert "| s12 | mlp C=64 D=256" in (tmp_path / "triton_sm90.md").read_text()
