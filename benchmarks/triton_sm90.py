@@ -148,14 +148,16 @@ def compile_launch(launch: dict) -> dict:
 
 
 def describe(launch: dict) -> str:
-    args, kw = launch["args"], launch["kwargs"]
+    from poolformer.fast import triton_kernels
+
+    a = dict(zip(getattr(triton_kernels, launch["kernel"]).arg_names, launch["args"]))  # by name, not position
+    kw = launch["kwargs"]
     if launch["kernel"] == "mlp_kernel":
-        rows, _, channels, hidden = args[9:13]
-        return (f"mlp C={channels} D={hidden} rows={rows} tile {kw['BLOCK_R']}x{kw['BLOCK_D']} "
+        return (f"mlp C={a['C']} D={a['D']} rows={a['R']} tile {kw['BLOCK_R']}x{kw['BLOCK_D']} "
                 f"w{kw.get('num_warps')} s{kw.get('num_stages')}")
     if launch["kernel"] == "pool_mix_kernel":
-        return f"pool_mix C={args[9]} {args[7]}x{args[8]} rows={args[6]} tile {kw['BLOCK_R']}x{kw['BLOCK_C']}"
-    return f"stats C={args[4]} rows={args[2]} tile {kw['BLOCK_R']}x{kw['BLOCK_C']}"
+        return f"pool_mix C={a['C']} {a['H']}x{a['W']} rows={a['R']} tile {kw['BLOCK_R']}x{kw['BLOCK_C']}"
+    return f"stats C={a['C']} rows={a['R']} tile {kw['BLOCK_R']}x{kw['BLOCK_C']}"
 
 
 def analyse(models: list[str], batch: int, resolution: int, dtype: torch.dtype, all_tiles: bool) -> dict:

@@ -67,9 +67,10 @@ def _block(channels: int, hidden: int, dtype=torch.float32, skip: bool = True, b
     def vec(n, around=0.0):
         return (torch.randn(n) * 0.3 + around).contiguous()
 
+    fc1 = (torch.randn(channels, hidden) / math.sqrt(channels)).to(dtype).contiguous()
     return tf.TritonBlock(
         mix_scale=vec(channels, 1.0), skip_scale1=vec(channels, 1.0) if skip else None,
-        fc1_weight=(torch.randn(channels, hidden) / math.sqrt(channels)).to(dtype).contiguous(),
+        fc1_weight=fc1, fc1_colsum=fc1.float().sum(0) if tf.norm_after_fc1(dtype, channels) else None,
         fc1_bias=vec(hidden) if bias else None,
         fc2_weight=(torch.randn(hidden, channels) / math.sqrt(hidden)).to(dtype).contiguous(),
         fc2_bias=vec(channels) if bias else None, skip_scale2=vec(channels, 1.0) if skip else None,
@@ -188,6 +189,24 @@ def test_low_precision_kernels_keep_float32_statistics(dtype):
     assert ((x1.double() - expected_x1).abs() / (expected_x1.abs() + 1)).max() < 2 * resolution
     expected_y = _reference_mlp(x1, block, "gelu")  # from the kernel's own x1: isolates the MLP's error
     assert ((y.double() - expected_y).abs() / (expected_y.abs() + 1)).max() < 8 * resolution
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+def test_bf16_mlp_applies_the_statistics_after_fc1(offset):
+    """bf16/fp16: fc1 multiplies x as stored and the kernel subtracts mu * colsum(w1) from its float32 sums. Far
+    from zero (mean 30, unit spread) the subtraction must not cost more than the storage format's rounding; C = 96
+    runs the masked second channel group (64 + 32)."""
+    assert tf.norm_after_fc1(torch.bfloat16, 96) and tf.norm_after_fc1(torch.float16, 384)
+    assert not tf.norm_after_fc1(torch.float32, 64)  # fp32 normalises first: the 1e-4 target has no room for it
+    assert not tf.norm_after_fc1(torch.bfloat16, 512)  # wide stages spill more with it (ptxas, sm_90a)
+    x = (torch.randn(2, 9, 11, 96) + offset).to(torch.bfloat16).contiguous()
+    block = _block(96, 384, dtype=torch.bfloat16)
+    y, _ = tf.mlp(x, tf.stage_input_stats(x), block, "gelu", emit_stats=False)
+    expected = _reference_mlp(x, block, "gelu")
+    assert ((y.double() - expected).abs() / (expected.abs() + 1)).max() < 8 * 2 ** -8
+    missing = tf.TritonBlock(**{**block.__dict__, "fc1_colsum": None})
+    with pytest.raises(ValueError, match="column sums"):
+        tf.mlp(x, tf.stage_input_stats(x), missing, "gelu", emit_stats=False)
 
 
 # ------------------------------------------------------------------------------ whole models

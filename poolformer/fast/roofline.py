@@ -17,7 +17,7 @@ import torch
 
 from .folding import FoldedModel, Plan
 from .triton_forward import (
-    KernelTraffic, elementwise_tile, mlp_configs, new_partials_shape,
+    KernelTraffic, elementwise_tile, mlp_configs, new_partials_shape, norm_after_fc1,
 )
 
 
@@ -77,8 +77,8 @@ def fast_traffic(folded: FoldedModel, plan: Plan, batch_size: int, height: int, 
             mixer_reads = activation + incoming + vector * (1 + (block.skip_scale1 is not None))
             traffic.append(KernelTraffic("pool_mix", mixer_reads, activation + elementwise_partials))
             weights = 2 * hidden * channels * size + 4 * (
-                hidden * (block.fc1_bias is not None) + channels * (block.fc2_bias is not None)
-                + channels * (block.skip_scale2 is not None))
+                hidden * (block.fc1_bias is not None) + hidden * norm_after_fc1(dtype, channels)
+                + channels * (block.fc2_bias is not None) + channels * (block.skip_scale2 is not None))
             emits = index < len(stage.blocks) - 1
             traffic.append(KernelTraffic("mlp", activation + elementwise_partials + weights,
                                          activation + (mlp_partials if emits else 0)))

@@ -135,6 +135,22 @@ class TritonModel:
     blocks: tuple[tuple[TritonBlock, ...], ...]
 
 
+NORM_AFTER_FC1_MAX_CHANNELS = 384  # see norm_after_fc1
+
+
+def norm_after_fc1(dtype: torch.dtype, channels: int | None = None) -> bool:
+    """Whether the MLP kernel feeds fc1 the activation as stored and applies norm2's per-sample statistics to
+    fc1's sums: fc1((x - mu) / sigma) = (x @ W1 - mu * colsum(W1)) / sigma. It skips rounding the normalised x
+    to the dtype and keeps that copy out of registers. ptxas for sm_90a (benchmarks/triton_sm90.py, every
+    candidate tile of s12 and m36) says where that pays: at C 96-384 the 64-row (wgmma) tiles spill less or not
+    at all (s12 stage 2: 304 bytes to 0, stage 3: 432 to 128), at C 512 and 768 they spill more, so wider
+    stages keep normalising first (channels None: whether the dtype allows it at all). In bf16/fp16 only: in
+    float32 the subtraction after the matmul would lose digits when |mu| >> sigma, against the 1e-4 target."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return channels is None or channels <= NORM_AFTER_FC1_MAX_CHANNELS
+
+
 def prepare(folded: FoldedModel, dtype: torch.dtype, device: torch.device) -> TritonModel:
     """The float32 folded model converted for the kernels in `dtype` on `device`."""
 
@@ -142,11 +158,15 @@ def prepare(folded: FoldedModel, dtype: torch.dtype, device: torch.device) -> Tr
         return None if t is None else t.to(device=device, dtype=torch.float32).contiguous()
 
     def block(b: FoldedBlock) -> TritonBlock:
+        fc1 = b.fc1_weight.t().to(device=device, dtype=dtype).contiguous()
+        # bf16/fp16: the MLP kernel applies norm2's statistics after fc1 (see norm_after_fc1), which needs the
+        # column sums of fc1's weights as the kernel multiplies them (already rounded to the dtype)
+        colsum = fc1.float().sum(0).contiguous() if norm_after_fc1(dtype, fc1.shape[0]) else None
         return replace(
             b, mix_scale=vector(b.mix_scale), skip_scale1=vector(b.skip_scale1),
-            fc1_weight=b.fc1_weight.t().to(device=device, dtype=dtype).contiguous(), fc1_bias=vector(b.fc1_bias),
+            fc1_weight=fc1, fc1_bias=vector(b.fc1_bias),
             fc2_weight=b.fc2_weight.t().to(device=device, dtype=dtype).contiguous(), fc2_bias=vector(b.fc2_bias),
-            skip_scale2=vector(b.skip_scale2))
+            skip_scale2=vector(b.skip_scale2), fc1_colsum=colsum)
 
     return TritonModel(folded.to(dtype, device), tuple(tuple(block(b) for b in s.blocks) for s in folded.stages))
 
@@ -424,19 +444,23 @@ def _launch_mlp(x1, stats, block, activation, emit_stats, config: MlpConfig):
     out = new_partials(rows, height * width, config.block_rows, x1.device)
     part_a, part_b = channel_split(channels)
     placeholder = block.mix_scale  # a valid pointer for arguments a constexpr switches off
+    colsum = block.fc1_colsum if norm_after_fc1(x1.dtype, channels) else None
+    if norm_after_fc1(x1.dtype, channels) and colsum is None:
+        raise ValueError("the block was prepared for another dtype: fc1's column sums are missing")
     kernels().mlp_kernel[(out.buffer.shape[0],)](
         x1, y, stats.buffer, out.buffer, block.fc1_weight,
-        block.fc1_bias if block.fc1_bias is not None else placeholder, block.fc2_weight,
+        block.fc1_bias if block.fc1_bias is not None else placeholder,
+        colsum if colsum is not None else placeholder, block.fc2_weight,
         block.fc2_bias if block.fc2_bias is not None else placeholder,
         block.skip_scale2 if block.skip_scale2 is not None else placeholder,
         rows, height * width, channels, hidden, out.slot_rows, stats.slot_rows, block.norm2_eps,
         CA=part_a, CB=part_b, BLOCK_R=config.block_rows, BLOCK_D=config.block_hidden, SEGS=out.segs,
         IN_SEGS=stats.segs, IN_MAX_SLOTS=stats.max_slots, ACT=ACTIVATION_CODES[activation],
         HAS_B1=block.fc1_bias is not None, HAS_B2=block.fc2_bias is not None,
-        HAS_SKIP=block.skip_scale2 is not None, EMIT_STATS=emit_stats,
+        HAS_SKIP=block.skip_scale2 is not None, EMIT_STATS=emit_stats, NORM_AFTER_FC1=colsum is not None,
         PRECISION="ieee" if x1.dtype == torch.float32 else "tf32", DOT_UPCAST=triton_interprets(),
         num_warps=config.num_warps, num_stages=config.num_stages)
-    _record("mlp", [x1, stats.buffer, block.fc1_weight, block.fc1_bias, block.fc2_weight, block.fc2_bias,
+    _record("mlp", [x1, stats.buffer, block.fc1_weight, block.fc1_bias, colsum, block.fc2_weight, block.fc2_bias,
                     block.skip_scale2], [y] + ([out.buffer] if emit_stats else []))
     return y, (out if emit_stats else None)
 

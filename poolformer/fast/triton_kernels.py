@@ -221,17 +221,20 @@ def _residual_out(x_ptr, y_ptr, skip_ptr, b2_ptr, acc, row_offsets, row_ok, C, c
 
 
 @triton.jit
-def mlp_kernel(x_ptr, y_ptr, in_part_ptr, out_part_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, skip_ptr,
+def mlp_kernel(x_ptr, y_ptr, in_part_ptr, out_part_ptr, w1_ptr, b1_ptr, colsum_ptr, w2_ptr, b2_ptr, skip_ptr,
                R, HW, C, D, SLOT_ROWS, IN_SLOT_ROWS, eps,
                CA: tl.constexpr, CB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                SEGS: tl.constexpr, IN_SEGS: tl.constexpr, IN_MAX_SLOTS: tl.constexpr,
                ACT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_SKIP: tl.constexpr,
-               EMIT_STATS: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+               EMIT_STATS: tl.constexpr, NORM_AFTER_FC1: tl.constexpr, PRECISION: tl.constexpr,
+               DOT_UPCAST: tl.constexpr):
     """The block's second half for rows of x [R, C], the D-wide hidden tile never leaving the chip:
     y = skip * x + fc2(act(fc1((x - mu_b) / sigma_b))) with w1 [C, D] (norm2's affine folded in) and
     w2 [D, C] (LayerScale folded in), both in the compute dtype. C = CA + CB' with CA a power of two and the
     rest (CB' <= CB, a power of two or 0) masked, so channel counts like 320 = 256 + 64 waste nothing.
-    mu_b and sigma_b come from the partials of x; y's partials are written when EMIT_STATS."""
+    mu_b and sigma_b come from the partials of x; y's partials are written when EMIT_STATS.
+    NORM_AFTER_FC1 (bf16/fp16): fc1 multiplies x as stored, and the statistics are applied to its sums,
+    (x @ w1 - mu_b * colsum) / sigma_b with colsum [D] = the column sums of w1 (float32)."""
     row0, first_sample, mean_in, inv_sigma = _slot_input_moments(in_part_ptr, R, HW, SLOT_ROWS, IN_SLOT_ROWS, eps,
                                                                  SEGS, IN_SEGS, IN_MAX_SLOTS)
     count, mean, m2 = _no_moments(SEGS)
@@ -243,12 +246,22 @@ def mlp_kernel(x_ptr, y_ptr, in_part_ptr, out_part_ptr, w1_ptr, b1_ptr, w2_ptr, 
         row_offsets = rows.to(tl.int64) * C
         row_mean = _per_row(mean_in, seg, SEGS)[:, None]
         row_inv_sigma = _per_row(inv_sigma, seg, SEGS)[:, None]
-        xa, valid_a = _load_rows(x_ptr, row_offsets, row_ok, C, 0, CA)
-        xa = tl.where(valid_a, (xa - row_mean) * row_inv_sigma, 0.0).to(dot_dtype)
+        if NORM_AFTER_FC1:  # x as stored: the matmul's operand straight from memory
+            channels_a = tl.arange(0, CA)
+            xa = tl.load(x_ptr + row_offsets[:, None] + channels_a[None, :], mask=row_ok[:, None], other=0.0)
+            row_shift = row_mean * row_inv_sigma
+        else:
+            xa, valid_a = _load_rows(x_ptr, row_offsets, row_ok, C, 0, CA)
+            xa = tl.where(valid_a, (xa - row_mean) * row_inv_sigma, 0.0).to(dot_dtype)
         acc_a = tl.zeros([BLOCK_R, CA], dtype=tl.float32)
         if CB > 0:
-            xb, valid_b = _load_rows(x_ptr, row_offsets, row_ok, C, CA, CB)
-            xb = tl.where(valid_b, (xb - row_mean) * row_inv_sigma, 0.0).to(dot_dtype)
+            if NORM_AFTER_FC1:
+                channels_b = CA + tl.arange(0, CB)
+                xb = tl.load(x_ptr + row_offsets[:, None] + channels_b[None, :],
+                             mask=row_ok[:, None] & (channels_b < C)[None, :], other=0.0)
+            else:
+                xb, valid_b = _load_rows(x_ptr, row_offsets, row_ok, C, CA, CB)
+                xb = tl.where(valid_b, (xb - row_mean) * row_inv_sigma, 0.0).to(dot_dtype)
             acc_b = tl.zeros([BLOCK_R, CB], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             hidden_cols = d0 + tl.arange(0, BLOCK_D)
@@ -261,6 +274,9 @@ def mlp_kernel(x_ptr, y_ptr, in_part_ptr, out_part_ptr, w1_ptr, b1_ptr, w2_ptr, 
                 w1b = tl.load(w1_ptr + channels_b[:, None] * D + hidden_cols[None, :],
                               mask=(channels_b < C)[:, None] & hidden_ok[None, :], other=0.0)
                 h = _dot(xb, w1b, h, PRECISION, DOT_UPCAST)
+            if NORM_AFTER_FC1:
+                colsum = tl.load(colsum_ptr + hidden_cols, mask=hidden_ok, other=0.0)[None, :]
+                h = h * row_inv_sigma - row_shift * colsum
             if HAS_B1:
                 h += tl.load(b1_ptr + hidden_cols, mask=hidden_ok, other=0.0)[None, :]
             hidden = _activation(h, ACT).to(dot_dtype)
