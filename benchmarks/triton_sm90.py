@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    document = {"command": "python " + " ".join(["benchmarks/triton_sm90.py", *(argv if argv is not None else sys.argv[1:])]),
+    document = {"command": "PYTHONPATH=. python " + " ".join(["benchmarks/triton_sm90.py", *(argv if argv is not None else sys.argv[1:])]),
                 "triton": triton.__version__, "torch": torch.__version__, "dtype": args.precision,
                 "batch": args.batch, "resolution": args.resolution,
                 **analyse(models, args.batch, args.resolution, dtype, args.all_tiles)}
