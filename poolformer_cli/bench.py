@@ -75,6 +75,9 @@ def bench_command(
     baseline: Optional[Path] = typer.Option(None, help="Compare with this earlier --output file; exit 1 when a "
                                                        "configuration is slower than --max-regression allows."),
     max_regression: float = typer.Option(10.0, help="Allowed throughput loss against --baseline, in percent."),
+    retries: int = typer.Option(0, "--retries", help="Measure a configuration that regressed again, up to this "
+                                "many times; it fails only if every measurement regressed (a few seconds of a "
+                                "busy machine fail one, a slower model all). With --baseline."),
     normalised: bool = typer.Option(False, "--normalised", help="Also time a fixed reference workload, "
                                     "interleaved with each model step, and compare throughput relative to it "
                                     "(a baseline from a faster or busier machine still compares fairly)."),
@@ -98,6 +101,10 @@ def bench_command(
         fail("use either --iters or --min-time, not both")
     if max_batch_limit < 1:
         fail(f"--max-batch-limit must be >= 1, got {max_batch_limit}")
+    if retries < 0:
+        fail(f"--retries must be >= 0, got {retries}")
+    if retries and baseline is None:
+        fail("--retries needs --baseline: it measures again the configurations that regressed against it")
     if weights is not None and not weights.expanduser().is_file():
         fail(f"--weights {str(weights)!r}: no such file", 1)
     for path, option in ((output, "--output"), (csv_path, "--csv"), (github_benchmark, "--github-benchmark"),
@@ -140,6 +147,11 @@ def bench_command(
     if baseline_doc is not None:
         with user_errors():
             report = compare(baseline_doc["results"], document["results"], max_regression, normalised)
+            if retries and report.failed:
+                report, results = _measure_regressed_again(engine, report, baseline_doc, results, settings,
+                                                           retries, normalised)
+                document["results"] = [r.to_row() for r in results]
+                _save(env, results, output, csv_path)
     _write_reports(document, report, plot, github_benchmark, markdown_path)
     if json_output:
         print_json(document)
@@ -151,6 +163,29 @@ def bench_command(
             raise typer.Exit(1)
     if not any(r.status == "ok" for r in results):
         raise typer.Exit(1)
+
+
+def _measure_regressed_again(engine: Any, report: Any, baseline_doc: dict, results: list, settings: Any,
+                             retries: int, normalised: bool) -> tuple[Any, list]:
+    """poolformer.regression.recheck with bench's own configurations: the results, the regressed ones replaced
+    by their newest measurement."""
+    from poolformer.regression import config_label, recheck
+
+    results = list(results)
+    index = {config_label(r.to_row()): i for i, r in enumerate(results)}
+
+    def remeasure(rows: list[dict]) -> list[dict]:
+        fresh = []
+        for row in rows:
+            i = index[config_label(row)]
+            err_console.print(f"measuring again: {config_label(row)}", style="dim")
+            results[i] = next(iter(engine.run_benchmark([results[i].config], settings)))
+            fresh.append(results[i].to_row())
+        return fresh
+
+    report, _ = recheck(report, baseline_doc["results"], [r.to_row() for r in results], remeasure, retries,
+                        normalised)
+    return report, results
 
 
 def _write_reports(document: dict, report: Any, plot: Optional[Path], github_benchmark: Optional[Path],

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from poolformer.errors import ConfigError
-from poolformer.regression import compare, config_key, load_results
+from poolformer.regression import compare, config_key, load_results, recheck
 from poolformer_cli.app import app
 
 runner = CliRunner()
@@ -137,6 +137,57 @@ def test_cli_regression_report_goes_to_stderr_with_json(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["results"][0]["status"] == "ok"  # stdout stays pure JSON
     assert "no regression" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------ measuring again
+
+
+def test_a_configuration_that_passes_when_measured_again_does_not_fail():
+    """A transient slowdown fails one measurement: measured again it passes, and the note keeps the first one."""
+    baseline = [row(100.0), row(100.0, batch_size=8)]
+    current = [row(80.0), row(99.0, batch_size=8)]
+    asked = []
+
+    def remeasure(rows):
+        asked.append([r["batch_size"] for r in rows])
+        return [row(98.0, batch_size=r["batch_size"]) for r in rows]
+
+    report, rows = recheck(compare(baseline, current, 10.0), baseline, current, remeasure, retries=2)
+    assert asked == [[1]]  # only the configuration that regressed, once: it passed
+    assert not report.failed and rows[0]["throughput"] == 98.0 and rows[1] is current[1]
+    first = report.comparisons[0]
+    assert "passed when measured again" in first.note and "-20.0%" in first.note
+    assert "measured again" not in report.comparisons[1].note
+
+
+def test_a_configuration_fails_only_when_every_measurement_regressed():
+    baseline, current = [row(100.0)], [row(70.0)]
+    calls = []
+
+    def remeasure(rows):
+        calls.append(len(rows))
+        return [row(75.0) for _ in rows]
+
+    report, _ = recheck(compare(baseline, current, 10.0), baseline, current, remeasure, retries=2)
+    assert report.failed and calls == [1, 1]
+    assert "regressed in all 3 measurements (earlier: -30.0%, -25.0%)" in report.comparisons[0].note
+    untouched, _ = recheck(compare(baseline, current, 10.0), baseline, current, remeasure, retries=0)
+    assert untouched.failed and calls == [1, 1] and "measurements" not in untouched.comparisons[0].note
+    with pytest.raises(ConfigError, match="--retries must be >= 0"):
+        recheck(compare(baseline, current, 10.0), baseline, current, remeasure, retries=-1)
+
+
+def test_cli_retries_measure_a_regressed_configuration_again(tmp_path):
+    slow = runner.invoke(app, ["bench", *FAST, "--baseline", _scaled_baseline(tmp_path, 100.0, False),
+                               "--max-regression", "20", "--retries", "1", "--output", str(tmp_path / "run.json"),
+                               "--markdown", str(tmp_path / "run.md")])
+    assert slow.exit_code == 1, slow.output
+    assert "measuring again: poolformer_s12/ours cpu bs1 64px fp32" in slow.stderr
+    assert "regressed in all 2 measurements (earlier: -99" in (tmp_path / "run.md").read_text()
+    saved = json.loads((tmp_path / "run.json").read_text())["results"]
+    assert len(saved) == 1 and saved[0]["status"] == "ok"  # the newest measurement, saved in place of the first
+    alone = runner.invoke(app, ["bench", *FAST, "--retries", "1"])
+    assert alone.exit_code == 2 and "--retries needs --baseline" in alone.stderr
 
 
 # ------------------------------------------------------------------------------------------ the step-time test
