@@ -6,6 +6,7 @@ Also the CUDA graph cache (with a stand-in capture: no GPU here) and the rooflin
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -506,3 +507,38 @@ def test_autotune_times_every_tile_and_keeps_the_fastest(monkeypatch):
     launched.clear()
     tf.mlp(x, tf.stage_input_stats(x), block, "gelu", emit_stats=True)
     assert launched == [chosen]
+
+
+def test_autotuned_tiles_are_kept_for_later_processes(monkeypatch, tmp_path):
+    """The autotuned tile goes to the tile cache under the GPU, Triton version and shape; a later process (here:
+    the per-process memory emptied) without autotuning launches it first. A corrupt cache is ignored, and
+    POOLFORMER_TRITON_TILE_CACHE=0 keeps nothing."""
+    cache = tmp_path / "tiles.json"
+    monkeypatch.setenv(tf.TILE_CACHE_ENV, str(cache))
+    candidates = [tf.MlpConfig(16, 16, 4, 1), tf.MlpConfig(32, 64, 4, 1)]
+    monkeypatch.setattr(tf, "mlp_configs", lambda *args, **kwargs: list(candidates))
+    monkeypatch.setattr(tf, "fastest_mlp_config", lambda *args: candidates[1])  # as if it had won the timing
+    launched = []
+    real_launch = tf._launch_mlp
+    monkeypatch.setattr(tf, "_launch_mlp", lambda *args: launched.append(args[-1]) or real_launch(*args))
+    x = torch.randn(1, 7, 7, 64).contiguous()
+    block = _block(64, 256)
+
+    def fresh_process_run():
+        monkeypatch.setattr(tf, "_working_mlp_config", {})
+        launched.clear()
+        tf.mlp(x, tf.stage_input_stats(x), block, "gelu", emit_stats=False)
+        return launched[0]
+
+    monkeypatch.setenv(tf.AUTOTUNE_ENV, "1")
+    assert fresh_process_run() == candidates[1]
+    (key,) = json.loads(cache.read_text())
+    assert "triton " in key and "rows 49 C 64 D 256" in key and "float32" in key
+    monkeypatch.delenv(tf.AUTOTUNE_ENV)
+    assert fresh_process_run() == candidates[1]  # from the cache, ahead of the design-time order
+    cache.write_text("{not json")
+    assert fresh_process_run() == candidates[0]
+    monkeypatch.setenv(tf.TILE_CACHE_ENV, "0")
+    monkeypatch.setenv(tf.AUTOTUNE_ENV, "1")
+    fresh_process_run()
+    assert cache.read_text() == "{not json" and tf.tile_cache_path() is None

@@ -18,10 +18,13 @@ switch set every Triton kernel of the process is interpreted (CUDA tensors too, 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from types import ModuleType
 from typing import Iterator
 
@@ -368,19 +371,84 @@ def autotune_enabled() -> bool:
     return os.environ.get(AUTOTUNE_ENV, "").strip() == "1"
 
 
+TILE_CACHE_ENV = "POOLFORMER_TRITON_TILE_CACHE"
+
+
+def tile_cache_path() -> Path | None:
+    """Where autotuned MLP tiles are kept between processes: POOLFORMER_TRITON_TILE_CACHE (a JSON file; 0 turns
+    the cache off), else $XDG_CACHE_HOME/poolformer/triton_tiles.json (~/.cache when unset)."""
+    value = os.environ.get(TILE_CACHE_ENV, "").strip()
+    if value == "0":
+        return None
+    if value:
+        return Path(value).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "poolformer" / "triton_tiles.json"
+
+
+def _tile_cache_key(rows: int, channels: int, hidden: int, dtype: torch.dtype, device: torch.device) -> str:
+    """The GPU (by name), Triton's version and the shape: a tile timed on one of them says nothing of another."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton's interpreter)"
+    return f"{gpu} | triton {_import_triton().__version__} | {str(dtype).replace('torch.', '')} | " \
+           f"rows {rows} C {channels} D {hidden}"
+
+
+def _read_tile_cache(path: Path) -> dict[str, dict]:
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # none yet, unreadable or corrupt: tiles are a speed hint, never a reason to fail
+    return entries if isinstance(entries, dict) else {}
+
+
+def cached_tile(key: str) -> MlpConfig | None:
+    """The tile an earlier autotuned run chose for `key`, if the cache holds a valid one."""
+    path = tile_cache_path()
+    entry = _read_tile_cache(path).get(key) if path is not None else None
+    try:
+        return MlpConfig(**entry) if isinstance(entry, dict) else None
+    except TypeError:
+        return None
+
+
+def remember_tile(key: str, tile: MlpConfig) -> None:
+    """Add an autotuned tile to the cache (read, merged, renamed over the old file). A cache that cannot be
+    written is skipped: the tile still serves this process."""
+    path = tile_cache_path()
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({**_read_tile_cache(path), key: asdict(tile)}, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
 def mlp(x1: torch.Tensor, stats: Partials, block: TritonBlock, activation: str, emit_stats: bool,
         config: MlpConfig | None = None) -> tuple[torch.Tensor, Partials | None]:
     """The block's second half on a contiguous [B, H, W, C] activation -> (y [B, H, W, C], y's partials or
     None). Without `config`, the first candidate of `mlp_configs` that the GPU accepts (shared memory,
-    registers) is used and remembered - or, with autotuning on, the fastest of them."""
+    registers) is used and remembered - or, with autotuning on, the fastest of them, which is also kept in the
+    tile cache (tile_cache_path), so that later processes on the same GPU start from it without timing."""
     batch, height, width, channels = x1.shape
     rows, hidden = batch * height * width, block.fc1_weight.shape[1]
     key = (rows, channels, hidden, x1.dtype, x1.device)
-    if config is None and key not in _working_mlp_config and autotune_enabled():
+    cache_key = _tile_cache_key(*key) if config is None and key not in _working_mlp_config else None
+    if cache_key is not None and autotune_enabled():
         candidates = mlp_configs(rows, channels, hidden, x1.dtype, triton_interprets())
         _working_mlp_config[key] = fastest_mlp_config(x1, stats, block, activation, emit_stats, candidates)
+        remember_tile(cache_key, _working_mlp_config[key])
     candidates = [config] if config else ([_working_mlp_config[key]] if key in _working_mlp_config
                                           else mlp_configs(rows, channels, hidden, x1.dtype, triton_interprets()))
+    tuned = cached_tile(cache_key) if cache_key is not None and key not in _working_mlp_config else None
+    if tuned is not None:  # an earlier autotuned run's choice first; the design-time order behind it
+        candidates = [tuned] + [c for c in candidates if c != tuned]
     for index, candidate in enumerate(candidates):
         try:
             result = _launch_mlp(x1, stats, block, activation, emit_stats, candidate)
