@@ -210,6 +210,22 @@ def test_bf16_mlp_applies_the_statistics_after_fc1(offset):
         tf.mlp(x, tf.stage_input_stats(x), missing, "gelu", emit_stats=False)
 
 
+def test_the_switch_normalises_before_fc1_everywhere(monkeypatch):
+    """POOLFORMER_TRITON_NORM_AFTER_FC1=0 (the A/B timing's other side): bf16 normalises first, needs no column
+    sums, and the whole model stays as close to fp32 as the portable path."""
+    monkeypatch.setenv(tf.NORM_AFTER_FC1_ENV, "0")
+    assert not tf.norm_after_fc1(torch.bfloat16, 64)
+    model = randomize_(create_model("s12"), seed=3).eval()
+    fast = optimize(model, dtype=torch.bfloat16, backend="triton")
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        error = (fast(x) - model(x)).abs().max().item()
+        portable = (optimize(model, dtype=torch.bfloat16, backend="portable")(x) - model(x)).abs().max().item()
+    assert error <= 2 * portable + 1e-3
+    blocks = [b for stage in tf.prepare(fast.folded, torch.bfloat16, torch.device("cpu")).blocks for b in stage]
+    assert all(b.fc1_colsum is None for b in blocks)
+
+
 # ------------------------------------------------------------------------------ whole models
 
 

@@ -139,6 +139,7 @@ class TritonModel:
 
 
 NORM_AFTER_FC1_MAX_CHANNELS = 384  # see norm_after_fc1
+NORM_AFTER_FC1_ENV = "POOLFORMER_TRITON_NORM_AFTER_FC1"  # 0: normalise before fc1 everywhere (for A/B timing)
 
 
 def norm_after_fc1(dtype: torch.dtype, channels: int | None = None) -> bool:
@@ -148,8 +149,10 @@ def norm_after_fc1(dtype: torch.dtype, channels: int | None = None) -> bool:
     candidate tile of s12 and m36) says where that pays: at C 96-384 the 64-row (wgmma) tiles spill less or not
     at all (s12 stage 2: 304 bytes to 0, stage 3: 432 to 128), at C 512 and 768 they spill more, so wider
     stages keep normalising first (channels None: whether the dtype allows it at all). In bf16/fp16 only: in
-    float32 the subtraction after the matmul would lose digits when |mu| >> sigma, against the 1e-4 target."""
-    if dtype not in (torch.bfloat16, torch.float16):
+    float32 the subtraction after the matmul would lose digits when |mu| >> sigma, against the 1e-4 target.
+    POOLFORMER_TRITON_NORM_AFTER_FC1=0, set before the model's first call, normalises first everywhere: the
+    other side of an A/B timing on a GPU."""
+    if dtype not in (torch.bfloat16, torch.float16) or os.environ.get(NORM_AFTER_FC1_ENV, "").strip() == "0":
         return False
     return channels is None or channels <= NORM_AFTER_FC1_MAX_CHANNELS
 
