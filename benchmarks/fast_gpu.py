@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from poolformer import bench, create_model  # noqa: E402
 from poolformer.envinfo import environment  # noqa: E402
 from poolformer.implementations import IMPLEMENTATIONS  # noqa: E402
+from poolformer.zoo import unknown_models  # noqa: E402
 from poolformer_cli.common import write_atomic  # noqa: E402
 
 MODELS = ("poolformer_s12", "poolformerv2_s12", "poolformer_m36")
@@ -187,6 +188,7 @@ def markdown(document: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -206,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     models = [m for m in args.models.split(",") if m]
+    unknown = unknown_models(models)
+    if unknown or not models:
+        parser.error(f"unknown models {unknown}; see `poolformer list`" if unknown else "--models names no model")
     names = [c[0] for c in candidates("s12", "cpu", 1, 64, "bf16")]
     chosen = names if args.candidates is None else [c.strip() for c in args.candidates.split(",") if c.strip()]
     if set(chosen) - set(names):

@@ -45,7 +45,7 @@ import torch
 from poolformer import bench, create_model
 from poolformer.envinfo import environment
 from poolformer.implementations import IMPLEMENTATIONS
-from poolformer.zoo import get_spec
+from poolformer.zoo import unknown_models
 from poolformer_cli.common import write_atomic
 
 
@@ -533,14 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = SMOKE if args.smoke else GPU
     if args.models is not None:
         models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-        unknown = []
-        for model in models:
-            try:
-                get_spec(model)
-            except Exception:
-                unknown.append(model)
+        unknown = unknown_models(list(models))
         if unknown or not models:
-            parser.error(f"unknown models {unknown}" if unknown else "--models names no model")
+            parser.error(f"unknown models {unknown}; see `poolformer list`" if unknown else "--models names no model")
         plan = replace(plan, models=models)
     if plan.device == "cuda" and not torch.cuda.is_available():
         print("gpu_suite.py: no CUDA GPU here (use --smoke for the CPU run)", file=sys.stderr)

@@ -29,6 +29,7 @@ import torch
 from poolformer import create_model
 from poolformer.fast import triton_forward
 from poolformer.fast.folding import fold
+from poolformer.zoo import unknown_models
 from poolformer_cli.common import write_atomic
 
 TARGET_ARCH = 90
@@ -192,6 +193,7 @@ def markdown(document: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -215,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = unknown_models(models)
+    if unknown or not models:
+        parser.error(f"unknown models {unknown}; see `poolformer list`" if unknown else "--models names no model")
     document = {"command": "PYTHONPATH=. python " + " ".join(["benchmarks/triton_sm90.py", *(argv if argv is not None else sys.argv[1:])]),
                 "triton": triton.__version__, "torch": torch.__version__, "dtype": args.precision,
                 "batch": args.batch, "resolution": args.resolution,

@@ -264,6 +264,17 @@ def get_spec(name: str) -> ModelSpec:
     raise UnknownModelError(name, suggest(key))
 
 
+def unknown_models(names: list[str]) -> list[str]:
+    """The names among `names` that are neither a model nor an alias (for checking a list before any work)."""
+    unknown = []
+    for name in names:
+        try:
+            get_spec(name)
+        except UnknownModelError:
+            unknown.append(name)
+    return unknown
+
+
 def suggest(name: str, limit: int = 3) -> list[str]:
     """The known names closest to `name`, best first (ties in zoo order)."""
     candidates = [*_ALIASES, *MODELS]

@@ -112,6 +112,13 @@ def test_fast_gpu_runs_only_the_chosen_contenders(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("script", ["benchmarks/gpu_suite.py", "benchmarks/fast_gpu.py", "benchmarks/triton_sm90.py"])
+def test_scripts_refuse_an_unknown_model_in_one_line(script, tmp_path):
+    done = _run_script(script, "--out", str(tmp_path / "out"), "--models", "s12,s99")
+    assert done.returncode == 2 and "unknown models ['s99']" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here: the scripts would run in full")
 @pytest.mark.parametrize("script", ["benchmarks/gpu_suite.py", "benchmarks/fast_gpu.py"])
 def test_scripts_without_a_gpu_say_so(script, tmp_path):

@@ -230,6 +230,13 @@ def test_unknown_model_suggests_the_closest_names():
     assert str(err.value) == "unknown model 's13'; did you mean: s12, s36?"
 
 
+def test_unknown_models_picks_out_the_names_the_zoo_does_not_have():
+    from poolformer.zoo import unknown_models
+
+    assert unknown_models(["s12", "S13", "poolformer-m36", "v2_s12", "resnet50"]) == ["S13", "resnet50"]
+    assert unknown_models([]) == []
+
+
 def test_aliases_and_case_resolve_to_the_same_model():
     assert get_spec("S24").name == get_spec("poolformer-s24").name == "poolformer_s24"
     assert get_spec("v2_m48").name == "poolformerv2_m48"
