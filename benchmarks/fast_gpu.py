@@ -239,9 +239,10 @@ def main(argv: list[str] | None = None) -> int:
                 "autotune": autotune, "throughput": {}, "latency": {}, "exactness": {}}
 
     def save() -> None:
-        from poolformer.fast.triton_forward import mlp_tiles_in_use
+        from poolformer.fast.triton_forward import mlp_tiles_in_use, pool_tiles_in_use
 
-        document["mlp_tiles"] = mlp_tiles_in_use()  # which tile each MLP shape ran with (autotuned on a GPU)
+        document["mlp_tiles"] = mlp_tiles_in_use()  # which tile each shape ran with (autotuned on a GPU)
+        document["pool_mix_tiles"] = pool_tiles_in_use()
         write_atomic(args.out / "fast_gpu.json", json.dumps(document, indent=2) + "\n")
         write_atomic(args.out / "fast_gpu.md", markdown(document))
 

@@ -558,3 +558,28 @@ def test_autotuned_tiles_are_kept_for_later_processes(monkeypatch, tmp_path):
     monkeypatch.setenv(tf.AUTOTUNE_ENV, "1")
     fresh_process_run()
     assert cache.read_text() == "{not json" and tf.tile_cache_path() is None
+
+
+def test_autotune_times_the_token_mixer_tiles_too(monkeypatch):
+    """POOLFORMER_TRITON_AUTOTUNE=1 also times the token mixer's candidate tiles (same output from each), keeps
+    the fastest for the shape and in the tile cache; without autotuning a cached tile is used untimed."""
+    candidates = [tf.Tile(16, 64, 4), tf.Tile(32, 64, 8)]
+    monkeypatch.setattr(tf, "elementwise_tiles", lambda *args, **kwargs: list(candidates))
+    monkeypatch.setattr(tf, "_working_pool_tile", {})
+    launched = []
+    real_launch = tf._launch_pool_mix
+    monkeypatch.setattr(tf, "_launch_pool_mix", lambda *args: launched.append(args[-1]) or real_launch(*args))
+    x = torch.randn(2, 7, 9, 64).contiguous()
+    block = _block(64, 256)
+    monkeypatch.setenv(tf.AUTOTUNE_ENV, "1")
+    y, _ = tf.pool_mix(x, tf.stage_input_stats(x), block, 3)
+    torch.testing.assert_close(y.double(), _reference_pool_mix(x, block, 3), rtol=1e-4, atol=1e-4)
+    assert set(launched) == set(candidates) and len(launched) == 2 * (1 + tf.AUTOTUNE_REPEATS) + 1
+    ((shape, chosen),) = tf._working_pool_tile.items()
+    assert chosen in candidates and shape[:5] == (126, 7, 9, 64, 3)
+    assert tf.pool_tiles_in_use()[0]["num_warps"] == chosen.num_warps
+    monkeypatch.delenv(tf.AUTOTUNE_ENV)
+    monkeypatch.setattr(tf, "_working_pool_tile", {})
+    launched.clear()
+    tf.pool_mix(x, tf.stage_input_stats(x), block, 3)
+    assert launched == [chosen]  # from the tile cache, untimed

@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -345,12 +345,48 @@ def stage_input_stats(x: torch.Tensor, tile: Tile | None = None) -> Partials:
     return out
 
 
+def elementwise_tiles(rows: int, channels: int, interpret: bool = False) -> list[Tile]:
+    """The token mixer's candidate tiles, the design-time one first, for autotuning. ptxas for sm_90a with
+    Triton 3.6 (the H200's) gives the default 32 x 64 tile 201 registers at 4 warps and 115 at 8: twice the
+    warps per SM for a kernel that waits on memory. Which is faster is the GPU's to say."""
+    first = elementwise_tile(rows, channels, interpret)
+    if interpret:
+        return [first]
+    others = [Tile(first.block_rows, first.block_channels, 8), Tile(16, first.block_channels, 4),
+              Tile(64, first.block_channels, 8)]
+    return [first] + [t for t in others if t != first]
+
+
+_working_pool_tile: dict[tuple, Tile] = {}  # (rows, H, W, C, pool, dtype, device) -> the tile in use
+
+
 def pool_mix(x: torch.Tensor, stats: Partials, block: TritonBlock, pool_size: int,
              tile: Tile | None = None) -> tuple[torch.Tensor, Partials]:
-    """The token mixer on a contiguous [B, H, W, C] activation -> (x1 [B, H, W, C], x1's partials)."""
+    """The token mixer on a contiguous [B, H, W, C] activation -> (x1 [B, H, W, C], x1's partials). Without
+    `tile`: the design-time tile, or with autotuning on the fastest of `elementwise_tiles` (kept in the tile
+    cache like the MLP's; a tile from the cache is used without timing)."""
     batch, height, width, channels = x.shape
     rows = batch * height * width
-    tile = tile or elementwise_tile(rows, channels, triton_interprets())
+    if tile is None:
+        key = (rows, height, width, channels, pool_size, x.dtype, x.device)
+        tile = _working_pool_tile.get(key)
+        if tile is None:
+            cache_key = _tile_cache_key(f"pool_mix {pool_size}x{pool_size}", rows, channels, None, x.dtype, x.device)
+            if autotune_enabled():
+                tile = _fastest(elementwise_tiles(rows, channels, triton_interprets()),
+                                lambda t: _launch_pool_mix(x, stats, block, pool_size, t), x.device,
+                                f"token-mixer tile fits this GPU for C={channels}")
+                remember_tile(cache_key, tile)
+            else:
+                tile = cached_tile(cache_key, Tile) or elementwise_tile(rows, channels, triton_interprets())
+            _working_pool_tile[key] = tile
+    return _launch_pool_mix(x, stats, block, pool_size, tile)
+
+
+def _launch_pool_mix(x: torch.Tensor, stats: Partials, block: TritonBlock, pool_size: int,
+                     tile: Tile) -> tuple[torch.Tensor, Partials]:
+    batch, height, width, channels = x.shape
+    rows = batch * height * width
     y = torch.empty_like(x)
     out = new_partials(rows, height * width, tile.block_rows, x.device)
     skip = block.skip_scale1
@@ -388,11 +424,13 @@ def tile_cache_path() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "poolformer" / "triton_tiles.json"
 
 
-def _tile_cache_key(rows: int, channels: int, hidden: int, dtype: torch.dtype, device: torch.device) -> str:
-    """The GPU (by name), Triton's version and the shape: a tile timed on one of them says nothing of another."""
+def _tile_cache_key(kind: str, rows: int, channels: int, hidden: int | None, dtype: torch.dtype,
+                    device: torch.device) -> str:
+    """The kernel, the GPU (by name), Triton's version and the shape: a tile timed on one of them says nothing of
+    another."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton's interpreter)"
-    return f"{gpu} | triton {_import_triton().__version__} | {str(dtype).replace('torch.', '')} | " \
-           f"rows {rows} C {channels} D {hidden}"
+    return (f"{kind} | {gpu} | triton {_import_triton().__version__} | {str(dtype).replace('torch.', '')} | "
+            f"rows {rows} C {channels}" + (f" D {hidden}" if hidden is not None else ""))
 
 
 def _read_tile_cache(path: Path) -> dict[str, dict]:
@@ -403,17 +441,17 @@ def _read_tile_cache(path: Path) -> dict[str, dict]:
     return entries if isinstance(entries, dict) else {}
 
 
-def cached_tile(key: str) -> MlpConfig | None:
-    """The tile an earlier autotuned run chose for `key`, if the cache holds a valid one."""
+def cached_tile(key: str, kind: type = MlpConfig):
+    """The tile (an MlpConfig or a Tile) an earlier autotuned run chose for `key`, if the cache holds a valid one."""
     path = tile_cache_path()
     entry = _read_tile_cache(path).get(key) if path is not None else None
     try:
-        return MlpConfig(**entry) if isinstance(entry, dict) else None
+        return kind(**entry) if isinstance(entry, dict) else None
     except TypeError:
         return None
 
 
-def remember_tile(key: str, tile: MlpConfig) -> None:
+def remember_tile(key: str, tile: MlpConfig | Tile) -> None:
     """Add an autotuned tile to the cache (read, merged, renamed over the old file). A cache that cannot be
     written is skipped: the tile still serves this process."""
     path = tile_cache_path()
@@ -442,7 +480,8 @@ def mlp(x1: torch.Tensor, stats: Partials, block: TritonBlock, activation: str, 
     batch, height, width, channels = x1.shape
     rows, hidden = batch * height * width, block.fc1_weight.shape[1]
     key = (rows, channels, hidden, x1.dtype, x1.device)
-    cache_key = _tile_cache_key(*key) if config is None and key not in _working_mlp_config else None
+    cache_key = (_tile_cache_key("mlp", rows, channels, hidden, x1.dtype, x1.device)
+                 if config is None and key not in _working_mlp_config else None)
     if cache_key is not None and autotune_enabled():
         candidates = mlp_configs(rows, channels, hidden, x1.dtype, triton_interprets())
         _working_mlp_config[key] = fastest_mlp_config(x1, stats, block, activation, emit_stats, candidates)
@@ -464,6 +503,13 @@ def mlp(x1: torch.Tensor, stats: Partials, block: TritonBlock, activation: str, 
     raise AssertionError("unreachable")
 
 
+def pool_tiles_in_use() -> list[dict]:
+    """The token mixer's tile in use for each shape run so far in this process (see mlp_tiles_in_use)."""
+    return [{"rows": rows, "height": height, "width": width, "channels": channels, "pool": pool,
+             "dtype": str(dtype).replace("torch.", ""), "device": str(device), **asdict(tile)}
+            for (rows, height, width, channels, pool, dtype, device), tile in _working_pool_tile.items()]
+
+
 def mlp_tiles_in_use() -> list[dict]:
     """The MLP tile in use for each shape run so far in this process (the autotuned one where autotuning was on):
     what a GPU run records, so the design-time order of `mlp_configs` can follow what won."""
@@ -479,32 +525,38 @@ def _out_of_resources(err: Exception) -> bool:
 
 def fastest_mlp_config(x1: torch.Tensor, stats: Partials, block: TritonBlock, activation: str, emit_stats: bool,
                        candidates: list[MlpConfig]) -> MlpConfig:
+    """The MLP candidate with the lowest median time (see _fastest)."""
+    return _fastest(candidates, lambda c: _launch_mlp(x1, stats, block, activation, emit_stats, c), x1.device,
+                    f"MLP tile fits this GPU for C={x1.shape[-1]}, D={block.fc1_weight.shape[1]}")
+
+
+def _fastest(candidates: list, launch: Callable[[Any], Any], device: torch.device, what: str):
     """The candidate with the lowest median time over AUTOTUNE_REPEATS launches (after one that compiles it);
-    candidates the GPU refuses (out of resources) are skipped."""
-    timings: dict[MlpConfig, float] = {}
+    candidates the GPU refuses (out of resources) are skipped. `what` ends the error when none fits: "no {what}"."""
+    timings = {}
     for candidate in candidates:
         try:
-            _launch_mlp(x1, stats, block, activation, emit_stats, candidate)
+            launch(candidate)
         except Exception as err:
             if not _out_of_resources(err):
                 raise
             continue
         times = []
         for _ in range(AUTOTUNE_REPEATS):
-            if x1.device.type == "cuda":
+            if device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                _launch_mlp(x1, stats, block, activation, emit_stats, candidate)
+                launch(candidate)
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end))
             else:
                 started = time.perf_counter()
-                _launch_mlp(x1, stats, block, activation, emit_stats, candidate)
+                launch(candidate)
                 times.append((time.perf_counter() - started) * 1e3)
         timings[candidate] = sorted(times)[len(times) // 2]
     if not timings:
-        raise RuntimeError(f"no MLP tile fits this GPU for C={x1.shape[-1]}, D={block.fc1_weight.shape[1]}")
+        raise RuntimeError(f"no {what}")
     return min(timings, key=timings.get)
 
 
