@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -183,7 +184,8 @@ def test_cli_retries_measure_a_regressed_configuration_again(tmp_path):
                                "--markdown", str(tmp_path / "run.md")])
     assert slow.exit_code == 1, slow.output
     assert "measuring again: poolformer_s12/ours cpu bs1 64px fp32" in slow.stderr
-    assert "regressed in all 2 measurements (earlier: -99" in (tmp_path / "run.md").read_text()
+    # the baseline is this machine's speed x 100: each measurement lost about 99%, whatever the machine did
+    assert re.search(r"regressed in all 2 measurements \(earlier: -9\d\.\d%\)", (tmp_path / "run.md").read_text())
     saved = json.loads((tmp_path / "run.json").read_text())["results"]
     assert len(saved) == 1 and saved[0]["status"] == "ok"  # the newest measurement, saved in place of the first
     alone = runner.invoke(app, ["bench", *FAST, "--retries", "1"])
