@@ -533,7 +533,7 @@ def test_autotuned_tiles_are_kept_for_later_processes(monkeypatch, tmp_path):
     monkeypatch.setenv(tf.TILE_CACHE_ENV, str(cache))
     candidates = [tf.MlpConfig(16, 16, 4, 1), tf.MlpConfig(32, 64, 4, 1)]
     monkeypatch.setattr(tf, "mlp_configs", lambda *args, **kwargs: list(candidates))
-    monkeypatch.setattr(tf, "fastest_mlp_config", lambda *args: candidates[1])  # as if it had won the timing
+    monkeypatch.setattr(tf, "_fastest", lambda *args: candidates[1])  # as if it had won the timing
     launched = []
     real_launch = tf._launch_mlp
     monkeypatch.setattr(tf, "_launch_mlp", lambda *args: launched.append(args[-1]) or real_launch(*args))

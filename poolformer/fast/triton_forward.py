@@ -367,20 +367,13 @@ def pool_mix(x: torch.Tensor, stats: Partials, block: TritonBlock, pool_size: in
     cache like the MLP's; a tile from the cache is used without timing)."""
     batch, height, width, channels = x.shape
     rows = batch * height * width
-    if tile is None:
-        key = (rows, height, width, channels, pool_size, x.dtype, x.device)
-        tile = _working_pool_tile.get(key)
-        if tile is None:
-            cache_key = _tile_cache_key(f"pool_mix {pool_size}x{pool_size}", rows, channels, None, x.dtype, x.device)
-            if autotune_enabled():
-                tile = _fastest(elementwise_tiles(rows, channels, triton_interprets()),
-                                lambda t: _launch_pool_mix(x, stats, block, pool_size, t), x.device,
-                                f"token-mixer tile fits this GPU for C={channels}")
-                remember_tile(cache_key, tile)
-            else:
-                tile = cached_tile(cache_key, Tile) or elementwise_tile(rows, channels, triton_interprets())
-            _working_pool_tile[key] = tile
-    return _launch_pool_mix(x, stats, block, pool_size, tile)
+    if tile is not None:
+        return _launch_pool_mix(x, stats, block, pool_size, tile)
+    return _run_with_tile(
+        _working_pool_tile, (rows, height, width, channels, pool_size, x.dtype, x.device),
+        (f"pool_mix {pool_size}x{pool_size}", rows, channels, None, x.dtype, x.device),
+        lambda: elementwise_tiles(rows, channels, triton_interprets()),
+        lambda t: _launch_pool_mix(x, stats, block, pool_size, t), f"token-mixer tile fits this GPU for C={channels}")
 
 
 def _launch_pool_mix(x: torch.Tensor, stats: Partials, block: TritonBlock, pool_size: int,
@@ -441,7 +434,7 @@ def _read_tile_cache(path: Path) -> dict[str, dict]:
     return entries if isinstance(entries, dict) else {}
 
 
-def cached_tile(key: str, kind: type = MlpConfig):
+def cached_tile(key: str, kind: type):
     """The tile (an MlpConfig or a Tile) an earlier autotuned run chose for `key`, if the cache holds a valid one."""
     path = tile_cache_path()
     entry = _read_tile_cache(path).get(key) if path is not None else None
@@ -479,26 +472,40 @@ def mlp(x1: torch.Tensor, stats: Partials, block: TritonBlock, activation: str, 
     tile cache (tile_cache_path), so that later processes on the same GPU start from it without timing."""
     batch, height, width, channels = x1.shape
     rows, hidden = batch * height * width, block.fc1_weight.shape[1]
-    key = (rows, channels, hidden, x1.dtype, x1.device)
-    cache_key = (_tile_cache_key("mlp", rows, channels, hidden, x1.dtype, x1.device)
-                 if config is None and key not in _working_mlp_config else None)
-    if cache_key is not None and autotune_enabled():
-        candidates = mlp_configs(rows, channels, hidden, x1.dtype, triton_interprets())
-        _working_mlp_config[key] = fastest_mlp_config(x1, stats, block, activation, emit_stats, candidates)
-        remember_tile(cache_key, _working_mlp_config[key])
-    candidates = [config] if config else ([_working_mlp_config[key]] if key in _working_mlp_config
-                                          else mlp_configs(rows, channels, hidden, x1.dtype, triton_interprets()))
-    tuned = cached_tile(cache_key) if cache_key is not None and key not in _working_mlp_config else None
-    if tuned is not None:  # an earlier autotuned run's choice first; the design-time order behind it
-        candidates = [tuned] + [c for c in candidates if c != tuned]
-    for index, candidate in enumerate(candidates):
+    if config is not None:
+        return _launch_mlp(x1, stats, block, activation, emit_stats, config)
+    return _run_with_tile(
+        _working_mlp_config, (rows, channels, hidden, x1.dtype, x1.device),
+        ("mlp", rows, channels, hidden, x1.dtype, x1.device),
+        lambda: mlp_configs(rows, channels, hidden, x1.dtype, triton_interprets()),
+        lambda c: _launch_mlp(x1, stats, block, activation, emit_stats, c),
+        f"MLP tile fits this GPU for C={channels}, D={hidden}")
+
+
+def _run_with_tile(working: dict, key: tuple, cache_key: tuple, candidates: Callable[[], list],
+                   launch: Callable[[Any], Any], what: str):
+    """launch(tile) with the shape's tile, the one mechanism of both kernels: the tile already in use for `key`
+    in this process; else, with autotuning on, the fastest of `candidates()` (kept in the tile cache under
+    _tile_cache_key(*cache_key)); else the cache's tile ahead of the design-time order. A tile the compiler
+    refuses (out of resources) gives way to the next; the one that ran is remembered for `key`."""
+    if key in working:
+        order = [working[key]]
+    else:
+        cache_name, tiles = _tile_cache_key(*cache_key), candidates()  # first call of the shape only
+        if autotune_enabled():
+            order = [_fastest(tiles, launch, cache_key[-1], what)]
+            remember_tile(cache_name, order[0])
+        else:
+            cached = cached_tile(cache_name, type(tiles[0]))
+            order = ([cached] if cached is not None else []) + [t for t in tiles if t != cached]
+    for index, tile in enumerate(order):
         try:
-            result = _launch_mlp(x1, stats, block, activation, emit_stats, candidate)
-        except Exception as err:  # only the compiler's "out of resource" moves on to a smaller tile
-            if not _out_of_resources(err) or index == len(candidates) - 1:
+            result = launch(tile)
+        except Exception as err:  # only the compiler's "out of resource" moves on to the next tile
+            if not _out_of_resources(err) or index == len(order) - 1:
                 raise
             continue
-        _working_mlp_config[key] = candidate
+        working[key] = tile
         return result
     raise AssertionError("unreachable")
 
@@ -521,13 +528,6 @@ def mlp_tiles_in_use() -> list[dict]:
 def _out_of_resources(err: Exception) -> bool:
     """Triton's compile-time refusal of a tile (too much shared memory or too many registers for this GPU)."""
     return type(err).__name__ == "OutOfResources"
-
-
-def fastest_mlp_config(x1: torch.Tensor, stats: Partials, block: TritonBlock, activation: str, emit_stats: bool,
-                       candidates: list[MlpConfig]) -> MlpConfig:
-    """The MLP candidate with the lowest median time (see _fastest)."""
-    return _fastest(candidates, lambda c: _launch_mlp(x1, stats, block, activation, emit_stats, c), x1.device,
-                    f"MLP tile fits this GPU for C={x1.shape[-1]}, D={block.fc1_weight.shape[1]}")
 
 
 def _fastest(candidates: list, launch: Callable[[Any], Any], device: torch.device, what: str):
