@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
@@ -159,24 +158,14 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def replace_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call write(temporary path) for a file in path's folder (same suffix), then rename it over path."""
+    """poolformer.files.replace_atomically, with a failure of the file system as one line and exit 1."""
+    from poolformer import files
+
     path = Path(path).expanduser()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-        os.close(fd)
+        files.replace_atomically(path, write)
     except OSError as err:
         fail(f"cannot write {str(path)!r}: {err.strerror or err}", 1)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved result should be like any new file
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            fail(f"cannot write {str(path)!r}: {err.strerror or err}", 1)
-        raise
 
 
 PLOT_SUFFIXES = (".png", ".svg")
@@ -195,12 +184,6 @@ def save_figure(figure: Any, path: str | os.PathLike) -> None:
     """Save a matplotlib figure atomically, in the format its suffix names (.png or .svg)."""
     suffix = Path(path).suffix.lower().lstrip(".")
     replace_atomically(path, lambda tmp: figure.savefig(tmp, format=suffix, bbox_inches="tight"))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def print_json(value: Any) -> None:

@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from ..files import replace_atomically
 from . import cpu
 from .folding import FoldedBlock, FoldedModel, Plan
 
@@ -450,18 +450,13 @@ def remember_tile(key: str, tile: MlpConfig | Tile) -> None:
     path = tile_cache_path()
     if path is None:
         return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({**_read_tile_cache(path), key: asdict(tile)}, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    entries = {**_read_tile_cache(path), key: asdict(tile)}
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps(entries, indent=1, sort_keys=True), encoding="utf-8")
+
+    with contextlib.suppress(OSError):
+        replace_atomically(path, write)
 
 
 def mlp(x1: torch.Tensor, stats: Partials, block: TritonBlock, activation: str, emit_stats: bool,

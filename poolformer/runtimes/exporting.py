@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..files import new_file_mode
 from ..model import MetaFormer
 from .export_forms import FoldedExport, portable_form
 from .runners import available, make_runner
@@ -181,16 +182,10 @@ def export_model(model: MetaFormer, path: str | os.PathLike, *, fmt: str = "onnx
                              f"(allowed {tolerance:g} x {max(1.0, failed.max_abs_logit):.3g}), top-1 agreement "
                              f"{failed.top1_agreement:.0%}")
             return report
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, target)
         report.written, report.size_bytes = True, target.stat().st_size
         return report
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
