@@ -8,7 +8,11 @@ Per model (poolformer_s12, poolformerv2_s12, poolformer_m36; 224 px; random weig
 - exactness: fast fp32 logits against our fp32 model (relative max |diff|, the target is 1e-4) and the top-1
   agreement of fast bf16 and of timm under bf16 autocast with fp32, over `--agreement-images` images;
 - roofline: bytes the fast kernels move per image (poolformer.fast.roofline) and the bandwidth the measured
-  speed implies, against the GPU's peak (NVML: memory clock x bus width).
+  speed implies, against the GPU's peak (NVML: memory clock x bus width);
+- kernels: fast bf16 at batch 256 kernel by kernel (poolformer.fast.roofline.time_kernels: CUDA events after
+  each launch, graphs off), each stage's bytes, TB/s and TFLOP/s, and beside each stage's fused MLP the same
+  MLP unfused on cuBLAS (x @ W1, GELU, addmm with the residual) and its two GEMMs alone: what the fused kernel
+  is up against. With autotuning on, every candidate tile's time is kept too (`autotune_timings`).
 Every row goes through `poolformer.bench` (CUDA events, warm-up apart, parity against the fp32 reference), so
 `poolformer bench` reproduces any of them, e.g.
     poolformer bench s12 --device cuda --impl timm --precision bf16 --batch-sizes 256 --cast-model --compile \\
@@ -26,7 +30,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -43,7 +47,7 @@ from poolformer.zoo import unknown_models  # noqa: E402
 from poolformer_cli.common import write_atomic  # noqa: E402
 
 MODELS = ("poolformer_s12", "poolformerv2_s12", "poolformer_m36")
-SECTIONS = ("throughput", "latency", "exactness")
+SECTIONS = ("throughput", "latency", "exactness", "kernels")
 TARGETS = {"vs_timm_eager": 2.5, "vs_timm_fastest": 1.3, "latency_vs_timm_eager": 1 / 3, "bandwidth_share": 0.5,
            "fp32_relative_diff": 1e-4}
 
@@ -135,6 +139,67 @@ def agreement(model: str, device: str, images: int, resolution: int, build, batc
             "timm_bf16_top1_agreement": counts["timm_bf16"] / images}
 
 
+def _median_ms(fn: Callable[[], object], device: str, repeats: int = 20) -> float:
+    """Median time of fn() in milliseconds (CUDA events on a GPU, after two untimed calls)."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            started = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - started) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def unfused_mlp_ms(rows: int, channels: int, hidden: int, device: str, dtype: torch.dtype) -> dict:
+    """One MLP of that shape on cuBLAS (or the CPU's BLAS): the two GEMMs alone, and the whole unfused MLP
+    (x @ W1, GELU, then addmm adding the residual), median ms."""
+    generator = torch.Generator().manual_seed(2)
+    x, w1, w2 = (torch.randn(shape, generator=generator).mul(0.05).to(device, dtype)
+                 for shape in ((rows, channels), (channels, hidden), (hidden, channels)))
+    h = torch.nn.functional.gelu(x @ w1)
+    with torch.inference_mode():
+        gemm1 = _median_ms(lambda: x @ w1, device)
+        gemm2 = _median_ms(lambda: h @ w2, device)
+        unfused = _median_ms(lambda: torch.addmm(x, torch.nn.functional.gelu(x @ w1), w2), device)
+    return {"gemm1_ms": gemm1, "gemm2_ms": gemm2, "gemms_ms": gemm1 + gemm2, "unfused_ms": unfused}
+
+
+def kernel_breakdown(model: str, device: str, batch: int, resolution: int, build, repeats: int = 10) -> dict:
+    """fast bf16 kernel by kernel (see the module docstring), and each stage's MLP unfused for comparison."""
+    from poolformer.fast.roofline import kernel_table, time_kernels
+
+    torch.manual_seed(bench.BUILD_SEED)
+    fast = build(model, "fast").eval().to(device)
+    x = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        times = time_kernels(fast, x, repeats=repeats)
+    table = kernel_table(times)
+    reference = []
+    for row in (r for r in table if r["kernel"] == "mlp"):
+        launch = next(k for k in times.launches if k.name == "mlp" and k.stage == row["stage"])
+        block = fast.folded.stages[row["stage"] - 1].blocks[0]
+        hidden, channels = block.fc1_weight.shape
+        rows = launch.flops // (4 * channels * hidden)
+        cublas = unfused_mlp_ms(rows, channels, hidden, device, torch.bfloat16)
+        fused_ms = row["ms"] / row["launches"]
+        reference.append({"stage": row["stage"], "rows": rows, "channels": channels, "hidden": hidden,
+                          "fused_ms": fused_ms, **cublas,
+                          "gemms_tflop_per_s": launch.flops / (cublas["gemms_ms"] * 1e-3) / 1e12})
+    return {"batch_size": batch, "repeats": times.repeats, "host_ahead": times.host_ahead,
+            "total_ms": times.total_ms, "table": table,
+            "launches": [{**asdict(k), "tb_per_s": k.tb_per_s, "tflop_per_s": k.tflop_per_s} for k in times.launches],
+            "mlp_unfused": reference}
+
+
 def markdown(document: dict) -> str:
     env, gpu = document["env"], document["env"].get("gpu") or {}
     lines = [f"# `--impl fast` on {env.get('device_name')}", "",
@@ -184,6 +249,32 @@ def markdown(document: dict) -> str:
         for model, e in document["exactness"].items():
             lines.append(f"| {model} | {e['images']} | {e['fast_fp32_relative_diff']:.1e} | "
                          f"{e['fast_bf16_top1_agreement']:.1%} | {e['timm_bf16_top1_agreement']:.1%} |")
+        lines.append("")
+    if document.get("kernels"):
+        for model, k in document["kernels"].items():
+            lines += [f"## Kernel by kernel: {model}, fast bf16, batch {k['batch_size']}", "",
+                      f"Sum of the launches' medians over {k['repeats']} forwards: {k['total_ms']:.2f} ms"
+                      + ("" if k["host_ahead"] else " (the host fell behind the GPU in some forwards: upper bounds)")
+                      + ".", "",
+                      "| stage | kernel | launches | ms | share | MB | TB/s | TFLOP/s |", "|---|---|---|---|---|---|---|---|"]
+            for r in k["table"]:
+                lines.append(f"| {r['stage']} | {r['kernel']} | {r['launches']} | {r['ms']:.3f} | {r['share']:.0%} | "
+                             f"{r['bytes'] / 1e6:.1f} | {'-' if r['tb_per_s'] is None else format(r['tb_per_s'], '.2f')} | "
+                             f"{'-' if r['tflop_per_s'] is None else format(r['tflop_per_s'], '.0f')} |")
+            if k["mlp_unfused"]:
+                lines += ["", "One MLP per stage, fused (ours) against cuBLAS unfused (ms per block):", "",
+                          "| stage | rows x C x D | fused | cuBLAS GEMMs only | cuBLAS unfused (GEMM, GELU, addmm) | "
+                          "GEMMs TFLOP/s |", "|---|---|---|---|---|---|"]
+                for r in k["mlp_unfused"]:
+                    lines.append(f"| {r['stage']} | {r['rows']} x {r['channels']} x {r['hidden']} | {r['fused_ms']:.3f} | "
+                                 f"{r['gemms_ms']:.3f} | {r['unfused_ms']:.3f} | {r['gemms_tflop_per_s']:.0f} |")
+            lines.append("")
+    if document.get("autotune_timings"):
+        lines += ["## Autotuned tiles (median ms of each candidate; - refused by the compiler)", ""]
+        for key, timings in document["autotune_timings"].items():
+            ranked = sorted(timings.items(), key=lambda kv: (kv[1] is None, kv[1] or 0))
+            lines.append(f"- `{key}`: " + "; ".join(f"{name} {'-' if ms is None else format(ms, '.3f')}"
+                                                   for name, ms in ranked))
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -236,13 +327,14 @@ def main(argv: list[str] | None = None) -> int:
                 "env": env, "targets": TARGETS, "batch_size": batch, "resolution": resolution,
                 "settings": f"warm-up {settings.warmup} steps, then >= {settings.min_time_s or 0} s and "
                             f">= {settings.iters} timed steps per row, median; compile time reported apart",
-                "autotune": autotune, "throughput": {}, "latency": {}, "exactness": {}}
+                "autotune": autotune, "throughput": {}, "latency": {}, "exactness": {}, "kernels": {}}
 
     def save() -> None:
-        from poolformer.fast.triton_forward import mlp_tiles_in_use, pool_tiles_in_use
+        from poolformer.fast.triton_forward import autotune_timings, mlp_tiles_in_use, pool_tiles_in_use
 
         document["mlp_tiles"] = mlp_tiles_in_use()  # which tile each shape ran with (autotuned on a GPU)
         document["pool_mix_tiles"] = pool_tiles_in_use()
+        document["autotune_timings"] = autotune_timings()
         write_atomic(args.out / "fast_gpu.json", json.dumps(document, indent=2) + "\n")
         write_atomic(args.out / "fast_gpu.md", markdown(document))
 
@@ -257,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
 
             measure([c for c in candidates(model, device, batch, resolution, "bf16") if c[0] in chosen], settings,
                     build, entry["rows"], progress)
+        if "kernels" in sections:
+            document["kernels"][model] = kernel_breakdown(model, device, batch, resolution, build,
+                                                          repeats=2 if args.smoke else 10)
+            save()
         if "exactness" in sections:  # before latency, whose max-autotune compile is the long part
             document["exactness"][model] = agreement(model, device, images, resolution, build)
             save()

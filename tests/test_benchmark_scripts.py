@@ -95,8 +95,13 @@ def test_fast_gpu_smoke_measures_every_contender(tmp_path):
     exact = document["exactness"]["poolformer_s12"]
     assert exact["fast_fp32_relative_diff"] < 1e-4 and 0 <= exact["fast_bf16_top1_agreement"] <= 1
     assert set(document["latency"]["poolformer_s12"]) == {"timm eager", "timm max-autotune", "fast"}
+    kernels = document["kernels"]["poolformer_s12"]
+    assert [r["stage"] for r in kernels["mlp_unfused"]] == [1, 2, 3, 4]
+    assert [(r["channels"], r["hidden"]) for r in kernels["mlp_unfused"]] == [(64, 256), (128, 512), (320, 1280),
+                                                                              (512, 2048)]
+    assert sum(r["launches"] for r in kernels["table"]) == len(kernels["launches"]) > 20
     report = (tmp_path / "fast_gpu.md").read_text()
-    assert "| poolformer_s12 |" in report and "Batch-1 latency" in report
+    assert "| poolformer_s12 |" in report and "Batch-1 latency" in report and "Kernel by kernel" in report
 
 
 def test_fast_gpu_runs_only_the_chosen_contenders(tmp_path):

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from poolformer import ConfigError, create_model, optimize
 from poolformer.fast import triton_forward as tf
 from poolformer.fast.cuda import CapturedGraph, GraphCache, graphs_enabled_by_env
-from poolformer.fast.roofline import achieved_tb_per_s, bytes_per_image, fast_traffic
+from poolformer.fast.roofline import (
+    achieved_tb_per_s, bytes_per_image, fast_traffic, kernel_table, time_kernels,
+)
 
 from .conftest import randomize_
 
@@ -365,6 +367,41 @@ def test_roofline_count_equals_the_traffic_the_kernels_record(name):
     assert recorded == predicted
 
 
+@pytest.mark.parametrize("name", ["s12", "v2_s12"])
+def test_time_kernels_lists_every_launch_with_its_stage_bytes_and_flops(name):
+    """Kernel-by-kernel times: one entry per launch in forward order, the bytes the roofline counts, the
+    stages in order, the MLP's and convolutions' FLOPs from their shapes, and a table whose shares add up."""
+    model = randomize_(create_model(name), seed=6).eval()
+    fast = optimize(model, backend="triton")
+    x = torch.randn(2, 3, 64, 64)
+    times = time_kernels(fast, x, repeats=2)
+    predicted = fast_traffic(fast.folded, fast.plan, 2, 64, 64, torch.float32, interpret=True)
+    assert [(k.name, k.read_bytes, k.write_bytes) for k in times.launches] == [
+        (k.name, k.read_bytes, k.write_bytes) for k in predicted]
+    assert all(k.ms >= 0 for k in times.launches) and times.repeats == 2 and fast.cuda_graphs
+    stages = [k.stage for k in times.launches]
+    assert stages[-1] is None and stages[:-1] == sorted(stages[:-1]) and set(stages[:-1]) == {0, 1, 2, 3, 4}
+    hw = {1: 16 * 16, 2: 8 * 8, 3: 4 * 4, 4: 2 * 2}
+    for k in times.launches:
+        if k.name == "mlp":
+            c = fast.folded.stages[k.stage - 1].blocks[0].fc1_weight.shape[1]
+            assert k.flops == 4 * 2 * hw[k.stage] * c * 4 * c
+        elif k.name in ("pool_mix", "stats"):
+            assert k.flops == 0
+    stem = next(k for k in times.launches if k.name == "stem")
+    assert stem.flops == 2 * 2 * 16 * 16 * fast.folded.stem_weight.numel()
+    table = kernel_table(times)
+    assert sum(r["share"] for r in table) == pytest.approx(1.0)
+    assert sum(r["launches"] for r in table) == len(times.launches)
+    assert [(r["stage"], r["kernel"]) for r in table if r["kernel"] == "mlp"] == [(s, "mlp") for s in (1, 2, 3, 4)]
+
+
+def test_time_kernels_refuses_a_forward_off_the_triton_backend():
+    fast = optimize(randomize_(create_model("s12"), seed=6).eval(), backend="portable")
+    with pytest.raises(RuntimeError, match="Triton backend"):
+        time_kernels(fast, torch.randn(1, 3, 64, 64), repeats=1)
+
+
 def test_roofline_fused_blocks_move_far_less_than_an_eager_block():
     """Per block about 4 activations of traffic (plus weights), not the ~39 of an unfused eager block."""
     fast = optimize(create_model("s12"))
@@ -520,6 +557,10 @@ def test_autotune_times_every_tile_and_keeps_the_fastest(monkeypatch):
     assert set(launched) == set(candidates) and len(launched) == 2 * (1 + tf.AUTOTUNE_REPEATS) + 1
     (chosen,) = tf._working_mlp_config.values()
     assert chosen in candidates
+    timed = [t for key, t in tf.autotune_timings().items() if "rows 147 C 64 D 256" in key]
+    assert timed and set(timed[-1]) == {"block_rows=16 block_hidden=16 num_warps=4 num_stages=1",
+                                        "block_rows=32 block_hidden=64 num_warps=4 num_stages=1"}
+    assert min(timed[-1], key=timed[-1].get) == tf._tile_name(chosen)
     launched.clear()
     tf.mlp(x, tf.stage_input_stats(x), block, "gelu", emit_stats=True)
     assert launched == [chosen]
@@ -533,7 +574,7 @@ def test_autotuned_tiles_are_kept_for_later_processes(monkeypatch, tmp_path):
     monkeypatch.setenv(tf.TILE_CACHE_ENV, str(cache))
     candidates = [tf.MlpConfig(16, 16, 4, 1), tf.MlpConfig(32, 64, 4, 1)]
     monkeypatch.setattr(tf, "mlp_configs", lambda *args, **kwargs: list(candidates))
-    monkeypatch.setattr(tf, "_fastest", lambda *args: candidates[1])  # as if it had won the timing
+    monkeypatch.setattr(tf, "_fastest", lambda *args, **kwargs: candidates[1])  # as if it had won the timing
     launched = []
     real_launch = tf._launch_mlp
     monkeypatch.setattr(tf, "_launch_mlp", lambda *args: launched.append(args[-1]) or real_launch(*args))

@@ -13,11 +13,15 @@ subtract 3, LayerScale 2, residual add 3, twice; fc1 5, GELU 8 on the 4C-wide hi
 
 from __future__ import annotations
 
+import statistics
+from dataclasses import dataclass
+
 import torch
 
 from .folding import FoldedModel, Plan
 from .triton_forward import (
-    KernelTraffic, elementwise_tile, mlp_configs, new_partials_shape, norm_after_fc1,
+    KernelTraffic, elementwise_tile, mark_launches, mlp_configs, new_partials_shape, norm_after_fc1,
+    record_traffic,
 )
 
 
@@ -98,3 +102,99 @@ def bytes_per_image(traffic: list[KernelTraffic], batch_size: int) -> float:
 def achieved_tb_per_s(bytes_per_image_: float, images_per_s: float) -> float:
     """The memory bandwidth (10^12 bytes/s) a speed of images_per_s implies for that traffic."""
     return bytes_per_image_ * images_per_s / 1e12
+
+
+# ------------------------------------------------------------------------------------ per-kernel times
+
+
+@dataclass(frozen=True)
+class KernelTime:
+    """One launch of a forward on the Triton backend: its place, median time over the repeats, the bytes it
+    reads and writes (as `fast_traffic` counts them) and its FLOPs (2 per multiply-add; 0 where not counted)."""
+
+    index: int
+    name: str
+    stage: int | None  # 0 the stem (and the input pass), 1-4 the stages, None the head
+    ms: float
+    read_bytes: int
+    write_bytes: int
+    flops: int
+
+    @property
+    def tb_per_s(self) -> float | None:
+        return (self.read_bytes + self.write_bytes) / (self.ms * 1e-3) / 1e12 if self.ms > 0 else None
+
+    @property
+    def tflop_per_s(self) -> float | None:
+        return self.flops / (self.ms * 1e-3) / 1e12 if self.ms > 0 and self.flops else None
+
+
+@dataclass(frozen=True)
+class KernelTimes:
+    """time_kernels' answer: every launch, and whether the host stayed ahead of the GPU in every repeat (if not,
+    some gaps between marks include host time and the launch times are upper bounds)."""
+
+    launches: list[KernelTime]
+    repeats: int
+    host_ahead: bool
+
+    @property
+    def total_ms(self) -> float:
+        return sum(k.ms for k in self.launches)
+
+
+GPU_CYCLES_PER_MS = 2_000_000  # about a Hopper's SM clock: torch.cuda._sleep counts cycles
+
+
+def time_kernels(fast, x: torch.Tensor, repeats: int = 10, queue_ahead_ms: float = 40.0) -> KernelTimes:
+    """Time each kernel of `fast`'s forward (a FastPoolFormer on the Triton backend) on input `x`: CUDA events
+    after every launch, CUDA graphs off, with the GPU first held busy for `queue_ahead_ms` (torch.cuda._sleep)
+    so the host queues the whole forward before the GPU reaches it and each gap between two events is GPU time
+    only. On a CPU (Triton's interpreter) the marks are host clocks. The first forward, which compiles or tunes,
+    is not timed."""
+    cuda = x.device.type == "cuda"
+    graphs, fast.cuda_graphs = fast.cuda_graphs, False
+    runs: list[list[float]] = []
+    host_ahead = True
+    traffic: list[KernelTraffic] = []
+    try:
+        with torch.inference_mode():
+            fast(x)
+            for _ in range(repeats):
+                if cuda:
+                    torch.cuda.synchronize(x.device)
+                    torch.cuda._sleep(int(queue_ahead_ms * GPU_CYCLES_PER_MS))
+                with record_traffic() as traffic, mark_launches(x.device) as marks:
+                    fast(x)
+                if cuda:
+                    host_ahead &= not marks[0].mark.query()  # the GPU had not yet reached the forward
+                    torch.cuda.synchronize(x.device)
+                    runs.append([a.mark.elapsed_time(b.mark) for a, b in zip(marks, marks[1:])])
+                else:
+                    runs.append([(b.mark - a.mark) * 1e3 for a, b in zip(marks, marks[1:])])
+    finally:
+        fast.cuda_graphs = graphs
+    if not traffic or len(traffic) != len(runs[0]):
+        raise RuntimeError("this forward did not run on the Triton backend: nothing to time kernel by kernel")
+    launches = [KernelTime(i, t.name, m.stage, statistics.median(run[i] for run in runs), t.read_bytes,
+                           t.write_bytes, m.flops)
+                for i, (t, m) in enumerate(zip(traffic, marks[1:]))]
+    return KernelTimes(launches, repeats, host_ahead)
+
+
+def kernel_table(times: KernelTimes) -> list[dict]:
+    """The launches grouped by (stage, kernel name) in forward order: launches, total ms, share of the forward,
+    bytes, achieved TB/s and TFLOP/s (over the group's summed time)."""
+    groups: dict[tuple, list[KernelTime]] = {}
+    for k in times.launches:
+        groups.setdefault((k.stage, k.name), []).append(k)
+    total = times.total_ms or 1.0
+    rows = []
+    for (stage, name), ks in groups.items():
+        ms = sum(k.ms for k in ks)
+        moved = sum(k.read_bytes + k.write_bytes for k in ks)
+        flops = sum(k.flops for k in ks)
+        rows.append({"stage": "head" if stage is None else stage, "kernel": name, "launches": len(ks), "ms": ms,
+                     "share": ms / total, "bytes": moved, "tb_per_s": moved / (ms * 1e-3) / 1e12 if ms > 0 else None,
+                     "tflop_per_s": flops / (ms * 1e-3) / 1e12 if ms > 0 and flops else None})
+    return rows

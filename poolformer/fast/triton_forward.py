@@ -320,13 +320,52 @@ def record_traffic() -> Iterator[list[KernelTraffic]]:
         _traffic_log = previous
 
 
+@dataclass(frozen=True)
+class LaunchMark:
+    """One kernel (or PyTorch operator) of a timed forward: its name, stage (0 = stem, then 1-4, None = head),
+    the multiply-add FLOPs it does (2 per MAC; 0 where not counted), and the mark recorded right after it was
+    launched (a CUDA event on a GPU, time.perf_counter() seconds on a CPU)."""
+
+    name: str
+    stage: int | None
+    flops: int
+    mark: Any
+
+
+_timing_log: list[LaunchMark] | None = None
+_stage_index: int | None = 0
+
+
+def _mark(device: torch.device) -> Any:
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+@contextlib.contextmanager
+def mark_launches(device: torch.device) -> Iterator[list[LaunchMark]]:
+    """Within this context every forward on the Triton backend lists a LaunchMark per kernel, after a first
+    mark named "start": on a GPU the time between two marks is the GPU time of the launch between them, as long
+    as the host stays ahead of the GPU (poolformer.fast.roofline.time_kernels sees to that)."""
+    global _timing_log
+    previous, _timing_log = _timing_log, [LaunchMark("start", None, 0, _mark(torch.device(device)))]
+    try:
+        yield _timing_log
+    finally:
+        _timing_log = previous
+
+
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _record(name: str, reads, writes) -> None:
+def _record(name: str, reads, writes, flops: int = 0) -> None:
     if _traffic_log is not None:
         _traffic_log.append(KernelTraffic(name, _nbytes(reads), _nbytes(writes)))
+    if _timing_log is not None:
+        _timing_log.append(LaunchMark(name, _stage_index, flops, _mark(writes[0].device)))
 
 
 # ------------------------------------------------------------------------------------ launches
@@ -488,7 +527,7 @@ def _run_with_tile(working: dict, key: tuple, cache_key: tuple, candidates: Call
     else:
         cache_name, tiles = _tile_cache_key(*cache_key), candidates()  # first call of the shape only
         if autotune_enabled():
-            order = [_fastest(tiles, launch, cache_key[-1], what)]
+            order = [_fastest(tiles, launch, cache_key[-1], what, log_key=cache_name)]
             remember_tile(cache_name, order[0])
         else:
             cached = cached_tile(cache_name, type(tiles[0]))
@@ -525,16 +564,29 @@ def _out_of_resources(err: Exception) -> bool:
     return type(err).__name__ == "OutOfResources"
 
 
-def _fastest(candidates: list, launch: Callable[[Any], Any], device: torch.device, what: str):
+_autotune_log: dict[str, dict[str, float | None]] = {}  # tile cache key -> each candidate's median ms (None: refused)
+
+
+def autotune_timings() -> dict[str, dict[str, float | None]]:
+    """Every candidate tile timed so far in this process, per shape: what a GPU run records, so the design-time
+    order can follow the measurements (None: the compiler refused the tile)."""
+    return {key: dict(timings) for key, timings in _autotune_log.items()}
+
+
+def _fastest(candidates: list, launch: Callable[[Any], Any], device: torch.device, what: str,
+             log_key: str | None = None):
     """The candidate with the lowest median time over AUTOTUNE_REPEATS launches (after one that compiles it);
-    candidates the GPU refuses (out of resources) are skipped. `what` ends the error when none fits: "no {what}"."""
+    candidates the GPU refuses (out of resources) are skipped. `what` ends the error when none fits: "no {what}".
+    With log_key, every candidate's time is kept for autotune_timings()."""
     timings = {}
+    log = _autotune_log.setdefault(log_key, {}) if log_key is not None else {}
     for candidate in candidates:
         try:
             launch(candidate)
         except Exception as err:
             if not _out_of_resources(err):
                 raise
+            log[_tile_name(candidate)] = None
             continue
         times = []
         for _ in range(AUTOTUNE_REPEATS):
@@ -549,10 +601,14 @@ def _fastest(candidates: list, launch: Callable[[Any], Any], device: torch.devic
                 started = time.perf_counter()
                 launch(candidate)
                 times.append((time.perf_counter() - started) * 1e3)
-        timings[candidate] = sorted(times)[len(times) // 2]
+        timings[candidate] = log[_tile_name(candidate)] = sorted(times)[len(times) // 2]
     if not timings:
         raise RuntimeError(f"no {what}")
     return min(timings, key=timings.get)
+
+
+def _tile_name(tile: MlpConfig | Tile) -> str:
+    return " ".join(f"{k}={v}" for k, v in asdict(tile).items())
 
 
 def _launch_mlp(x1, stats, block, activation, emit_stats, config: MlpConfig):
@@ -579,7 +635,7 @@ def _launch_mlp(x1, stats, block, activation, emit_stats, config: MlpConfig):
         PRECISION="ieee" if x1.dtype == torch.float32 else "tf32", DOT_UPCAST=triton_interprets(),
         num_warps=config.num_warps, num_stages=config.num_stages)
     _record("mlp", [x1, stats.buffer, block.fc1_weight, block.fc1_bias, colsum, block.fc2_weight, block.fc2_bias,
-                    block.skip_scale2], [y] + ([out.buffer] if emit_stats else []))
+                    block.skip_scale2], [y] + ([out.buffer] if emit_stats else []), flops=4 * rows * channels * hidden)
     return y, (out if emit_stats else None)
 
 
@@ -588,7 +644,7 @@ def _launch_mlp(x1, stats, block, activation, emit_stats, config: MlpConfig):
 
 def _conv(name: str, x: torch.Tensor, weight: torch.Tensor, bias, stride: int, padding: int) -> torch.Tensor:
     out = cpu.conv_channels_last(x, weight, bias, stride, padding)
-    _record(name, [x, weight, bias], [out])
+    _record(name, [x, weight, bias], [out], flops=2 * (out.numel() // weight.shape[0]) * weight.numel())
     return out
 
 
@@ -600,7 +656,9 @@ def _layer_norm(name: str, x: torch.Tensor, weight, eps: float) -> torch.Tensor:
 
 def images_in(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Images [B, 3, H, W] in `dtype`, channels-last (one conversion pass unless they already are)."""
+    global _stage_index
     images = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    _stage_index = 0
     if images.data_ptr() != x.data_ptr():
         _record("input", [x], [images])
     return images
@@ -608,11 +666,13 @@ def images_in(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def features_forward(images: torch.Tensor, model: TritonModel, plan: Plan) -> torch.Tensor:
     """Images [B, 3, H, W] channels-last in the compute dtype -> last map [B, H/32, W/32, C] (contiguous)."""
+    global _stage_index
     folded = model.folded
+    _stage_index = 0
     x = _conv("stem", images.permute(0, 2, 3, 1), folded.stem_weight, folded.stem_bias, stride=4, padding=2)
     if folded.stem_norm_weight is not None:
         x = _layer_norm("stem_norm", x, folded.stem_norm_weight, plan.stem_norm_eps)
-    for stage, blocks in zip(folded.stages, model.blocks):
+    for _stage_index, (stage, blocks) in enumerate(zip(folded.stages, model.blocks), start=1):
         if stage.down_weight is not None:
             if plan.down_norm_eps is not None:
                 x = _layer_norm("down_norm", x, None, plan.down_norm_eps)
@@ -629,6 +689,9 @@ def features_forward(images: torch.Tensor, model: TritonModel, plan: Plan) -> to
 
 def head_forward(x: torch.Tensor, model: TritonModel, plan: Plan) -> torch.Tensor:
     """Last map [B, H, W, C] -> float32 logits (PyTorch operators; see poolformer.fast.cpu.head_forward)."""
+    global _stage_index
     logits = cpu.head_forward(x, model.folded, plan)
-    _record("head", [x, model.folded.head_weight, model.folded.head_bias], [logits])
+    _stage_index = None
+    _record("head", [x, model.folded.head_weight, model.folded.head_bias], [logits],
+            flops=2 * logits.shape[0] * model.folded.head_weight.numel())
     return logits
