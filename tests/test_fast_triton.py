@@ -71,10 +71,11 @@ def _block(channels: int, hidden: int, dtype=torch.float32, skip: bool = True, b
         return (torch.randn(n) * 0.3 + around).contiguous()
 
     fc1 = (torch.randn(channels, hidden) / math.sqrt(channels)).to(dtype).contiguous()
+    fc1_bias = vec(hidden) if bias else None
     return tf.TritonBlock(
         mix_scale=vec(channels, 1.0), skip_scale1=vec(channels, 1.0) if skip else None,
         fc1_weight=fc1, fc1_colsum=fc1.float().sum(0) if tf.norm_after_fc1(dtype, channels) else None,
-        fc1_bias=vec(hidden) if bias else None,
+        fc1_bias=fc1_bias, fc1_bias_compute=None if fc1_bias is None else fc1_bias.to(dtype),
         fc2_weight=(torch.randn(hidden, channels) / math.sqrt(hidden)).to(dtype).contiguous(),
         fc2_bias=vec(channels) if bias else None, skip_scale2=vec(channels, 1.0) if skip else None,
         norm1_eps=1e-5, norm2_eps=1e-6)
@@ -210,6 +211,147 @@ def test_bf16_mlp_applies_the_statistics_after_fc1(offset):
     missing = tf.TritonBlock(**{**block.__dict__, "fc1_colsum": None})
     with pytest.raises(ValueError, match="column sums"):
         tf.mlp(x, tf.stage_input_stats(x), missing, "gelu", emit_stats=False)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels-last", "strided", "bf16-input"])
+@pytest.mark.parametrize("size, out_channels", [((31, 45), 64), ((64, 64), 96)])
+def test_stem_kernel_is_the_7x7_stride_4_convolution_read_straight_from_the_images(layout, size, out_channels):
+    """The stem as an implicit GEMM over the caller's tensor as it is (any strides, float32 or bf16), padded
+    borders and odd sizes included, against F.conv2d in float64."""
+    weight = torch.randn(out_channels, 3, 7, 7) * 0.1
+    bias = torch.randn(out_channels)
+    images = torch.randn(2, 3, size[0] + 5, size[1] + 3)
+    x = images[:, :, 2:2 + size[0], 1:1 + size[1]]  # a view with the parent's strides
+    if layout == "nchw":
+        x = x.contiguous()
+    elif layout == "channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "bf16-input":
+        x = x.to(torch.bfloat16)
+    got = tf.stem(x, tf.stem_matrix(weight, torch.float32), bias, 7)
+    expected = F.conv2d(x.double(), weight.double(), bias.double(), stride=4, padding=2).permute(0, 2, 3, 1)
+    assert got.shape == expected.shape and got.is_contiguous()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tf32", [(torch.float32, False), (torch.bfloat16, True)])
+def test_float32_downsampling_never_runs_on_tf32(monkeypatch, dtype, tf32):
+    """cuDNN allows TF32 for convolutions by default; the float32 path turns it off around its convolutions
+    (and restores the setting), lower precisions leave it as it is."""
+    seen = []
+    real = tf.cpu.conv_channels_last
+    monkeypatch.setattr(tf.cpu, "conv_channels_last",
+                        lambda *args: seen.append(torch.backends.cudnn.allow_tf32) or real(*args))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    x = torch.randn(1, 8, 8, 16).to(dtype)
+    tf._conv("down", x, torch.randn(32, 16, 3, 3).to(dtype), None, stride=2, padding=1)
+    assert seen == [tf32] and torch.backends.cudnn.allow_tf32
+
+
+def test_stem_matrix_orders_the_weights_as_the_kernel_reads_them():
+    weight = torch.randn(8, 3, 7, 7)
+    matrix = tf.stem_matrix(weight, torch.float32)
+    assert matrix.shape == (160, 8) and matrix[147:].abs().sum() == 0
+    assert torch.equal(matrix[(2 * 7 + 5) * 3 + 1], weight[:, 1, 2, 5])
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 7, 64), (3, 13, 17, 96), (2, 5, 3, 320)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_kernel_matches_pytorch(shape, weighted, dtype):
+    x = (torch.randn(shape) * 2 + 5).to(dtype)
+    weight = (torch.randn(shape[-1]) * 0.3 + 1).to(dtype) if weighted else None
+    got = tf._layer_norm("norm", x, weight, 1e-6)
+    expected = F.layer_norm(x.double(), shape[-1:], None if weight is None else weight.double(), None, 1e-6)
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5 if dtype == torch.float32 else 2 ** -7,
+                               atol=1e-5 if dtype == torch.float32 else 2 ** -7)
+
+
+def _split(x: torch.Tensor) -> tf.SplitMlp:
+    return tf.SplitMlp(*tf.astuple(tf.elementwise_tile(x.numel() // x.shape[-1], x.shape[-1], interpret=True)))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("activation", ["gelu", "starrelu", "relu", "silu"])
+def test_split_mlp_matches_norm_fc1_activation_fc2_residual(shape, activation):
+    """The split form (normalising kernel, GEMMs, activation, GEMM adding the residual base, statistics kernel)
+    gives the block's MLP in float32 and its output's moments; with and without scale and biases."""
+    x = (torch.randn(shape) * 1.5 - 0.3).contiguous()
+    full = activation in ("gelu", "silu")
+    block = _block(shape[-1], 4 * shape[-1], bias=full, skip=full)
+    y, partials = tf.mlp(x, tf.stage_input_stats(x), block, activation, emit_stats=True, config=_split(x))
+    torch.testing.assert_close(y.double(), _reference_mlp(x, block, activation), rtol=1e-4, atol=1e-4)
+    mean, var = _sample_moments(partials, shape[0])
+    np.testing.assert_allclose(var, _reference_moments(y)[1], rtol=1e-5)
+    np.testing.assert_allclose(mean, _reference_moments(y)[0], rtol=1e-5, atol=1e-5)
+    y2, none = tf.mlp(x, tf.stage_input_stats(x), block, activation, emit_stats=False, config=_split(x))
+    assert none is None and torch.equal(y, y2)
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+def test_bf16_split_mlp_is_within_the_storage_rounding(offset):
+    x = (torch.randn(2, 9, 11, 320) + offset).to(torch.bfloat16).contiguous()
+    block = _block(320, 1280, dtype=torch.bfloat16)
+    y, _ = tf.mlp(x, tf.stage_input_stats(x), block, "gelu", emit_stats=False, config=_split(x))
+    assert y.dtype == torch.bfloat16
+    expected = _reference_mlp(x, block, "gelu")
+    assert ((y.double() - expected).abs() / (expected.abs() + 1)).max() < 8 * 2 ** -8
+
+
+def test_mlp_candidates_order_the_two_forms(monkeypatch):
+    """On a GPU in bf16/fp16 the split form goes first from 256 channels (the H200's measurements), after the
+    fused tiles below; float32 offers it only without TF32; the interpreter and POOLFORMER_TRITON_MLP=fused keep
+    the fused form only, =split the split form only."""
+    monkeypatch.delenv(tf.MLP_ENV, raising=False)
+    rows = 256 * 14 * 14
+
+    def kinds(channels, dtype, interpret=False):
+        return [type(c).__name__ for c in tf.mlp_candidates(rows, channels, 4 * channels, dtype, interpret)]
+
+    assert kinds(320, torch.bfloat16)[0] == "SplitMlp" and set(kinds(320, torch.bfloat16)[1:]) == {"MlpConfig"}
+    assert kinds(128, torch.float16)[0] == "MlpConfig" and kinds(128, torch.float16)[-1] == "SplitMlp"
+    assert kinds(512, torch.float32)[0] == "MlpConfig" and kinds(512, torch.float32)[-1] == "SplitMlp"
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")  # TF32 allowed: not exact
+    assert "SplitMlp" not in kinds(512, torch.float32) and "SplitMlp" in kinds(512, torch.bfloat16)
+    assert set(kinds(512, torch.bfloat16, interpret=True)) == {"MlpConfig"}
+    monkeypatch.setenv(tf.MLP_ENV, "fused")
+    assert set(kinds(512, torch.bfloat16)) == {"MlpConfig"}
+    monkeypatch.setenv(tf.MLP_ENV, "split")
+    assert kinds(64, torch.float32, interpret=True) == ["SplitMlp"]
+
+
+@pytest.mark.parametrize("name", ["s12", "v2_s12"])
+def test_whole_model_on_the_split_mlp_is_exact_and_its_traffic_is_counted(monkeypatch, name):
+    """POOLFORMER_TRITON_MLP=split runs every block's MLP in the split form: fp32 logits within 1e-4 of the
+    reference, and the roofline's byte count follows the form in use, launch by launch."""
+    monkeypatch.setenv(tf.MLP_ENV, "split")
+    monkeypatch.setattr(tf, "_working_mlp_config", {})
+    model = randomize_(create_model(name), seed=4).eval()
+    fast = optimize(model, backend="triton")
+    x = torch.randn(2, 3, 64, 64)
+    with tf.record_traffic() as recorded, torch.no_grad():
+        got = fast(x)
+        expected = model(x)
+    assert (got - expected).abs().max().item() <= 1e-4 * max(1.0, expected.abs().max().item())
+    assert {t["kind"] for t in tf.mlp_tiles_in_use()} == {"SplitMlp"}
+    predicted = fast_traffic(fast.folded, fast.plan, 2, 64, 64, torch.float32, interpret=True)
+    assert [k.name for k in recorded] == [k.name for k in predicted] and "fc2" in {k.name for k in recorded}
+    assert recorded == predicted
+
+
+def test_the_tile_cache_keeps_the_form_of_the_mlp(monkeypatch, tmp_path):
+    """An autotuned split form comes back from the cache as a split form; an older entry without a kind reads as
+    the first kind asked for."""
+    cache = tmp_path / "tiles.json"
+    monkeypatch.setenv(tf.TILE_CACHE_ENV, str(cache))
+    tf.remember_tile("a", tf.SplitMlp(32, 64, 4))
+    tf.remember_tile("b", tf.MlpConfig(64, 32, 4, 3))
+    assert tf.cached_tile("a", (tf.MlpConfig, tf.SplitMlp)) == tf.SplitMlp(32, 64, 4)
+    assert tf.cached_tile("b", (tf.MlpConfig, tf.SplitMlp)) == tf.MlpConfig(64, 32, 4, 3)
+    assert tf.cached_tile("a", (tf.MlpConfig,)) is None  # a form this shape does not offer
+    cache.write_text(json.dumps({"old": {"block_rows": 16, "block_hidden": 16, "num_warps": 4, "num_stages": 1}}))
+    assert tf.cached_tile("old", (tf.MlpConfig, tf.SplitMlp)) == tf.MlpConfig(16, 16, 4, 1)
 
 
 def test_the_switch_normalises_before_fc1_everywhere(monkeypatch):

@@ -42,7 +42,8 @@ class FoldedBlock:
     fc1_weight [D, C], fc1_bias [D] or None: norm2's affine folded in.
     fc2_weight [C, D], fc2_bias [C] or None: LayerScale (and StarReLU's scale and bias) folded in.
     norm1_eps / norm2_eps: the GroupNorms' eps, inside the square root: sigma = sqrt(var + eps).
-    fc1_colsum [D] or None: the Triton kernels' form only (see triton_forward.prepare).
+    fc1_colsum [D] or None, fc1_bias_compute [D] or None: the Triton kernels' form only (see
+    triton_forward.prepare).
     """
 
     mix_scale: torch.Tensor
@@ -55,6 +56,7 @@ class FoldedBlock:
     norm1_eps: float
     norm2_eps: float
     fc1_colsum: torch.Tensor | None = None
+    fc1_bias_compute: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -308,8 +308,7 @@ class FastPoolFormer(nn.Module):
 
     def _forward(self, x: torch.Tensor, dtype: torch.dtype, prepared: Prepared, features_only: bool) -> torch.Tensor:
         if prepared.backend == "triton":
-            images = triton_forward.images_in(x, dtype)
-            features = triton_forward.features_forward(images, prepared.triton, self.plan)
+            features = triton_forward.features_forward(x, prepared.triton, self.plan)
             if features_only:
                 return features.permute(0, 3, 1, 2)
             return triton_forward.head_forward(features, prepared.triton, self.plan)

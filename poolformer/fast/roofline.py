@@ -20,8 +20,8 @@ import torch
 
 from .folding import FoldedModel, Plan
 from .triton_forward import (
-    KernelTraffic, elementwise_tile, mark_launches, mlp_configs, new_partials_shape, norm_after_fc1,
-    record_traffic,
+    KernelTraffic, SplitMlp, elementwise_tile, in_use_mlp_form, mark_launches, mlp_candidates, new_partials_shape,
+    norm_after_fc1, record_traffic, STEM_BLOCK_K, cdiv,
 )
 
 
@@ -35,22 +35,22 @@ def _partials_bytes(rows: int, hw: int, block_rows: int) -> int:
 
 
 def fast_traffic(folded: FoldedModel, plan: Plan, batch_size: int, height: int, width: int, dtype: torch.dtype,
-                 input_dtype: torch.dtype = torch.float32, input_converted: bool = True,
-                 features_only: bool = False, interpret: bool = False) -> list[KernelTraffic]:
+                 input_dtype: torch.dtype = torch.float32, features_only: bool = False,
+                 interpret: bool = False) -> list[KernelTraffic]:
     """The kernels (and PyTorch operators) of one forward of the Triton backend on a [batch_size, 3, height,
-    width] input, with the bytes each reads and writes. `folded` is the float32 folded model; `dtype` the
-    compute dtype; input_converted: the input needs a pass to become channels-last `dtype` (a float32 NCHW
-    input does); interpret: size the statistics buffers for the interpreter's tiles instead of the GPU's."""
+    width] input of `input_dtype` (the stem kernel reads it as it is), with the bytes each reads and writes.
+    `folded` is the float32 folded model; `dtype` the compute dtype; interpret: size the statistics buffers for
+    the interpreter's tiles instead of the GPU's."""
     size = torch.empty(0, dtype=dtype).element_size()
     input_size = torch.empty(0, dtype=input_dtype).element_size()
     traffic: list[KernelTraffic] = []
     batch = batch_size
     pixels = batch * 3 * height * width
-    if input_converted:
-        traffic.append(KernelTraffic("input", pixels * input_size, pixels * size))
     h, w = _conv_out(height, 7, 4, 2), _conv_out(width, 7, 4, 2)
     channels = folded.stem_weight.shape[0]
-    traffic.append(KernelTraffic("stem", pixels * size + (folded.stem_weight.numel() + channels) * size,
+    stem_rows = cdiv(folded.stem_weight[0].numel(), STEM_BLOCK_K) * STEM_BLOCK_K  # stem_matrix's padded K
+    stem_weights = stem_rows * channels * size
+    traffic.append(KernelTraffic("stem", pixels * input_size + stem_weights + channels * 4,
                                  batch * h * w * channels * size))
     if folded.stem_norm_weight is not None:
         activation = batch * h * w * channels * size
@@ -71,9 +71,10 @@ def fast_traffic(folded: FoldedModel, plan: Plan, batch_size: int, height: int, 
         activation = rows * channels * size
         tile_rows = elementwise_tile(rows, channels, interpret).block_rows
         hidden = stage.blocks[0].fc1_weight.shape[0]
-        mlp_rows = mlp_configs(rows, channels, hidden, dtype, interpret)[0].block_rows
+        form = (in_use_mlp_form(rows, channels, hidden, dtype)
+                or mlp_candidates(rows, channels, hidden, dtype, interpret)[0])
         elementwise_partials = _partials_bytes(rows, hw, tile_rows)
-        mlp_partials = _partials_bytes(rows, hw, mlp_rows)
+        mlp_partials = _partials_bytes(rows, hw, form.block_rows)
         traffic.append(KernelTraffic("stats", activation, elementwise_partials))
         incoming = elementwise_partials
         for index, block in enumerate(stage.blocks):
@@ -84,13 +85,35 @@ def fast_traffic(folded: FoldedModel, plan: Plan, batch_size: int, height: int, 
                 hidden * (block.fc1_bias is not None) + hidden * norm_after_fc1(dtype, channels)
                 + channels * (block.fc2_bias is not None) + channels * (block.skip_scale2 is not None))
             emits = index < len(stage.blocks) - 1
-            traffic.append(KernelTraffic("mlp", activation + elementwise_partials + weights,
-                                         activation + (mlp_partials if emits else 0)))
+            if isinstance(form, SplitMlp):
+                traffic += _split_mlp_traffic(block, rows, channels, hidden, size, elementwise_partials,
+                                              mlp_partials if emits else None)
+            else:
+                traffic.append(KernelTraffic("mlp", activation + elementwise_partials + weights,
+                                             activation + (mlp_partials if emits else 0)))
             incoming = mlp_partials
     if not features_only:
         classes = folded.head_bias.numel()
         head_reads = batch * h * w * channels * size + (folded.head_weight.numel() + classes) * 4
         traffic.append(KernelTraffic("head", head_reads, batch * classes * 4))
+    return traffic
+
+
+def _split_mlp_traffic(block, rows: int, channels: int, hidden: int, size: int, incoming: int,
+                       emitted: int | None) -> list[KernelTraffic]:
+    """The launches of the split MLP (triton_forward.SplitMlp): the normalising pass, fc1, the activation, fc2
+    and, when the next block needs them, the output's statistics."""
+    activation, wide = rows * channels * size, rows * hidden * size
+    vectors = 4 * channels * ((block.skip_scale2 is not None) + (block.fc2_bias is not None))
+    base = activation if vectors else 0  # the residual base is written only when there is a scale or a bias
+    bias = hidden * size if block.fc1_bias is not None else 0
+    weight = hidden * channels * size
+    traffic = [KernelTraffic("mlp norm", activation + incoming + vectors, activation + base),
+               KernelTraffic("fc1", activation + weight + bias, wide),
+               KernelTraffic("act", wide, wide),
+               KernelTraffic("fc2", wide + weight + activation, activation)]
+    if emitted is not None:
+        traffic.append(KernelTraffic("mlp stats", activation, emitted))
     return traffic
 
 

@@ -5,10 +5,12 @@ Per block, on channels-last activations [B, H, W, C] (= rows [R, C], R = B*H*W):
    of x1, plus x1's per-sample partial moments;
 2. `mlp_kernel`: y = skip2 * x1 + fc2(act(fc1((x1 - mu_b(x1)) / sigma_b(x1)))); one read of x1 (and an L2
    re-read for the residual), one write of y, plus y's partial moments for the next block's mixer. The
-   4C-wide hidden activation lives only in registers/shared memory, BLOCK_D columns at a time.
-A stage's first block gets its input's moments from `stats_kernel` (one extra read per stage). The stem,
-the downsampling convolutions (with v2's LayerNorm) and the head are PyTorch operators (cuDNN on a GPU):
-they move ~10% of the bytes (see `poolformer.fast.roofline`).
+   4C-wide hidden activation lives only in registers/shared memory, BLOCK_D columns at a time. Where cuBLAS
+   does better (wide stages in bf16/fp16, see `SplitMlp`), the MLP runs split instead: a normalising kernel,
+   fc1 and fc2 as GEMMs, the activation between them, and the output's statistics (`mlp_candidates`).
+A stage's first block gets its input's moments from `stats_kernel` (one extra read per stage). The stem is an
+implicit GEMM over the caller's images as they are (`stem_kernel`), v2's LayerNorms run on
+`layer_norm_kernel`; the downsampling convolutions and the head are PyTorch operators (cuDNN on a GPU).
 
 With POOLFORMER_TRITON_INTERPRET=1 (tests, debugging) the same kernels run in Triton's interpreter, on CPU
 tensors: Triton chooses between compiling and interpreting once per process, at its first import, so with the
@@ -22,7 +24,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterator
@@ -131,11 +133,26 @@ TritonBlock = FoldedBlock
 
 @dataclass(frozen=True)
 class TritonModel:
-    """`folded` in the compute dtype (stem, downsampling and head run as PyTorch operators) and the blocks of
-    each stage for the kernels."""
+    """`folded` in the compute dtype (downsampling and head run as PyTorch operators), the blocks of each stage
+    for the kernels, and the stem's weights as stem_kernel's [K_PAD, C0] matrix with its float32 bias."""
 
     folded: FoldedModel
     blocks: tuple[tuple[TritonBlock, ...], ...]
+    stem_matrix: torch.Tensor | None = None
+    stem_bias: torch.Tensor | None = None
+
+
+STEM_BLOCK_K = 32  # stem_kernel's K step: 7 * 7 * 3 = 147 weights per output channel, padded to 160
+
+
+def stem_matrix(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[C0, CIN, K, K] -> [K_PAD, C0]: row (ky * K + kx) * CIN + ci, zero rows up to a multiple of STEM_BLOCK_K."""
+    out_channels = weight.shape[0]
+    matrix = weight.permute(2, 3, 1, 0).reshape(-1, out_channels)
+    padded = torch.zeros(cdiv(matrix.shape[0], STEM_BLOCK_K) * STEM_BLOCK_K, out_channels, dtype=matrix.dtype,
+                         device=matrix.device)
+    padded[:matrix.shape[0]] = matrix
+    return padded.to(dtype).contiguous()
 
 
 NORM_AFTER_FC1_MAX_CHANNELS = 384  # see norm_after_fc1
@@ -168,13 +185,15 @@ def prepare(folded: FoldedModel, dtype: torch.dtype, device: torch.device) -> Tr
         # bf16/fp16: the MLP kernel applies norm2's statistics after fc1 (see norm_after_fc1), which needs the
         # column sums of fc1's weights as the kernel multiplies them (already rounded to the dtype)
         colsum = fc1.float().sum(0).contiguous() if norm_after_fc1(dtype, fc1.shape[0]) else None
+        bias_compute = None if b.fc1_bias is None else b.fc1_bias.to(device=device, dtype=dtype).contiguous()
         return replace(
             b, mix_scale=vector(b.mix_scale), skip_scale1=vector(b.skip_scale1),
-            fc1_weight=fc1, fc1_bias=vector(b.fc1_bias),
+            fc1_weight=fc1, fc1_bias=vector(b.fc1_bias), fc1_bias_compute=bias_compute,
             fc2_weight=b.fc2_weight.t().to(device=device, dtype=dtype).contiguous(), fc2_bias=vector(b.fc2_bias),
             skip_scale2=vector(b.skip_scale2), fc1_colsum=colsum)
 
-    return TritonModel(folded.to(dtype, device), tuple(tuple(block(b) for b in s.blocks) for s in folded.stages))
+    return TritonModel(folded.to(dtype, device), tuple(tuple(block(b) for b in s.blocks) for s in folded.stages),
+                       stem_matrix(folded.stem_weight.to(device), dtype), vector(folded.stem_bias))
 
 
 # ------------------------------------------------------------------------------------ launch configuration
@@ -293,6 +312,54 @@ def mlp_configs(rows: int, channels: int, hidden: int, dtype: torch.dtype, inter
     return candidates or [MlpConfig(16, 16, 4, 1)]
 
 
+@dataclass(frozen=True)
+class SplitMlp:
+    """The MLP's other form: `mlp_norm_kernel` (normalised x and the residual base in one pass over x), then fc1
+    and fc2 as cuBLAS GEMMs with the activation between them, and `stats_kernel` on the output when the next
+    block needs its statistics. The hidden tensor makes a round trip through memory, but the GEMMs run at
+    cuBLAS's speed: on an H200 in bf16 (benchmarks/results/gpu) the fused kernel, whose row tiles are bounded by
+    the [rows, C] accumulator it keeps in registers, ran 2.9x (C=320) and 4.3x (C=512) slower than this. The
+    fields are the normalising kernel's tile."""
+
+    block_rows: int
+    block_channels: int
+    num_warps: int = 4
+
+
+MLP_ENV = "POOLFORMER_TRITON_MLP"  # fused | split | auto (the default): which MLP forms are candidates
+SPLIT_FIRST_MIN_CHANNELS = 256  # in bf16/fp16 on a GPU the split form goes first from this width (see SplitMlp)
+
+
+def mlp_form_setting() -> str:
+    value = os.environ.get(MLP_ENV, "").strip().lower()
+    return value if value in ("fused", "split") else "auto"
+
+
+def split_mlp_exact(dtype: torch.dtype) -> bool:
+    """cuBLAS keeps float32 exact only without TF32 (torch's "highest" float32 matmul precision)."""
+    return dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest"
+
+
+def mlp_candidates(rows: int, channels: int, hidden: int, dtype: torch.dtype,
+                   interpret: bool = False) -> list[MlpConfig | SplitMlp]:
+    """Both forms of the MLP, best first by design: the split form first in bf16/fp16 on a GPU from
+    SPLIT_FIRST_MIN_CHANNELS channels, else the fused tiles first; POOLFORMER_TRITON_MLP=fused or =split keeps
+    one form only (for A/B timing and tests). In Triton's interpreter, and in float32 where cuBLAS would use
+    TF32, only the fused form unless =split asks for the other."""
+    fused = mlp_configs(rows, channels, hidden, dtype, interpret)
+    split = [SplitMlp(*astuple(elementwise_tile(rows, channels, interpret)))]
+    setting = mlp_form_setting()
+    if setting == "fused":
+        return fused
+    if setting == "split":
+        return split
+    if interpret or not split_mlp_exact(dtype):
+        return fused
+    if dtype != torch.float32 and channels >= SPLIT_FIRST_MIN_CHANNELS:
+        return split + fused
+    return fused + split
+
+
 # ------------------------------------------------------------------------------------ traffic records
 
 
@@ -375,12 +442,17 @@ def stage_input_stats(x: torch.Tensor, tile: Tile | None = None) -> Partials:
     """Partials of a contiguous [B, H, W, C] activation."""
     batch, height, width, channels = x.shape
     rows = batch * height * width
-    tile = tile or elementwise_tile(rows, channels, triton_interprets())
+    return _partials_of(x, tile or elementwise_tile(rows, channels, triton_interprets()), "stats")
+
+
+def _partials_of(x: torch.Tensor, tile: Tile, name: str) -> Partials:
+    batch, height, width, channels = x.shape
+    rows = batch * height * width
     out = new_partials(rows, height * width, tile.block_rows, x.device)
     kernels().stats_kernel[(out.buffer.shape[0],)](
         x, out.buffer, rows, height * width, channels, out.slot_rows,
         BLOCK_R=tile.block_rows, BLOCK_C=tile.block_channels, SEGS=out.segs, num_warps=tile.num_warps)
-    _record("stats", [x], [out.buffer])
+    _record(name, [x], [out.buffer])
     return out
 
 
@@ -431,7 +503,7 @@ def _launch_pool_mix(x: torch.Tensor, stats: Partials, block: TritonBlock, pool_
     return y, out
 
 
-_working_mlp_config: dict[tuple, MlpConfig] = {}  # (rows, C, D, dtype, device) -> the tile in use
+_working_mlp_config: dict[tuple, MlpConfig | SplitMlp] = {}  # (rows, C, D, dtype, device) -> the form in use
 AUTOTUNE_ENV = "POOLFORMER_TRITON_AUTOTUNE"
 AUTOTUNE_REPEATS = 5
 
@@ -473,23 +545,29 @@ def _read_tile_cache(path: Path) -> dict[str, dict]:
     return entries if isinstance(entries, dict) else {}
 
 
-def cached_tile(key: str, kind: type):
-    """The tile (an MlpConfig or a Tile) an earlier autotuned run chose for `key`, if the cache holds a valid one."""
+def cached_tile(key: str, kinds: tuple[type, ...]):
+    """The tile (one of `kinds`: MlpConfig, SplitMlp, Tile) an earlier autotuned run chose for `key`, if the
+    cache holds a valid one; an entry names its kind (entries without one are of the first kind)."""
     path = tile_cache_path()
     entry = _read_tile_cache(path).get(key) if path is not None else None
+    if not isinstance(entry, dict):
+        return None
+    fields = dict(entry)
+    name = fields.pop("kind", kinds[0].__name__)
+    kind = next((k for k in kinds if k.__name__ == name), None)
     try:
-        return kind(**entry) if isinstance(entry, dict) else None
+        return kind(**fields) if kind is not None else None
     except TypeError:
         return None
 
 
-def remember_tile(key: str, tile: MlpConfig | Tile) -> None:
+def remember_tile(key: str, tile: MlpConfig | SplitMlp | Tile) -> None:
     """Add an autotuned tile to the cache (read, merged, renamed over the old file). A cache that cannot be
     written is skipped: the tile still serves this process."""
     path = tile_cache_path()
     if path is None:
         return
-    entries = {**_read_tile_cache(path), key: asdict(tile)}
+    entries = {**_read_tile_cache(path), key: {"kind": type(tile).__name__, **asdict(tile)}}
 
     def write(tmp: str) -> None:
         Path(tmp).write_text(json.dumps(entries, indent=1, sort_keys=True), encoding="utf-8")
@@ -507,12 +585,14 @@ def mlp(x1: torch.Tensor, stats: Partials, block: TritonBlock, activation: str, 
     batch, height, width, channels = x1.shape
     rows, hidden = batch * height * width, block.fc1_weight.shape[1]
     if config is not None:
-        return _launch_mlp(x1, stats, block, activation, emit_stats, config)
+        launch = _launch_split_mlp if isinstance(config, SplitMlp) else _launch_mlp
+        return launch(x1, stats, block, activation, emit_stats, config)
     return _run_with_tile(
         _working_mlp_config, (rows, channels, hidden, x1.dtype, x1.device),
         ("mlp", rows, channels, hidden, x1.dtype, x1.device),
-        lambda: mlp_configs(rows, channels, hidden, x1.dtype, triton_interprets()),
-        lambda c: _launch_mlp(x1, stats, block, activation, emit_stats, c),
+        lambda: mlp_candidates(rows, channels, hidden, x1.dtype, triton_interprets()),
+        lambda c: (_launch_split_mlp if isinstance(c, SplitMlp) else _launch_mlp)(x1, stats, block, activation,
+                                                                                  emit_stats, c),
         f"MLP tile fits this GPU for C={channels}, D={hidden}")
 
 
@@ -530,7 +610,7 @@ def _run_with_tile(working: dict, key: tuple, cache_key: tuple, candidates: Call
             order = [_fastest(tiles, launch, cache_key[-1], what, log_key=cache_name)]
             remember_tile(cache_name, order[0])
         else:
-            cached = cached_tile(cache_name, type(tiles[0]))
+            cached = cached_tile(cache_name, tuple(dict.fromkeys(type(t) for t in tiles)))
             order = ([cached] if cached is not None else []) + [t for t in tiles if t != cached]
     for index, tile in enumerate(order):
         try:
@@ -555,7 +635,7 @@ def mlp_tiles_in_use() -> list[dict]:
     """The MLP tile in use for each shape run so far in this process (the autotuned one where autotuning was on):
     what a GPU run records, so the design-time order of `mlp_configs` can follow what won."""
     return [{"rows": rows, "channels": channels, "hidden": hidden, "dtype": str(dtype).replace("torch.", ""),
-             "device": str(device), **asdict(tile)}
+             "device": str(device), "kind": type(tile).__name__, **asdict(tile)}
             for (rows, channels, hidden, dtype, device), tile in _working_mlp_config.items()]
 
 
@@ -607,8 +687,57 @@ def _fastest(candidates: list, launch: Callable[[Any], Any], device: torch.devic
     return min(timings, key=timings.get)
 
 
-def _tile_name(tile: MlpConfig | Tile) -> str:
-    return " ".join(f"{k}={v}" for k, v in asdict(tile).items())
+def _tile_name(tile: MlpConfig | SplitMlp | Tile) -> str:
+    return ("split " if isinstance(tile, SplitMlp) else "") + " ".join(f"{k}={v}" for k, v in asdict(tile).items())
+
+
+def in_use_mlp_form(rows: int, channels: int, hidden: int, dtype: torch.dtype) -> MlpConfig | SplitMlp | None:
+    """The MLP form this process runs for that shape and dtype (on any device), if it ran one yet."""
+    return next((tile for (r, c, d, t, _), tile in _working_mlp_config.items() if (r, c, d, t) == (
+        rows, channels, hidden, dtype)), None)
+
+
+def _apply_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activation of the split form, on fc1's output (in place where PyTorch has the in-place op)."""
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "relu":
+        return h.relu_()
+    if activation == "silu":
+        return F.silu(h, inplace=True)
+    return h.relu_().square_()  # StarReLU after folding
+
+
+def _launch_split_mlp(x1, stats, block, activation, emit_stats, split: SplitMlp):
+    batch, height, width, channels = x1.shape
+    rows, hidden, hw = batch * height * width, block.fc1_weight.shape[1], height * width
+    slots, segs = new_partials_shape(rows, hw, split.block_rows)
+    x = x1.view(rows, channels)
+    normed = torch.empty_like(x)
+    write_base = block.skip_scale2 is not None or block.fc2_bias is not None
+    base = torch.empty_like(x) if write_base else x
+    placeholder = block.mix_scale
+    kernels().mlp_norm_kernel[(slots,)](
+        x, normed, base, stats.buffer, block.skip_scale2 if block.skip_scale2 is not None else placeholder,
+        block.fc2_bias if block.fc2_bias is not None else placeholder, rows, hw, channels,
+        slot_rows_for(hw, split.block_rows), stats.slot_rows, block.norm2_eps, BLOCK_R=split.block_rows,
+        BLOCK_C=split.block_channels, SEGS=segs, IN_SEGS=stats.segs, IN_MAX_SLOTS=stats.max_slots,
+        HAS_SKIP=block.skip_scale2 is not None, HAS_B2=block.fc2_bias is not None, WRITE_BASE=write_base,
+        num_warps=split.num_warps)
+    _record("mlp norm", [x, stats.buffer, block.skip_scale2, block.fc2_bias], [normed] + ([base] if write_base else []))
+    if block.fc1_bias_compute is not None:
+        h = torch.addmm(block.fc1_bias_compute, normed, block.fc1_weight)
+    else:
+        h = normed @ block.fc1_weight
+    _record("fc1", [normed, block.fc1_weight, block.fc1_bias_compute], [h], flops=2 * rows * channels * hidden)
+    h = _apply_activation(h, activation)
+    _record("act", [h], [h])
+    y = torch.addmm(base, h, block.fc2_weight)
+    _record("fc2", [h, block.fc2_weight, base], [y], flops=2 * rows * channels * hidden)
+    y = y.view(batch, height, width, channels)
+    if not emit_stats:
+        return y, None
+    return y, _partials_of(y, Tile(split.block_rows, split.block_channels, split.num_warps), "mlp stats")
 
 
 def _launch_mlp(x1, stats, block, activation, emit_stats, config: MlpConfig):
@@ -643,33 +772,67 @@ def _launch_mlp(x1, stats, block, activation, emit_stats, config: MlpConfig):
 
 
 def _conv(name: str, x: torch.Tensor, weight: torch.Tensor, bias, stride: int, padding: int) -> torch.Tensor:
-    out = cpu.conv_channels_last(x, weight, bias, stride, padding)
+    """A downsampling convolution on cuDNN; in float32 without TF32 (cuDNN's default allows it for
+    convolutions, which would cost the float32 path its 1e-4 exactness)."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = previous and x.dtype != torch.float32
+    try:
+        out = cpu.conv_channels_last(x, weight, bias, stride, padding)
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
     _record(name, [x, weight, bias], [out], flops=2 * (out.numel() // weight.shape[0]) * weight.numel())
     return out
 
 
+LAYER_NORM_ELEMENTS = 4096  # per program of layer_norm_kernel: 16-64 rows of C = 256-64
+
+
 def _layer_norm(name: str, x: torch.Tensor, weight, eps: float) -> torch.Tensor:
-    out = F.layer_norm(x, x.shape[-1:], weight, None, eps)
+    """LayerNorm over the last dimension of a [B, H, W, C] activation on `layer_norm_kernel`."""
+    x = x.contiguous()
+    channels = x.shape[-1]
+    rows = x.numel() // channels
+    width = next_power_of_two(channels)
+    block_rows = max(1, (LAYER_NORM_ELEMENTS if not triton_interprets() else 65536) // width)
+    out = torch.empty_like(x)
+    kernels().layer_norm_kernel[(cdiv(rows, block_rows),)](
+        x, out, weight if weight is not None else x, rows, channels, eps,
+        BLOCK_R=block_rows, BLOCK_C=width, HAS_W=weight is not None, num_warps=4)
     _record(name, [x, weight], [out])
     return out
 
 
-def images_in(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Images [B, 3, H, W] in `dtype`, channels-last (one conversion pass unless they already are)."""
-    global _stage_index
-    images = x.to(dtype).contiguous(memory_format=torch.channels_last)
-    _stage_index = 0
-    if images.data_ptr() != x.data_ptr():
-        _record("input", [x], [images])
-    return images
+STEM_STRIDE, STEM_PADDING = 4, 2
+STEM_BLOCK_M = 128
+
+
+def stem(x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Images [B, 3, H, W] (any strides, any float dtype) -> the stem's output [B, H/4, W/4, C0] channels-last in
+    the compute dtype (matrix's: see stem_matrix; bias float32), on stem_kernel: the input is read once as it
+    is, with no conversion pass."""
+    batch, in_channels, height, width = x.shape
+    out_h = (height + 2 * STEM_PADDING - kernel_size) // STEM_STRIDE + 1
+    out_w = (width + 2 * STEM_PADDING - kernel_size) // STEM_STRIDE + 1
+    out_channels = matrix.shape[1]
+    y = torch.empty(batch, out_h, out_w, out_channels, device=x.device, dtype=matrix.dtype)
+    rows = batch * out_h * out_w
+    kernels().stem_kernel[(cdiv(rows, STEM_BLOCK_M),)](
+        x, matrix, bias, y, batch, height, width, out_h, out_w, out_channels, *x.stride(),
+        CIN=in_channels, KSIZE=kernel_size, STRIDE=STEM_STRIDE, PAD=STEM_PADDING, K_PAD=matrix.shape[0],
+        BLOCK_M=STEM_BLOCK_M, BLOCK_K=STEM_BLOCK_K, BLOCK_N=max(MIN_CHANNELS, next_power_of_two(out_channels)),
+        PRECISION="ieee" if matrix.dtype == torch.float32 else "tf32", DOT_UPCAST=triton_interprets(), num_warps=4)
+    _record("stem", [x, matrix, bias], [y],
+            flops=2 * rows * out_channels * in_channels * kernel_size * kernel_size)
+    return y
 
 
 def features_forward(images: torch.Tensor, model: TritonModel, plan: Plan) -> torch.Tensor:
-    """Images [B, 3, H, W] channels-last in the compute dtype -> last map [B, H/32, W/32, C] (contiguous)."""
+    """Images [B, 3, H, W] (any layout and float dtype: the stem kernel reads them as they are) -> last map
+    [B, H/32, W/32, C] (contiguous) in the compute dtype."""
     global _stage_index
     folded = model.folded
     _stage_index = 0
-    x = _conv("stem", images.permute(0, 2, 3, 1), folded.stem_weight, folded.stem_bias, stride=4, padding=2)
+    x = stem(images, model.stem_matrix, model.stem_bias, folded.stem_weight.shape[-1])
     if folded.stem_norm_weight is not None:
         x = _layer_norm("stem_norm", x, folded.stem_norm_weight, plan.stem_norm_eps)
     for _stage_index, (stage, blocks) in enumerate(zip(folded.stages, model.blocks), start=1):

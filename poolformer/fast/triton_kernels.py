@@ -125,6 +125,68 @@ def stats_kernel(x_ptr, part_ptr, R, HW, C, SLOT_ROWS,
 
 
 @triton.jit
+def stem_kernel(x_ptr, w_ptr, b_ptr, y_ptr, B, H, W, HO, WO, N, stride_b, stride_c, stride_h, stride_w,
+                CIN: tl.constexpr, KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+                K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """The stem convolution (KSIZE x KSIZE, stride STRIDE, padding PAD, CIN input channels) as an implicit GEMM
+    straight from the caller's images: x is read through its strides in its own dtype (float32 NCHW as users
+    pass it) and rounded to the weights' dtype as it is loaded, so the input needs no conversion pass. w [K_PAD,
+    N] holds the weights in (ky, kx, ci) order, zero past K; y [B*HO*WO, N] is channels-last, in w's dtype; the
+    bias is float32. cuDNN ran this convolution (3 input channels) at 20 TFLOP/s on an H200."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B * HO * WO
+    sample = rows // (HO * WO)
+    oy = (rows // WO) % HO
+    ox = rows % WO
+    base = sample.to(tl.int64) * stride_b
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    dot_dtype = w_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in tl.static_range(0, K_PAD, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        ci = k % CIN
+        kx = (k // CIN) % KSIZE
+        ky = k // (CIN * KSIZE)
+        iy = oy[:, None] * STRIDE - PAD + ky[None, :]
+        ix = ox[:, None] * STRIDE - PAD + kx[None, :]
+        inside = (row_ok[:, None] & (k < CIN * KSIZE * KSIZE)[None, :] & (iy >= 0) & (iy < H) & (ix >= 0)
+                  & (ix < W))
+        patch = tl.load(x_ptr + base[:, None] + ci[None, :] * stride_c + iy * stride_h + ix * stride_w,
+                        mask=inside, other=0.0).to(dot_dtype)
+        weight = tl.load(w_ptr + k[:, None] * N + cols[None, :], mask=col_ok[None, :], other=0.0)
+        if DOT_UPCAST:
+            patch = patch.to(tl.float32)
+            weight = weight.to(tl.float32)
+        acc = tl.dot(patch, weight, acc, input_precision=PRECISION)
+    acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def layer_norm_kernel(x_ptr, y_ptr, w_ptr, R, C, eps,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr):
+    """LayerNorm over the channels of x [R, C] (v2's stem and downsampling norms; no bias after folding), rows
+    of BLOCK_R at a time with all C (<= BLOCK_C) channels in registers: the mean, then the centred variance, in
+    float32. PyTorch's kernel ran these at 0.24 TB/s on an H200 at C = 64."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    valid = (rows < R)[:, None] & col_ok[None, :]
+    offsets = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / C
+    centred = tl.where(valid, x - mean[:, None], 0.0)
+    inv_sigma = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / C + eps)
+    y = centred * inv_sigma[:, None]
+    if HAS_W:
+        y = y * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
 def pool_mix_kernel(x_ptr, y_ptr, in_part_ptr, out_part_ptr, mix_scale_ptr, skip_ptr,
                     R, H, W, C, SLOT_ROWS, IN_SLOT_ROWS, eps,
                     POOL: tl.constexpr, HAS_SKIP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -171,6 +233,39 @@ def pool_mix_kernel(x_ptr, y_ptr, in_part_ptr, out_part_ptr, mix_scale_ptr, skip
             c_count, c_mean, c_m2 = _segment_stats(y.to(tl.float32), valid, seg, SEGS)
             count, mean, m2 = _merge_stats(count, mean, m2, c_count, c_mean, c_m2)
     _store_stats(out_part_ptr, tl.program_id(0), count, mean, m2, SEGS)
+
+
+@triton.jit
+def mlp_norm_kernel(x_ptr, xn_ptr, base_ptr, in_part_ptr, skip_ptr, b2_ptr, R, HW, C, SLOT_ROWS, IN_SLOT_ROWS, eps,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SEGS: tl.constexpr, IN_SEGS: tl.constexpr,
+                    IN_MAX_SLOTS: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_B2: tl.constexpr,
+                    WRITE_BASE: tl.constexpr):
+    """The elementwise half of the split MLP (the GEMMs run on cuBLAS), one read of x [R, C]: writes
+    xn = (x - mu_b) / sigma_b, fc1's operand, and when WRITE_BASE the residual base skip * x + b2 that fc2's
+    GEMM adds its product to (without skip and bias the base is x itself and nothing is written)."""
+    row0, first_sample, mean_in, inv_sigma = _slot_input_moments(in_part_ptr, R, HW, SLOT_ROWS, IN_SLOT_ROWS, eps,
+                                                                 SEGS, IN_SEGS, IN_MAX_SLOTS)
+    for tile in range(0, SLOT_ROWS, BLOCK_R):
+        rows = row0 + tile + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        seg = rows // HW - first_sample
+        row_mean = _per_row(mean_in, seg, SEGS)[:, None]
+        row_inv_sigma = _per_row(inv_sigma, seg, SEGS)[:, None]
+        row_offsets = rows.to(tl.int64) * C
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            col_ok = cols < C
+            valid = row_ok[:, None] & col_ok[None, :]
+            offsets = row_offsets[:, None] + cols[None, :]
+            x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+            tl.store(xn_ptr + offsets, ((x - row_mean) * row_inv_sigma).to(xn_ptr.dtype.element_ty), mask=valid)
+            if WRITE_BASE:
+                base = x
+                if HAS_SKIP:
+                    base = base * tl.load(skip_ptr + cols, mask=col_ok, other=0.0)[None, :]
+                if HAS_B2:
+                    base = base + tl.load(b2_ptr + cols, mask=col_ok, other=0.0)[None, :]
+                tl.store(base_ptr + offsets, base.to(base_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
