@@ -196,10 +196,11 @@ def test_low_precision_kernels_keep_float32_statistics(dtype):
 
 
 @pytest.mark.parametrize("offset", [0.0, 30.0])
-def test_bf16_mlp_applies_the_statistics_after_fc1(offset):
-    """bf16/fp16: fc1 multiplies x as stored and the kernel subtracts mu * colsum(w1) from its float32 sums. Far
-    from zero (mean 30, unit spread) the subtraction must not cost more than the storage format's rounding; C = 96
-    runs the masked second channel group (64 + 32)."""
+def test_bf16_mlp_applies_the_statistics_after_fc1(monkeypatch, offset):
+    """POOLFORMER_TRITON_NORM_AFTER_FC1=1, bf16/fp16: fc1 multiplies x as stored and the kernel subtracts
+    mu * colsum(w1) from its float32 sums. Far from zero (mean 30, unit spread) the subtraction must not cost more
+    than the storage format's rounding; C = 96 runs the masked second channel group (64 + 32)."""
+    monkeypatch.setenv(tf.NORM_AFTER_FC1_ENV, "1")
     assert tf.norm_after_fc1(torch.bfloat16, 96) and tf.norm_after_fc1(torch.float16, 384)
     assert not tf.norm_after_fc1(torch.float32, 64)  # fp32 normalises first: the 1e-4 target has no room for it
     assert not tf.norm_after_fc1(torch.bfloat16, 512)  # wide stages spill more with it (ptxas, sm_90a)
@@ -310,6 +311,8 @@ def test_mlp_candidates_order_the_two_forms(monkeypatch):
         return [type(c).__name__ for c in tf.mlp_candidates(rows, channels, 4 * channels, dtype, interpret)]
 
     assert kinds(320, torch.bfloat16)[0] == "SplitMlp" and set(kinds(320, torch.bfloat16)[1:]) == {"MlpConfig"}
+    few = [type(c).__name__ for c in tf.mlp_candidates(196, 320, 1280, torch.bfloat16)]  # batch 1: fused first
+    assert few[0] == "MlpConfig" and few[-1] == "SplitMlp"
     assert kinds(128, torch.float16)[0] == "MlpConfig" and kinds(128, torch.float16)[-1] == "SplitMlp"
     assert kinds(512, torch.float32)[0] == "MlpConfig" and kinds(512, torch.float32)[-1] == "SplitMlp"
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")  # TF32 allowed: not exact
@@ -354,11 +357,17 @@ def test_the_tile_cache_keeps_the_form_of_the_mlp(monkeypatch, tmp_path):
     assert tf.cached_tile("old", (tf.MlpConfig, tf.SplitMlp)) == tf.MlpConfig(16, 16, 4, 1)
 
 
-def test_the_switch_normalises_before_fc1_everywhere(monkeypatch):
-    """POOLFORMER_TRITON_NORM_AFTER_FC1=0 (the A/B timing's other side): bf16 normalises first, needs no column
-    sums, and the whole model stays as close to fp32 as the portable path."""
-    monkeypatch.setenv(tf.NORM_AFTER_FC1_ENV, "0")
-    assert not tf.norm_after_fc1(torch.bfloat16, 64)
+@pytest.mark.parametrize("setting", [None, "0", "1"])
+def test_statistics_after_fc1_only_when_switched_on(monkeypatch, setting):
+    """Normalising first is the default (it timed faster on an H200); POOLFORMER_TRITON_NORM_AFTER_FC1=1 turns the
+    other form on (column sums prepared up to 384 channels). Either way the whole bf16 model stays as close to
+    fp32 as the portable path."""
+    if setting is None:
+        monkeypatch.delenv(tf.NORM_AFTER_FC1_ENV, raising=False)
+    else:
+        monkeypatch.setenv(tf.NORM_AFTER_FC1_ENV, setting)
+    on = setting == "1"
+    assert tf.norm_after_fc1(torch.bfloat16, 64) == on and not tf.norm_after_fc1(torch.float32, 64)
     model = randomize_(create_model("s12"), seed=3).eval()
     fast = optimize(model, dtype=torch.bfloat16, backend="triton")
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -367,7 +376,7 @@ def test_the_switch_normalises_before_fc1_everywhere(monkeypatch):
         portable = (optimize(model, dtype=torch.bfloat16, backend="portable")(x) - model(x)).abs().max().item()
     assert error <= 2 * portable + 1e-3
     blocks = [b for stage in tf.prepare(fast.folded, torch.bfloat16, torch.device("cpu")).blocks for b in stage]
-    assert all(b.fc1_colsum is None for b in blocks)
+    assert [b.fc1_colsum is not None for b in blocks] == [on and b.fc1_weight.shape[0] <= 384 for b in blocks]
 
 
 # ------------------------------------------------------------------------------ whole models

@@ -156,7 +156,7 @@ def stem_matrix(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 NORM_AFTER_FC1_MAX_CHANNELS = 384  # see norm_after_fc1
-NORM_AFTER_FC1_ENV = "POOLFORMER_TRITON_NORM_AFTER_FC1"  # 0: normalise before fc1 everywhere (for A/B timing)
+NORM_AFTER_FC1_ENV = "POOLFORMER_TRITON_NORM_AFTER_FC1"  # 1: apply the statistics after fc1 (off by default)
 
 
 def norm_after_fc1(dtype: torch.dtype, channels: int | None = None) -> bool:
@@ -167,9 +167,10 @@ def norm_after_fc1(dtype: torch.dtype, channels: int | None = None) -> bool:
     at all (s12 stage 2: 304 bytes to 0, stage 3: 432 to 128), at C 512 and 768 they spill more, so wider
     stages keep normalising first (channels None: whether the dtype allows it at all). In bf16/fp16 only: in
     float32 the subtraction after the matmul would lose digits when |mu| >> sigma, against the 1e-4 target.
-    POOLFORMER_TRITON_NORM_AFTER_FC1=0, set before the model's first call, normalises first everywhere: the
-    other side of an A/B timing on a GPU."""
-    if dtype not in (torch.bfloat16, torch.float16) or os.environ.get(NORM_AFTER_FC1_ENV, "").strip() == "0":
+    Fewer spills did not make it faster: timed on an H200 (benchmarks/results/gpu, autotuned tiles both ways),
+    the fused MLP of s12's stages 1-2 took 7% longer with it than normalising first. So it is off unless
+    POOLFORMER_TRITON_NORM_AFTER_FC1=1 is set before the model's first call (for the next A/B timing)."""
+    if dtype not in (torch.bfloat16, torch.float16) or os.environ.get(NORM_AFTER_FC1_ENV, "").strip() != "1":
         return False
     return channels is None or channels <= NORM_AFTER_FC1_MAX_CHANNELS
 
@@ -302,7 +303,7 @@ def mlp_configs(rows: int, channels: int, hidden: int, dtype: torch.dtype, inter
         if block_rows == 64 and rows < 64 * 132:  # fewer tiles than a GPU has SMs: shorter tiles, more programs
             continue
         warps = 8 if width * block_rows > 64 * 128 else 4
-        for block_hidden in ((64, 32, 16) if size < 4 else (32, 16)):
+        for block_hidden in ((32, 64, 16) if size < 4 else (32, 16)):  # 32 won every bf16 shape on an H200
             for stages in (3, 2, 1):
                 staged = stages * 2 * width * block_hidden * size
                 resident = block_rows * width * size + block_rows * block_hidden * size
@@ -328,6 +329,7 @@ class SplitMlp:
 
 MLP_ENV = "POOLFORMER_TRITON_MLP"  # fused | split | auto (the default): which MLP forms are candidates
 SPLIT_FIRST_MIN_CHANNELS = 256  # in bf16/fp16 on a GPU the split form goes first from this width (see SplitMlp)
+SPLIT_FIRST_MIN_ROWS = 64 * 132  # ... and from this many rows: at batch 1 (196 rows at C=320) the fused kernel won
 
 
 def mlp_form_setting() -> str:
@@ -343,7 +345,7 @@ def split_mlp_exact(dtype: torch.dtype) -> bool:
 def mlp_candidates(rows: int, channels: int, hidden: int, dtype: torch.dtype,
                    interpret: bool = False) -> list[MlpConfig | SplitMlp]:
     """Both forms of the MLP, best first by design: the split form first in bf16/fp16 on a GPU from
-    SPLIT_FIRST_MIN_CHANNELS channels, else the fused tiles first; POOLFORMER_TRITON_MLP=fused or =split keeps
+    SPLIT_FIRST_MIN_CHANNELS channels and SPLIT_FIRST_MIN_ROWS rows, else the fused tiles first; POOLFORMER_TRITON_MLP=fused or =split keeps
     one form only (for A/B timing and tests). In Triton's interpreter, and in float32 where cuBLAS would use
     TF32, only the fused form unless =split asks for the other."""
     fused = mlp_configs(rows, channels, hidden, dtype, interpret)
@@ -355,7 +357,7 @@ def mlp_candidates(rows: int, channels: int, hidden: int, dtype: torch.dtype,
         return split
     if interpret or not split_mlp_exact(dtype):
         return fused
-    if dtype != torch.float32 and channels >= SPLIT_FIRST_MIN_CHANNELS:
+    if dtype != torch.float32 and channels >= SPLIT_FIRST_MIN_CHANNELS and rows >= SPLIT_FIRST_MIN_ROWS:
         return split + fused
     return fused + split
 
