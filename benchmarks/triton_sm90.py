@@ -56,7 +56,8 @@ def record_launches(model_name: str, batch: int, resolution: int, dtype: torch.d
     folded, plan = fold(create_model(model_name).eval())
     prepared = triton_forward.prepare(folded, dtype, torch.device("meta"))
     launches: list[dict] = []
-    names = ("stats_kernel", "pool_mix_kernel", "mlp_kernel", "mlp_norm_kernel", "stem_kernel", "layer_norm_kernel")
+    names = ("stats_kernel", "pool_mix_kernel", "mlp_kernel", "mlp_norm_kernel", "stem_kernel", "layer_norm_kernel",
+             "activation_kernel")
     fake = types.SimpleNamespace(**{name: _Recorder(name, launches) for name in names})
     original_kernels, original_mlp = triton_forward.kernels, triton_forward.mlp
 
@@ -160,6 +161,8 @@ def describe(launch: dict) -> str:
         return f"pool_mix C={a['C']} {a['H']}x{a['W']} rows={a['R']} tile {kw['BLOCK_R']}x{kw['BLOCK_C']}"
     if launch["kernel"] == "stem_kernel":
         return f"stem {a['N']} channels, {a['HO']}x{a['WO']} tile {kw['BLOCK_M']}x{kw['BLOCK_K']}"
+    if launch["kernel"] == "activation_kernel":
+        return f"activation {a['N']} elements"
     name = {"stats_kernel": "stats", "mlp_norm_kernel": "mlp norm", "layer_norm_kernel": "layer_norm"}[launch["kernel"]]
     return f"{name} C={a['C']} rows={a['R']} tile {kw['BLOCK_R']}x{kw['BLOCK_C']}"
 

@@ -699,15 +699,22 @@ def in_use_mlp_form(rows: int, channels: int, hidden: int, dtype: torch.dtype) -
         rows, channels, hidden, dtype)), None)
 
 
+ACTIVATION_BLOCK = 4096
+
+
 def _apply_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """The activation of the split form, on fc1's output (in place where PyTorch has the in-place op)."""
+    """The activation of the split form, on fc1's output, in one pass: PyTorch's own kernels where one op does
+    it (GELU, ReLU, SiLU), `activation_kernel` in place for StarReLU's relu(h)^2 (two in-place passes in
+    PyTorch; they took 0.78 ms of poolformerv2_s12's 5.36 on an H200)."""
     if activation == "gelu":
         return F.gelu(h)
     if activation == "relu":
         return h.relu_()
     if activation == "silu":
         return F.silu(h, inplace=True)
-    return h.relu_().square_()  # StarReLU after folding
+    kernels().activation_kernel[(cdiv(h.numel(), ACTIVATION_BLOCK),)](
+        h, h.numel(), ACT=ACTIVATION_CODES[activation], BLOCK=ACTIVATION_BLOCK, num_warps=4)
+    return h
 
 
 def _launch_split_mlp(x1, stats, block, activation, emit_stats, split: SplitMlp):
