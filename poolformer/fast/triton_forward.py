@@ -291,9 +291,10 @@ SHARED_MEMORY_BUDGET_BYTES = 160 * 1024  # of an H100's 228 KB per SM, with room
 
 
 def mlp_configs(rows: int, channels: int, hidden: int, dtype: torch.dtype, interpret: bool = False) -> list[MlpConfig]:
-    """Candidate tiles, best first: a design-time guess, not yet timed on a GPU (POOLFORMER_TRITON_AUTOTUNE=1
-    times them all instead; benchmarks/fast_gpu.py does). Each stage of the pipeline holds a [C, BLOCK_D] slice of fc1 and a [BLOCK_D, C] slice of fc2;
-    the accumulator [BLOCK_R, C] stays in registers (<= ~128 float32 per thread)."""
+    """The fused kernel's candidate tiles, best first in the order the H200's autotuning gave
+    (POOLFORMER_TRITON_AUTOTUNE=1 times them all; benchmarks/fast_gpu.py does). Each stage of the pipeline holds
+    a [C, BLOCK_D] slice of fc1 and a [BLOCK_D, C] slice of fc2; the accumulator [BLOCK_R, C] stays in
+    registers (<= ~128 float32 per thread)."""
     if interpret:  # the interpreter pays per operation: few, large steps
         return [MlpConfig(min(128, max(16, next_power_of_two(rows))), min(1024, next_power_of_two(hidden)), 4, 1)]
     width = sum(channel_split(channels))
@@ -303,7 +304,8 @@ def mlp_configs(rows: int, channels: int, hidden: int, dtype: torch.dtype, inter
         if block_rows == 64 and rows < 64 * 132:  # fewer tiles than a GPU has SMs: shorter tiles, more programs
             continue
         warps = 8 if width * block_rows > 64 * 128 else 4
-        for block_hidden in ((32, 64, 16) if size < 4 else (32, 16)):  # 32 won every bf16 shape on an H200
+        # bf16/fp16: 32 hidden columns won every shape on an H200, 16 never won alone (fewer tiles to autotune)
+        for block_hidden in ((32, 64) if size < 4 else (32, 16)):
             for stages in (3, 2, 1):
                 staged = stages * 2 * width * block_hidden * size
                 resident = block_rows * width * size + block_rows * block_hidden * size
@@ -318,9 +320,9 @@ class SplitMlp:
     """The MLP's other form: `mlp_norm_kernel` (normalised x and the residual base in one pass over x), then fc1
     and fc2 as cuBLAS GEMMs with the activation between them, and `stats_kernel` on the output when the next
     block needs its statistics. The hidden tensor makes a round trip through memory, but the GEMMs run at
-    cuBLAS's speed: on an H200 in bf16 (benchmarks/results/gpu) the fused kernel, whose row tiles are bounded by
-    the [rows, C] accumulator it keeps in registers, ran 2.9x (C=320) and 4.3x (C=512) slower than this. The
-    fields are the normalising kernel's tile."""
+    cuBLAS's speed: on an H200 in bf16 at batch 256 (benchmarks/results/gpu) the fused kernel, whose row tiles
+    are bounded by the [rows, C] accumulator it keeps in registers, took 2.5x (C=320) and 3.9x (C=512) as long
+    as this form. The fields are the normalising kernel's tile."""
 
     block_rows: int
     block_channels: int
@@ -345,9 +347,9 @@ def split_mlp_exact(dtype: torch.dtype) -> bool:
 def mlp_candidates(rows: int, channels: int, hidden: int, dtype: torch.dtype,
                    interpret: bool = False) -> list[MlpConfig | SplitMlp]:
     """Both forms of the MLP, best first by design: the split form first in bf16/fp16 on a GPU from
-    SPLIT_FIRST_MIN_CHANNELS channels and SPLIT_FIRST_MIN_ROWS rows, else the fused tiles first; POOLFORMER_TRITON_MLP=fused or =split keeps
-    one form only (for A/B timing and tests). In Triton's interpreter, and in float32 where cuBLAS would use
-    TF32, only the fused form unless =split asks for the other."""
+    SPLIT_FIRST_MIN_CHANNELS channels and SPLIT_FIRST_MIN_ROWS rows, else the fused tiles first.
+    POOLFORMER_TRITON_MLP=fused or =split keeps one form only (for A/B timing and tests). In Triton's
+    interpreter, and in float32 where cuBLAS would use TF32, only the fused form unless =split asks for it."""
     fused = mlp_configs(rows, channels, hidden, dtype, interpret)
     split = [SplitMlp(*astuple(elementwise_tile(rows, channels, interpret)))]
     setting = mlp_form_setting()
@@ -581,8 +583,8 @@ def remember_tile(key: str, tile: MlpConfig | SplitMlp | Tile) -> None:
 def mlp(x1: torch.Tensor, stats: Partials, block: TritonBlock, activation: str, emit_stats: bool,
         config: MlpConfig | None = None) -> tuple[torch.Tensor, Partials | None]:
     """The block's second half on a contiguous [B, H, W, C] activation -> (y [B, H, W, C], y's partials or
-    None). Without `config`, the first candidate of `mlp_configs` that the GPU accepts (shared memory,
-    registers) is used and remembered - or, with autotuning on, the fastest of them, which is also kept in the
+    None). Without `config`, the first candidate of `mlp_candidates` (a fused tile or the split form) that
+    the GPU accepts (shared memory, registers) is used and remembered - or, with autotuning on, the fastest of them, which is also kept in the
     tile cache (tile_cache_path), so that later processes on the same GPU start from it without timing."""
     batch, height, width, channels = x1.shape
     rows, hidden = batch * height * width, block.fc1_weight.shape[1]
