@@ -10,10 +10,12 @@ What lives here:
 - `compiled`: the folded graph as a module of plain operators for torch.compile (inductor with freezing; CPU),
   what `bench --impl fast --compile` runs: the fastest PyTorch form in bf16, after ~10 s of compiling per shape.
 - `triton_kernels` / `triton_forward`: the GPU path, two fused Triton kernels per block (token mixer; MLP
-  with its 4x-wide hidden tile kept on chip) passing exact per-sample statistics along; the same kernels run
-  on CPU tensors in Triton's interpreter with POOLFORMER_TRITON_INTERPRET=1 (how the tests check them).
+  with its 4x-wide hidden tile kept on chip, or split around cuBLAS GEMMs where that is faster) passing exact
+  per-sample statistics along, a stem kernel that reads the images as they are; the same kernels run on CPU
+  tensors in Triton's interpreter with POOLFORMER_TRITON_INTERPRET=1 (how the tests check them).
 - `cuda`: CUDA graphs for repeated input shapes (batch 1 is launch-bound).
-- `roofline`: the bytes the kernels move per image, and the bandwidth a measured speed implies.
+- `roofline`: the bytes the kernels move per image, the bandwidth a measured speed implies, and each kernel's
+  own time (`time_kernels`).
 - `module`: `FastPoolFormer` / `optimize`, which picks the kernels per (dtype, device) from what the
   hardware can do (`poolformer.capabilities`).
 

@@ -8,7 +8,11 @@ higher; comparing the two is how a GPU session checks the kernels' caching.
 
 Per block the kernels move about 4 C-wide activations per token (mixer: read x, write x1; MLP: read x1, write
 y) plus the weights once per batch, against about 39 for an unfused eager block (GroupNorm 3, pooling 2,
-subtract 3, LayerScale 2, residual add 3, twice; fc1 5, GELU 8 on the 4C-wide hidden tensor, fc2 5).
+subtract 3, LayerScale 2, residual add 3, twice; fc1 5, GELU 8 on the 4C-wide hidden tensor, fc2 5). The
+split MLP (`triton_forward.SplitMlp`) adds its hidden tensor's round trips: it trades bytes for cuBLAS's speed.
+
+`time_kernels` times each launch of a forward on its own (CUDA events), so the bytes and FLOPs of every kernel
+meet its measured time: where the forward's time goes, kernel by kernel.
 """
 
 from __future__ import annotations
