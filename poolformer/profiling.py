@@ -166,3 +166,46 @@ def _export_trace(prof: Any, path: Path) -> str:
             os.unlink(tmp)
         raise
     return str(path)
+
+
+# ------------------------------------------------------------------------------------ the fast path's kernels
+
+
+@dataclass
+class KernelProfile:
+    """`--impl fast` on its Triton kernels, kernel by kernel (poolformer.fast.roofline.time_kernels): per
+    (stage, kernel) the launches, ms per forward, share, bytes moved, TB/s and TFLOP/s."""
+
+    config: BenchConfig
+    repeats: int
+    total_ms: float  # the launches' medians, summed: one forward
+    host_ahead: bool  # False: the host fell behind the GPU in some forwards, so the times are upper bounds
+    kernels: list[dict]
+
+
+def profile_fast_kernels(config: BenchConfig, *, repeats: int = 10,
+                         build_model: BuildModel | None = None) -> KernelProfile:
+    """Time every kernel of `config`'s forward on its own (CUDA events after each launch, CUDA graphs off, the
+    first forward untimed). Needs --impl fast running on the Triton backend: a CUDA GPU, or Triton's
+    interpreter on CPU tensors (POOLFORMER_TRITON_INTERPRET=1; host clocks then)."""
+    from .errors import ConfigError
+    from .fast import FastPoolFormer
+    from .fast.roofline import kernel_table, time_kernels
+
+    if repeats < 1:
+        raise ValueError("profile --kernels needs repeats >= 1")
+    if config.impl != "fast":
+        raise ConfigError(f"--kernels times the fast path's own kernels: use --impl fast, not --impl {config.impl}")
+    model = prepare_model(config, build_model)
+    x = make_input(config)
+    if not isinstance(model, FastPoolFormer):  # a build_model that gives something else
+        raise ConfigError("--kernels times the fast path's own kernels, and this model is not the fast path")
+    with torch.inference_mode(), autocast(config.device, config.precision):
+        dtype = model.compute_dtype(x)
+        backend = model.backend_for(dtype, x.device)
+        if backend != "triton":
+            raise ConfigError(f"--kernels needs the fast path's Triton kernels, and {config.precision} on "
+                              f"{config.device} runs the {backend!r} backend (they run on CUDA GPUs, or in "
+                              "Triton's interpreter with POOLFORMER_TRITON_INTERPRET=1)")
+        times = time_kernels(model, x, repeats=repeats)
+    return KernelProfile(config, repeats, times.total_ms, times.host_ahead, kernel_table(times))

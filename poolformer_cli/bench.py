@@ -414,6 +414,25 @@ def _print_regression(report: Any, to_stderr: bool) -> None:
 # ------------------------------------------------------------------------------------------- profile
 
 
+def _print_kernel_profile(report) -> None:
+    c = report.config
+    table = Table(title=f"{c.model}/fast kernels on {c.device}, batch {c.batch_size}, {c.resolution}px, {c.precision}: "
+                        f"{report.total_ms:.3f} ms per forward (median of {report.repeats} per launch)",
+                  title_justify="left")
+    for column in ("stage", "kernel", "launches", "ms", "share", "MB", "TB/s", "TFLOP/s"):
+        table.add_column(column, justify="left" if column in ("stage", "kernel") else "right")
+    for k in report.kernels:
+        table.add_row(str(k["stage"]), k["kernel"], str(k["launches"]), f"{k['ms']:.3f}", f"{k['share']:.1%}",
+                      f"{k['bytes'] / 1e6:.1f}", "-" if k["tb_per_s"] is None else f"{k['tb_per_s']:.2f}",
+                      "-" if k["tflop_per_s"] is None else f"{k['tflop_per_s']:.0f}")
+    console.print(table)
+    console.print("Each launch timed on its own between CUDA events with CUDA graphs off (host clocks in Triton's "
+                  "interpreter); stage 0 is the stem. MB: the bytes each kernel reads and writes once; "
+                  "TFLOP/s counts 2 FLOPs per multiply-add. Whole-forward speed: `poolformer bench`.", style="dim")
+    if not report.host_ahead:
+        console.print("note: the host fell behind the GPU in some forwards: the times are upper bounds", style="yellow")
+
+
 def profile_command(
     model: str = typer.Argument("s12", help="Model or alias, or a timm:NAME peer."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
@@ -428,8 +447,11 @@ def profile_command(
     top: int = typer.Option(15, min=1, help="Operators shown."),
     trace: Optional[Path] = typer.Option(None, help="Also write a Chrome trace (chrome://tracing, Perfetto)."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    kernels: bool = typer.Option(False, "--kernels", help="--impl fast on its Triton kernels: time each kernel on "
+                                 "its own (CUDA events, graphs off; --steps forwards), with bytes, TB/s, TFLOP/s."),
 ) -> None:
-    """Profile one configuration with torch.profiler: which operators take the time (self time, calls, share)."""
+    """Profile one configuration with torch.profiler: which operators take the time (self time, calls, share).
+    With --kernels, the fast path's own kernels, one by one."""
     names = resolve_models([model])
     if len(names) != 1:
         fail(f"profile takes one model; {model!r} matches {len(names)}")
@@ -441,7 +463,7 @@ def profile_command(
     from poolformer import bench as engine
     from poolformer.errors import PoolformerError
     from poolformer.implementations import IMPLEMENTATIONS
-    from poolformer.profiling import profile_model
+    from poolformer.profiling import profile_fast_kernels, profile_model
 
     impl = _parse_names(impl, "--impl", list(IMPLEMENTATIONS))[0]
     with user_errors():
@@ -450,8 +472,13 @@ def profile_command(
         print_precision_note(device_name, precision)
         engine.apply_settings(engine.BenchSettings(threads=threads), device_name)
         config = engine.BenchConfig(name, impl, device_name, batch_size, resolution, precision, channels_last)
+        if kernels and trace is not None:
+            fail("--trace writes torch.profiler's trace; --kernels does not use the profiler: choose one")
         try:
-            report = profile_model(config, warmup=warmup, steps=steps, trace_path=trace)
+            if kernels:
+                report = profile_fast_kernels(config, repeats=steps)
+            else:
+                report = profile_model(config, warmup=warmup, steps=steps, trace_path=trace)
         except Exception as err:  # out of memory, a model that fails at this size, ...
             if isinstance(err, PoolformerError):
                 raise
@@ -461,6 +488,9 @@ def profile_command(
         print_json(dataclasses.asdict(report))
         return
     c = config
+    if kernels:
+        _print_kernel_profile(report)
+        return
     title = (f"{c.model}/{c.impl} on {c.device}, batch {c.batch_size}, {c.resolution}px, {c.precision}"
              f"{', channels_last' if c.channels_last else ''}: {report.total_ms:.2f} ms {report.time_kind} self time "
              f"per step ({report.steps} profiled steps)")

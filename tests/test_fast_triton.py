@@ -651,6 +651,34 @@ def test_bench_fast_rows_on_the_kernels_report_backend_and_roofline(monkeypatch,
     assert "roofline" in result.stdout and "MB moved per image" in result.stdout
 
 
+def test_profile_kernels_times_each_fast_kernel(monkeypatch):
+    """`profile --impl fast --kernels` on the Triton backend (here the interpreter): a row per (stage, kernel)
+    with launches, time, share, bytes; the JSON form's shares add up; anything not on the kernels is one line,
+    exit 2, and so is --trace with it."""
+    from typer.testing import CliRunner
+
+    from poolformer_cli.app import app
+
+    monkeypatch.setenv("POOLFORMER_FAST_BACKEND", "triton")
+    args = ["profile", "s12", "--impl", "fast", "--device", "cpu", "--batch-size", "1", "--resolution", "64",
+            "--steps", "1", "--kernels"]
+    shown = CliRunner().invoke(app, args)
+    assert shown.exit_code == 0, shown.output
+    assert "fast kernels on cpu" in shown.stdout and "pool_mix" in shown.stdout and "TFLOP/s" in shown.stdout
+    document = json.loads(CliRunner().invoke(app, args + ["--json"]).stdout)
+    kernels = document["kernels"]
+    assert sum(k["share"] for k in kernels) == pytest.approx(1.0)
+    assert [k["kernel"] for k in kernels if k["stage"] == 1] == ["stats", "pool_mix", "mlp"]
+    assert document["total_ms"] == pytest.approx(sum(k["ms"] for k in kernels))
+    ours = ["profile", "s12", "--impl", "ours", "--device", "cpu", "--resolution", "64", "--kernels"]
+    for bad, message in ((ours, "use --impl fast"), (args + ["--trace", "t.json"], "choose one")):
+        result = CliRunner().invoke(app, bad)
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    monkeypatch.setenv("POOLFORMER_FAST_BACKEND", "portable")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "'portable' backend" in result.output
+
+
 def test_predict_and_eval_print_why_the_fast_path_skipped_its_kernels(monkeypatch, v1_random):
     import types
 
