@@ -221,3 +221,25 @@ def test_triton_sm90_compiles_the_recorded_launches_without_a_gpu(tmp_path):
     assert sum(r["launches"] for r in rows if r["launch"].startswith("mlp")) == 12  # s12: 2 + 2 + 6 + 2 blocks
     assert all(0 < r["registers"] <= 255 and r["spill_store_bytes"] >= 0 for r in rows)
     assert "| s12 | mlp C=64 D=256" in (tmp_path / "triton_sm90.md").read_text()
+
+
+def test_gpu_lease_script_checks_its_steps_and_packs_every_step(tmp_path):
+    """benchmarks/gpu_lease.sh (one lease's measurements): an unknown step is refused before anything runs; a
+    step runs under its timeout and its log is packed into OUT/results.tgz (here the GPU script exits at once:
+    no GPU)."""
+    import tarfile
+
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "RESULTS_DIR": str(tmp_path / "results"),
+           "PYTHON": sys.executable}
+    (tmp_path / "out").mkdir()
+    bad = subprocess.run(["bash", "benchmarks/gpu_lease.sh", "exact", "bogus"], capture_output=True, text=True,
+                         env=env, cwd=ROOT)
+    assert bad.returncode == 2 and "unknown step 'bogus'" in bad.stderr
+    assert not (tmp_path / "results").exists()
+    done = subprocess.run(["bash", "benchmarks/gpu_lease.sh", "exact"], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with tarfile.open(tmp_path / "out" / "results.tgz") as archive:
+        names = set(archive.getnames())
+    assert {"./exact.log", "./steps.txt", "./versions.txt"} <= names
+    assert "rc=" in (tmp_path / "results" / "steps.txt").read_text()

@@ -1,0 +1,50 @@
+#!/bin/bash
+# One GPU lease's measurements, step by step, each under its own timeout, packed after every step into
+# $OUT/results.tgz (the device tool brings back at most 8 files; one archive holds them all).
+#
+#   bash benchmarks/gpu_lease.sh STEP [STEP ...]     (on the GPU machine, from the repository root)
+#
+# Steps (seconds each at most; the order given is the order run):
+#   mat     320  timm at its fastest (bf16 weights, torch.compile max-autotune) against fast, s12: the 1.3x target
+#   fast    150  fast against timm eager, s12 and v2_s12: throughput, kernel by kernel, batch-1 latency
+#   m36     150  the same for poolformer_m36 (throughput, kernels)
+#   exact    90  fast fp32 against our fp32 model over 1,024 images; bf16 top-1 agreement (s12, v2_s12)
+#   suite   120  gpu_suite: oom, timing, profile, predict/eval, memory
+#   sweep   240  gpu_suite's bench sweep for s12 (compiled rows and --max-batch included)
+# Results: benchmarks/results/gpu/README.md says how the earlier leases' files were named and committed.
+set -u
+for name in "$@"; do
+    case $name in mat|fast|m36|exact|suite|sweep) ;; *) echo "unknown step '$name' (mat, fast, m36, exact, suite, sweep)" >&2; exit 2 ;; esac
+done
+[ $# -gt 0 ] || { echo "usage: bash benchmarks/gpu_lease.sh STEP [STEP ...] (mat, fast, m36, exact, suite, sweep)" >&2; exit 2; }
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+PY=${PYTHON:-python}
+OUT=${OUT:?run this through the device tool, which sets OUT}
+R=${RESULTS_DIR:-/tmp/lease_results}
+mkdir -p "$R"
+pack() { tar czf "$OUT/results.tgz" -C "$R" . ; }
+nvidia-smi > "$R/nvidia-smi.txt" 2>&1
+"$PY" -c "import torch, triton, timm; print(torch.__version__, triton.__version__, timm.__version__)" > "$R/versions.txt" 2>&1
+git rev-parse HEAD > "$R/commit.txt" 2>/dev/null || true
+step() {  # name, seconds, command...
+    local name=$1 seconds=$2; shift 2
+    echo "== $name ($(date -u +%H:%M:%S), at most ${seconds}s): $*" | tee -a "$R/steps.txt"
+    timeout "$seconds" "$@" > "$R/$name.log" 2>&1
+    echo "   rc=$?" | tee -a "$R/steps.txt"
+    pack
+}
+for name in "$@"; do
+    case $name in
+        mat) step mat 320 "$PY" benchmarks/fast_gpu.py --out "$R/mat" --models s12 --sections throughput \
+                --candidates "fast,timm eager NCHW,timm max-autotune" ;;
+        fast) step fast 150 "$PY" benchmarks/fast_gpu.py --out "$R/fast" --models s12,v2_s12 \
+                --sections throughput,kernels,latency --candidates "fast,timm eager,timm eager NCHW" ;;
+        m36) step m36 150 "$PY" benchmarks/fast_gpu.py --out "$R/m36" --models m36 --sections throughput,kernels \
+                --candidates "fast,timm eager,timm eager NCHW" ;;
+        exact) step exact 90 "$PY" benchmarks/fast_gpu.py --out "$R/exact" --models s12,v2_s12 --sections exactness ;;
+        suite) step suite 120 "$PY" benchmarks/gpu_suite.py --out "$R/suite" \
+                --sections oom,timing,profile,predict_eval,memory ;;
+        sweep) step sweep 240 "$PY" benchmarks/gpu_suite.py --out "$R/sweep" --sections sweep --models s12 ;;
+    esac
+done
+cat "$R/steps.txt"
