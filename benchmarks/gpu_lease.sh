@@ -7,6 +7,7 @@
 # Steps (seconds each at most; the order given is the order run):
 #   mat     320  timm at its fastest (bf16 weights, torch.compile max-autotune) against fast, s12: the 1.3x target
 #   fast    150  fast against timm eager, s12 and v2_s12: throughput, kernel by kernel, batch-1 latency
+#   gelu    100  A/B: fast s12 with POOLFORMER_TRITON_GELU=poly (run after `fast`, which is the other side)
 #   m36     150  the same for poolformer_m36 (throughput, kernels)
 #   exact    90  fast fp32 against our fp32 model over 1,024 images; bf16 top-1 agreement (s12, v2_s12)
 #   suite   120  gpu_suite: oom, timing, profile, predict/eval, memory
@@ -14,9 +15,9 @@
 # Results: benchmarks/results/gpu/README.md says how the earlier leases' files were named and committed.
 set -u
 for name in "$@"; do
-    case $name in mat|fast|m36|exact|suite|sweep) ;; *) echo "unknown step '$name' (mat, fast, m36, exact, suite, sweep)" >&2; exit 2 ;; esac
+    case $name in mat|fast|gelu|m36|exact|suite|sweep) ;; *) echo "unknown step '$name' (mat, fast, gelu, m36, exact, suite, sweep)" >&2; exit 2 ;; esac
 done
-[ $# -gt 0 ] || { echo "usage: bash benchmarks/gpu_lease.sh STEP [STEP ...] (mat, fast, m36, exact, suite, sweep)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash benchmarks/gpu_lease.sh STEP [STEP ...] (mat, fast, gelu, m36, exact, suite, sweep)" >&2; exit 2; }
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 PY=${PYTHON:-python}
 OUT=${OUT:?run this through the device tool, which sets OUT}
@@ -39,6 +40,8 @@ for name in "$@"; do
                 --candidates "fast,timm eager NCHW,timm max-autotune" ;;
         fast) step fast 150 "$PY" benchmarks/fast_gpu.py --out "$R/fast" --models s12,v2_s12 \
                 --sections throughput,kernels,latency --candidates "fast,timm eager,timm eager NCHW" ;;
+        gelu) step gelu 100 env POOLFORMER_TRITON_GELU=poly POOLFORMER_TRITON_TILE_CACHE=0 "$PY" \
+                benchmarks/fast_gpu.py --out "$R/gelu" --models s12 --sections throughput,kernels --candidates fast ;;
         m36) step m36 150 "$PY" benchmarks/fast_gpu.py --out "$R/m36" --models m36 --sections throughput,kernels \
                 --candidates "fast,timm eager,timm eager NCHW" ;;
         exact) step exact 90 "$PY" benchmarks/fast_gpu.py --out "$R/exact" --models s12,v2_s12 --sections exactness ;;

@@ -167,6 +167,22 @@ def test_mlp_kernel_matches_norm_fc1_activation_fc2_residual(shape, activation):
     np.testing.assert_allclose(mean, _reference_moments(y)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_polynomial_gelu_switch_stays_within_the_float32_target(monkeypatch):
+    """POOLFORMER_TRITON_GELU=poly (for an A/B timing): the fused kernel's GELU from Abramowitz & Stegun's erf,
+    within 1e-4 of the float64 reference like the default, and not the same code path (ACT 4)."""
+    x = (torch.randn(3, 13, 17, 64) * 2).contiguous()
+    block = _block(64, 256)
+    y_erf, _ = tf.mlp(x, tf.stage_input_stats(x), block, "gelu", emit_stats=False, config=tf.MlpConfig(16, 256, 4, 1))
+    monkeypatch.setenv(tf.GELU_ENV, "poly")
+    assert tf.fused_activation_code("gelu") == 4 and tf.fused_activation_code("starrelu") == 3
+    y_poly, _ = tf.mlp(x, tf.stage_input_stats(x), block, "gelu", emit_stats=False, config=tf.MlpConfig(16, 256, 4, 1))
+    expected = _reference_mlp(x, block, "gelu")
+    torch.testing.assert_close(y_poly.double(), expected, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(y_poly, y_erf) and (y_poly - y_erf).abs().max() < 1e-4
+    monkeypatch.delenv(tf.GELU_ENV)
+    assert tf.fused_activation_code("gelu") == 0
+
+
 @pytest.mark.parametrize("activation", ["relu", "silu"])
 def test_mlp_kernel_other_activations(activation):
     x = torch.randn(3, 7, 7, 64).contiguous()

@@ -40,6 +40,17 @@ INTERPRET_ENV = "POOLFORMER_TRITON_INTERPRET"
 MIN_CHANNELS = 16  # tl.dot needs every block dimension >= 16
 MAX_SLOTS_PER_SAMPLE = 64  # producers size their slots so one sample's partials fit one gather in the consumer
 ACTIVATION_CODES = {"gelu": 0, "relu": 1, "silu": 2, "starrelu": 3}
+GELU_ENV = "POOLFORMER_TRITON_GELU"  # erf (the default: libdevice's erff) | poly (see fused_activation_code)
+
+
+def fused_activation_code(activation: str) -> int:
+    """The fused MLP kernel's ACT code. POOLFORMER_TRITON_GELU=poly computes GELU's erf with Abramowitz & Stegun
+    7.1.26 (|error| < 5e-7, within float32's 1e-4 target) instead of libdevice's erff: on the H200 the GELU of
+    s12's fused MLP cost about as much as both its matmuls (s12's stage-1 MLP 0.57 ms, v2_s12's with StarReLU
+    0.29). Untimed: a switch for the next A/B on a GPU, off by default."""
+    if activation == "gelu" and os.environ.get(GELU_ENV, "").strip().lower() == "poly":
+        return 4
+    return ACTIVATION_CODES[activation]
 
 
 # ------------------------------------------------------------------------------------ availability
@@ -769,7 +780,7 @@ def _launch_mlp(x1, stats, block, activation, emit_stats, config: MlpConfig):
         block.skip_scale2 if block.skip_scale2 is not None else placeholder,
         rows, height * width, channels, hidden, out.slot_rows, stats.slot_rows, block.norm2_eps,
         CA=part_a, CB=part_b, BLOCK_R=config.block_rows, BLOCK_D=config.block_hidden, SEGS=out.segs,
-        IN_SEGS=stats.segs, IN_MAX_SLOTS=stats.max_slots, ACT=ACTIVATION_CODES[activation],
+        IN_SEGS=stats.segs, IN_MAX_SLOTS=stats.max_slots, ACT=fused_activation_code(activation),
         HAS_B1=block.fc1_bias is not None, HAS_B2=block.fc2_bias is not None,
         HAS_SKIP=block.skip_scale2 is not None, EMIT_STATS=emit_stats, NORM_AFTER_FC1=colsum is not None,
         PRECISION="ieee" if x1.dtype == torch.float32 else "tf32", DOT_UPCAST=triton_interprets(),
