@@ -12,6 +12,10 @@
 #   exact    90  fast fp32 against our fp32 model over 1,024 images; bf16 top-1 agreement (s12, v2_s12)
 #   suite   120  gpu_suite: oom, timing, profile, predict/eval, memory
 #   sweep   240  gpu_suite's bench sweep for s12 (compiled rows and --max-batch included)
+# Autotuned tiles: every step shares one tile cache, $RESULTS_DIR/triton_tiles.json, packed with the results.
+# Extract it here as .lease_cache/triton_tiles.json (.git/info/exclude it) and name .lease_cache in the next
+# call's carry: the steps then start from those tiles and skip autotuning (fast_gpu.py --no-autotune), which
+# took most of a first run in the second lease.
 # Results: benchmarks/results/gpu/README.md says how the earlier leases' files were named and committed.
 set -u
 for name in "$@"; do
@@ -23,6 +27,12 @@ PY=${PYTHON:-python}
 OUT=${OUT:?run this through the device tool, which sets OUT}
 R=${RESULTS_DIR:-/tmp/lease_results}
 mkdir -p "$R"
+export POOLFORMER_TRITON_TILE_CACHE="$R/triton_tiles.json"
+AUTOTUNE=()
+if [ -s "${LEASE_TILES:-.lease_cache/triton_tiles.json}" ]; then
+    cp "${LEASE_TILES:-.lease_cache/triton_tiles.json}" "$POOLFORMER_TRITON_TILE_CACHE"
+    AUTOTUNE=(--no-autotune)  # the carried tiles, untimed
+fi
 pack() { tar czf "$OUT/results.tgz" -C "$R" . ; }
 nvidia-smi > "$R/nvidia-smi.txt" 2>&1
 "$PY" -c "import torch, triton, timm; print(torch.__version__, triton.__version__, timm.__version__)" > "$R/versions.txt" 2>&1
@@ -37,14 +47,15 @@ step() {  # name, seconds, command...
 for name in "$@"; do
     case $name in
         mat) step mat 320 "$PY" benchmarks/fast_gpu.py --out "$R/mat" --models s12 --sections throughput \
-                --candidates "fast,timm eager NCHW,timm max-autotune" ;;
+                --candidates "fast,timm eager NCHW,timm max-autotune" ${AUTOTUNE[@]+"${AUTOTUNE[@]}"} ;;
         fast) step fast 150 "$PY" benchmarks/fast_gpu.py --out "$R/fast" --models s12,v2_s12 \
-                --sections throughput,kernels,latency --candidates "fast,timm eager,timm eager NCHW" ;;
+                --sections throughput,kernels,latency --candidates "fast,timm eager,timm eager NCHW" ${AUTOTUNE[@]+"${AUTOTUNE[@]}"} ;;
         gelu) step gelu 100 env POOLFORMER_TRITON_GELU=poly POOLFORMER_TRITON_TILE_CACHE=0 "$PY" \
                 benchmarks/fast_gpu.py --out "$R/gelu" --models s12 --sections throughput,kernels --candidates fast ;;
         m36) step m36 150 "$PY" benchmarks/fast_gpu.py --out "$R/m36" --models m36 --sections throughput,kernels \
-                --candidates "fast,timm eager,timm eager NCHW" ;;
-        exact) step exact 90 "$PY" benchmarks/fast_gpu.py --out "$R/exact" --models s12,v2_s12 --sections exactness ;;
+                --candidates "fast,timm eager,timm eager NCHW" ${AUTOTUNE[@]+"${AUTOTUNE[@]}"} ;;
+        exact) step exact 90 "$PY" benchmarks/fast_gpu.py --out "$R/exact" --models s12,v2_s12 --sections exactness \
+                ${AUTOTUNE[@]+"${AUTOTUNE[@]}"} ;;
         suite) step suite 120 "$PY" benchmarks/gpu_suite.py --out "$R/suite" \
                 --sections oom,timing,profile,predict_eval,memory ;;
         sweep) step sweep 240 "$PY" benchmarks/gpu_suite.py --out "$R/sweep" --sections sweep --models s12 ;;

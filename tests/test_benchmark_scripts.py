@@ -242,4 +242,14 @@ def test_gpu_lease_script_checks_its_steps_and_packs_every_step(tmp_path):
     with tarfile.open(tmp_path / "out" / "results.tgz") as archive:
         names = set(archive.getnames())
     assert {"./exact.log", "./steps.txt", "./versions.txt"} <= names
-    assert "rc=" in (tmp_path / "results" / "steps.txt").read_text()
+    steps = (tmp_path / "results" / "steps.txt").read_text()
+    assert "rc=" in steps and "--no-autotune" not in steps
+    # tiles carried from an earlier call of the lease: the steps start from them, untimed, and pack them again
+    tiles = tmp_path / "carried" / "triton_tiles.json"
+    tiles.parent.mkdir()
+    tiles.write_text('{"mlp | GPU | triton 3.6.0 | bfloat16 | rows 1 C 64 D 256": {"kind": "SplitMlp"}}')
+    again = subprocess.run(["bash", "benchmarks/gpu_lease.sh", "exact"], capture_output=True, text=True, cwd=ROOT,
+                           env={**env, "LEASE_TILES": str(tiles), "RESULTS_DIR": str(tmp_path / "again")}, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "--no-autotune" in (tmp_path / "again" / "steps.txt").read_text()
+    assert (tmp_path / "again" / "triton_tiles.json").read_text() == tiles.read_text()
