@@ -26,13 +26,14 @@ kernels in Triton's interpreter, compile with the eager backend) in seconds: the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 if "--smoke" in sys.argv:  # Triton must see the interpreter switch before anything imports it
     os.environ.setdefault("POOLFORMER_TRITON_INTERPRET", "1")
@@ -115,9 +116,22 @@ def throughput_summary(rows: dict[str, dict], bandwidth_tb_s: float | None) -> d
     return summary
 
 
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """float32 means float32: no TF32 in convolutions (cuDNN allows it by default) or matmuls, restored after."""
+    saved = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved[0]
+        torch.set_float32_matmul_precision(saved[1])
+
+
 def agreement(model: str, device: str, images: int, resolution: int, build, batch: int = 64) -> dict:
     """Top-1 agreement with fp32 of fast bf16 and of timm under bf16 autocast; fast fp32's relative max |diff|
-    against our fp32 model - over `images` random images."""
+    against our fp32 model - over `images` random images, the float32 references without TF32."""
     torch.manual_seed(bench.BUILD_SEED)
     ours = build(model, "ours").eval().to(device)
     torch.manual_seed(bench.BUILD_SEED)
@@ -127,19 +141,7 @@ def agreement(model: str, device: str, images: int, resolution: int, build, batc
     generator = torch.Generator().manual_seed(1)
     counts = {"fast_bf16": 0, "timm_bf16": 0}
     worst = 0.0
-    # float32 means float32: no TF32 in the references' convolutions and matmuls (cuDNN allows it by default)
-    tf32 = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    try:
-        return _agreement(ours, timm_model, fast, device, images, resolution, batch, generator, counts, worst)
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32[0]
-        torch.set_float32_matmul_precision(tf32[1])
-
-
-def _agreement(ours, timm_model, fast, device, images, resolution, batch, generator, counts, worst) -> dict:
-    with torch.inference_mode():
+    with torch.inference_mode(), exact_float32():
         for start in range(0, images, batch):
             x = torch.randn(min(batch, images - start), 3, resolution, resolution, generator=generator).to(device)
             reference, timm_reference = ours(x).float(), timm_model(x).float()

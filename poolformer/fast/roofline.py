@@ -141,7 +141,7 @@ class KernelTime:
 
     index: int
     name: str
-    stage: int | None  # 0 the stem (and the input pass), 1-4 the stages, None the head
+    stage: int | None  # 0 the stem (and v2's norm after it), 1-4 the stages, None the head
     ms: float
     read_bytes: int
     write_bytes: int
