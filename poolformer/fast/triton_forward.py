@@ -311,13 +311,16 @@ def mlp_configs(rows: int, channels: int, hidden: int, dtype: torch.dtype, inter
     width = sum(channel_split(channels))
     size = torch.tensor([], dtype=dtype).element_size()
     candidates = []
-    for block_rows in (64, 32, 16):
+    # the order follows the H200's autotuning in bf16 (benchmarks/results/gpu, runs 3-4): up to 128 channels 32
+    # hidden columns won at every batch; wider, 64 columns won or came within 4%; 16-row tiles won from 512
+    # channels at batch 1 and 256, and below 1,024 rows (batch 1's stages 2-4). 16 columns won one shape, by 1%
+    # (batch 1, C=320): left out of bf16/fp16, so autotuning compiles fewer tiles
+    hidden_order = ((32, 64) if width <= 128 else (64, 32)) if size < 4 else (32, 16)
+    for block_rows in ((16, 32, 64) if width >= 512 or rows < 1024 else (64, 32, 16)):
         if block_rows == 64 and rows < 64 * 132:  # fewer tiles than a GPU has SMs: shorter tiles, more programs
             continue
         warps = 8 if width * block_rows > 64 * 128 else 4
-        # bf16/fp16 on an H200: 32 hidden columns won or tied every shape; 16 won one, by 1% (batch 1, C=320),
-        # so it is left out: fewer tiles to compile when autotuning
-        for block_hidden in ((32, 64) if size < 4 else (32, 16)):
+        for block_hidden in hidden_order:
             for stages in (3, 2, 1):
                 staged = stages * 2 * width * block_hidden * size
                 resident = block_rows * width * size + block_rows * block_hidden * size
