@@ -155,23 +155,13 @@ def agreement(model: str, device: str, images: int, resolution: int, build, batc
 
 
 def _median_ms(fn: Callable[[], object], device: str, repeats: int = 20) -> float:
-    """Median time of fn() in milliseconds (CUDA events on a GPU, after two untimed calls)."""
+    """Median time of fn() in milliseconds, after two untimed calls (triton_forward.median_ms: the autotuner's
+    own timing)."""
+    from poolformer.fast.triton_forward import median_ms
+
     for _ in range(2):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            started = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - started) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return median_ms(fn, torch.device(device), repeats)
 
 
 def unfused_mlp_ms(rows: int, channels: int, hidden: int, device: str, dtype: torch.dtype) -> dict:

@@ -599,19 +599,22 @@ def mlp(x1: torch.Tensor, stats: Partials, block: TritonBlock, activation: str, 
         config: MlpConfig | None = None) -> tuple[torch.Tensor, Partials | None]:
     """The block's second half on a contiguous [B, H, W, C] activation -> (y [B, H, W, C], y's partials or
     None). Without `config`, the first candidate of `mlp_candidates` (a fused tile or the split form) that
-    the GPU accepts (shared memory, registers) is used and remembered - or, with autotuning on, the fastest of them, which is also kept in the
-    tile cache (tile_cache_path), so that later processes on the same GPU start from it without timing."""
+    the GPU accepts (shared memory, registers) is used and remembered - or, with autotuning on, the fastest of
+    them, which is also kept in the tile cache (tile_cache_path), so that later processes on the same GPU start
+    from it without timing."""
     batch, height, width, channels = x1.shape
     rows, hidden = batch * height * width, block.fc1_weight.shape[1]
+
+    def launch(form: MlpConfig | SplitMlp):
+        form_launch = _launch_split_mlp if isinstance(form, SplitMlp) else _launch_mlp
+        return form_launch(x1, stats, block, activation, emit_stats, form)
+
     if config is not None:
-        launch = _launch_split_mlp if isinstance(config, SplitMlp) else _launch_mlp
-        return launch(x1, stats, block, activation, emit_stats, config)
+        return launch(config)
     return _run_with_tile(
         _working_mlp_config, (rows, channels, hidden, x1.dtype, x1.device),
         ("mlp", rows, channels, hidden, x1.dtype, x1.device),
-        lambda: mlp_candidates(rows, channels, hidden, x1.dtype, triton_interprets()),
-        lambda c: (_launch_split_mlp if isinstance(c, SplitMlp) else _launch_mlp)(x1, stats, block, activation,
-                                                                                  emit_stats, c),
+        lambda: mlp_candidates(rows, channels, hidden, x1.dtype, triton_interprets()), launch,
         f"MLP tile fits this GPU for C={channels}, D={hidden}")
 
 
@@ -672,6 +675,25 @@ def autotune_timings() -> dict[str, dict[str, float | None]]:
     return {key: dict(timings) for key, timings in _autotune_log.items()}
 
 
+def median_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """The median of `repeats` timings of fn() in milliseconds, each call on its own: between two CUDA events,
+    waited for before the next call, on a GPU; host clocks elsewhere."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            started = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - started) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def _fastest(candidates: list, launch: Callable[[Any], Any], device: torch.device, what: str,
              log_key: str | None = None):
     """The candidate with the lowest median time over AUTOTUNE_REPEATS launches (after one that compiles it);
@@ -687,20 +709,8 @@ def _fastest(candidates: list, launch: Callable[[Any], Any], device: torch.devic
                 raise
             log[_tile_name(candidate)] = None
             continue
-        times = []
-        for _ in range(AUTOTUNE_REPEATS):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                launch(candidate)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                started = time.perf_counter()
-                launch(candidate)
-                times.append((time.perf_counter() - started) * 1e3)
-        timings[candidate] = log[_tile_name(candidate)] = sorted(times)[len(times) // 2]
+        timings[candidate] = log[_tile_name(candidate)] = median_ms(lambda: launch(candidate), device,
+                                                                    AUTOTUNE_REPEATS)
     if not timings:
         raise RuntimeError(f"no {what}")
     return min(timings, key=timings.get)
@@ -773,8 +783,9 @@ def _launch_mlp(x1, stats, block, activation, emit_stats, config: MlpConfig):
     out = new_partials(rows, height * width, config.block_rows, x1.device)
     part_a, part_b = channel_split(channels)
     placeholder = block.mix_scale  # a valid pointer for arguments a constexpr switches off
-    colsum = block.fc1_colsum if norm_after_fc1(x1.dtype, channels) else None
-    if norm_after_fc1(x1.dtype, channels) and colsum is None:
+    after_fc1 = norm_after_fc1(x1.dtype, channels)
+    colsum = block.fc1_colsum if after_fc1 else None
+    if after_fc1 and colsum is None:
         raise ValueError("the block was prepared for another dtype: fc1's column sums are missing")
     kernels().mlp_kernel[(out.buffer.shape[0],)](
         x1, y, stats.buffer, out.buffer, block.fc1_weight,
