@@ -12,9 +12,7 @@ mixer and the elementwise ops (LayerScale, residual adds, GELU) do few MACs but 
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import torch
 
 from .bench import BenchConfig, BuildModel, make_input, prepare_model, synchronize
 from .devices import autocast
+from .files import replace_atomically
 
 # first match wins; matched against the lower-case operator name without the "aten::" prefix
 _CATEGORIES = (
@@ -154,17 +153,10 @@ def summarize(events: Any, steps: int, time_kind: str, config: BenchConfig) -> P
 
 
 def _export_trace(prof: Any, path: Path) -> str:
+    """The Chrome trace written atomically (poolformer.files): a path ending in .gz gets it gzipped, as
+    torch.profiler does for such names, since the temporary file keeps the target's suffix."""
     path = path.expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".json", dir=path.parent)
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    replace_atomically(path, prof.export_chrome_trace)
     return str(path)
 
 

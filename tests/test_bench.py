@@ -634,6 +634,18 @@ def test_profile_command_with_trace(tmp_path):
     assert json.loads(trace.read_text())["traceEvents"]
 
 
+def test_profile_trace_to_a_gz_name_is_gzipped(tmp_path):
+    """--trace x.json.gz: gzip, as torch.profiler writes such names (the atomic write keeps the suffix)."""
+    import gzip
+
+    trace = tmp_path / "trace.json.gz"
+    result = runner.invoke(app, ["profile", "s12", "--device", "cpu", "--batch-size", "1", "--resolution", "64",
+                                 "--warmup", "0", "--steps", "1", "--trace", str(trace)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    assert [p.name for p in tmp_path.iterdir()] == ["trace.json.gz"]  # no temporary file left beside it
+
+
 def test_profile_failure_is_one_line(monkeypatch):
     _register(monkeypatch, "oom_at_1", 1, _oom)
     result = runner.invoke(app, ["profile", "s12", "--device", "cpu", "--impl", "oom_at_1", "--resolution", "64",
