@@ -6,7 +6,9 @@
 #
 # Steps (seconds each at most; the order given is the order run):
 #   mat     320  timm at its fastest (bf16 weights, torch.compile max-autotune) against fast, s12: the 1.3x target
-#   fast    150  fast against timm eager, s12 and v2_s12: throughput, kernel by kernel, batch-1 latency
+#   fast    180  fast against timm eager, s12 and v2_s12: throughput, kernel by kernel, batch-1 latency
+#                (autotuning times every MLP form, the GEMM form's tiles included)
+#   gemm    100  A/B: fast s12 and v2_s12 with every MLP on the GEMM form (POOLFORMER_TRITON_MLP=gemm), kernels
 #   gelu    100  A/B: fast s12 with POOLFORMER_TRITON_GELU=poly (run after `fast`, which is the other side)
 #   m36     150  the same for poolformer_m36 (throughput, kernels)
 #   exact    90  fast fp32 against our fp32 model over 1,024 images; bf16 top-1 agreement (s12, v2_s12)
@@ -19,9 +21,9 @@
 # Results: benchmarks/results/gpu/README.md says how the earlier leases' files were named and committed.
 set -u
 for name in "$@"; do
-    case $name in mat|fast|gelu|m36|exact|suite|sweep) ;; *) echo "unknown step '$name' (mat, fast, gelu, m36, exact, suite, sweep)" >&2; exit 2 ;; esac
+    case $name in mat|fast|gemm|gelu|m36|exact|suite|sweep) ;; *) echo "unknown step '$name' (mat, fast, gemm, gelu, m36, exact, suite, sweep)" >&2; exit 2 ;; esac
 done
-[ $# -gt 0 ] || { echo "usage: bash benchmarks/gpu_lease.sh STEP [STEP ...] (mat, fast, gelu, m36, exact, suite, sweep)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash benchmarks/gpu_lease.sh STEP [STEP ...] (mat, fast, gemm, gelu, m36, exact, suite, sweep)" >&2; exit 2; }
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 PY=${PYTHON:-python}
 OUT=${OUT:?run this through the device tool, which sets OUT}
@@ -48,8 +50,10 @@ for name in "$@"; do
     case $name in
         mat) step mat 320 "$PY" benchmarks/fast_gpu.py --out "$R/mat" --models s12 --sections throughput \
                 --candidates "fast,timm eager NCHW,timm max-autotune" ${AUTOTUNE[@]+"${AUTOTUNE[@]}"} ;;
-        fast) step fast 150 "$PY" benchmarks/fast_gpu.py --out "$R/fast" --models s12,v2_s12 \
+        fast) step fast 180 "$PY" benchmarks/fast_gpu.py --out "$R/fast" --models s12,v2_s12 \
                 --sections throughput,kernels,latency --candidates "fast,timm eager,timm eager NCHW" ${AUTOTUNE[@]+"${AUTOTUNE[@]}"} ;;
+        gemm) step gemm 100 env POOLFORMER_TRITON_MLP=gemm POOLFORMER_TRITON_TILE_CACHE=0 "$PY" \
+                benchmarks/fast_gpu.py --out "$R/gemm" --models s12,v2_s12 --sections throughput,kernels --candidates fast ;;
         gelu) step gelu 100 env POOLFORMER_TRITON_GELU=poly POOLFORMER_TRITON_TILE_CACHE=0 "$PY" \
                 benchmarks/fast_gpu.py --out "$R/gelu" --models s12 --sections throughput,kernels --candidates fast ;;
         m36) step m36 150 "$PY" benchmarks/fast_gpu.py --out "$R/m36" --models m36 --sections throughput,kernels \

@@ -7,7 +7,7 @@ The model's forward runs on the meta device (shapes only, nothing computed), wit
 instead of run: the same arguments, constexprs, warps and stages the GPU would get. Each distinct launch is then
 compiled by Triton for sm_90a (as its JIT would, with 16-byte alignment of pointers and of integers divisible by
 16) and assembled by the ptxas that Triton ships, whose `-v` report gives the figures. `--all-tiles` compiles
-every candidate MLP tile of `mlp_configs`, not only the one used without autotuning. The first H200 run drew
+every candidate MLP tile of `mlp_configs` and of `gemm_configs` (the GEMM form's fc1/fc2), not only the first. The first H200 run drew
 142 W on the fast rows (240-440 W eager): heavy spilling would explain a GPU left mostly idle, and this shows it
 on any machine. Writes DIR/triton_sm90.json and DIR/triton_sm90.md.
 """
@@ -57,15 +57,18 @@ def record_launches(model_name: str, batch: int, resolution: int, dtype: torch.d
     prepared = triton_forward.prepare(folded, dtype, torch.device("meta"))
     launches: list[dict] = []
     names = ("stats_kernel", "pool_mix_kernel", "mlp_kernel", "mlp_norm_kernel", "stem_kernel", "layer_norm_kernel",
-             "activation_kernel")
+             "activation_kernel", "fc1_kernel", "fc2_kernel")
     fake = types.SimpleNamespace(**{name: _Recorder(name, launches) for name in names})
     original_kernels, original_mlp = triton_forward.kernels, triton_forward.mlp
 
     def mlp(x1, stats, block, activation, emit_stats, config=None):
         batch_, height, width, channels = x1.shape
         rows, hidden = batch_ * height * width, block.fc1_weight.shape[1]
-        tiles = triton_forward.mlp_configs(rows, channels, hidden, x1.dtype)
-        for tile in (tiles if all_tiles else tiles[:1]):
+        fused = triton_forward.mlp_configs(rows, channels, hidden, x1.dtype)
+        gemm = triton_forward.gemm_configs(rows, channels, hidden, x1.dtype)
+        for tile in (gemm if all_tiles else gemm[:1]):
+            triton_forward._launch_gemm_mlp(x1, stats, block, activation, emit_stats, tile)
+        for tile in (fused if all_tiles else fused[:1]):
             result = triton_forward._launch_mlp(x1, stats, block, activation, emit_stats, tile)
         return result
 
@@ -156,6 +159,10 @@ def describe(launch: dict) -> str:
     kw = launch["kwargs"]
     if launch["kernel"] == "mlp_kernel":
         return (f"mlp C={a['C']} D={a['D']} rows={a['R']} tile {kw['BLOCK_R']}x{kw['BLOCK_D']} "
+                f"w{kw.get('num_warps')} s{kw.get('num_stages')}")
+    if launch["kernel"] in ("fc1_kernel", "fc2_kernel"):
+        gemm = "fc1 norm act" if launch["kernel"] == "fc1_kernel" else "fc2 residual"
+        return (f"{gemm} C={a['C']} D={a['D']} rows={a['R']} tile {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} "
                 f"w{kw.get('num_warps')} s{kw.get('num_stages')}")
     if launch["kernel"] == "pool_mix_kernel":
         return f"pool_mix C={a['C']} {a['H']}x{a['W']} rows={a['R']} tile {kw['BLOCK_R']}x{kw['BLOCK_C']}"

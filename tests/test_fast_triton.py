@@ -317,6 +317,70 @@ def test_bf16_split_mlp_is_within_the_storage_rounding(offset):
     assert ((y.double() - expected).abs() / (expected.abs() + 1)).max() < 8 * 2 ** -8
 
 
+def _gemm(x: torch.Tensor) -> tf.GemmMlp:
+    rows, channels = x.numel() // x.shape[-1], x.shape[-1]
+    return tf.gemm_configs(rows, channels, 4 * channels, x.dtype, interpret=True)[0]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("activation", ["gelu", "starrelu", "relu", "silu"])
+def test_gemm_mlp_matches_norm_fc1_activation_fc2_residual(shape, activation):
+    """The GEMM form (fc1 normalising its A tiles and applying the activation, fc2 adding the residual, then the
+    statistics kernel) gives the block's MLP in float32 and its output's moments; with and without scale and
+    biases."""
+    x = (torch.randn(shape) * 1.5 - 0.3).contiguous()
+    full = activation in ("gelu", "silu")
+    block = _block(shape[-1], 4 * shape[-1], bias=full, skip=full)
+    y, partials = tf.mlp(x, tf.stage_input_stats(x), block, activation, emit_stats=True, config=_gemm(x))
+    torch.testing.assert_close(y.double(), _reference_mlp(x, block, activation), rtol=1e-4, atol=1e-4)
+    mean, var = _sample_moments(partials, shape[0])
+    np.testing.assert_allclose(var, _reference_moments(y)[1], rtol=1e-5)
+    np.testing.assert_allclose(mean, _reference_moments(y)[0], rtol=1e-5, atol=1e-5)
+    y2, none = tf.mlp(x, tf.stage_input_stats(x), block, activation, emit_stats=False, config=_gemm(x))
+    assert none is None and torch.equal(y, y2)
+
+
+@pytest.mark.parametrize("shape, tile", [
+    ((3, 7, 7, 320), tf.GemmMlp(16, 64, 32, 4, 1)),  # 10 row tiles (the last masked), 20 + 5 column tiles, K loops
+    ((2, 5, 3, 96), tf.GemmMlp(16, 128, 64, 4, 1)),  # C = 96: masked columns in fc2 and a masked K step in fc1
+], ids=["320-small-tiles", "96-masked"])
+def test_gemm_mlp_small_tiles_walk_every_row_column_and_k_step(shape, tile):
+    """GPU-sized tiles smaller than the matrices: every (row tile, column tile) program and every K step of both
+    GEMMs, with masked edges, rows whose tile spans several samples (7x7 maps, 16-row tiles), and float32 sums."""
+    x = (torch.randn(shape) * 1.5 + 0.7).contiguous()
+    block = _block(shape[-1], 4 * shape[-1])
+    y, partials = tf.mlp(x, tf.stage_input_stats(x), block, "gelu", emit_stats=True, config=tile)
+    torch.testing.assert_close(y.double(), _reference_mlp(x, block, "gelu"), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_sample_moments(partials, shape[0])[1], _reference_moments(y)[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+def test_bf16_gemm_mlp_is_within_the_storage_rounding(offset):
+    """bf16, far from zero too: within the storage rounding of float64, and rounding where the fused kernel rounds
+    (the normalised input, the activated hidden tile, the output once), so within an ulp or so of it."""
+    x = (torch.randn(2, 9, 11, 320) + offset).to(torch.bfloat16).contiguous()
+    block = _block(320, 1280, dtype=torch.bfloat16)
+    y, _ = tf.mlp(x, tf.stage_input_stats(x), block, "gelu", emit_stats=False, config=_gemm(x))
+    assert y.dtype == torch.bfloat16
+    expected = _reference_mlp(x, block, "gelu")
+    assert ((y.double() - expected).abs() / (expected.abs() + 1)).max() < 8 * 2 ** -8
+    fused_tile = tf.mlp_configs(x.numel() // 320, 320, 1280, torch.bfloat16, interpret=True)[0]
+    fused, _ = tf.mlp(x, tf.stage_input_stats(x), block, "gelu", emit_stats=False, config=fused_tile)
+    assert ((y.double() - fused.double()).abs() / (expected.abs() + 1)).max() < 2 ** -8
+
+
+@pytest.mark.parametrize("columns, depth, tile, expected", [
+    (1280, 320, tf.GemmMlp(128, 128, 64, 8, 3), (128, 64)),
+    (320, 1280, tf.GemmMlp(128, 128, 64, 8, 3), (64, 64)),  # 320 = 5 x 64: no masked columns
+    (320, 1280, tf.GemmMlp(128, 256, 64, 8, 3), (64, 64)),
+    (64, 256, tf.GemmMlp(128, 256, 64, 8, 3), (64, 64)),
+    (96, 384, tf.GemmMlp(128, 128, 64, 8, 3), (32, 64)),
+    (72, 8, tf.GemmMlp(64, 128, 64, 4, 4), (128, 16)),  # nothing divides 72: one masked 128-column tile
+])
+def test_gemm_tiles_clip_to_each_matmul(columns, depth, tile, expected):
+    assert tf.gemm_tile_for(tile, columns, depth) == expected
+
+
 def test_design_time_order_starts_from_what_the_h200_measured(monkeypatch):
     """Without autotuning the first candidate runs: for every bf16 MLP shape the H200 timed (run 4's committed
     autotune timings), it is the split form exactly where that won, and otherwise a fused tile within 5% of the
@@ -340,35 +404,41 @@ def test_design_time_order_starts_from_what_the_h200_measured(monkeypatch):
     assert checked == 8  # s12's four stages at batch 256 and at batch 1
 
 
-def test_mlp_candidates_order_the_two_forms(monkeypatch):
+def test_mlp_candidates_order_the_forms(monkeypatch):
     """On a GPU in bf16/fp16 the split form goes first from 256 channels (the H200's measurements), after the
-    fused tiles below; float32 offers it only without TF32; the interpreter and POOLFORMER_TRITON_MLP=fused keep
-    the fused form only, =split the split form only."""
+    fused tiles below, and the GEMM form (untimed yet) comes last; float32 offers the split form only without
+    TF32; the interpreter and POOLFORMER_TRITON_MLP=fused keep the fused form only, =split and =gemm theirs."""
     monkeypatch.delenv(tf.MLP_ENV, raising=False)
     rows = 256 * 14 * 14
 
     def kinds(channels, dtype, interpret=False):
         return [type(c).__name__ for c in tf.mlp_candidates(rows, channels, 4 * channels, dtype, interpret)]
 
-    assert kinds(320, torch.bfloat16)[0] == "SplitMlp" and set(kinds(320, torch.bfloat16)[1:]) == {"MlpConfig"}
-    few = [type(c).__name__ for c in tf.mlp_candidates(196, 320, 1280, torch.bfloat16)]  # batch 1: fused first
-    assert few[0] == "MlpConfig" and few[-1] == "SplitMlp"
-    assert kinds(128, torch.float16)[0] == "MlpConfig" and kinds(128, torch.float16)[-1] == "SplitMlp"
-    assert kinds(512, torch.float32)[0] == "MlpConfig" and kinds(512, torch.float32)[-1] == "SplitMlp"
+    def forms(channels, dtype, rows_=rows):  # each form once, in the order of its first candidate
+        return list(dict.fromkeys(type(c).__name__ for c in tf.mlp_candidates(rows_, channels, 4 * channels, dtype)))
+
+    assert forms(320, torch.bfloat16) == ["SplitMlp", "MlpConfig", "GemmMlp"]
+    assert forms(320, torch.bfloat16, rows_=196) == ["MlpConfig", "SplitMlp", "GemmMlp"]  # batch 1: fused first
+    assert forms(128, torch.float16) == ["MlpConfig", "SplitMlp", "GemmMlp"]
+    assert forms(512, torch.float32) == ["MlpConfig", "SplitMlp", "GemmMlp"]
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")  # TF32 allowed: not exact
-    assert "SplitMlp" not in kinds(512, torch.float32) and "SplitMlp" in kinds(512, torch.bfloat16)
+    assert forms(512, torch.float32) == ["MlpConfig", "GemmMlp"] and "SplitMlp" in forms(512, torch.bfloat16)
     assert set(kinds(512, torch.bfloat16, interpret=True)) == {"MlpConfig"}
     monkeypatch.setenv(tf.MLP_ENV, "fused")
     assert set(kinds(512, torch.bfloat16)) == {"MlpConfig"}
     monkeypatch.setenv(tf.MLP_ENV, "split")
     assert kinds(64, torch.float32, interpret=True) == ["SplitMlp"]
+    monkeypatch.setenv(tf.MLP_ENV, "gemm")
+    assert set(kinds(64, torch.bfloat16)) == {"GemmMlp"} and kinds(64, torch.float32, interpret=True) == ["GemmMlp"]
 
 
+@pytest.mark.parametrize("form, kind, launch", [("split", "SplitMlp", "fc2"), ("gemm", "GemmMlp", "fc2 residual")])
 @pytest.mark.parametrize("name", ["s12", "v2_s12"])
-def test_whole_model_on_the_split_mlp_is_exact_and_its_traffic_is_counted(monkeypatch, name):
-    """POOLFORMER_TRITON_MLP=split runs every block's MLP in the split form: fp32 logits within 1e-4 of the
+def test_whole_model_on_the_other_mlp_forms_is_exact_and_its_traffic_is_counted(monkeypatch, name, form, kind,
+                                                                                 launch):
+    """POOLFORMER_TRITON_MLP=split (or =gemm) runs every block's MLP in that form: fp32 logits within 1e-4 of the
     reference, and the roofline's byte count follows the form in use, launch by launch."""
-    monkeypatch.setenv(tf.MLP_ENV, "split")
+    monkeypatch.setenv(tf.MLP_ENV, form)
     monkeypatch.setattr(tf, "_working_mlp_config", {})
     model = randomize_(create_model(name), seed=4).eval()
     fast = optimize(model, backend="triton")
@@ -377,9 +447,9 @@ def test_whole_model_on_the_split_mlp_is_exact_and_its_traffic_is_counted(monkey
         got = fast(x)
         expected = model(x)
     assert (got - expected).abs().max().item() <= 1e-4 * max(1.0, expected.abs().max().item())
-    assert {t["kind"] for t in tf.mlp_tiles_in_use()} == {"SplitMlp"}
+    assert {t["kind"] for t in tf.mlp_tiles_in_use()} == {kind}
     predicted = fast_traffic(fast.folded, fast.plan, 2, 64, 64, torch.float32, interpret=True)
-    assert [k.name for k in recorded] == [k.name for k in predicted] and "fc2" in {k.name for k in recorded}
+    assert [k.name for k in recorded] == [k.name for k in predicted] and launch in {k.name for k in recorded}
     assert recorded == predicted
 
 
@@ -390,6 +460,9 @@ def test_the_tile_cache_keeps_the_form_of_the_mlp(monkeypatch, tmp_path):
     monkeypatch.setenv(tf.TILE_CACHE_ENV, str(cache))
     tf.remember_tile("a", tf.SplitMlp(32, 64, 4))
     tf.remember_tile("b", tf.MlpConfig(64, 32, 4, 3))
+    tf.remember_tile("c", tf.GemmMlp(128, 128, 64, 8, 3))
+    assert tf.cached_tile("c", (tf.MlpConfig, tf.SplitMlp, tf.GemmMlp)) == tf.GemmMlp(128, 128, 64, 8, 3)
+    assert tf._tile_name(tf.GemmMlp(128, 128, 64, 8, 3)).startswith("gemm block_m=128 ")
     assert tf.cached_tile("a", (tf.MlpConfig, tf.SplitMlp)) == tf.SplitMlp(32, 64, 4)
     assert tf.cached_tile("b", (tf.MlpConfig, tf.SplitMlp)) == tf.MlpConfig(64, 32, 4, 3)
     assert tf.cached_tile("a", (tf.MlpConfig,)) is None  # a form this shape does not offer
@@ -540,6 +613,9 @@ def test_mlp_tiles_fit_the_shared_memory_budget():
             for c in configs[:-1] if configs[-1] == tf.MlpConfig(16, 16, 4, 1) else configs:
                 staged = c.num_stages * 2 * width * c.block_hidden * size
                 assert staged + c.block_rows * (width + c.block_hidden) * size <= tf.SHARED_MEMORY_BUDGET_BYTES
+            gemms = tf.gemm_configs(256 * 56 * 56, channels, 4 * channels, dtype)
+            assert gemms and all(g.num_stages * (g.block_m * g.block_k + g.block_k * g.block_n) * size
+                                 <= tf.SHARED_MEMORY_BUDGET_BYTES for g in gemms)
 
 
 # ------------------------------------------------------------------------------ roofline

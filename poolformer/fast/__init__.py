@@ -10,7 +10,8 @@ What lives here:
 - `compiled`: the folded graph as a module of plain operators for torch.compile (inductor with freezing; CPU),
   what `bench --impl fast --compile` runs: the fastest PyTorch form in bf16, after ~10 s of compiling per shape.
 - `triton_kernels` / `triton_forward`: the GPU path, two fused Triton kernels per block (token mixer; MLP
-  with its 4x-wide hidden tile kept on chip, or split around cuBLAS GEMMs where that is faster) passing exact
+  with its 4x-wide hidden tile kept on chip, or split around cuBLAS GEMMs, or as two Triton GEMMs carrying the
+  norm, activation and residual: autotuning picks per shape) passing exact
   per-sample statistics along, a stem kernel that reads the images as they are; the same kernels run on CPU
   tensors in Triton's interpreter with POOLFORMER_TRITON_INTERPRET=1 (how the tests check them).
 - `cuda`: CUDA graphs for repeated input shapes (batch 1 is launch-bound).

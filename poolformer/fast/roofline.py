@@ -9,7 +9,8 @@ higher; comparing the two is how a GPU session checks the kernels' caching.
 Per block the kernels move about 4 C-wide activations per token (mixer: read x, write x1; MLP: read x1, write
 y) plus the weights once per batch, against about 39 for an unfused eager block (GroupNorm 3, pooling 2,
 subtract 3, LayerScale 2, residual add 3, twice; fc1 5, GELU 8 on the 4C-wide hidden tensor, fc2 5). The
-split MLP (`triton_forward.SplitMlp`) adds its hidden tensor's round trips: it trades bytes for cuBLAS's speed.
+split MLP (`triton_forward.SplitMlp`) and the GEMM form (`GemmMlp`) add their hidden tensor's round trips: they
+trade bytes for GEMM tiles that keep the tensor cores busy.
 
 `time_kernels` times each launch of a forward on its own (CUDA events), so the bytes and FLOPs of every kernel
 meet its measured time: where the forward's time goes, kernel by kernel.
@@ -24,7 +25,7 @@ import torch
 
 from .folding import FoldedModel, Plan
 from .triton_forward import (
-    KernelTraffic, SplitMlp, elementwise_tile, in_use_mlp_form, mark_launches, mlp_candidates, new_partials_shape,
+    GemmMlp, KernelTraffic, SplitMlp, elementwise_tile, in_use_mlp_form, mark_launches, mlp_candidates, new_partials_shape,
     norm_after_fc1, record_traffic, STEM_BLOCK_K, cdiv,
 )
 
@@ -92,6 +93,9 @@ def fast_traffic(folded: FoldedModel, plan: Plan, batch_size: int, height: int, 
             if isinstance(form, SplitMlp):
                 traffic += _split_mlp_traffic(block, rows, channels, hidden, size, elementwise_partials,
                                               mlp_partials if emits else None)
+            elif isinstance(form, GemmMlp):
+                traffic += _gemm_mlp_traffic(block, rows, channels, hidden, size, elementwise_partials,
+                                             mlp_partials if emits else None)
             else:
                 traffic.append(KernelTraffic("mlp", activation + elementwise_partials + weights,
                                              activation + (mlp_partials if emits else 0)))
@@ -116,6 +120,21 @@ def _split_mlp_traffic(block, rows: int, channels: int, hidden: int, size: int, 
                KernelTraffic("fc1", activation + weight + bias, wide),
                KernelTraffic("act", wide, wide),
                KernelTraffic("fc2", wide + weight + activation, activation)]
+    if emitted is not None:
+        traffic.append(KernelTraffic("mlp stats", activation, emitted))
+    return traffic
+
+
+def _gemm_mlp_traffic(block, rows: int, channels: int, hidden: int, size: int, incoming: int,
+                      emitted: int | None) -> list[KernelTraffic]:
+    """The launches of the GEMM form (triton_forward.GemmMlp): fc1 normalising its input and applying the
+    activation, fc2 adding the residual, and, when the next block needs them, the output's statistics."""
+    activation, wide = rows * channels * size, rows * hidden * size
+    weight = hidden * channels * size
+    bias = 4 * hidden if block.fc1_bias is not None else 0
+    vectors = 4 * channels * ((block.skip_scale2 is not None) + (block.fc2_bias is not None))
+    traffic = [KernelTraffic("fc1 norm act", activation + incoming + weight + bias, wide),
+               KernelTraffic("fc2 residual", wide + weight + activation + vectors, activation)]
     if emitted is not None:
         traffic.append(KernelTraffic("mlp stats", activation, emitted))
     return traffic

@@ -7,7 +7,9 @@ Per block, on channels-last activations [B, H, W, C] (= rows [R, C], R = B*H*W):
    re-read for the residual), one write of y, plus y's partial moments for the next block's mixer. The
    4C-wide hidden activation lives only in registers/shared memory, BLOCK_D columns at a time. Where cuBLAS
    does better (wide stages in bf16/fp16, see `SplitMlp`), the MLP runs split instead: a normalising kernel,
-   fc1 and fc2 as GEMMs, the activation between them, and the output's statistics (`mlp_candidates`).
+   fc1 and fc2 as GEMMs, the activation between them, and the output's statistics (`mlp_candidates`). A third
+   form, `GemmMlp`, runs fc1 and fc2 as Triton GEMMs with the norm, activation and residual in their
+   prologue and epilogues; autotuning decides among the three.
 A stage's first block gets its input's moments from `stats_kernel` (one extra read per stage). The stem is an
 implicit GEMM over the caller's images as they are (`stem_kernel`), v2's LayerNorms run on
 `layer_norm_kernel`; the downsampling convolutions and the head are PyTorch operators (cuDNN on a GPU).
@@ -344,14 +346,71 @@ class SplitMlp:
     num_warps: int = 4
 
 
-MLP_ENV = "POOLFORMER_TRITON_MLP"  # fused | split | auto (the default): which MLP forms are candidates
+@dataclass(frozen=True)
+class GemmMlp:
+    """The MLP's third form: fc1 and fc2 as two Triton GEMMs (`fc1_kernel`, `fc2_kernel`) that carry the
+    elementwise work in their prologue and epilogues. fc1 normalises its A tiles as it loads them and applies
+    bias and activation to its sums; fc2 adds the residual skip * x + b2 to its sums. Like SplitMlp the hidden
+    tensor goes through memory (ordinary GEMM tiles, not the fused kernel's [rows, C] accumulator), but the
+    normalising pass, the activation's pass and the residual base are gone: 3 launches instead of 5, and on
+    s12's stage 3 about a third less memory traffic per block. `stats_kernel` gives the output's statistics.
+    The fields are both GEMMs' tile (each GEMM clips its columns and K steps to its own shape: see
+    gemm_tile_for). Untimed on a GPU when added: a candidate for autotuning, after the measured forms."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def block_rows(self) -> int:
+        """Rows per slot of the output statistics (stats_kernel's tile after fc2)."""
+        return GEMM_STATS_BLOCK_ROWS
+
+
+GEMM_STATS_BLOCK_ROWS = 32
+
+
+def gemm_tile_for(tile: GemmMlp, columns: int, depth: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of one of the GEMM form's matmuls, [rows, depth] @ [depth, columns]: the tile's
+    columns clipped to the output's width and, where a power of two >= 32 divides it, to that divisor (C = 320
+    takes 64-column tiles: no masked lanes), and K steps no longer than the depth (>= 16, tl.dot's minimum)."""
+    block_n = min(tile.block_n, max(MIN_CHANNELS, next_power_of_two(columns)))
+    divisor = next((n for n in (256, 128, 64, 32) if n <= block_n and columns % n == 0), None)
+    return (divisor or block_n), min(tile.block_k, max(MIN_CHANNELS, next_power_of_two(depth)))
+
+
+def gemm_configs(rows: int, channels: int, hidden: int, dtype: torch.dtype,
+                 interpret: bool = False) -> list[GemmMlp]:
+    """The GEMM form's candidate tiles. bf16/fp16: tensor-core tiles of 64-128 rows (wgmma wants 64-row
+    multiples per warp group) with 3-4 pipeline stages, within the shared-memory budget. ptxas for sm_90a
+    (benchmarks/triton_sm90.py --all-tiles, s12 at batch 256) puts every one of them on wgmma without spills
+    (fc1 157-210 registers, fc2 72-148); a 128 x 256 fc1 tile spilled 96-100 bytes in its GELU epilogue, so it
+    is not offered. float32 (exact: FMA, no TF32): smaller tiles. The interpreter: one large tile (it pays per
+    operation)."""
+    if interpret:
+        return [GemmMlp(min(128, max(16, next_power_of_two(rows))), min(1024, next_power_of_two(hidden)),
+                        min(1024, next_power_of_two(hidden)), 4, 1)]
+    size = torch.tensor([], dtype=dtype).element_size()
+    if size < 4:
+        tiles = [GemmMlp(128, 128, 64, 8, 3), GemmMlp(128, 64, 64, 4, 4), GemmMlp(64, 128, 64, 4, 4)]
+        if rows < 128 * 132:  # fewer row tiles than SMs (batch 1): shorter tiles first
+            tiles = tiles[2:] + tiles[:2]
+    else:
+        tiles = [GemmMlp(64, 64, 32, 4, 2), GemmMlp(32, 64, 32, 4, 2)]
+    return [t for t in tiles
+            if t.num_stages * (t.block_m * t.block_k + t.block_k * t.block_n) * size <= SHARED_MEMORY_BUDGET_BYTES]
+
+
+MLP_ENV = "POOLFORMER_TRITON_MLP"  # fused | split | gemm | auto (the default): which MLP forms are candidates
 SPLIT_FIRST_MIN_CHANNELS = 256  # in bf16/fp16 on a GPU the split form goes first from this width (see SplitMlp)
 SPLIT_FIRST_MIN_ROWS = 64 * 132  # ... and from this many rows: at batch 1 (196 rows at C=320) the fused kernel won
 
 
 def mlp_form_setting() -> str:
     value = os.environ.get(MLP_ENV, "").strip().lower()
-    return value if value in ("fused", "split") else "auto"
+    return value if value in ("fused", "split", "gemm") else "auto"
 
 
 def split_mlp_exact(dtype: torch.dtype) -> bool:
@@ -360,23 +419,25 @@ def split_mlp_exact(dtype: torch.dtype) -> bool:
 
 
 def mlp_candidates(rows: int, channels: int, hidden: int, dtype: torch.dtype,
-                   interpret: bool = False) -> list[MlpConfig | SplitMlp]:
-    """Both forms of the MLP, best first by design: the split form first in bf16/fp16 on a GPU from
-    SPLIT_FIRST_MIN_CHANNELS channels and SPLIT_FIRST_MIN_ROWS rows, else the fused tiles first.
-    POOLFORMER_TRITON_MLP=fused or =split keeps one form only (for A/B timing and tests). In Triton's
-    interpreter, and in float32 where cuBLAS would use TF32, only the fused form unless =split asks for it."""
+                   interpret: bool = False) -> list[MlpConfig | SplitMlp | GemmMlp]:
+    """The forms of the MLP, best first by design: the split form first in bf16/fp16 on a GPU from
+    SPLIT_FIRST_MIN_CHANNELS channels and SPLIT_FIRST_MIN_ROWS rows, else the fused tiles first; the GEMM form's
+    tiles last (not yet timed on a GPU: autotuning decides). POOLFORMER_TRITON_MLP=fused, =split or =gemm keeps
+    one form only (for A/B timing and tests). In Triton's interpreter only the fused form unless one is asked
+    for; in float32 where cuBLAS would use TF32, no split form."""
     fused = mlp_configs(rows, channels, hidden, dtype, interpret)
     split = [SplitMlp(*astuple(elementwise_tile(rows, channels, interpret)))]
+    gemm = gemm_configs(rows, channels, hidden, dtype, interpret)
     setting = mlp_form_setting()
-    if setting == "fused":
+    if setting != "auto":
+        return {"fused": fused, "split": split, "gemm": gemm}[setting]
+    if interpret:
         return fused
-    if setting == "split":
-        return split
-    if interpret or not split_mlp_exact(dtype):
-        return fused
+    if not split_mlp_exact(dtype):
+        return fused + gemm
     if dtype != torch.float32 and channels >= SPLIT_FIRST_MIN_CHANNELS and rows >= SPLIT_FIRST_MIN_ROWS:
-        return split + fused
-    return fused + split
+        return split + fused + gemm
+    return fused + split + gemm
 
 
 # ------------------------------------------------------------------------------------ traffic records
@@ -605,8 +666,8 @@ def mlp(x1: torch.Tensor, stats: Partials, block: TritonBlock, activation: str, 
     batch, height, width, channels = x1.shape
     rows, hidden = batch * height * width, block.fc1_weight.shape[1]
 
-    def launch(form: MlpConfig | SplitMlp):
-        form_launch = _launch_split_mlp if isinstance(form, SplitMlp) else _launch_mlp
+    def launch(form: MlpConfig | SplitMlp | GemmMlp):
+        form_launch = {SplitMlp: _launch_split_mlp, GemmMlp: _launch_gemm_mlp}.get(type(form), _launch_mlp)
         return form_launch(x1, stats, block, activation, emit_stats, form)
 
     if config is not None:
@@ -716,8 +777,9 @@ def _fastest(candidates: list, launch: Callable[[Any], Any], device: torch.devic
     return min(timings, key=timings.get)
 
 
-def _tile_name(tile: MlpConfig | SplitMlp | Tile) -> str:
-    return ("split " if isinstance(tile, SplitMlp) else "") + " ".join(f"{k}={v}" for k, v in asdict(tile).items())
+def _tile_name(tile: MlpConfig | SplitMlp | GemmMlp | Tile) -> str:
+    form = {SplitMlp: "split ", GemmMlp: "gemm "}.get(type(tile), "")
+    return form + " ".join(f"{k}={v}" for k, v in asdict(tile).items())
 
 
 def in_use_mlp_form(rows: int, channels: int, hidden: int, dtype: torch.dtype) -> MlpConfig | SplitMlp | None:
@@ -774,6 +836,39 @@ def _launch_split_mlp(x1, stats, block, activation, emit_stats, split: SplitMlp)
     if not emit_stats:
         return y, None
     return y, _partials_of(y, Tile(split.block_rows, split.block_channels, split.num_warps), "mlp stats")
+
+
+def _launch_gemm_mlp(x1, stats, block, activation, emit_stats, tile: GemmMlp):
+    batch, height, width, channels = x1.shape
+    rows, hidden, hw = batch * height * width, block.fc1_weight.shape[1], height * width
+    x = x1.view(rows, channels)
+    placeholder = block.mix_scale  # a valid pointer for arguments a constexpr switches off
+    precision, upcast = ("ieee" if x1.dtype == torch.float32 else "tf32"), triton_interprets()
+    block_n, block_k = gemm_tile_for(tile, hidden, channels)
+    h = torch.empty(rows, hidden, device=x1.device, dtype=x1.dtype)
+    kernels().fc1_kernel[(cdiv(rows, tile.block_m) * cdiv(hidden, block_n),)](
+        x, block.fc1_weight, block.fc1_bias if block.fc1_bias is not None else placeholder, h, stats.buffer,
+        rows, hw, channels, hidden, stats.slot_rows, block.norm2_eps,
+        BLOCK_M=tile.block_m, BLOCK_N=block_n, BLOCK_K=block_k, SEGS=segments_for(tile.block_m, hw),
+        IN_SEGS=stats.segs, IN_MAX_SLOTS=stats.max_slots, ACT=fused_activation_code(activation),
+        HAS_B1=block.fc1_bias is not None, PRECISION=precision, DOT_UPCAST=upcast,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
+    _record("fc1 norm act", [x, stats.buffer, block.fc1_weight, block.fc1_bias], [h],
+            flops=2 * rows * channels * hidden)
+    block_n, block_k = gemm_tile_for(tile, channels, hidden)
+    y = torch.empty_like(x1)
+    kernels().fc2_kernel[(cdiv(rows, tile.block_m) * cdiv(channels, block_n),)](
+        h, block.fc2_weight, x, block.skip_scale2 if block.skip_scale2 is not None else placeholder,
+        block.fc2_bias if block.fc2_bias is not None else placeholder, y, rows, channels, hidden,
+        BLOCK_M=tile.block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SKIP=block.skip_scale2 is not None,
+        HAS_B2=block.fc2_bias is not None, PRECISION=precision, DOT_UPCAST=upcast,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
+    _record("fc2 residual", [h, block.fc2_weight, x, block.skip_scale2, block.fc2_bias], [y],
+            flops=2 * rows * channels * hidden)
+    if not emit_stats:
+        return y, None
+    stats_tile = Tile(tile.block_rows, elementwise_tile(rows, channels).block_channels)
+    return y, _partials_of(y, stats_tile, "mlp stats")
 
 
 def _launch_mlp(x1, stats, block, activation, emit_stats, config: MlpConfig):

@@ -411,3 +411,78 @@ def mlp_kernel(x_ptr, y_ptr, in_part_ptr, out_part_ptr, w1_ptr, b1_ptr, colsum_p
                 count, mean, m2 = _merge_stats(count, mean, m2, c_count, c_mean, c_m2)
     if EMIT_STATS:
         _store_stats(out_part_ptr, tl.program_id(0), count, mean, m2, SEGS)
+
+
+@triton.jit
+def fc1_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, in_part_ptr, R, HW, C, D, IN_SLOT_ROWS, eps,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEGS: tl.constexpr,
+               IN_SEGS: tl.constexpr, IN_MAX_SLOTS: tl.constexpr, ACT: tl.constexpr, HAS_B1: tl.constexpr,
+               PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """fc1 of the GEMM form of the MLP, one [BLOCK_M, BLOCK_N] tile of h [R, D] per program:
+    h = act(((x - mu_b) / sigma_b) @ w1 + b1) with x [R, C], w1 [C, D] in the compute dtype. The norm is this
+    GEMM's prologue: each A tile is normalised as it is loaded (float32, then rounded to the compute dtype, as
+    mlp_norm_kernel rounds it), mu_b and sigma_b from the partials of x; bias and activation are its epilogue.
+    The programs of one row tile are consecutive, so its A rows are read from memory once and then from L2."""
+    n_tiles = tl.cdiv(D, BLOCK_N)
+    tile_m = tl.program_id(0) // n_tiles
+    tile_n = tl.program_id(0) % n_tiles
+    row0 = tile_m * BLOCK_M
+    first_sample = row0 // HW
+    samples = first_sample + tl.arange(0, SEGS)
+    mean, inv_sigma = _sample_moments(in_part_ptr, samples, samples * HW < R, HW, IN_SLOT_ROWS, eps, IN_SEGS,
+                                      IN_MAX_SLOTS)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    seg = rows // HW - first_sample
+    row_mean = _per_row(mean, seg, SEGS)[:, None]
+    row_inv_sigma = _per_row(inv_sigma, seg, SEGS)[:, None]
+    row_offsets = rows.to(tl.int64) * C
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < D
+    dot_dtype = w1_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < C
+        valid = row_ok[:, None] & k_ok[None, :]
+        a = tl.load(x_ptr + row_offsets[:, None] + k[None, :], mask=valid, other=0.0).to(tl.float32)
+        a = tl.where(valid, (a - row_mean) * row_inv_sigma, 0.0).to(dot_dtype)
+        b = tl.load(w1_ptr + k[:, None] * D + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc, PRECISION, DOT_UPCAST)
+    if HAS_B1:
+        acc += tl.load(b1_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    h = _activation(acc, ACT).to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], h, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def fc2_kernel(h_ptr, w2_ptr, x_ptr, skip_ptr, b2_ptr, y_ptr, R, C, D,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SKIP: tl.constexpr,
+               HAS_B2: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """fc2 of the GEMM form of the MLP, one [BLOCK_M, BLOCK_N] tile of y [R, C] per program:
+    y = skip * x + h @ w2 + b2 with h [R, D], w2 [D, C] (LayerScale folded in) in the compute dtype; the
+    residual is this GEMM's epilogue, summed in float32 and rounded once (as the fused kernel does)."""
+    n_tiles = tl.cdiv(C, BLOCK_N)
+    tile_m = tl.program_id(0) // n_tiles
+    tile_n = tl.program_id(0) % n_tiles
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < C
+    h_rows = rows.to(tl.int64) * D
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < D
+        a = tl.load(h_ptr + h_rows[:, None] + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w2_ptr + k[:, None] * C + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc, PRECISION, DOT_UPCAST)
+    valid = row_ok[:, None] & col_ok[None, :]
+    offsets = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    y = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+    if HAS_SKIP:
+        y = y * tl.load(skip_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    y += acc
+    if HAS_B2:
+        y += tl.load(b2_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=valid)
