@@ -147,6 +147,22 @@ def test_pool_mix_kernel_matches_pooling_and_groupnorm(shape, skip):
     np.testing.assert_allclose(var, _reference_moments(y)[1], rtol=1e-5)
 
 
+@pytest.mark.parametrize("tile", [tf.Tile(16, 64), tf.Tile(16, 32)], ids=["one-chunk", "two-chunks"])
+def test_pool_mix_statistics_stay_exact_far_from_zero_over_many_tiles(tile):
+    """The token mixer's output moments for a 55x57x64 map around 1000 whose mean the skip scales move by
+    hundreds of sigmas: each row's moments are centred on the row and combined (Chan) per row position, then
+    over the slot's rows, so nothing cancels; many 16-row tiles per slot, samples meeting inside a slot, and
+    the channels in one or two chunks per tile."""
+    x = (torch.randn(2, 55, 57, 64) + 1000.0).contiguous()
+    block = _block(64, 256, skip=True)
+    y, partials = tf.pool_mix(x, tf.stage_input_stats(x), block, pool_size=3, tile=tile)
+    assert partials.slot_rows > tile.block_rows and 55 * 57 % partials.slot_rows != 0
+    mean, var = _sample_moments(partials, 2)
+    expected_mean, expected_var = _reference_moments(y)
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-6)
+    np.testing.assert_allclose(var, expected_var, rtol=1e-4)
+
+
 @pytest.mark.parametrize("pool", [1, 5, 7])
 def test_pool_mix_kernel_other_pool_sizes_at_the_borders(pool):
     x = torch.randn(3, 7, 9, 64).contiguous()

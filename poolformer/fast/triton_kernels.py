@@ -214,16 +214,19 @@ def pool_mix_kernel(x_ptr, y_ptr, in_part_ptr, out_part_ptr, mix_scale_ptr, skip
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             col_ok = cols < C
+            valid = row_ok[:, None] & col_ok[None, :]
+            x = tl.load(x_ptr + row_offsets[:, None] + cols[None, :], mask=valid, other=0.0).to(tl.float32)
             total = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
             for dy in tl.static_range(POOL):
                 inside_h = (h + dy - RADIUS >= 0) & (h + dy - RADIUS < H)
                 for dx in tl.static_range(POOL):
-                    inside = row_ok & inside_h & (w + dx - RADIUS >= 0) & (w + dx - RADIUS < W)
-                    shift = ((dy - RADIUS) * W + (dx - RADIUS)) * C
-                    total += tl.load(x_ptr + row_offsets[:, None] + shift + cols[None, :],
-                                     mask=inside[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            valid = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(x_ptr + row_offsets[:, None] + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+                    if dy == RADIUS and dx == RADIUS:  # the window's centre is x itself: loaded once
+                        total += x
+                    else:
+                        inside = row_ok & inside_h & (w + dx - RADIUS >= 0) & (w + dx - RADIUS < W)
+                        shift = ((dy - RADIUS) * W + (dx - RADIUS)) * C
+                        total += tl.load(x_ptr + row_offsets[:, None] + shift + cols[None, :],
+                                         mask=inside[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
             scale = tl.load(mix_scale_ptr + cols, mask=col_ok, other=0.0)[None, :] * row_inv_sigma[:, None]
             skip = x
             if HAS_SKIP:
