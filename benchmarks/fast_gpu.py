@@ -275,8 +275,8 @@ def markdown(document: dict) -> str:
                              f"{r['bytes'] / 1e6:.1f} | {'-' if r['tb_per_s'] is None else format(r['tb_per_s'], '.2f')} | "
                              f"{'-' if r['tflop_per_s'] is None else format(r['tflop_per_s'], '.0f')} |")
             if k["mlp_unfused"]:
-                lines += ["", "One block's MLP per stage, ours (fused kernel, split or GEMM form, all its launches) against "
-                          "cuBLAS unfused (ms):", "",
+                lines += ["", "One block's MLP per stage, ours (fused kernel, split or GEMM form, all its launches) "
+                          "against cuBLAS unfused (ms):", "",
                           "| stage | rows x C x D | ours | cuBLAS GEMMs only | cuBLAS unfused (GEMM, GELU, addmm) | "
                           "GEMMs TFLOP/s |", "|---|---|---|---|---|---|"]
                 for r in k["mlp_unfused"]:

@@ -6,10 +6,11 @@ shared memory and whether the matmuls use wgmma, per kernel launch of a model's 
 The model's forward runs on the meta device (shapes only, nothing computed), with every kernel launch recorded
 instead of run: the same arguments, constexprs, warps and stages the GPU would get. Each distinct launch is then
 compiled by Triton for sm_90a (as its JIT would, with 16-byte alignment of pointers and of integers divisible by
-16) and assembled by the ptxas that Triton ships, whose `-v` report gives the figures. `--all-tiles` compiles
-every candidate MLP tile of `mlp_configs` and of `gemm_configs` (the GEMM form's fc1/fc2), not only the first. The first H200 run drew
-142 W on the fast rows (240-440 W eager): heavy spilling would explain a GPU left mostly idle, and this shows it
-on any machine. Writes DIR/triton_sm90.json and DIR/triton_sm90.md.
+16) and assembled by the ptxas that Triton ships, whose `-v` report gives the figures. Each MLP launch is
+recorded in two forms: the fused kernel and the GEMM form (fc1/fc2); `--all-tiles` compiles every candidate
+tile of `mlp_configs` and `gemm_configs`, not only the first. The first H200 run drew 142 W on the fast rows
+(240-440 W eager): heavy spilling would explain a GPU left mostly idle, and this shows it on any machine.
+Writes DIR/triton_sm90.json and DIR/triton_sm90.md.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def describe(launch: dict) -> str:
     if launch["kernel"] in ("fc1_kernel", "fc2_kernel"):
         gemm = "fc1 norm act" if launch["kernel"] == "fc1_kernel" else "fc2 residual"
         return (f"{gemm} C={a['C']} D={a['D']} rows={a['R']} tile {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} "
-                f"w{kw.get('num_warps')} s{kw.get('num_stages')}")
+                f"w{kw.get('num_warps')} s{kw.get('num_stages')}" + (" +stats" if kw.get("EMIT_STATS") else ""))
     if launch["kernel"] == "pool_mix_kernel":
         return f"pool_mix C={a['C']} {a['H']}x{a['W']} rows={a['R']} tile {kw['BLOCK_R']}x{kw['BLOCK_C']}"
     if launch["kernel"] == "stem_kernel":

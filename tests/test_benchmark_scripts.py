@@ -16,10 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BLOCK_OPTIONAL_COUNTERS = "import sys; sys.modules['fvcore'] = None; sys.modules['thop'] = None"
 
 
-def _run_script(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _run_script(script: str, *args: str, timeout: int = 600,
+                env_extra: dict | None = None) -> subprocess.CompletedProcess:
     code = (f"{BLOCK_OPTIONAL_COUNTERS}; import runpy; sys.argv = {[script, *args]!r}; "
             f"runpy.run_path({script!r}, run_name='__main__')")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
     for name in ("POOLFORMER_TRITON_INTERPRET", "TRITON_INTERPRET", "POOLFORMER_FAST_BACKEND"):
         env.pop(name, None)  # the scripts set what they need themselves
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -102,6 +103,19 @@ def test_fast_gpu_smoke_measures_every_contender(tmp_path):
     assert sum(r["launches"] for r in kernels["table"]) == len(kernels["launches"]) > 20
     report = (tmp_path / "fast_gpu.md").read_text()
     assert "| poolformer_s12 |" in report and "Batch-1 latency" in report and "Kernel by kernel" in report
+
+
+def test_fast_gpu_kernel_table_of_the_gemm_form(tmp_path):
+    """The lease's `gemm` step in smoke form (POOLFORMER_TRITON_MLP=gemm): every stage's MLP runs as the GEMM
+    form, the kernel table names its launches and the MLP comparison labels the form."""
+    done = _run_script("benchmarks/fast_gpu.py", "--smoke", "--out", str(tmp_path), "--models", "s12",
+                       "--sections", "kernels", "--candidates", "fast", env_extra={"POOLFORMER_TRITON_MLP": "gemm"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    kernels = json.loads((tmp_path / "fast_gpu.json").read_text())["kernels"]["s12"]
+    assert [r["form"] for r in kernels["mlp_unfused"]] == ["gemm"] * 4
+    names = {r["kernel"] for r in kernels["table"]}
+    assert {"fc1 norm act", "fc2 residual"} <= names and not names & {"mlp", "mlp norm", "act"}
+    assert "(gemm)" in (tmp_path / "fast_gpu.md").read_text()
 
 
 def test_fast_gpu_runs_only_the_chosen_contenders(tmp_path):
@@ -218,7 +232,9 @@ def test_triton_sm90_compiles_the_recorded_launches_without_a_gpu(tmp_path):
     assert not [r for r in rows if "error" in r], rows
     kernels = [r["launch"].split()[0] for r in rows]
     assert kernels.count("mlp") == 4 and kernels.count("pool_mix") == 4 and kernels.count("stats") >= 4
-    assert kernels.count("fc1") == 4 and kernels.count("fc2") == 4  # the GEMM form's first tile, each stage
+    assert kernels.count("fc1") == 4  # the GEMM form's first tile, each stage; fc2 with and without statistics:
+    stage_1 = "fc2 residual C=64 D=256 rows=512 tile 64x64x64 w4 s4"
+    assert {r["launch"] for r in rows if r["launch"].startswith("fc2 residual C=64")} == {stage_1, stage_1 + " +stats"}
     assert sum(r["launches"] for r in rows if r["launch"].startswith("mlp")) == 12  # s12: 2 + 2 + 6 + 2 blocks
     assert all(0 < r["registers"] <= 255 and r["spill_store_bytes"] >= 0 for r in rows)
     assert "| s12 | mlp C=64 D=256" in (tmp_path / "triton_sm90.md").read_text()

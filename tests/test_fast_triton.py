@@ -356,18 +356,38 @@ def test_gemm_mlp_matches_norm_fc1_activation_fc2_residual(shape, activation):
     assert none is None and torch.equal(y, y2)
 
 
-@pytest.mark.parametrize("shape, tile", [
-    ((3, 7, 7, 320), tf.GemmMlp(16, 64, 32, 4, 1)),  # 10 row tiles (the last masked), 20 + 5 column tiles, K loops
-    ((2, 5, 3, 96), tf.GemmMlp(16, 128, 64, 4, 1)),  # C = 96: masked columns in fc2 and a masked K step in fc1
-], ids=["320-small-tiles", "96-masked"])
-def test_gemm_mlp_small_tiles_walk_every_row_column_and_k_step(shape, tile):
+@pytest.mark.parametrize("shape, tile, in_epilogue", [
+    ((3, 7, 7, 320), tf.GemmMlp(16, 64, 32, 4, 1), False),  # 10 row tiles (the last masked), 20 + 5 column tiles
+    ((2, 5, 3, 96), tf.GemmMlp(16, 128, 64, 4, 1), False),  # C = 96: 32-column fc2 tiles, a masked K step in fc1
+    ((3, 7, 7, 64), tf.GemmMlp(16, 64, 32, 4, 1), True),  # one column tile: fc2's epilogue writes the partials
+    ((1, 13, 17, 72), tf.GemmMlp(32, 128, 32, 4, 1), True),  # C = 72 in one masked 128-column tile
+], ids=["320-small-tiles", "96-masked", "64-stats-in-epilogue", "72-masked-stats-in-epilogue"])
+def test_gemm_mlp_small_tiles_walk_every_row_column_and_k_step(shape, tile, in_epilogue):
     """GPU-sized tiles smaller than the matrices: every (row tile, column tile) program and every K step of both
-    GEMMs, with masked edges, rows whose tile spans several samples (7x7 maps, 16-row tiles), and float32 sums."""
+    GEMMs, with masked edges, rows whose tile spans several samples (7x7 maps, 16-row tiles), and float32 sums;
+    the output's moments from fc2's epilogue where one column tile covers C, else from the statistics kernel."""
     x = (torch.randn(shape) * 1.5 + 0.7).contiguous()
     block = _block(shape[-1], 4 * shape[-1])
-    y, partials = tf.mlp(x, tf.stage_input_stats(x), block, "gelu", emit_stats=True, config=tile)
+    with tf.record_traffic() as launches:
+        y, partials = tf.mlp(x, tf.stage_input_stats(x), block, "gelu", emit_stats=True, config=tile)
     torch.testing.assert_close(y.double(), _reference_mlp(x, block, "gelu"), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(_sample_moments(partials, shape[0])[1], _reference_moments(y)[1], rtol=1e-5)
+    mean, var = _sample_moments(partials, shape[0])
+    np.testing.assert_allclose(var, _reference_moments(y)[1], rtol=1e-5)
+    np.testing.assert_allclose(mean, _reference_moments(y)[0], rtol=1e-5, atol=1e-5)
+    names = [k.name for k in launches]
+    assert names[-2:] == (["fc1 norm act", "fc2 residual"] if in_epilogue else ["fc2 residual", "mlp stats"])
+    assert (partials.slot_rows == tile.block_m) == in_epilogue
+    assert tf.gemm_stats_in_epilogue(tile, shape[1] * shape[2], shape[-1], 4 * shape[-1]) == in_epilogue
+
+
+def test_gemm_stats_leave_the_epilogue_when_a_sample_spans_too_many_row_tiles():
+    """fc2's epilogue writes a slot per row tile; a map with more row tiles per sample than the consumer
+    gathers (MAX_SLOTS_PER_SAMPLE) leaves the statistics to stats_kernel, whose slots are longer."""
+    tile = tf.GemmMlp(64, 64, 64, 4, 4)
+    assert tf.gemm_stats_in_epilogue(tile, 56 * 56, 64, 256)
+    assert not tf.gemm_stats_in_epilogue(tile, 96 * 96, 64, 256)  # 144 row tiles per sample
+    assert not tf.gemm_stats_in_epilogue(tile, 56 * 56, 320, 1280)  # 5 column tiles
+    assert tf.gemm_partials_rows(tile, 96 * 96, 64, 256) == tf.GEMM_STATS_BLOCK_ROWS
 
 
 @pytest.mark.parametrize("offset", [0.0, 30.0])

@@ -25,8 +25,9 @@ import torch
 
 from .folding import FoldedModel, Plan
 from .triton_forward import (
-    GemmMlp, KernelTraffic, SplitMlp, elementwise_tile, in_use_mlp_form, mark_launches, mlp_candidates, new_partials_shape,
-    norm_after_fc1, record_traffic, STEM_BLOCK_K, cdiv,
+    GemmMlp, KernelTraffic, SplitMlp, STEM_BLOCK_K, cdiv, elementwise_tile, gemm_partials_rows,
+    gemm_stats_in_epilogue, in_use_mlp_form, mark_launches, mlp_candidates, new_partials_shape, norm_after_fc1,
+    record_traffic,
 )
 
 
@@ -79,7 +80,9 @@ def fast_traffic(folded: FoldedModel, plan: Plan, batch_size: int, height: int, 
         form = (in_use_mlp_form(rows, channels, hidden, dtype)
                 or mlp_candidates(rows, channels, hidden, dtype, interpret)[0])
         elementwise_partials = _partials_bytes(rows, hw, tile_rows)
-        mlp_partials = _partials_bytes(rows, hw, form.block_rows)
+        in_epilogue = isinstance(form, GemmMlp) and gemm_stats_in_epilogue(form, hw, channels, hidden)
+        mlp_partials = _partials_bytes(rows, hw, gemm_partials_rows(form, hw, channels, hidden)
+                                       if isinstance(form, GemmMlp) else form.block_rows)
         traffic.append(KernelTraffic("stats", activation, elementwise_partials))
         incoming = elementwise_partials
         for index, block in enumerate(stage.blocks):
@@ -95,7 +98,7 @@ def fast_traffic(folded: FoldedModel, plan: Plan, batch_size: int, height: int, 
                                               mlp_partials if emits else None)
             elif isinstance(form, GemmMlp):
                 traffic += _gemm_mlp_traffic(block, rows, channels, hidden, size, elementwise_partials,
-                                             mlp_partials if emits else None)
+                                             mlp_partials if emits else None, in_epilogue)
             else:
                 traffic.append(KernelTraffic("mlp", activation + elementwise_partials + weights,
                                              activation + (mlp_partials if emits else 0)))
@@ -126,16 +129,18 @@ def _split_mlp_traffic(block, rows: int, channels: int, hidden: int, size: int, 
 
 
 def _gemm_mlp_traffic(block, rows: int, channels: int, hidden: int, size: int, incoming: int,
-                      emitted: int | None) -> list[KernelTraffic]:
+                      emitted: int | None, in_epilogue: bool) -> list[KernelTraffic]:
     """The launches of the GEMM form (triton_forward.GemmMlp): fc1 normalising its input and applying the
-    activation, fc2 adding the residual, and, when the next block needs them, the output's statistics."""
+    activation, fc2 adding the residual, and, when the next block needs them, the output's statistics (from
+    fc2's epilogue when `in_epilogue`, else a statistics pass)."""
     activation, wide = rows * channels * size, rows * hidden * size
     weight = hidden * channels * size
     bias = 4 * hidden if block.fc1_bias is not None else 0
     vectors = 4 * channels * ((block.skip_scale2 is not None) + (block.fc2_bias is not None))
+    fc2_partials = emitted if emitted is not None and in_epilogue else 0
     traffic = [KernelTraffic("fc1 norm act", activation + incoming + weight + bias, wide),
-               KernelTraffic("fc2 residual", wide + weight + activation + vectors, activation)]
-    if emitted is not None:
+               KernelTraffic("fc2 residual", wide + weight + activation + vectors, activation + fc2_partials)]
+    if emitted is not None and not in_epilogue:
         traffic.append(KernelTraffic("mlp stats", activation, emitted))
     return traffic
 

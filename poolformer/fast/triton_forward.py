@@ -352,10 +352,12 @@ class GemmMlp:
     elementwise work in their prologue and epilogues. fc1 normalises its A tiles as it loads them and applies
     bias and activation to its sums; fc2 adds the residual skip * x + b2 to its sums. Like SplitMlp the hidden
     tensor goes through memory (ordinary GEMM tiles, not the fused kernel's [rows, C] accumulator), but the
-    normalising pass, the activation's pass and the residual base are gone: 3 launches instead of 5, and on
-    s12's stage 3 about a third less memory traffic per block. `stats_kernel` gives the output's statistics.
-    The fields are both GEMMs' tile (each GEMM clips its columns and K steps to its own shape: see
-    gemm_tile_for). Untimed on a GPU when added: a candidate for autotuning, after the measured forms."""
+    normalising pass, the activation's pass and the residual base are gone: 2-3 launches instead of 5, and on
+    s12's stage 3 about half the memory traffic per block (387 against 740 MB at batch 256 in bf16). The
+    output's statistics come from fc2's epilogue where one column tile covers all channels (see
+    gemm_stats_in_epilogue), else from `stats_kernel`. The fields are both GEMMs' tile (each GEMM clips its
+    columns and K steps to its own shape: see gemm_tile_for). Untimed on a GPU when added: a candidate for
+    autotuning, after the measured forms."""
 
     block_m: int
     block_n: int
@@ -363,13 +365,21 @@ class GemmMlp:
     num_warps: int
     num_stages: int
 
-    @property
-    def block_rows(self) -> int:
-        """Rows per slot of the output statistics (stats_kernel's tile after fc2)."""
-        return GEMM_STATS_BLOCK_ROWS
+
+GEMM_STATS_BLOCK_ROWS = 32  # stats_kernel's rows per step after fc2, where its epilogue cannot write them
 
 
-GEMM_STATS_BLOCK_ROWS = 32
+def gemm_stats_in_epilogue(tile: GemmMlp, hw: int, channels: int, hidden: int) -> bool:
+    """Whether fc2's epilogue writes the output's partials (a slot per row tile): when one column tile holds
+    every channel (s12's stages 1-2) and a sample spans few enough row tiles for the consumer's gather."""
+    return (gemm_tile_for(tile, channels, hidden)[0] >= channels
+            and cdiv(hw, tile.block_m) + 1 <= MAX_SLOTS_PER_SAMPLE)
+
+
+def gemm_partials_rows(tile: GemmMlp, hw: int, channels: int, hidden: int) -> int:
+    """The block_rows that size the GEMM form's output partials (new_partials_shape's argument): the row tile
+    when fc2's epilogue writes them, stats_kernel's tile otherwise."""
+    return tile.block_m if gemm_stats_in_epilogue(tile, hw, channels, hidden) else GEMM_STATS_BLOCK_ROWS
 
 
 def gemm_tile_for(tile: GemmMlp, columns: int, depth: int) -> tuple[int, int]:
@@ -385,9 +395,10 @@ def gemm_configs(rows: int, channels: int, hidden: int, dtype: torch.dtype,
                  interpret: bool = False) -> list[GemmMlp]:
     """The GEMM form's candidate tiles. bf16/fp16: tensor-core tiles of 64-128 rows (wgmma wants 64-row
     multiples per warp group) with 3-4 pipeline stages, within the shared-memory budget. ptxas for sm_90a
-    (benchmarks/triton_sm90.py --all-tiles, s12 at batch 256) puts every one of them on wgmma without spills
-    (fc1 157-210 registers, fc2 72-148); a 128 x 256 fc1 tile spilled 96-100 bytes in its GELU epilogue, so it
-    is not offered. float32 (exact: FMA, no TF32): smaller tiles. The interpreter: one large tile (it pays per
+    (benchmarks/triton_sm90.py --all-tiles: s12, v2_s12 and m36 at batch 256, Triton 3.6 as on the H200) puts
+    every one of them on wgmma without spills (fc1 136-202 registers, fc2 48-170 with the statistics in its
+    epilogue); a 128 x 256 fc1 tile spilled 96-100 bytes in its GELU epilogue (Triton 3.8), so it is not
+    offered. float32 (exact: FMA, no TF32): smaller tiles. The interpreter: one large tile (it pays per
     operation)."""
     if interpret:
         return [GemmMlp(min(128, max(16, next_power_of_two(rows))), min(1024, next_power_of_two(hidden)),
@@ -782,7 +793,8 @@ def _tile_name(tile: MlpConfig | SplitMlp | GemmMlp | Tile) -> str:
     return form + " ".join(f"{k}={v}" for k, v in asdict(tile).items())
 
 
-def in_use_mlp_form(rows: int, channels: int, hidden: int, dtype: torch.dtype) -> MlpConfig | SplitMlp | None:
+def in_use_mlp_form(rows: int, channels: int, hidden: int,
+                    dtype: torch.dtype) -> MlpConfig | SplitMlp | GemmMlp | None:
     """The MLP form this process runs for that shape and dtype (on any device), if it ran one yet."""
     return next((tile for (r, c, d, t, _), tile in _working_mlp_config.items() if (r, c, d, t) == (
         rows, channels, hidden, dtype)), None)
@@ -857,17 +869,20 @@ def _launch_gemm_mlp(x1, stats, block, activation, emit_stats, tile: GemmMlp):
             flops=2 * rows * channels * hidden)
     block_n, block_k = gemm_tile_for(tile, channels, hidden)
     y = torch.empty_like(x1)
+    in_epilogue = emit_stats and gemm_stats_in_epilogue(tile, hw, channels, hidden)
+    out = new_partials(rows, hw, tile.block_m, x1.device) if in_epilogue else None
     kernels().fc2_kernel[(cdiv(rows, tile.block_m) * cdiv(channels, block_n),)](
         h, block.fc2_weight, x, block.skip_scale2 if block.skip_scale2 is not None else placeholder,
-        block.fc2_bias if block.fc2_bias is not None else placeholder, y, rows, channels, hidden,
+        block.fc2_bias if block.fc2_bias is not None else placeholder, y,
+        out.buffer if out is not None else placeholder, rows, hw, channels, hidden,
         BLOCK_M=tile.block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SKIP=block.skip_scale2 is not None,
-        HAS_B2=block.fc2_bias is not None, PRECISION=precision, DOT_UPCAST=upcast,
-        num_warps=tile.num_warps, num_stages=tile.num_stages)
-    _record("fc2 residual", [h, block.fc2_weight, x, block.skip_scale2, block.fc2_bias], [y],
-            flops=2 * rows * channels * hidden)
-    if not emit_stats:
-        return y, None
-    stats_tile = Tile(tile.block_rows, elementwise_tile(rows, channels).block_channels)
+        HAS_B2=block.fc2_bias is not None, EMIT_STATS=in_epilogue, SEGS=out.segs if out is not None else 1,
+        PRECISION=precision, DOT_UPCAST=upcast, num_warps=tile.num_warps, num_stages=tile.num_stages)
+    _record("fc2 residual", [h, block.fc2_weight, x, block.skip_scale2, block.fc2_bias],
+            [y] + ([out.buffer] if out is not None else []), flops=2 * rows * channels * hidden)
+    if not emit_stats or out is not None:
+        return y, out
+    stats_tile = Tile(GEMM_STATS_BLOCK_ROWS, elementwise_tile(rows, channels).block_channels)
     return y, _partials_of(y, stats_tile, "mlp stats")
 
 

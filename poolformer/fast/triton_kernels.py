@@ -459,12 +459,14 @@ def fc1_kernel(x_ptr, w1_ptr, b1_ptr, h_ptr, in_part_ptr, R, HW, C, D, IN_SLOT_R
 
 
 @triton.jit
-def fc2_kernel(h_ptr, w2_ptr, x_ptr, skip_ptr, b2_ptr, y_ptr, R, C, D,
+def fc2_kernel(h_ptr, w2_ptr, x_ptr, skip_ptr, b2_ptr, y_ptr, out_part_ptr, R, HW, C, D,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SKIP: tl.constexpr,
-               HAS_B2: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+               HAS_B2: tl.constexpr, EMIT_STATS: tl.constexpr, SEGS: tl.constexpr, PRECISION: tl.constexpr,
+               DOT_UPCAST: tl.constexpr):
     """fc2 of the GEMM form of the MLP, one [BLOCK_M, BLOCK_N] tile of y [R, C] per program:
     y = skip * x + h @ w2 + b2 with h [R, D], w2 [D, C] (LayerScale folded in) in the compute dtype; the
-    residual is this GEMM's epilogue, summed in float32 and rounded once (as the fused kernel does)."""
+    residual is this GEMM's epilogue, summed in float32 and rounded once (as the fused kernel does). With
+    EMIT_STATS (one column tile covers all C) the epilogue also writes y's partials, a slot per row tile."""
     n_tiles = tl.cdiv(C, BLOCK_N)
     tile_m = tl.program_id(0) // n_tiles
     tile_n = tl.program_id(0) % n_tiles
@@ -488,4 +490,9 @@ def fc2_kernel(h_ptr, w2_ptr, x_ptr, skip_ptr, b2_ptr, y_ptr, R, C, D,
     y += acc
     if HAS_B2:
         y += tl.load(b2_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=valid)
+    y = y.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offsets, y, mask=valid)
+    if EMIT_STATS:
+        seg = rows // HW - (tile_m * BLOCK_M) // HW
+        count, mean, m2 = _segment_stats(y.to(tl.float32), valid, seg, SEGS)
+        _store_stats(out_part_ptr, tile_m, count, mean, m2, SEGS)
