@@ -482,17 +482,9 @@ def fc2_kernel(h_ptr, w2_ptr, x_ptr, skip_ptr, b2_ptr, y_ptr, out_part_ptr, R, H
         a = tl.load(h_ptr + h_rows[:, None] + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w2_ptr + k[:, None] * C + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _dot(a, b, acc, PRECISION, DOT_UPCAST)
-    valid = row_ok[:, None] & col_ok[None, :]
-    offsets = rows.to(tl.int64)[:, None] * C + cols[None, :]
-    y = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
-    if HAS_SKIP:
-        y = y * tl.load(skip_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    y += acc
-    if HAS_B2:
-        y += tl.load(b2_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    y = y.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + offsets, y, mask=valid)
+    y, valid = _residual_out(x_ptr, y_ptr, skip_ptr, b2_ptr, acc, rows.to(tl.int64) * C, row_ok, C,
+                             tile_n * BLOCK_N, BLOCK_N, HAS_SKIP, HAS_B2)
     if EMIT_STATS:
         seg = rows // HW - (tile_m * BLOCK_M) // HW
-        count, mean, m2 = _segment_stats(y.to(tl.float32), valid, seg, SEGS)
+        count, mean, m2 = _segment_stats(y, valid, seg, SEGS)
         _store_stats(out_part_ptr, tile_m, count, mean, m2, SEGS)
