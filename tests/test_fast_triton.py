@@ -871,6 +871,28 @@ def test_auto_falls_back_when_the_kernels_fail_on_this_gpu(monkeypatch, v1_rando
         optimize(v1_random, backend="triton")(x)
 
 
+def test_a_misspelt_mlp_form_is_a_configuration_error_not_a_fallback(monkeypatch, v1_random):
+    """POOLFORMER_TRITON_MLP=gem (for gemm): a one-line ConfigError naming the forms, also under backend="auto"
+    on a GPU, where other kernel failures fall back to PyTorch operators (an A/B timing must not silently run
+    the default forms)."""
+    from poolformer.fast import module
+
+    monkeypatch.setenv(tf.MLP_ENV, "gem")
+    monkeypatch.setattr(tf, "_working_mlp_config", {})
+    with pytest.raises(ConfigError, match="POOLFORMER_TRITON_MLP='gem' is not an MLP form; use one of: fused, split"):
+        tf.mlp_candidates(256, 64, 256, torch.bfloat16)
+    monkeypatch.setattr(module, "explain_backend", lambda requested, dtype, device: ("triton", None))
+    monkeypatch.setattr(tf, "triton_interprets", lambda: False)  # as compiled kernels on a GPU
+    # the forward reaches the setting at its first MLP (no GPU here to compile the kernels before it)
+    monkeypatch.setattr(tf, "features_forward", lambda *args: tf.mlp_candidates(256, 64, 256, torch.float32))
+    fast = optimize(v1_random)
+    with torch.no_grad(), pytest.raises(ConfigError, match="is not an MLP form"):
+        fast(torch.randn(1, 3, 64, 64))
+    for value in ("", "auto", "Fused", " gemm "):
+        monkeypatch.setenv(tf.MLP_ENV, value)
+        assert tf.mlp_form_setting() in ("auto", "fused", "gemm")
+
+
 def test_autotune_times_every_tile_and_keeps_the_fastest(monkeypatch):
     """POOLFORMER_TRITON_AUTOTUNE=1: each candidate tile runs (and gives the same answer); the fastest is kept
     for the shape, and later calls reuse it without timing again."""

@@ -288,9 +288,11 @@ class FastPoolFormer(nn.Module):
                             err: Exception) -> bool:
         """On the first forward in (dtype, device), a failure of the Triton kernels (a GPU or Triton version they
         do not compile on) moves backend="auto" to PyTorch operators, with `backend_note` saying why; an
-        explicit backend="triton", out-of-memory, the interpreter (tests) and a later failure raise."""
+        explicit backend="triton", out-of-memory, a configuration error (a bad POOLFORMER_TRITON_* setting), the
+        interpreter (tests) and a later failure raise."""
         key = (dtype, device)
-        if (prepared.backend != "triton" or key in self._triton_ran or isinstance(err, torch.OutOfMemoryError)
+        if (prepared.backend != "triton" or key in self._triton_ran
+                or isinstance(err, (torch.OutOfMemoryError, ConfigError))
                 or requested_backend(self.backend) == "triton" or triton_forward.triton_interprets()):
             return False
         first_line = (str(err).strip().splitlines() or [""])[0][:300]

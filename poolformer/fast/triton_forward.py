@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..files import replace_atomically
 from . import cpu
 from .folding import FoldedBlock, FoldedModel, Plan
@@ -419,9 +420,18 @@ SPLIT_FIRST_MIN_CHANNELS = 256  # in bf16/fp16 on a GPU the split form goes firs
 SPLIT_FIRST_MIN_ROWS = 64 * 132  # ... and from this many rows: at batch 1 (196 rows at C=320) the fused kernel won
 
 
+MLP_FORMS = ("fused", "split", "gemm")
+
+
 def mlp_form_setting() -> str:
+    """POOLFORMER_TRITON_MLP: one of MLP_FORMS, or "auto" (also when unset). Anything else is a ConfigError: an
+    A/B timing that silently ran the default forms would measure the wrong thing."""
     value = os.environ.get(MLP_ENV, "").strip().lower()
-    return value if value in ("fused", "split", "gemm") else "auto"
+    if value in ("", "auto"):
+        return "auto"
+    if value not in MLP_FORMS:
+        raise ConfigError(f"{MLP_ENV}={value!r} is not an MLP form; use one of: {', '.join(MLP_FORMS)}, auto")
+    return value
 
 
 def split_mlp_exact(dtype: torch.dtype) -> bool:
