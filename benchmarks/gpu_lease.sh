@@ -8,7 +8,8 @@
 #   mat     320  timm at its fastest (bf16 weights, torch.compile max-autotune) against fast, s12: the 1.3x target
 #   fast    180  fast against timm eager, s12 and v2_s12: throughput, kernel by kernel, batch-1 latency
 #                (autotuning times every MLP form, the GEMM form's tiles included)
-#   gemm    100  A/B: fast s12 and v2_s12 with every MLP on the GEMM form (POOLFORMER_TRITON_MLP=gemm), kernels
+#   gemm    150  A/B: fast s12 and v2_s12 with every MLP on the GEMM form (POOLFORMER_TRITON_MLP=gemm), kernels
+#                (after `fast` in the same call, whose autotuning compiled the same kernels: Triton's cache)
 #   gelu    100  A/B: fast s12 with POOLFORMER_TRITON_GELU=poly (run after `fast`, which is the other side)
 #   m36     150  the same for poolformer_m36 (throughput, kernels)
 #   exact    90  fast fp32 against our fp32 model over 1,024 images; bf16 top-1 agreement (s12, v2_s12)
@@ -52,7 +53,7 @@ for name in "$@"; do
                 --candidates "fast,timm eager NCHW,timm max-autotune" ${AUTOTUNE[@]+"${AUTOTUNE[@]}"} ;;
         fast) step fast 180 "$PY" benchmarks/fast_gpu.py --out "$R/fast" --models s12,v2_s12 \
                 --sections throughput,kernels,latency --candidates "fast,timm eager,timm eager NCHW" ${AUTOTUNE[@]+"${AUTOTUNE[@]}"} ;;
-        gemm) step gemm 100 env POOLFORMER_TRITON_MLP=gemm POOLFORMER_TRITON_TILE_CACHE=0 "$PY" \
+        gemm) step gemm 150 env POOLFORMER_TRITON_MLP=gemm POOLFORMER_TRITON_TILE_CACHE=0 "$PY" \
                 benchmarks/fast_gpu.py --out "$R/gemm" --models s12,v2_s12 --sections throughput,kernels --candidates fast ;;
         gelu) step gelu 100 env POOLFORMER_TRITON_GELU=poly POOLFORMER_TRITON_TILE_CACHE=0 "$PY" \
                 benchmarks/fast_gpu.py --out "$R/gelu" --models s12 --sections throughput,kernels --candidates fast ;;
