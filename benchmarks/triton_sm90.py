@@ -8,7 +8,7 @@ instead of run: the same arguments, constexprs, warps and stages the GPU would g
 compiled by Triton for sm_90a (as its JIT would, with 16-byte alignment of pointers and of integers divisible by
 16) and assembled by the ptxas that Triton ships, whose `-v` report gives the figures. Each MLP launch is
 recorded in two forms: the fused kernel and the GEMM form (fc1/fc2); `--all-tiles` compiles every candidate
-tile of `mlp_configs` and `gemm_configs`, not only the first. The first H200 run drew 142 W on the fast rows
+tile of `mlp_configs`, `gemm_configs` and the token mixer's `elementwise_tiles`, not only the first. The first H200 run drew 142 W on the fast rows
 (240-440 W eager): heavy spilling would explain a GPU left mostly idle, and this shows it on any machine.
 Writes DIR/triton_sm90.json and DIR/triton_sm90.md.
 """
@@ -73,7 +73,15 @@ def record_launches(model_name: str, batch: int, resolution: int, dtype: torch.d
             result = triton_forward._launch_mlp(x1, stats, block, activation, emit_stats, tile)
         return result
 
-    triton_forward.kernels, triton_forward.mlp = (lambda: fake), mlp
+    def pool_mix(x, stats, block, pool_size, tile=None):
+        batch_, height, width, channels = x.shape
+        tiles = triton_forward.elementwise_tiles(batch_ * height * width, channels)
+        for tile in (tiles if all_tiles else tiles[:1]):
+            result = triton_forward._launch_pool_mix(x, stats, block, pool_size, tile)
+        return result
+
+    original_pool_mix = triton_forward.pool_mix
+    triton_forward.kernels, triton_forward.mlp, triton_forward.pool_mix = (lambda: fake), mlp, pool_mix
     try:
         images = torch.empty(batch, 3, resolution, resolution, device="meta", dtype=dtype)
         images = images.contiguous(memory_format=torch.channels_last)
@@ -81,6 +89,7 @@ def record_launches(model_name: str, batch: int, resolution: int, dtype: torch.d
             triton_forward.features_forward(images, prepared, plan)
     finally:
         triton_forward.kernels, triton_forward.mlp = original_kernels, original_mlp
+        triton_forward.pool_mix = original_pool_mix
     return launches
 
 
@@ -166,7 +175,8 @@ def describe(launch: dict) -> str:
         return (f"{gemm} C={a['C']} D={a['D']} rows={a['R']} tile {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} "
                 f"w{kw.get('num_warps')} s{kw.get('num_stages')}" + (" +stats" if kw.get("EMIT_STATS") else ""))
     if launch["kernel"] == "pool_mix_kernel":
-        return f"pool_mix C={a['C']} {a['H']}x{a['W']} rows={a['R']} tile {kw['BLOCK_R']}x{kw['BLOCK_C']}"
+        return (f"pool_mix C={a['C']} {a['H']}x{a['W']} rows={a['R']} tile {kw['BLOCK_R']}x{kw['BLOCK_C']} "
+                f"w{kw.get('num_warps')}")
     if launch["kernel"] == "stem_kernel":
         return f"stem {a['N']} channels, {a['HO']}x{a['WO']} tile {kw['BLOCK_M']}x{kw['BLOCK_K']}"
     if launch["kernel"] == "activation_kernel":

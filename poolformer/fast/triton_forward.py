@@ -26,7 +26,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, astuple, dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterator
@@ -447,7 +447,8 @@ def mlp_candidates(rows: int, channels: int, hidden: int, dtype: torch.dtype,
     one form only (for A/B timing and tests). In Triton's interpreter only the fused form unless one is asked
     for; in float32 where cuBLAS would use TF32, no split form."""
     fused = mlp_configs(rows, channels, hidden, dtype, interpret)
-    split = [SplitMlp(*astuple(elementwise_tile(rows, channels, interpret)))]
+    tile = elementwise_tile(rows, channels, interpret)
+    split = [SplitMlp(tile.block_rows, tile.block_channels, tile.num_warps)]
     gemm = gemm_configs(rows, channels, hidden, dtype, interpret)
     setting = mlp_form_setting()
     if setting != "auto":
