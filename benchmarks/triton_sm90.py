@@ -176,7 +176,7 @@ def describe(launch: dict) -> str:
                 f"w{kw.get('num_warps')} s{kw.get('num_stages')}" + (" +stats" if kw.get("EMIT_STATS") else ""))
     if launch["kernel"] == "pool_mix_kernel":
         return (f"pool_mix C={a['C']} {a['H']}x{a['W']} rows={a['R']} tile {kw['BLOCK_R']}x{kw['BLOCK_C']} "
-                f"w{kw.get('num_warps')}")
+                f"w{kw.get('num_warps')}" + (" whole-slots" if kw.get("WHOLE_SLOTS") else ""))
     if launch["kernel"] == "stem_kernel":
         return f"stem {a['N']} channels, {a['HO']}x{a['WO']} tile {kw['BLOCK_M']}x{kw['BLOCK_K']}"
     if launch["kernel"] == "activation_kernel":

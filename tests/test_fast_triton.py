@@ -147,14 +147,17 @@ def test_pool_mix_kernel_matches_pooling_and_groupnorm(shape, skip):
     np.testing.assert_allclose(var, _reference_moments(y)[1], rtol=1e-5)
 
 
+@pytest.mark.parametrize("whole_slots", [False, True], ids=["per-tile", "whole-slots"])
 @pytest.mark.parametrize("tile", [tf.Tile(16, 64), tf.Tile(16, 32)], ids=["one-chunk", "two-chunks"])
 @pytest.mark.parametrize("height, width", [(55, 57), (56, 56)], ids=["slots-cross-samples", "slots-in-samples"])
-def test_pool_mix_statistics_stay_exact_far_from_zero_over_many_tiles(tile, height, width):
-    """The token mixer's output moments for a map around 1000 whose mean the skip scales move by hundreds of
-    sigmas, centred tile by tile, so nothing cancels; many 16-row tiles per slot, the channels in one or two
-    chunks per tile, and slots that cross samples (55x57) or never do (56x56)."""
+def test_pool_mix_statistics_stay_exact_far_from_zero_over_many_tiles(tile, whole_slots, height, width):
+    """The token mixer's output moments for a map around 1000 whose mean the skip scales move by tens of
+    sigmas: centred tile by tile, or (WHOLE_SLOTS, slots inside one sample) summed about the slot's first tile's
+    mean, so nothing cancels; many 16-row tiles per slot, the channels in one or two chunks per tile, and
+    slots that cross samples (55x57: the per-tile way either way) or never do (56x56)."""
     x = (torch.randn(2, height, width, 64) + 1000.0).contiguous()
     block = _block(64, 256, skip=True)
+    tile = tf.Tile(tile.block_rows, tile.block_channels, whole_slots=whole_slots)
     y, partials = tf.pool_mix(x, tf.stage_input_stats(x), block, pool_size=3, tile=tile)
     assert partials.slot_rows > tile.block_rows
     assert (height * width % partials.slot_rows != 0) == (height == 55)
@@ -162,6 +165,22 @@ def test_pool_mix_statistics_stay_exact_far_from_zero_over_many_tiles(tile, heig
     expected_mean, expected_var = _reference_moments(y)
     np.testing.assert_allclose(mean, expected_mean, rtol=1e-6)
     np.testing.assert_allclose(var, expected_var, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(2, 8, 8, 64), (3, 8, 8, 96)], ids=lambda s: "x".join(map(str, s)))
+def test_pool_mix_whole_slots_give_the_same_output_and_moments(shape):
+    """WHOLE_SLOTS (an autotuning candidate) changes only how the output's moments are summed: the same y,
+    bitwise, and the same moments to float32 rounding; at odd shapes (slots crossing samples, masked channel
+    chunks: the per-tile way) and with every slot inside one sample (8x8 maps, 16-row slots), C = 96 in three
+    32-channel chunks."""
+    x = (torch.randn(shape) * 2 + 0.5).contiguous()
+    block = _block(shape[-1], 4 * shape[-1])
+    stats = tf.stage_input_stats(x)
+    y, partials = tf.pool_mix(x, stats, block, 3, tile=tf.Tile(16, 32))
+    y_whole, partials_whole = tf.pool_mix(x, stats, block, 3, tile=tf.Tile(16, 32, whole_slots=True))
+    assert torch.equal(y, y_whole)
+    for got, expected in zip(_sample_moments(partials_whole, shape[0]), _reference_moments(y)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("pool", [1, 5, 7])

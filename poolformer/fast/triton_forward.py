@@ -264,11 +264,14 @@ def new_partials(rows: int, hw: int, block_rows: int, device: torch.device) -> P
 
 @dataclass(frozen=True)
 class Tile:
-    """Tile of the elementwise kernels (statistics, token mixer): rows per step, channels per step, warps."""
+    """Tile of the elementwise kernels (statistics, token mixer): rows per step, channels per step, warps, and
+    whether the token mixer sums the statistics of slots inside one sample in registers (pool_mix_kernel's
+    WHOLE_SLOTS)."""
 
     block_rows: int
     block_channels: int
     num_warps: int = 4
+    whole_slots: bool = False
 
 
 def elementwise_tile(rows: int, channels: int, interpret: bool = False) -> Tile:
@@ -561,12 +564,16 @@ def _partials_of(x: torch.Tensor, tile: Tile, name: str) -> Partials:
 def elementwise_tiles(rows: int, channels: int, interpret: bool = False) -> list[Tile]:
     """The token mixer's candidate tiles, the design-time one first, for autotuning. ptxas for sm_90a with
     Triton 3.6 (the H200's) gives the default 32 x 64 tile 201 registers at 4 warps and 115 at 8: twice the
-    warps per SM for a kernel that waits on memory. Which is faster is the GPU's to say."""
+    warps per SM for a kernel that waits on memory. Which is faster is the GPU's to say. The last two sum a
+    one-sample slot's statistics in registers (WHOLE_SLOTS): in the PTX for sm_90a their loop over tiles has
+    no barrier, against 6 (16-row tiles) or 9 (32-row) per tile the other way, for 9 once per slot. Untimed
+    when added: the H200 ran the token mixer at 0.8-1.1 TB/s in run 4."""
     first = elementwise_tile(rows, channels, interpret)
     if interpret:
         return [first]
     others = [Tile(first.block_rows, first.block_channels, 8), Tile(16, first.block_channels, 4),
-              Tile(64, first.block_channels, 8)]
+              Tile(64, first.block_channels, 8), Tile(16, first.block_channels, 4, whole_slots=True),
+              Tile(32, first.block_channels, 8, whole_slots=True)]
     return [first] + [t for t in others if t != first]
 
 
@@ -600,7 +607,8 @@ def _launch_pool_mix(x: torch.Tensor, stats: Partials, block: TritonBlock, pool_
         x, y, stats.buffer, out.buffer, block.mix_scale, skip if skip is not None else block.mix_scale,
         rows, height, width, channels, out.slot_rows, stats.slot_rows, block.norm1_eps,
         POOL=pool_size, HAS_SKIP=skip is not None, BLOCK_R=tile.block_rows, BLOCK_C=tile.block_channels,
-        SEGS=out.segs, IN_SEGS=stats.segs, IN_MAX_SLOTS=stats.max_slots, num_warps=tile.num_warps)
+        SEGS=out.segs, IN_SEGS=stats.segs, IN_MAX_SLOTS=stats.max_slots, WHOLE_SLOTS=tile.whole_slots,
+        num_warps=tile.num_warps)
     _record("pool_mix", [x, stats.buffer, block.mix_scale, skip], [y, out.buffer])
     return y, out
 

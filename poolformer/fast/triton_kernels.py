@@ -187,54 +187,102 @@ def layer_norm_kernel(x_ptr, y_ptr, w_ptr, R, C, eps,
 
 
 @triton.jit
+def _mixer_rows(rows, R, HW, H, W, C, RADIUS: tl.constexpr):
+    """Per row of a token-mixer tile: whether it exists, its offset in x, its (h, w) and 1 / (positions of its
+    window inside the map)."""
+    token = rows % HW
+    h = token // W
+    w = token % W
+    window = ((tl.minimum(h + RADIUS, H - 1) - tl.maximum(h - RADIUS, 0) + 1)
+              * (tl.minimum(w + RADIUS, W - 1) - tl.maximum(w - RADIUS, 0) + 1))
+    return rows < R, rows.to(tl.int64) * C, h, w, 1.0 / window.to(tl.float32)
+
+
+@triton.jit
+def _mix_chunk(x_ptr, y_ptr, mix_scale_ptr, skip_ptr, row_ok, row_offsets, h, w, inv_window, row_inv_sigma, c0,
+               H, W, C, POOL: tl.constexpr, HAS_SKIP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """y = skip * x + (mix_scale / sigma) * (pool(x) - x) for channels c0:c0+BLOCK_C of a tile's rows, stored;
+    returns y as stored (in float32, 0 outside the matrix) and where it is valid."""
+    RADIUS: tl.constexpr = POOL // 2
+    cols = c0 + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    valid = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + row_offsets[:, None] + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+    total = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for dy in tl.static_range(POOL):
+        inside_h = (h + dy - RADIUS >= 0) & (h + dy - RADIUS < H)
+        for dx in tl.static_range(POOL):
+            if dy == RADIUS and dx == RADIUS:  # the window's centre is x itself: loaded once
+                total += x
+            else:
+                inside = row_ok & inside_h & (w + dx - RADIUS >= 0) & (w + dx - RADIUS < W)
+                shift = ((dy - RADIUS) * W + (dx - RADIUS)) * C
+                total += tl.load(x_ptr + row_offsets[:, None] + shift + cols[None, :],
+                                 mask=inside[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    scale = tl.load(mix_scale_ptr + cols, mask=col_ok, other=0.0)[None, :] * row_inv_sigma[:, None]
+    skip = x
+    if HAS_SKIP:
+        skip = x * tl.load(skip_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    y = (skip + scale * (total * inv_window[:, None] - x)).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row_offsets[:, None] + cols[None, :], y, mask=valid)
+    return y.to(tl.float32), valid
+
+
+@triton.jit
 def pool_mix_kernel(x_ptr, y_ptr, in_part_ptr, out_part_ptr, mix_scale_ptr, skip_ptr,
                     R, H, W, C, SLOT_ROWS, IN_SLOT_ROWS, eps,
                     POOL: tl.constexpr, HAS_SKIP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                    SEGS: tl.constexpr, IN_SEGS: tl.constexpr, IN_MAX_SLOTS: tl.constexpr):
+                    SEGS: tl.constexpr, IN_SEGS: tl.constexpr, IN_MAX_SLOTS: tl.constexpr,
+                    WHOLE_SLOTS: tl.constexpr):
     """The token mixer, one read and one write of x [R, C]:
     y = skip * x + (mix_scale_c / sigma_b) * (avg_pool_POOLxPOOL(x) - x), the average over the window's
-    positions inside the map (count_include_pad=False); sigma_b from the partials of x. Writes y's partials."""
+    positions inside the map (count_include_pad=False); sigma_b from the partials of x. Writes y's partials.
+    WHOLE_SLOTS: a slot that lies inside one sample and whose tiles have no masked lanes (C a multiple of
+    BLOCK_C) sums y - K and its square elementwise in registers, K the mean of its first tile, and reduces
+    across rows once at its end: no reduction across warps (shared memory, barriers) per tile. Its moments
+    are mean = K + S1 / n and M2 = S2 - S1^2 / n, where S1 / n is small against the spread (K is a mean of
+    hundreds of the slot's own values). Other slots take the per-tile way: centred partial moments per tile."""
     RADIUS: tl.constexpr = POOL // 2
     HW = H * W
     row0, first_sample, _, inv_sigma = _slot_input_moments(in_part_ptr, R, HW, SLOT_ROWS, IN_SLOT_ROWS, eps,
                                                            SEGS, IN_SEGS, IN_MAX_SLOTS)
-    count, mean, m2 = _no_moments(SEGS)
-    for tile in range(0, SLOT_ROWS, BLOCK_R):
-        rows = row0 + tile + tl.arange(0, BLOCK_R)
-        row_ok = rows < R
-        seg = rows // HW - first_sample
-        row_inv_sigma = _per_row(inv_sigma, seg, SEGS)
-        token = rows % HW
-        h = token // W
-        w = token % W
-        window = ((tl.minimum(h + RADIUS, H - 1) - tl.maximum(h - RADIUS, 0) + 1)
-                  * (tl.minimum(w + RADIUS, W - 1) - tl.maximum(w - RADIUS, 0) + 1))
-        inv_window = 1.0 / window.to(tl.float32)
-        row_offsets = rows.to(tl.int64) * C
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            col_ok = cols < C
-            valid = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(x_ptr + row_offsets[:, None] + cols[None, :], mask=valid, other=0.0).to(tl.float32)
-            total = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-            for dy in tl.static_range(POOL):
-                inside_h = (h + dy - RADIUS >= 0) & (h + dy - RADIUS < H)
-                for dx in tl.static_range(POOL):
-                    if dy == RADIUS and dx == RADIUS:  # the window's centre is x itself: loaded once
-                        total += x
-                    else:
-                        inside = row_ok & inside_h & (w + dx - RADIUS >= 0) & (w + dx - RADIUS < W)
-                        shift = ((dy - RADIUS) * W + (dx - RADIUS)) * C
-                        total += tl.load(x_ptr + row_offsets[:, None] + shift + cols[None, :],
-                                         mask=inside[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            scale = tl.load(mix_scale_ptr + cols, mask=col_ok, other=0.0)[None, :] * row_inv_sigma[:, None]
-            skip = x
-            if HAS_SKIP:
-                skip = x * tl.load(skip_ptr + cols, mask=col_ok, other=0.0)[None, :]
-            y = (skip + scale * (total * inv_window[:, None] - x)).to(y_ptr.dtype.element_ty)
-            tl.store(y_ptr + row_offsets[:, None] + cols[None, :], y, mask=valid)
-            c_count, c_mean, c_m2 = _segment_stats(y.to(tl.float32), valid, seg, SEGS)
-            count, mean, m2 = _merge_stats(count, mean, m2, c_count, c_mean, c_m2)
+    whole = WHOLE_SLOTS and C % BLOCK_C == 0 and row0 + SLOT_ROWS <= R
+    if whole and (row0 + SLOT_ROWS - 1) // HW == first_sample:
+        sample_inv_sigma = tl.sum(tl.where(tl.arange(0, SEGS) == 0, inv_sigma, 0.0), axis=0)
+        shift = sample_inv_sigma * 0.0  # a float32 scalar: the first tile's mean below
+        s1 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        for tile in range(0, SLOT_ROWS, BLOCK_R):
+            row_ok, row_offsets, h, w, inv_window = _mixer_rows(row0 + tile + tl.arange(0, BLOCK_R), R, HW, H, W,
+                                                                C, RADIUS)
+            row_inv_sigma = tl.zeros([BLOCK_R], dtype=tl.float32) + sample_inv_sigma
+            for c0 in range(0, C, BLOCK_C):
+                y, unmasked = _mix_chunk(x_ptr, y_ptr, mix_scale_ptr, skip_ptr, row_ok, row_offsets, h, w,
+                                         inv_window, row_inv_sigma, c0, H, W, C, POOL, HAS_SKIP, BLOCK_R, BLOCK_C)
+                if tile == 0 and c0 == 0:
+                    shift = tl.sum(tl.sum(y, axis=1), axis=0) / (BLOCK_R * BLOCK_C)
+                deviation = y - shift
+                s1 += deviation
+                s2 += deviation * deviation
+        n = (SLOT_ROWS * C).to(tl.float32)
+        total_s1 = tl.sum(tl.sum(s1, axis=1), axis=0)
+        offset = total_s1 / n
+        first = tl.arange(0, SEGS) == 0
+        count = tl.where(first, n, 0.0)
+        mean = tl.where(first, shift + offset, 0.0)
+        m2 = tl.where(first, tl.maximum(tl.sum(tl.sum(s2, axis=1), axis=0) - total_s1 * offset, 0.0), 0.0)
+    else:
+        count, mean, m2 = _no_moments(SEGS)
+        for tile in range(0, SLOT_ROWS, BLOCK_R):
+            rows = row0 + tile + tl.arange(0, BLOCK_R)
+            seg = rows // HW - first_sample
+            row_ok, row_offsets, h, w, inv_window = _mixer_rows(rows, R, HW, H, W, C, RADIUS)
+            row_inv_sigma = _per_row(inv_sigma, seg, SEGS)
+            for c0 in range(0, C, BLOCK_C):
+                y, valid = _mix_chunk(x_ptr, y_ptr, mix_scale_ptr, skip_ptr, row_ok, row_offsets, h, w, inv_window,
+                                      row_inv_sigma, c0, H, W, C, POOL, HAS_SKIP, BLOCK_R, BLOCK_C)
+                c_count, c_mean, c_m2 = _segment_stats(y, valid, seg, SEGS)
+                count, mean, m2 = _merge_stats(count, mean, m2, c_count, c_mean, c_m2)
     _store_stats(out_part_ptr, tl.program_id(0), count, mean, m2, SEGS)
 
 
