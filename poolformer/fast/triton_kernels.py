@@ -238,7 +238,7 @@ def pool_mix_kernel(x_ptr, y_ptr, in_part_ptr, out_part_ptr, mix_scale_ptr, skip
     y = skip * x + (mix_scale_c / sigma_b) * (avg_pool_POOLxPOOL(x) - x), the average over the window's
     positions inside the map (count_include_pad=False); sigma_b from the partials of x. Writes y's partials.
     WHOLE_SLOTS: a slot that lies inside one sample and whose tiles have no masked lanes (C a multiple of
-    BLOCK_C) sums y - K and its square elementwise in registers, K the mean of its first tile, and reduces
+    BLOCK_C) sums y - K and its square elementwise in registers, K the mean of its first chunk, and reduces
     across rows once at its end: no reduction across warps (shared memory, barriers) per tile. Its moments
     are mean = K + S1 / n and M2 = S2 - S1^2 / n, where S1 / n is small against the spread (K is a mean of
     hundreds of the slot's own values). Other slots take the per-tile way: centred partial moments per tile."""
@@ -249,7 +249,7 @@ def pool_mix_kernel(x_ptr, y_ptr, in_part_ptr, out_part_ptr, mix_scale_ptr, skip
     whole = WHOLE_SLOTS and C % BLOCK_C == 0 and row0 + SLOT_ROWS <= R
     if whole and (row0 + SLOT_ROWS - 1) // HW == first_sample:
         sample_inv_sigma = tl.sum(tl.where(tl.arange(0, SEGS) == 0, inv_sigma, 0.0), axis=0)
-        shift = sample_inv_sigma * 0.0  # a float32 scalar: the first tile's mean below
+        shift = sample_inv_sigma * 0.0  # a float32 scalar: the first chunk's mean below
         s1 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         s2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         for tile in range(0, SLOT_ROWS, BLOCK_R):
@@ -259,6 +259,7 @@ def pool_mix_kernel(x_ptr, y_ptr, in_part_ptr, out_part_ptr, mix_scale_ptr, skip
             for c0 in range(0, C, BLOCK_C):
                 y, unmasked = _mix_chunk(x_ptr, y_ptr, mix_scale_ptr, skip_ptr, row_ok, row_offsets, h, w,
                                          inv_window, row_inv_sigma, c0, H, W, C, POOL, HAS_SKIP, BLOCK_R, BLOCK_C)
+                # every lane is valid here (see `whole`), so the sums below need no mask
                 if tile == 0 and c0 == 0:
                     shift = tl.sum(tl.sum(y, axis=1), axis=0) / (BLOCK_R * BLOCK_C)
                 deviation = y - shift
