@@ -327,23 +327,6 @@ def _split(x: torch.Tensor) -> tf.SplitMlp:
     return tf.SplitMlp(tile.block_rows, tile.block_channels, tile.num_warps)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("activation", ["gelu", "starrelu", "relu", "silu"])
-def test_split_mlp_matches_norm_fc1_activation_fc2_residual(shape, activation):
-    """The split form (normalising kernel, GEMMs, activation, GEMM adding the residual base, statistics kernel)
-    gives the block's MLP in float32 and its output's moments; with and without scale and biases."""
-    x = (torch.randn(shape) * 1.5 - 0.3).contiguous()
-    full = activation in ("gelu", "silu")
-    block = _block(shape[-1], 4 * shape[-1], bias=full, skip=full)
-    y, partials = tf.mlp(x, tf.stage_input_stats(x), block, activation, emit_stats=True, config=_split(x))
-    torch.testing.assert_close(y.double(), _reference_mlp(x, block, activation), rtol=1e-4, atol=1e-4)
-    mean, var = _sample_moments(partials, shape[0])
-    np.testing.assert_allclose(var, _reference_moments(y)[1], rtol=1e-5)
-    np.testing.assert_allclose(mean, _reference_moments(y)[0], rtol=1e-5, atol=1e-5)
-    y2, none = tf.mlp(x, tf.stage_input_stats(x), block, activation, emit_stats=False, config=_split(x))
-    assert none is None and torch.equal(y, y2)
-
-
 @pytest.mark.parametrize("offset", [0.0, 30.0])
 def test_bf16_split_mlp_is_within_the_storage_rounding(offset):
     x = (torch.randn(2, 9, 11, 320) + offset).to(torch.bfloat16).contiguous()
@@ -359,21 +342,22 @@ def _gemm(x: torch.Tensor) -> tf.GemmMlp:
     return tf.gemm_configs(rows, channels, 4 * channels, x.dtype, interpret=True)[0]
 
 
+@pytest.mark.parametrize("form", [_split, _gemm], ids=["split", "gemm"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("activation", ["gelu", "starrelu", "relu", "silu"])
-def test_gemm_mlp_matches_norm_fc1_activation_fc2_residual(shape, activation):
-    """The GEMM form (fc1 normalising its A tiles and applying the activation, fc2 adding the residual, then the
-    statistics kernel) gives the block's MLP in float32 and its output's moments; with and without scale and
-    biases."""
+def test_other_mlp_forms_match_norm_fc1_activation_fc2_residual(shape, activation, form):
+    """The split form (normalising kernel, GEMMs, activation, GEMM adding the residual base, statistics kernel)
+    and the GEMM form (fc1 normalising its A tiles and applying the activation, fc2 adding the residual, then the
+    statistics) give the block's MLP in float32 and its output's moments; with and without scale and biases."""
     x = (torch.randn(shape) * 1.5 - 0.3).contiguous()
     full = activation in ("gelu", "silu")
     block = _block(shape[-1], 4 * shape[-1], bias=full, skip=full)
-    y, partials = tf.mlp(x, tf.stage_input_stats(x), block, activation, emit_stats=True, config=_gemm(x))
+    y, partials = tf.mlp(x, tf.stage_input_stats(x), block, activation, emit_stats=True, config=form(x))
     torch.testing.assert_close(y.double(), _reference_mlp(x, block, activation), rtol=1e-4, atol=1e-4)
     mean, var = _sample_moments(partials, shape[0])
     np.testing.assert_allclose(var, _reference_moments(y)[1], rtol=1e-5)
     np.testing.assert_allclose(mean, _reference_moments(y)[0], rtol=1e-5, atol=1e-5)
-    y2, none = tf.mlp(x, tf.stage_input_stats(x), block, activation, emit_stats=False, config=_gemm(x))
+    y2, none = tf.mlp(x, tf.stage_input_stats(x), block, activation, emit_stats=False, config=form(x))
     assert none is None and torch.equal(y, y2)
 
 
