@@ -687,12 +687,12 @@ def remember_tile(key: str, tile: MlpConfig | SplitMlp | Tile) -> None:
 
 
 def mlp(x1: torch.Tensor, stats: Partials, block: TritonBlock, activation: str, emit_stats: bool,
-        config: MlpConfig | None = None) -> tuple[torch.Tensor, Partials | None]:
+        config: MlpConfig | SplitMlp | GemmMlp | None = None) -> tuple[torch.Tensor, Partials | None]:
     """The block's second half on a contiguous [B, H, W, C] activation -> (y [B, H, W, C], y's partials or
-    None). Without `config`, the first candidate of `mlp_candidates` (a fused tile or the split form) that
-    the GPU accepts (shared memory, registers) is used and remembered - or, with autotuning on, the fastest of
-    them, which is also kept in the tile cache (tile_cache_path), so that later processes on the same GPU start
-    from it without timing."""
+    None). Without `config`, the first candidate of `mlp_candidates` (a fused tile, the split form or a
+    GEMM-form tile) that the GPU accepts (shared memory, registers) is used and remembered - or, with
+    autotuning on, the fastest of them, which is also kept in the tile cache (tile_cache_path), so that later
+    processes on the same GPU start from it without timing."""
     batch, height, width, channels = x1.shape
     rows, hidden = batch * height * width, block.fc1_weight.shape[1]
 
@@ -869,12 +869,18 @@ def _launch_split_mlp(x1, stats, block, activation, emit_stats, split: SplitMlp)
     return y, _partials_of(y, Tile(split.block_rows, split.block_channels, split.num_warps), "mlp stats")
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for operands of `dtype`: "ieee" keeps float32 exact (no TF32); bf16/fp16
+    ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def _launch_gemm_mlp(x1, stats, block, activation, emit_stats, tile: GemmMlp):
     batch, height, width, channels = x1.shape
     rows, hidden, hw = batch * height * width, block.fc1_weight.shape[1], height * width
     x = x1.view(rows, channels)
     placeholder = block.mix_scale  # a valid pointer for arguments a constexpr switches off
-    precision, upcast = ("ieee" if x1.dtype == torch.float32 else "tf32"), triton_interprets()
+    precision, upcast = dot_precision(x1.dtype), triton_interprets()
     block_n, block_k = gemm_tile_for(tile, hidden, channels)
     h = torch.empty(rows, hidden, device=x1.device, dtype=x1.dtype)
     kernels().fc1_kernel[(cdiv(rows, tile.block_m) * cdiv(hidden, block_n),)](
@@ -927,7 +933,7 @@ def _launch_mlp(x1, stats, block, activation, emit_stats, config: MlpConfig):
         IN_SEGS=stats.segs, IN_MAX_SLOTS=stats.max_slots, ACT=fused_activation_code(activation),
         HAS_B1=block.fc1_bias is not None, HAS_B2=block.fc2_bias is not None,
         HAS_SKIP=block.skip_scale2 is not None, EMIT_STATS=emit_stats, NORM_AFTER_FC1=colsum is not None,
-        PRECISION="ieee" if x1.dtype == torch.float32 else "tf32", DOT_UPCAST=triton_interprets(),
+        PRECISION=dot_precision(x1.dtype), DOT_UPCAST=triton_interprets(),
         num_warps=config.num_warps, num_stages=config.num_stages)
     _record("mlp", [x1, stats.buffer, block.fc1_weight, block.fc1_bias, colsum, block.fc2_weight, block.fc2_bias,
                     block.skip_scale2], [y] + ([out.buffer] if emit_stats else []), flops=4 * rows * channels * hidden)
@@ -986,7 +992,7 @@ def stem(x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor, kernel_size:
         x, matrix, bias, y, batch, height, width, out_h, out_w, out_channels, *x.stride(),
         CIN=in_channels, KSIZE=kernel_size, STRIDE=STEM_STRIDE, PAD=STEM_PADDING, K_PAD=matrix.shape[0],
         BLOCK_M=STEM_BLOCK_M, BLOCK_K=STEM_BLOCK_K, BLOCK_N=max(MIN_CHANNELS, next_power_of_two(out_channels)),
-        PRECISION="ieee" if matrix.dtype == torch.float32 else "tf32", DOT_UPCAST=triton_interprets(), num_warps=4)
+        PRECISION=dot_precision(matrix.dtype), DOT_UPCAST=triton_interprets(), num_warps=4)
     _record("stem", [x, matrix, bias], [y],
             flops=2 * rows * out_channels * in_channels * kernel_size * kernel_size)
     return y
