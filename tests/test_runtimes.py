@@ -197,3 +197,29 @@ def test_a_missing_runtime_is_a_one_line_error(monkeypatch, exported):
                           "openvino is not installed here")
     result = run_config(BenchConfig("s12", "openvino", "cpu", 1, 64), QUICK)
     assert result.status == "error" and "openvino is not installed here" in result.error
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="OpenVINO's CPU plugin swaps the signal stack on Linux only")
+def test_openvino_runners_freed_in_creation_order_leave_signals_deliverable(exported):
+    """Each OpenVINO Core's CPU plugin puts its own signal stack on the thread that makes it and unmaps it when
+    freed, restoring the stack it replaced only if its own is still current. Two Cores freed in the order they
+    were made so left the thread on an unmapped signal stack, and the next signal with a Python handler (Ctrl-C,
+    the SIGCHLD of DataLoader's workers) killed the process with SIGSEGV: the test suite's crash with OpenVINO as
+    the fast path's default. Runners share one Core now."""
+    import subprocess
+
+    pytest.importorskip("openvino")
+    _, onnx_path, _ = exported
+    script = (
+        "import gc, os, signal, sys\n"
+        "from poolformer.runtimes.runners import make_runner\n"
+        "signal.signal(signal.SIGUSR1, lambda *_: print('handled', flush=True))\n"
+        "first = make_runner('openvino', sys.argv[1], threads=1)\n"
+        "second = make_runner('openvino', sys.argv[1], threads=1)\n"
+        "del first; gc.collect(); del second; gc.collect()\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "print('survived', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(onnx_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-500:]}"
+    assert done.stdout.split() == ["handled", "survived"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -105,13 +106,32 @@ class OnnxRuntimeRunner:
         return self.session.run(None, {self.input_name: images})[0]
 
 
+_openvino_core: Any = None
+_openvino_core_lock = threading.Lock()
+
+
+def openvino_core() -> Any:
+    """The process's one OpenVINO Core, made on first use and kept until exit.
+
+    One, because each Core brings its own CPU plugin, and the plugin (Linux; seen in 2026.4.1) replaces the
+    signal stack of the thread that makes it with one of its own, then unmaps that stack when freed, putting back
+    the stack it replaced only if its own is still the current one. Two Cores freed in the order they were made
+    leave the thread on an unmapped signal stack, so the next signal that Python handles there (Ctrl-C, the
+    SIGCHLD of a DataLoader's workers) ends the process with SIGSEGV."""
+    global _openvino_core
+    ov = require("openvino")
+    with _openvino_core_lock:
+        if _openvino_core is None:
+            _openvino_core = ov.Core()
+        return _openvino_core
+
+
 class OpenVinoRunner:
     """An OpenVINO CPU compiled model, latency hint (one synchronous stream using every thread), in fp32
     unless bf16 is asked for on a CPU with native bf16."""
 
     def __init__(self, path: str, threads: int | None = None, precision: str = "fp32"):
-        ov = require("openvino")
-        core = ov.Core()
+        core = openvino_core()
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY",
                                   "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
         if threads:
