@@ -4,7 +4,7 @@ Every candidate carries the same weights (randomised: nothing can be downloaded 
 exports of the model and the better one counts as that runtime's figure: PyTorch's own ONNX export
 (GroupNorm as InstanceNormalization over a reshape, AveragePool) and our portable export
 (poolformer.runtimes.export_forms: reductions, a depthwise conv and a constant map). `fast` is
-`poolformer.optimize(model)` with the backend it picks by itself (ONNX Runtime in fp32, oneDNN in bf16, where
+`poolformer.optimize(model)` with the backend it picks by itself (the folded graph in OpenVINO where that is
 installed); its other backends run as `fast (NAME)`, among them `fast (inductor)`, the folded graph compiled by
 torch.compile with freezing (what `bench --impl fast --compile` runs). `timm compiled` is timm's model,
 channels-last, under torch.compile with inductor's freezing (weights as constants: oneDNN packs them once, as

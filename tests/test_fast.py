@@ -275,17 +275,18 @@ def test_runtime_backends_run_the_folded_graph_exactly(runtime, family, batch, h
     _assert_as_exact_as_reference(model, torch.randn(batch, 3, height, width), backend=runtime)
 
 
-@_needs("onnxruntime")
-def test_onnxruntime_is_the_default_cpu_fp32_backend_and_features_fall_back(v2_model):
+@_needs("openvino")
+def test_openvino_is_the_default_cpu_backend_and_features_fall_back(v2_model):
     fast = optimize(v2_model)
-    assert fast.backend_for(torch.float32) == "onnxruntime"
-    assert fast.backend_for(torch.bfloat16) in ("onednn", "portable")  # no runtime is auto's bf16 choice
+    assert fast.backend_for(torch.float32) == "openvino"
+    native = cpu_capabilities().native_bf16  # OpenVINO's bf16 is only ever the native one
+    assert (fast.backend_for(torch.bfloat16) == "openvino") == native  # else oneDNN or the portable path
     x = torch.randn(2, 3, 64, 64)
     _assert_as_exact_as_reference(v2_model, x, features=True, backend="auto")  # maps: oneDNN, not the runtime
     with torch.no_grad():
         logits = fast(x)
     session = fast.prepared(torch.float32, x.device).session
-    assert fast.prepared(torch.float32, x.device).backend == "onnxruntime" and logits.shape == (2, 1000)
+    assert fast.prepared(torch.float32, x.device).backend == "openvino" and logits.shape == (2, 1000)
     assert len(session._runners) == 1  # one export and compiled model per input shape
     fast(torch.randn(1, 3, 64, 64))
     assert len(session._runners) == 2
@@ -341,7 +342,7 @@ ONEDNN_BF16 = pytest.param("onednn", marks=pytest.mark.skipif(
 OPENVINO_BF16 = pytest.param("openvino", marks=pytest.mark.skipif(
     not fast_runtime.runs("openvino", torch.bfloat16, torch.device("cpu")),
     reason="OpenVINO computes bf16 only on CPUs with native bf16 (and where it is installed)"))
-# auto: oneDNN where it runs bf16, else the portable path; OpenVINO by name where it computes bf16
+# auto: OpenVINO where it computes bf16, else oneDNN where it runs bf16, else the portable path
 BF16_BACKENDS = ["auto", "portable", ONEDNN_BF16, OPENVINO_BF16]
 
 

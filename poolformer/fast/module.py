@@ -4,14 +4,11 @@ Backends (the kernels one forward runs on), chosen once per (dtype, device) the 
 - ``triton``: two fused Triton kernels per block (`poolformer.fast.triton_forward`); CUDA GPUs. On CPU
   tensors only when asked for by name and POOLFORMER_TRITON_INTERPRET=1 is set: Triton's interpreter runs the
   same kernels (tests, debugging; very slow).
-- ``openvino`` (by name only): the folded graph run by OpenVINO (`poolformer.fast.runtime`) on the CPU, where
-  openvino is installed: float32, and bfloat16 on CPUs that compute it natively. The fastest of these backends
-  measured (benchmarks/results/runtimes_cpu_*.md): level with ONNX Runtime at fp32 batch 1, ahead at batch 16
-  and 1.2-1.6x oneDNN in bf16 (before oneDNN's convolutions were packed). Not auto's choice: OpenVINO 2026.4
-  overwrites heap memory on some machines (benchmarks/openvino_heap_check.py; as the default it made the test
-  suite's process die with SIGSEGV on one).
+- ``openvino``: the folded graph run by OpenVINO (`poolformer.fast.runtime`) on the CPU, where openvino is
+  installed: float32, and bfloat16 on CPUs that compute it natively. auto's CPU choice wherever it runs: the
+  fastest of these backends measured (benchmarks/results/runtimes_cpu_*.md).
 - ``onnxruntime``: the folded graph run by ONNX Runtime (`poolformer.fast.runtime`); float32 on the CPU,
-  where onnxruntime is installed (auto's fp32 CPU choice).
+  where onnxruntime is installed (auto's fp32 CPU choice where openvino is not).
 - ``inductor`` (by name only, or `FastPoolFormer.compile_with`): the folded graph compiled by torch.compile
   with freezing (`poolformer.fast.compiled`); float32 and bfloat16 on the CPU with a C++ compiler. The fastest
   PyTorch path in bf16 at small batches, but each input shape first compiles for ~10-15 s, so auto never
@@ -103,7 +100,7 @@ def explain_backend(requested: str, dtype: torch.dtype, device: torch.device) ->
             raise ConfigError(f"the inductor backend cannot run here: {reason}")
         return requested, None
     if requested == "auto":
-        for name in runtime.AUTO_RUNTIMES:
+        for name in RUNTIME_BACKENDS:
             if runtime.runs(name, dtype, device):
                 return name, None
     possible = onednn_runs(dtype, device)

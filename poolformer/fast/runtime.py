@@ -17,10 +17,7 @@ import torch
 
 from .folding import FoldedModel, Plan
 
-RUNTIMES = ("openvino", "onnxruntime")
-# what auto takes on a CPU: not OpenVINO, which overwrites heap memory on some machines
-# (benchmarks/openvino_heap_check.py)
-AUTO_RUNTIMES = ("onnxruntime",)
+RUNTIMES = ("openvino", "onnxruntime")  # auto's order of preference on a CPU
 PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
