@@ -327,14 +327,21 @@ def _split(x: torch.Tensor) -> tf.SplitMlp:
     return tf.SplitMlp(tile.block_rows, tile.block_channels, tile.num_warps)
 
 
-@pytest.mark.parametrize("offset", [0.0, 30.0])
-def test_bf16_split_mlp_is_within_the_storage_rounding(offset):
+def _bf16_mlp_within_storage_rounding(form, offset: float):
+    """An s12 stage-3 MLP in bf16 on `form`'s config, its input `offset` from zero: the output is within bf16's
+    storage rounding of the float64 reference. Returns the input, block, output and reference."""
     x = (torch.randn(2, 9, 11, 320) + offset).to(torch.bfloat16).contiguous()
     block = _block(320, 1280, dtype=torch.bfloat16)
-    y, _ = tf.mlp(x, tf.stage_input_stats(x), block, "gelu", emit_stats=False, config=_split(x))
+    y, _ = tf.mlp(x, tf.stage_input_stats(x), block, "gelu", emit_stats=False, config=form(x))
     assert y.dtype == torch.bfloat16
     expected = _reference_mlp(x, block, "gelu")
     assert ((y.double() - expected).abs() / (expected.abs() + 1)).max() < 8 * 2 ** -8
+    return x, block, y, expected
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+def test_bf16_split_mlp_is_within_the_storage_rounding(offset):
+    _bf16_mlp_within_storage_rounding(_split, offset)
 
 
 def _gemm(x: torch.Tensor) -> tf.GemmMlp:
@@ -399,12 +406,7 @@ def test_gemm_stats_leave_the_epilogue_when_a_sample_spans_too_many_row_tiles():
 def test_bf16_gemm_mlp_is_within_the_storage_rounding(offset):
     """bf16, far from zero too: within the storage rounding of float64, and rounding where the fused kernel rounds
     (the normalised input, the activated hidden tile, the output once), so within an ulp or so of it."""
-    x = (torch.randn(2, 9, 11, 320) + offset).to(torch.bfloat16).contiguous()
-    block = _block(320, 1280, dtype=torch.bfloat16)
-    y, _ = tf.mlp(x, tf.stage_input_stats(x), block, "gelu", emit_stats=False, config=_gemm(x))
-    assert y.dtype == torch.bfloat16
-    expected = _reference_mlp(x, block, "gelu")
-    assert ((y.double() - expected).abs() / (expected.abs() + 1)).max() < 8 * 2 ** -8
+    x, block, y, expected = _bf16_mlp_within_storage_rounding(_gemm, offset)
     fused_tile = tf.mlp_configs(x.numel() // 320, 320, 1280, torch.bfloat16, interpret=True)[0]
     fused, _ = tf.mlp(x, tf.stage_input_stats(x), block, "gelu", emit_stats=False, config=fused_tile)
     assert ((y.double() - fused.double()).abs() / (expected.abs() + 1)).max() < 2 ** -8
