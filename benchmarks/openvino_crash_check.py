@@ -197,15 +197,9 @@ def markdown(results: dict) -> str:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+    from poolformer.envinfo import _version
 
-    found = {}
-    for package in ("openvino", "onnxruntime", "torch"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = "not installed"
-    return found
+    return {package: _version(package) or "not installed" for package in ("openvino", "onnxruntime", "torch")}
 
 
 def main(argv: list[str] | None = None) -> None:
