@@ -10,12 +10,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from poolformer import ConfigError, create_model
+from poolformer import CheckpointError, ConfigError, create_model
 from poolformer.bench import BenchConfig, BenchSettings, run_config
 from poolformer.implementations import build
 from poolformer.regression import compare
 from poolformer.runtimes import export_model
-from poolformer.runtimes.runners import RuntimeModule, make_runner
+from poolformer.runtimes.runners import RuntimeModule, available, make_runner
 from poolformer_cli.app import app
 
 from .conftest import assert_one_line_error, randomize_
@@ -223,3 +223,19 @@ def test_openvino_runners_freed_in_creation_order_leave_signals_deliverable(expo
     done = subprocess.run([sys.executable, "-c", script, str(onnx_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-500:]}"
     assert done.stdout.split() == ["handled", "survived"]
+
+
+@pytest.mark.skipif(not available("openvino"), reason="openvino is not installed")
+def test_a_model_built_in_memory_runs_in_openvino_only():
+    """OpenVINO compiles an `openvino.Model` as it is (the fast path's graph); the runtimes that read files
+    refuse one, and a built model that is not a classifier gets the same error as such a file."""
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    with pytest.raises(ConfigError, match="only openvino runs a model built in memory"):
+        RuntimeModule("onnxruntime", build=lambda shape: None)
+    doubled = ops.parameter([2, 3, 8, 8], ov.Type.f32)
+    model = ov.Model([ops.multiply(doubled, ops.constant(np.float32(2.0)))], [doubled], "doubler")
+    with pytest.raises(CheckpointError, match="the built model 'doubler'.*not a poolformer export"):
+        make_runner("openvino", model)

@@ -130,14 +130,19 @@ class OpenVinoRunner:
     """An OpenVINO CPU compiled model, latency hint (one synchronous stream using every thread), in fp32
     unless bf16 is asked for on a CPU with native bf16."""
 
-    def __init__(self, path: str, threads: int | None = None, precision: str = "fp32"):
+    def __init__(self, path: str | Any, threads: int | None = None, precision: str = "fp32"):
+        """path: a file OpenVINO reads (ONNX or its own IR), or an `openvino.Model` built in memory."""
         core = openvino_core()
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY",
                                   "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
+        in_memory = not isinstance(path, (str, os.PathLike))
+        if in_memory:
+            model, path = path, f"the built model {path.get_friendly_name()!r}"
         try:
-            model = core.read_model(path)
+            if not in_memory:
+                model = core.read_model(path)
             self.compiled = core.compile_model(model, "CPU", config)
         except Exception as err:  # OpenVINO raises RuntimeError subclasses with long multi-line messages
             raise CheckpointError(f"{path}: OpenVINO cannot load it: {_first_line(err)}") from None
@@ -158,10 +163,10 @@ def _first_line(err: BaseException) -> str:
     return lines[0][:300] if lines else type(err).__name__
 
 
-def make_runner(runtime: str, path: str, *, threads: int | None = None, precision: str = "fp32",
+def make_runner(runtime: str, path: str | Any, *, threads: int | None = None, precision: str = "fp32",
                 device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
-    """A runner for an exported file. Precisions a runtime cannot compute here are a ConfigError, never a
-    silent fp32 run under a bf16 label."""
+    """A runner for an exported file (or, for openvino, an `openvino.Model`). Precisions a runtime cannot compute
+    here are a ConfigError, never a silent fp32 run under a bf16 label."""
     if precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"unknown precision {precision!r}")
     if runtime == "onnxruntime":
@@ -192,17 +197,22 @@ class RuntimeModule(nn.Module):
     """A PoolFormer run by ONNX Runtime or OpenVINO. Input [B, 3, H, W] (a tensor on any device), output float32
     logits [B, num_classes] on the input's device.
 
-    Built from a model (`export`: how to write an ONNX file for an input shape; one export and session per
-    shape, made on the first call with that shape) or from an exported file (fixed H, W; batch dynamic or fixed).
+    Built from a model (`export`: how to write an ONNX file for an input shape, or for openvino `build`: the
+    `openvino.Model` for an input shape; one export or build and session per shape, made on the first call with
+    that shape) or from an exported file (fixed H, W; batch dynamic or fixed).
     Runs under autocast in bf16 where the runtime computes bf16 (see `make_runner`), or always in `precision`
     when one is given.
     """
 
     def __init__(self, runtime: str, export: Callable[[str, tuple[int, ...]], None] | None = None,
-                 path: str | None = None, num_classes: int = 1000, precision: str | None = None):
+                 path: str | None = None, num_classes: int = 1000, precision: str | None = None,
+                 build: Callable[[tuple[int, ...]], Any] | None = None):
         super().__init__()
         require(runtime)
+        if build is not None and runtime != "openvino":
+            raise ConfigError(f"only openvino runs a model built in memory, not {runtime}")
         self.runtime, self._export, self._path, self.num_classes = runtime, export, path, num_classes
+        self._build = build
         self.precision = precision
         self._runners: dict[tuple, Callable] = {}
         self._folder: str | None = None
@@ -221,18 +231,20 @@ class RuntimeModule(nn.Module):
     def _runner(self, shape: tuple[int, ...], precision: str, device: str) -> Callable:
         key = (shape if self._path is None else shape[2:], precision, device)
         if key not in self._runners:
-            path = self._path
-            if path is None:
+            source = self._path
+            if self._build is not None:
+                source = self._build(shape)
+            elif source is None:
                 self._folder = self._folder or tempfile.mkdtemp(prefix="poolformer-onnx-")
-                path = os.path.join(self._folder, f"{'x'.join(map(str, shape))}.onnx")
-                if not os.path.exists(path):
-                    self._export(path, shape)
+                source = os.path.join(self._folder, f"{'x'.join(map(str, shape))}.onnx")
+                if not os.path.exists(source):
+                    self._export(source, shape)
             else:
                 expected = (self.signature.height, self.signature.width)
                 if tuple(shape[2:]) != expected or (self.signature.batch not in (None, shape[0])):
                     raise ConfigError(f"{self._path} takes [{self.signature.batch or 'any'}, 3, {expected[0]}, "
                                       f"{expected[1]}] inputs, not {list(shape)}; export it for this shape")
-            self._runners[key] = make_runner(self.runtime, path, threads=self.threads or torch.get_num_threads(),
+            self._runners[key] = make_runner(self.runtime, source, threads=self.threads or torch.get_num_threads(),
                                              precision=precision, device=device)
         return self._runners[key]
 
