@@ -276,6 +276,50 @@ def test_runtime_backends_run_the_folded_graph_exactly(runtime, family, batch, h
 
 
 @_needs("openvino")
+@pytest.mark.parametrize("name", ["poolformer_s12_pool5", "poolformer_s12_relu", "poolformer_s12_silu", "headless"])
+def test_openvino_graph_matches_reference_for_every_supported_form(name):
+    """The graph built from OpenVINO's operators (poolformer.fast.openvino_graph) for the forms the v1/v2 tests
+    above do not reach: other pool sizes and activations, and a model without a classifier."""
+    model = create_model("s12", num_classes=0) if name == "headless" else create_model(name)
+    _assert_as_exact_as_reference(randomize_(model, seed=4), torch.randn(2, 3, 64, 80), backend="openvino")
+
+
+@_needs("openvino")
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_openvino_graph_is_one_mvn_per_norm(family, v1_model, v2_model):
+    """Each GroupNorm(1) (and v2's channel LayerNorms) is one MVN node: no ReduceMean chains left but the head's
+    spatial mean."""
+    from poolformer.fast.openvino_graph import build_model
+
+    folded, plan = fold(v1_model if family == "v1" else v2_model)
+    kinds = [op.get_type_name() for op in build_model(folded, plan, (1, 3, 64, 64)).get_ordered_ops()]
+    blocks = sum(len(stage.blocks) for stage in folded.stages)
+    channel_norms = 0 if family == "v1" else 1 + (len(folded.stages) - 1)  # v2: after the stem, before downsampling
+    assert kinds.count("MVN") == 2 * blocks + channel_norms + 1  # + the head's norm
+    assert kinds.count("ReduceMean") == 1 and kinds.count("AvgPool") == blocks
+
+
+@_needs("openvino")
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+def test_openvino_mvn_statistics_are_as_accurate_as_torch_group_norm(offset):
+    """The standardisation the graph relies on, on maps far from zero mean (where E[x^2] - E[x]^2 in float32 would
+    lose everything): within twice PyTorch's own group_norm error of a float64 standardisation."""
+    import openvino as ov
+
+    from poolformer.fast.openvino_graph import ALL_BUT_BATCH, _Builder
+    from poolformer.runtimes.runners import openvino_core
+
+    builder = _Builder()
+    images = builder.ops.parameter([3, 64, 13, 17], ov.Type.f32)
+    graph = ov.Model([builder.standardise(images, ALL_BUT_BATCH, 1e-5)], [images])
+    x = torch.randn(3, 64, 13, 17) * 0.5 + offset
+    exact = F.group_norm(x.double(), 1, eps=1e-5)
+    got = torch.from_numpy(openvino_core().compile_model(graph, "CPU").create_infer_request().infer({0: x.numpy()})[0])
+    torch_error = (F.group_norm(x, 1, eps=1e-5).double() - exact).abs().max().item()
+    assert (got.double() - exact).abs().max().item() <= max(2 * torch_error, 1e-6)
+
+
+@_needs("openvino")
 def test_openvino_is_the_default_cpu_backend_and_features_fall_back(v2_model):
     fast = optimize(v2_model)
     assert fast.backend_for(torch.float32) == "openvino"

@@ -4,8 +4,9 @@ Backends (the kernels one forward runs on), chosen once per (dtype, device) the 
 - ``triton``: two fused Triton kernels per block (`poolformer.fast.triton_forward`); CUDA GPUs. On CPU
   tensors only when asked for by name and POOLFORMER_TRITON_INTERPRET=1 is set: Triton's interpreter runs the
   same kernels (tests, debugging; very slow).
-- ``openvino``: the folded graph run by OpenVINO (`poolformer.fast.runtime`) on the CPU, where openvino is
-  installed: float32, and bfloat16 on CPUs that compute it natively. auto's CPU choice wherever it runs: the
+- ``openvino``: the folded graph run by OpenVINO (`poolformer.fast.runtime`, built by
+  `poolformer.fast.openvino_graph`) on the CPU, where openvino is installed: float32, and bfloat16 on CPUs that
+  compute it natively. auto's CPU choice wherever it runs: the
   fastest of these backends measured (benchmarks/results/runtimes_cpu_*.md).
 - ``onnxruntime``: the folded graph run by ONNX Runtime (`poolformer.fast.runtime`); float32 on the CPU,
   where onnxruntime is installed (auto's fp32 CPU choice where openvino is not).

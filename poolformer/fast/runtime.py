@@ -3,8 +3,9 @@ installed.
 
 On a CPU, s12's time is its 1x1 convolutions, and these runtimes' kernels run them closer to the cores' peak
 than PyTorch's eager operators (benchmarks/results/runtimes_cpu_*.md). Fed the folded graph (no norm affines,
-no LayerScale, one statistic per norm: poolformer.runtimes.export_forms.FoldedExport) they also do less
-element-wise work than on the original model. One export and one compiled model per input shape and
+no LayerScale) they also do less element-wise work than on the original model. OpenVINO gets it built from its
+own operators, each GroupNorm one MVN node (`poolformer.fast.openvino_graph`); ONNX Runtime gets the ONNX export
+of `poolformer.runtimes.export_forms.FoldedExport`. One graph and one compiled model per input shape and
 precision, made on the first call with them (a few hundred ms), then reused.
 
 Precisions: float32 in both; bfloat16 in OpenVINO on CPUs that compute it natively (AVX512-BF16/AMX), where
@@ -44,7 +45,12 @@ def folded_session(folded: FoldedModel, plan: Plan, runtime: str, dtype: torch.d
     from ..runtimes.export_forms import FoldedExport
     from ..runtimes.exporting import export_onnx
     from ..runtimes.runners import RuntimeModule
+    from .openvino_graph import build_model
 
+    classes, precision = folded.head_weight.shape[0], PRECISIONS[dtype]
+    if runtime == "openvino":
+        return RuntimeModule(runtime, build=lambda shape: build_model(folded, plan, shape), num_classes=classes,
+                             precision=precision)
     module = FoldedExport(folded=folded, plan=plan)
-    return RuntimeModule(runtime, export=lambda path, shape: export_onnx(module, path, shape),
-                         num_classes=folded.head_weight.shape[0], precision=PRECISIONS[dtype])
+    return RuntimeModule(runtime, export=lambda path, shape: export_onnx(module, path, shape), num_classes=classes,
+                         precision=precision)
