@@ -198,6 +198,9 @@ def test_runtimes_cpu_benchmark_measures_every_candidate_with_parity_and_a_floor
     for row in document["batches"]:
         assert {"ours", "fast", "fast (oneDNN)", "openvino/torch-export", "openvino/portable-export"} <= set(row["img_s"])
         assert row["fast_backend"] == "openvino" and "fast (openvino)" not in row["img_s"]  # fast is that column
+        # the graph built from OpenVINO's operators beside the same algebra exported to ONNX, and their ratio
+        img_s = row["img_s"]
+        assert row["fast_over_folded_onnx"] == pytest.approx(img_s["fast"] / img_s["fast (openvino, ONNX export)"])
         assert {"timm compiled", "fast (inductor)"} <= set(row["img_s"])  # the compiled peer and our compiled graph
         assert row["best_fast"].startswith("fast") and row["best_timm"].startswith("timm")
         assert row["best_fast_over_best_runtime"] >= row["fast_over_best_runtime"] and row["fast_over_best_timm"] > 0
@@ -214,7 +217,8 @@ def test_runtimes_cpu_benchmark_measures_every_candidate_with_parity_and_a_floor
                 assert diff < (1e-4 if row["precision"] == "fp32" else 0.1), (name, diff)
     fp32 = document["batches"][0]
     assert {"onnxruntime/torch-export", "onnxruntime/portable-export", "fast (onnxruntime)"} <= set(fp32["img_s"])
-    assert "## fp32" in out.with_suffix(".md").read_text()
+    report = out.with_suffix(".md").read_text()
+    assert "## fp32" in report and "`fast` over `fast (openvino, ONNX export)`" in report
 
 
 def test_runtimes_cpu_benchmark_refuses_an_unknown_compiler(tmp_path):
