@@ -4,8 +4,9 @@
 - ``timm``: timm's own `poolformer_*` / `poolformerv2_*` model carrying the same weights (v1/v2 only).
   Note: timm's v1 head pools before normalising, so its v1 logits differ from the original's.
 - ``fast``: `poolformer.fast.optimize(model)`, the folded inference-only form (v1/v2), same logits.
-- ``onnxruntime`` / ``openvino``: the model exported to ONNX (per input shape, on the first call) and run by
-  that runtime (`poolformer.runtimes`); an exported file runs the same way through `runtime_for_file`.
+- ``onnxruntime`` / ``openvino``: the model run by that runtime (`poolformer.runtimes`), converted per input
+  shape on the first call: exported to ONNX for ONNX Runtime, converted by OpenVINO's own PyTorch frontend for
+  OpenVINO (its fastest form of the model); an exported file runs the same way through `runtime_for_file`.
 
 A new implementation is one function `(model: MetaFormer) -> nn.Module` added to `IMPLEMENTATIONS`.
 Peers (`timm:NAME`, see poolformer.peers) have one implementation, timm's own, built by `build` as well.
@@ -47,10 +48,13 @@ def _fast(model: MetaFormer) -> nn.Module:
 
 def _runtime(runtime: str) -> Callable[[MetaFormer], nn.Module]:
     def build_runtime(model: MetaFormer) -> nn.Module:
-        from .runtimes.exporting import onnx_exporter
+        from .runtimes.exporting import onnx_exporter, openvino_converter
         from .runtimes.runners import RuntimeModule
 
-        module = RuntimeModule(runtime, export=onnx_exporter(model), num_classes=model.num_classes)
+        if runtime == "openvino":
+            module = RuntimeModule(runtime, build=openvino_converter(model), num_classes=model.num_classes)
+        else:
+            module = RuntimeModule(runtime, export=onnx_exporter(model), num_classes=model.num_classes)
         module.spec = getattr(model, "spec", None)
         return module
 

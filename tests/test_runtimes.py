@@ -239,3 +239,31 @@ def test_a_model_built_in_memory_runs_in_openvino_only():
     model = ov.Model([ops.multiply(doubled, ops.constant(np.float32(2.0)))], [doubled], "doubler")
     with pytest.raises(CheckpointError, match="the built model 'doubler'.*not a poolformer export"):
         make_runner("openvino", model)
+
+
+@pytest.mark.skipif(not available("openvino"), reason="openvino is not installed")
+@pytest.mark.parametrize("frontend", ["converts", "cannot trace"])
+def test_openvino_runs_its_own_conversion_of_the_model_or_the_onnx_export(monkeypatch, frontend):
+    """`--impl openvino` is OpenVINO at its best: its own PyTorch frontend converts the model; where that frontend
+    cannot trace a model, the portable ONNX export runs instead. Either way, our model's logits."""
+    import openvino as ov
+
+    calls = []
+    convert = ov.convert_model
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["example_input"].shape)
+        if frontend == "cannot trace":
+            raise RuntimeError("Couldn't get TorchScript module by tracing.")
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(ov, "convert_model", spy)
+    torch.manual_seed(0)
+    ours = build("v2_s12", "ours")
+    torch.manual_seed(0)
+    runtime = build("v2_s12", "openvino")
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        expected, got = ours(x), runtime(x)
+    assert calls == [torch.Size([2, 3, 64, 80])]  # one conversion for the shape
+    assert (got - expected).abs().max().item() < 1e-5 * max(1.0, expected.abs().max().item())

@@ -15,6 +15,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,6 +109,33 @@ def onnx_exporter(model: MetaFormer, fast: bool = False, opset: int = DEFAULT_OP
         export_onnx(module, path, shape, opset)
 
     return export
+
+
+def openvino_converter(model: MetaFormer):
+    """A `build(shape)` function for RuntimeModule("openvino", build=...): the `openvino.Model` of this model for
+    static input `shape`, from OpenVINO's own PyTorch frontend (`openvino.convert_model`). That is OpenVINO's best
+    form of a PoolFormer: it makes each GroupNorm(1) one MVN node and folds the norms' affines and LayerScale into
+    the convolutions itself (s12 ran 1.15x faster than from either ONNX export; benchmarks/runtimes_cpu.py).
+    Models its tracing cannot take (the random and spatial-FFT mixers) go through the portable ONNX export."""
+
+    def build(shape: tuple[int, ...]) -> Any:
+        from .runners import openvino_core, require
+
+        ov = require("openvino")
+        example = torch.zeros(shape)
+        try:
+            with torch.no_grad(), _no_autocast(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the tracer's notes
+                converted = ov.convert_model(model.eval(), example_input=example)
+        except Exception:  # the frontend raises RuntimeError and others for what TorchScript cannot trace
+            with tempfile.TemporaryDirectory(prefix="poolformer-onnx-") as folder:
+                path = os.path.join(folder, "model.onnx")
+                export_onnx(portable_form(model), path, shape)
+                return openvino_core().read_model(path)
+        converted.reshape({converted.inputs[0]: list(shape)})
+        return converted
+
+    return build
 
 
 def _run_file(fmt: str, runtime: str, path: str, images: np.ndarray) -> np.ndarray:
