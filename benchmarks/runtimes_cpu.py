@@ -1,9 +1,11 @@
 """CPU throughput of `--impl fast` against the deployment runtimes (ONNX Runtime, OpenVINO) and timm, interleaved.
 
-Every candidate carries the same weights (randomised: nothing can be downloaded here). Each runtime runs two
-exports of the model and the better one counts as that runtime's figure: PyTorch's own ONNX export
-(GroupNorm as InstanceNormalization over a reshape, AveragePool) and our portable export
-(poolformer.runtimes.export_forms: reductions, a depthwise conv and a constant map). `fast` is
+Every candidate carries the same weights (randomised: nothing can be downloaded here). Each runtime runs every
+form of the model it takes and the best one counts as that runtime's figure: PyTorch's own ONNX export
+(GroupNorm as InstanceNormalization over a reshape, AveragePool), our portable export
+(poolformer.runtimes.export_forms: reductions, a depthwise conv and a constant map), and for OpenVINO its own
+PyTorch frontend (`openvino.convert_model`, what `--impl openvino` runs), which makes each GroupNorm one MVN
+node and folds the affines and LayerScale into the convolutions by itself. `fast` is
 `poolformer.optimize(model)` with the backend it picks by itself (the folded graph in OpenVINO where that is
 installed, built from OpenVINO's operators: poolformer.fast.openvino_graph); its other backends run as
 `fast (NAME)`, among them `fast (inductor)`, the folded graph compiled by torch.compile with freezing (what
@@ -65,14 +67,15 @@ from poolformer.fast.folding import FoldedModel, Plan
 from poolformer.fast.runtime import runs as runtime_runs
 from poolformer.implementations import IMPLEMENTATIONS
 from poolformer.runtimes.export_forms import FoldedExport, portable_form
-from poolformer.runtimes.exporting import export_onnx
+from poolformer.runtimes.exporting import export_onnx, openvino_converter
 from poolformer.runtimes.runners import OnnxRuntimeRunner, OpenVinoRunner, RuntimeModule
 from poolformer_cli.common import write_atomic
 
 RESULTS = Path(__file__).parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RUNTIMES = {"fp32": ("onnxruntime", "openvino"), "bf16": ("openvino",)}  # ONNX Runtime: no bf16 CPU kernels
-EXPORTS = ("torch-export", "portable-export")
+EXPORTS = {"onnxruntime": ("torch-export", "portable-export"),
+           "openvino": ("torch-export", "portable-export", "convert-model")}  # convert-model: OpenVINO's own frontend
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -88,7 +91,7 @@ FOLDED_ONNX = "fast (openvino, ONNX export)"
 
 
 def runtime_candidates(precision: str) -> tuple[str, ...]:
-    return tuple(f"{runtime}/{export}" for runtime in RUNTIMES[precision] for export in EXPORTS)
+    return tuple(f"{runtime}/{export}" for runtime in RUNTIMES[precision] for export in EXPORTS[runtime])
 
 
 def candidates(ours: torch.nn.Module, shape: tuple[int, ...], threads: int, folder: str, precision: str,
@@ -127,8 +130,12 @@ def candidates(ours: torch.nn.Module, shape: tuple[int, ...], threads: int, fold
     export_onnx(portable_form(ours), paths["portable-export"], shape)
     for name in runtime_candidates(precision):
         runtime, export = name.split("/")
-        run = (OnnxRuntimeRunner(paths[export], threads) if runtime == "onnxruntime"
-               else OpenVinoRunner(paths[export], threads, precision))
+        if export == "convert-model":  # what --impl openvino runs: the model as OpenVINO's PyTorch frontend converts it
+            run = OpenVinoRunner(openvino_converter(ours)(shape), threads, precision)
+        elif runtime == "onnxruntime":
+            run = OnnxRuntimeRunner(paths[export], threads)
+        else:
+            run = OpenVinoRunner(paths[export], threads, precision)
         table[name] = (lambda r: lambda x: r(x.numpy()))(run)
     return table, fast.backend_for()
 

@@ -196,7 +196,8 @@ def test_runtimes_cpu_benchmark_measures_every_candidate_with_parity_and_a_floor
     assert precisions == (["fp32", "bf16"] if cpu_capabilities().native_bf16 else ["fp32"])
     assert (document["skipped"] is None) == cpu_capabilities().native_bf16
     for row in document["batches"]:
-        assert {"ours", "fast", "fast (oneDNN)", "openvino/torch-export", "openvino/portable-export"} <= set(row["img_s"])
+        assert {"ours", "fast", "fast (oneDNN)", "openvino/torch-export", "openvino/portable-export",
+                "openvino/convert-model"} <= set(row["img_s"])
         assert row["fast_backend"] == "openvino" and "fast (openvino)" not in row["img_s"]  # fast is that column
         # the graph built from OpenVINO's operators beside the same algebra exported to ONNX, and their ratio
         img_s = row["img_s"]
