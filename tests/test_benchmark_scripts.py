@@ -175,6 +175,39 @@ def test_openvino_crash_check_refuses_bad_arguments_in_one_line(tmp_path, args, 
     assert not list(tmp_path.iterdir())
 
 
+def test_openvino_profile_splits_each_forms_time_by_node_kind(tmp_path):
+    pytest.importorskip("openvino")
+    import torch
+
+    from poolformer import create_model
+    from poolformer.flops import count_analytic
+
+    out = tmp_path / "profile"
+    done = _run_script("benchmarks/openvino_profile.py", "--resolution", "64", "--batch-sizes", "2", "--precisions",
+                       "fp32", "--calls", "1", "--rounds", "1", "--threads", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [row["form"] for row in rows] == ["fast", "openvino/convert-model"]
+    conv_macs = count_analytic(create_model("s12").eval(), torch.zeros(1, 3, 64, 64)).by_operator["conv"].macs
+    for row in rows:
+        assert sum(row["share"].values()) == pytest.approx(1.0)
+        assert row["ms_per_image"]["1x1 convolutions"] > 0 and row["ms_per_image"]["MVN"] > 0  # fc1/fc2, the norms
+        assert row["one_by_one_gmac_s"] > 0 and row["matmul_gmac_s"] > 0
+        # the bound counts every convolution MAC of the model at the square matmul's rate
+        bound_ms = conv_macs / (row["matmul_gmac_s"] * 1e9) * 1e3
+        assert row["largest_gain"] == pytest.approx(row["wall_ms_per_image"] / bound_ms)
+    assert "| fp32 | 2 | fast |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize(("args", "message"), [(("--precisions", "fp8"), "unknown precision"),
+                                               (("--batch-sizes", "one"), "comma-separated integers"),
+                                               (("--calls", "0"), "at least 1")])
+def test_openvino_profile_refuses_bad_arguments_in_one_line(tmp_path, args, message):
+    done = _run_script("benchmarks/openvino_profile.py", *args, "--out", str(tmp_path / "profile"))
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_runtimes_cpu_benchmark_measures_every_candidate_with_parity_and_a_floor(tmp_path):
     pytest.importorskip("openvino")
     pytest.importorskip("onnxruntime")

@@ -14,10 +14,12 @@ pool(n) - n equals (pool(x) - x) / sigma because pooling keeps constants (poolfo
 the folded algebra with the standardisation done by MVN. v1's head is mean_hw(MVN(map)); v2's the LayerNorm
 (MVN over channels) of mean_hw(map). v2's stem and downsampling LayerNorms are MVNs over the channel axis.
 
-On the 2-core Zen 5 the graph ran s12 at 1.02-1.04x the exported one with the machine at full speed (where
-~92% of the time is convolutions either way) and 1.10-1.11x with the machine at half speed, in fp32 and bf16
-(benchmarks/results/runtimes_cpu_*.md has the whole-model comparison). Logits are the reference's to float32
-rounding; OpenVINO's MVN statistics are as accurate as PyTorch's group_norm (tests/test_fast.py).
+On a 2-core Zen 5 the built graph ran s12 at 1.08-1.11x the same algebra exported to ONNX, fp32 and bf16 at
+batch 1 and 16, and level with OpenVINO's own conversion of the reference model (0.98-1.04x), which makes the
+same MVNs and folds the same affines by itself (benchmarks/results/runtimes_cpu_avx512_bf16.md). Either way
+86-94% of a forward is OpenVINO's convolutions (benchmarks/results/openvino_profile_avx512_bf16.md). Logits are
+the reference's to float32 rounding; OpenVINO's MVN statistics are as accurate as PyTorch's group_norm
+(tests/test_fast.py).
 """
 
 from __future__ import annotations

@@ -115,8 +115,9 @@ def openvino_converter(model: MetaFormer):
     """A `build(shape)` function for RuntimeModule("openvino", build=...): the `openvino.Model` of this model for
     static input `shape`, from OpenVINO's own PyTorch frontend (`openvino.convert_model`). That is OpenVINO's best
     form of a PoolFormer: it makes each GroupNorm(1) one MVN node and folds the norms' affines and LayerScale into
-    the convolutions itself (s12 ran 1.15x faster than from either ONNX export; benchmarks/runtimes_cpu.py).
-    Models its tracing cannot take (the random and spatial-FFT mixers) go through the portable ONNX export."""
+    the convolutions itself (s12 ran 1.05-1.14x faster than from the better ONNX export;
+    benchmarks/results/runtimes_cpu_avx512_bf16.md).
+    A model its tracing cannot take goes through the portable ONNX export instead."""
 
     def build(shape: tuple[int, ...]) -> Any:
         from .runners import openvino_core, require
