@@ -302,8 +302,8 @@ def test_openvino_graph_is_one_mvn_per_norm(family, v1_model, v2_model):
 @_needs("openvino")
 @pytest.mark.parametrize("offset", [0.0, 100.0])
 def test_openvino_mvn_statistics_are_as_accurate_as_torch_group_norm(offset):
-    """The standardisation the graph relies on, on maps far from zero mean (where E[x^2] - E[x]^2 in float32 would
-    lose everything): within twice PyTorch's own group_norm error of a float64 standardisation."""
+    """The standardisation the graph relies on, on maps far from zero mean (where E[x^2] - E[x]^2 in float32 loses
+    three digits of the variance): within twice PyTorch's own group_norm error of a float64 standardisation."""
     import openvino as ov
 
     from poolformer.fast.openvino_graph import ALL_BUT_BATCH, _Builder

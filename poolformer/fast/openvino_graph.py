@@ -80,7 +80,7 @@ class _Builder:
             return ops.multiply(positive, positive)
         raise ConfigError(f"the OpenVINO graph has no activation {name!r}")
 
-    def block(self, x: Any, block: FoldedBlock, pool_size: int) -> Any:
+    def block(self, x: Any, block: FoldedBlock, pool_size: int, activation: str) -> Any:
         ops, pad = self.ops, pool_size // 2
         normalised = self.standardise(x, ALL_BUT_BATCH, block.norm1_eps)
         pooled = ops.avg_pool(normalised, [1, 1], [pad, pad], [pad, pad], [pool_size, pool_size], True)  # exclude_pad
@@ -88,7 +88,7 @@ class _Builder:
         x1 = ops.add(self.scaled(x, block.skip_scale1), mixed)
         hidden = self.conv(self.standardise(x1, ALL_BUT_BATCH, block.norm2_eps),
                            block.fc1_weight[:, :, None, None], block.fc1_bias)
-        hidden = self.activation(hidden, self._activation)
+        hidden = self.activation(hidden, activation)
         out = self.conv(hidden, block.fc2_weight[:, :, None, None], block.fc2_bias)
         return ops.add(out, self.scaled(x1, block.skip_scale2))
 
@@ -96,7 +96,6 @@ class _Builder:
         import openvino as ov
 
         ops = self.ops
-        self._activation = plan.activation
         images = ops.parameter(list(shape), ov.Type.f32, name="images")
         x = self.conv(images, folded.stem_weight, folded.stem_bias, stride=4, padding=2)
         if folded.stem_norm_weight is not None:
@@ -107,7 +106,7 @@ class _Builder:
                     x = self.standardise(x, CHANNELS, plan.down_norm_eps)
                 x = self.conv(x, stage.down_weight, stage.down_bias, stride=2, padding=1)
             for block in stage.blocks:
-                x = self.block(x, block, plan.pool_size)
+                x = self.block(x, block, plan.pool_size, plan.activation)
         if plan.head_norm_on == "map":  # mean_hw(GN(x)) = mean_hw of the standardised map (affine in the classifier)
             pooled = ops.reduce_mean(self.standardise(x, ALL_BUT_BATCH, plan.head_norm_eps), self.axes(SPATIAL), False)
         else:
