@@ -3,9 +3,9 @@
 Eager, the oneDNN path (`poolformer.fast.cpu`) spends about 40% of a bf16 batch-1 forward outside its matrix
 multiplies: some 310 operator calls for pooling, statistics, scaling and residuals. Compiled by inductor with
 freezing, the same algebra keeps oneDNN's packed convolutions (weights become constants, reordered once) and
-turns everything between them into a few generated C++ loops: on a 2-core Zen 5, s12 bf16 ran at 1.01-1.12x
-the eager oneDNN backend and 1.03-1.04x timm compiled; in fp32 at 1.09x auto's OpenVINO backend at batch 1 and
-0.89x at batch 16 (benchmarks/results/runtimes_cpu_avx512_bf16.md; runs move by 5-20% on that machine).
+turns everything between them into a few generated C++ loops: on a 2-core Zen 5, s12 bf16 ran at 1.09x the
+eager oneDNN backend and 1.03-1.16x timm compiled, and at 0.87-0.98x auto's OpenVINO backend in fp32 and bf16
+(benchmarks/results/runtimes_cpu_avx512_bf16.md; runs move by 5-20% on that machine).
 The price is compilation: ~10-15 s per input shape with a C++ compiler, so "auto" never picks it; it is what
 `bench --impl fast --compile` (and `optimize(model, backend="inductor")`) runs.
 
