@@ -6,7 +6,8 @@
 - ``fast``: `poolformer.fast.optimize(model)`, the folded inference-only form (v1/v2), same logits.
 - ``onnxruntime`` / ``openvino``: the model run by that runtime (`poolformer.runtimes`), converted per input
   shape on the first call: exported to ONNX for ONNX Runtime, converted by OpenVINO's own PyTorch frontend for
-  OpenVINO (its fastest form of the model); an exported file runs the same way through `runtime_for_file`.
+  OpenVINO (its fastest form of the model); an exported file (.onnx, or OpenVINO IR .xml) runs the same way
+  through `runtime_for_file`.
 
 A new implementation is one function `(model: MetaFormer) -> nn.Module` added to `IMPLEMENTATIONS`.
 Peers (`timm:NAME`, see poolformer.peers) have one implementation, timm's own, built by `build` as well.
@@ -69,13 +70,19 @@ RUNTIME_IMPLS = ("onnxruntime", "openvino")
 
 
 def is_exported_file(weights: Any) -> bool:
-    return weights is not None and str(weights).lower().endswith(".onnx")
+    """An exported model rather than a checkpoint: ONNX (.onnx) or OpenVINO IR (.xml)."""
+    return weights is not None and str(weights).lower().endswith((".onnx", ".xml"))
 
 
 def runtime_for_file(path: str, impl: str) -> nn.Module:
-    """An exported .onnx file run by `impl` (onnxruntime or openvino; "ours" means onnxruntime)."""
+    """An exported .onnx file run by `impl` (onnxruntime or openvino; "ours" means onnxruntime), or an OpenVINO IR
+    .xml file run by openvino ("ours" means openvino)."""
     from .runtimes.runners import RuntimeModule
 
+    if str(path).lower().endswith(".xml"):
+        if impl not in ("ours", "openvino"):
+            raise ConfigError(f"an OpenVINO IR .xml file runs with --impl openvino, not {impl}")
+        return RuntimeModule.from_file("openvino", path)
     runtime = "onnxruntime" if impl == "ours" else impl
     if runtime not in RUNTIME_IMPLS:
         raise ConfigError(f"an exported .onnx file runs with --impl onnxruntime or openvino, not {impl}")

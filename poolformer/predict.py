@@ -42,7 +42,7 @@ class Classifier:
 
 def checkpoint_num_classes(path: str | os.PathLike) -> int:
     """The class count a checkpoint's classifier was trained for (1000 for ImageNet weights); for an exported
-    .onnx file, its logits' width."""
+    .onnx or OpenVINO IR .xml file, its logits' width."""
     from .implementations import is_exported_file
 
     if is_exported_file(path):
@@ -58,7 +58,8 @@ def checkpoint_num_classes(path: str | os.PathLike) -> int:
 
 
 def exported_num_classes(path: str | os.PathLike) -> int:
-    """The width of an exported classifier's [batch, classes] output, read from the ONNX graph."""
+    """The width of an exported classifier's [batch, classes] output, read from the ONNX graph (or the OpenVINO IR
+    .xml file)."""
     import onnx
 
     from .errors import CheckpointError
@@ -66,6 +67,10 @@ def exported_num_classes(path: str | os.PathLike) -> int:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
+    if path.lower().endswith(".xml"):
+        from .runtimes.runners import ir_signature
+
+        return ir_signature(path).num_classes
     try:
         graph = onnx.load(path, load_external_data=False).graph
     except Exception as err:  # onnx raises DecodeError and friends for files that are not ONNX

@@ -16,8 +16,9 @@ from .summary import one_int
 
 def export_command(
     model: str = typer.Argument(..., help="Model name or alias (see `poolformer list`)."),
-    output: Path = typer.Option(..., "--output", "-o", help="The file to write (.onnx or .pt2)."),
-    fmt: str = typer.Option("onnx", "--format", help="onnx or pt2 (torch.export program)."),
+    output: Path = typer.Option(..., "--output", "-o", help="The file to write (.onnx, .pt2, or .xml for openvino: "
+                                                            "its weights go beside it as .bin)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx, pt2 (torch.export program) or openvino (OpenVINO IR)."),
     weights: Optional[Path] = typer.Option(None, help="Checkpoint file (official, timm or transformers layout)."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Use the published ImageNet weights."),
     resolution: str = typer.Option("224", metavar="INTEGER", help="Input height = width the file is exported for."),
@@ -30,9 +31,10 @@ def export_command(
                                                                       "(default: generated images)."),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Export a model to ONNX (or a torch.export pt2 program), run the file with ONNX Runtime and OpenVINO
-    (or torch for pt2) on random inputs and on images, and write it only when its logits match our fp32
-    model's (max |diff| <= 1e-4 x max(1, max |logit|), same top-1 on every input).
+    """Export a model to ONNX (or a torch.export pt2 program, or OpenVINO IR), run the file with ONNX Runtime and
+    OpenVINO (torch for pt2, OpenVINO for IR) on random inputs and on images, and write it only when its logits
+    match our fp32 model's (max |diff| <= 1e-4 x max(1, max |logit|), same top-1 on every input). IR with --fast
+    is the graph `--impl fast` runs on a CPU; without, OpenVINO's own conversion of the model.
 
     GroupNorm with one group and the pooling that skips padded positions are exported as plain reductions,
     a depthwise convolution and a constant map, which every runtime computes the same way (TensorRT, for
@@ -42,20 +44,26 @@ def export_command(
     size = one_int(resolution, "--resolution")
     if size < 32:
         fail(f"--resolution must be at least 32 (four downsamplings to stride 32), got {size}")
-    if fmt not in ("onnx", "pt2"):
-        fail(f"unknown format {fmt!r} for --format; choose from: onnx, pt2")
-    suffix = {"onnx": ".onnx", "pt2": ".pt2"}[fmt]
+    if fmt not in ("onnx", "pt2", "openvino"):
+        fail(f"unknown format {fmt!r} for --format; choose from: onnx, pt2, openvino")
+    suffix = {"onnx": ".onnx", "pt2": ".pt2", "openvino": ".xml"}[fmt]
     if output.suffix.lower() != suffix:
-        fail(f"--output {str(output)!r}: a {fmt} file should end in {suffix}")
+        fail(f"--output {str(output)!r}: a --format {fmt} file should end in {suffix}")
     check_writable(output, "--output")
+    if fmt == "openvino":
+        check_writable(output.with_suffix(".bin"), "--output's weights file")
     from poolformer import create_model
+    from poolformer.predict import trained_num_classes
     from poolformer.runtimes.exporting import export_model
 
     with user_errors():
         if weights is not None and pretrained:
             fail("pass either --weights PATH or --pretrained, not both")
+        classes = 1000  # the checkpoint's classifier width where one is given (a fine-tuned 10-class head)
+        if weights is not None or pretrained:
+            classes = trained_num_classes(name, weights=weights, pretrained=pretrained)
         net = create_model(name, weights=None if weights is None else str(weights), pretrained=pretrained,
-                           **({} if size == 224 else _size_overrides(name, size)))
+                           num_classes=classes, **({} if size == 224 else _size_overrides(name, size)))
         checked = _images(net.spec, size, images)
         if fast:
             from poolformer.errors import ConfigError

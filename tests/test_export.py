@@ -98,6 +98,42 @@ def test_pt2_export_round_trips_through_torch_export(tmp_path, s12):
         torch.testing.assert_close(program.module()(x), s12(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_openvino_ir_export_writes_the_xml_and_its_weights_and_runs_at_any_batch(tmp_path, s12, fast):
+    """IR is the graph `--impl fast` runs on a CPU (fast: built from OpenVINO's operators, one MVN per norm) or
+    OpenVINO's own conversion; written only after OpenVINO ran it, the weights beside it in float32."""
+    pytest.importorskip("openvino")
+    from poolformer.runtimes.runners import RuntimeModule
+
+    path = tmp_path / "out" / "s12.xml"
+    report = export_model(s12, path, fmt="openvino", resolution=64, dynamic_batch=True, fast=fast,
+                          images=_photographs(64))
+    assert report.passed and report.written and report.opset is None
+    assert {(c.runtime, c.inputs) for c in report.checks} == {("openvino", "random"), ("openvino", "images")}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["s12.bin", "s12.xml"]  # no temporaries left
+    assert report.size_bytes == path.stat().st_size + path.with_suffix(".bin").stat().st_size
+    assert path.with_suffix(".bin").stat().st_size > 4 * 11_000_000  # s12's ~11.9M parameters, not fp16
+    module = RuntimeModule.from_file("openvino", path)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 64, 64)
+        with torch.no_grad():
+            expected = s12(x)
+        assert (module(x) - expected).abs().max().item() < 1e-4 * max(1.0, expected.abs().max().item())
+
+
+def test_an_openvino_ir_that_does_not_match_leaves_the_old_files(tmp_path, s12, monkeypatch):
+    pytest.importorskip("openvino")
+    real = exporting._run_file
+    monkeypatch.setattr(exporting, "_run_file", lambda *a: real(*a) + np.float32(0.01))
+    path = tmp_path / "s12.xml"
+    path.write_text("the previous graph")
+    path.with_suffix(".bin").write_text("the previous weights")
+    report = export_model(s12, path, fmt="openvino", resolution=64)
+    assert not report.written and path.read_text() == "the previous graph"
+    assert path.with_suffix(".bin").read_text() == "the previous weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s12.bin", "s12.xml"]
+
+
 def test_export_cli_reports_parity_as_json(tmp_path, s12_checkpoint):
     path = tmp_path / "s12.onnx"
     result = runner.invoke(app, ["export", "s12", "--weights", str(s12_checkpoint), "--output", str(path),
@@ -119,7 +155,9 @@ def test_export_cli_exits_1_and_writes_nothing_on_mismatch(tmp_path, monkeypatch
 
 @pytest.mark.parametrize(("args", "message"), [
     (["s12", "--output", "x.onnx", "--format", "tflite"], "unknown format 'tflite'"),
-    (["s12", "--output", "x.onnx", "--format", "pt2"], "a pt2 file should end in .pt2"),
+    (["s12", "--output", "x.onnx", "--format", "pt2"], "a --format pt2 file should end in .pt2"),
+    (["s12", "--output", "x.onnx", "--format", "openvino"], "a --format openvino file should end in .xml"),
+    (["s12", "--output", "x.xml", "--format", "openvino", "--opset", "18"], "--opset applies to ONNX exports only"),
     (["s12_dwconv", "--output", "x.onnx", "--fast"], "--fast: the fast path handles pooling token mixers only"),
     (["s12", "--output", "x.onnx", "--opset", "9", "--resolution", "64"], "--opset must be between 13 and 20"),
     (["s12", "--output", "x.onnx", "--resolution", "16"], "--resolution must be at least 32"),

@@ -267,3 +267,27 @@ def test_openvino_runs_its_own_conversion_of_the_model_or_the_onnx_export(monkey
         expected, got = ours(x), runtime(x)
     assert calls == [torch.Size([2, 3, 64, 80])]  # one conversion for the shape
     assert (got - expected).abs().max().item() < 1e-5 * max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.skipif(not available("openvino"), reason="openvino is not installed")
+def test_an_openvino_ir_file_runs_as_weights_in_predict_and_bench(tmp_path, exported):
+    """`poolformer export --format openvino` writes what predict and bench then run with --weights FILE.xml
+    (OpenVINO only); a corrupt .xml file or another runtime is one line."""
+    checkpoint, onnx_path, image = exported
+    ir = tmp_path / "s12_10.xml"
+    result = runner.invoke(app, ["export", "s12", "--weights", str(checkpoint), "--output", str(ir), "--format",
+                                 "openvino", "--fast", "--resolution", "64", "--dynamic-batch"])
+    assert result.exit_code == 0, result.output
+    results = [runner.invoke(app, ["predict", str(image), "--model", "s12", "--weights", str(weights), "--json",
+                                   "--device", "cpu", "--impl", "openvino"]) for weights in (ir, onnx_path)]
+    assert all(r.exit_code == 0 for r in results), results[0].output + results[1].output
+    ranked = [[p["index"] for p in json.loads(r.stdout)[0]["predictions"]] for r in results]
+    assert ranked[0] == ranked[1] and len(ranked[0]) == 5  # the ONNX export of the same 10-class model at 64 px
+    bench = run_config(BenchConfig("s12", "openvino", "cpu", 3, 64, weights=str(ir)), QUICK)
+    assert bench.status == "ok", bench.error
+    assert_one_line_error(runner.invoke(app, ["predict", str(image), "--model", "s12", "--weights", str(ir), "--impl",
+                                              "onnxruntime"]), "runs with --impl openvino, not onnxruntime")
+    corrupt = tmp_path / "corrupt.xml"
+    corrupt.write_text("<net>not a graph")
+    assert_one_line_error(runner.invoke(app, ["predict", str(image), "--model", "s12", "--weights", str(corrupt)]),
+                          "OpenVINO cannot read it", exit_code=1)

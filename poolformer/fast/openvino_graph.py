@@ -92,11 +92,11 @@ class _Builder:
         out = self.conv(hidden, block.fc2_weight[:, :, None, None], block.fc2_bias)
         return ops.add(out, self.scaled(x1, block.skip_scale2))
 
-    def model(self, folded: FoldedModel, plan: Plan, shape: tuple[int, int, int, int]) -> Any:
+    def model(self, folded: FoldedModel, plan: Plan, shape: tuple[int, int, int, int], dynamic_batch: bool) -> Any:
         import openvino as ov
 
         ops = self.ops
-        images = ops.parameter(list(shape), ov.Type.f32, name="images")
+        images = ops.parameter([-1 if dynamic_batch else shape[0], *shape[1:]], ov.Type.f32, name="images")
         x = self.conv(images, folded.stem_weight, folded.stem_bias, stride=4, padding=2)
         if folded.stem_norm_weight is not None:
             x = self.scaled(self.standardise(x, CHANNELS, plan.stem_norm_eps), folded.stem_norm_weight)
@@ -117,9 +117,9 @@ class _Builder:
         return ov.Model([logits], [images], "poolformer_folded")
 
 
-def build_model(folded: FoldedModel, plan: Plan, shape: tuple[int, ...]) -> Any:
-    """An `openvino.Model` of the folded model taking float32 images of `shape` [B, 3, H, W] (static) to float32
-    logits [B, num_classes]. Needs openvino installed."""
+def build_model(folded: FoldedModel, plan: Plan, shape: tuple[int, ...], dynamic_batch: bool = False) -> Any:
+    """An `openvino.Model` of the folded model taking float32 images of `shape` [B, 3, H, W] (static; with
+    `dynamic_batch`, any B) to float32 logits [B, num_classes]. Needs openvino installed."""
     if len(shape) != 4:
         raise ConfigError(f"expected an image batch shape [B, 3, H, W], got {list(shape)}")
-    return _Builder().model(folded, plan, tuple(int(v) for v in shape))
+    return _Builder().model(folded, plan, tuple(int(v) for v in shape), dynamic_batch)

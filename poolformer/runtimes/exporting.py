@@ -1,5 +1,5 @@
-"""`export_model`: write a PoolFormer as ONNX or pt2, run the file with its runtime, and keep it only when its
-outputs match our fp32 model's.
+"""`export_model`: write a PoolFormer as ONNX, pt2 or OpenVINO IR, run the file with its runtime, and keep it only
+when its outputs match our fp32 model's.
 
 Parity: the exported file and our fp32 model see the same inputs (random images, plus real or generated
 photographs), and the file passes when max |logit difference| <= PARITY_TOLERANCE x max(1, max |logit|) and the
@@ -27,7 +27,7 @@ from ..model import MetaFormer
 from .export_forms import FoldedExport, portable_form
 from .runners import available, make_runner
 
-FORMATS = ("onnx", "pt2")
+FORMATS = ("onnx", "pt2", "openvino")  # openvino: OpenVINO IR, FILE.xml with its weights beside it in FILE.bin
 DEFAULT_OPSET = 17
 PARITY_TOLERANCE = 1e-4
 
@@ -111,6 +111,29 @@ def onnx_exporter(model: MetaFormer, fast: bool = False, opset: int = DEFAULT_OP
     return export
 
 
+def openvino_model(model: MetaFormer, shape: tuple[int, ...], fast: bool, dynamic_batch: bool = False) -> Any:
+    """The `openvino.Model` that `--format openvino` writes: the fast path's graph built from OpenVINO's operators
+    (fast), or OpenVINO's own conversion of the model."""
+    if fast:
+        from ..fast.folding import fold
+        from ..fast.openvino_graph import build_model
+
+        return build_model(*fold(model), shape, dynamic_batch)
+    graph = openvino_converter(model)(shape)
+    if dynamic_batch:
+        graph.reshape({graph.inputs[0]: [-1, *shape[1:]]})
+    return graph
+
+
+def save_openvino(model: MetaFormer, path: str | os.PathLike, shape: tuple[int, ...], fast: bool,
+                  dynamic_batch: bool = False) -> None:
+    """Write `openvino_model(...)` as OpenVINO IR: `path` (.xml) and its weights in float32 beside it (.bin)."""
+    from .runners import require
+
+    require("openvino").save_model(openvino_model(model, shape, fast, dynamic_batch), str(path),
+                                   compress_to_fp16=False)
+
+
 def openvino_converter(model: MetaFormer):
     """A `build(shape)` function for RuntimeModule("openvino", build=...): the `openvino.Model` of this model for
     static input `shape`, from OpenVINO's own PyTorch frontend (`openvino.convert_model`). That is OpenVINO's best
@@ -163,11 +186,13 @@ def export_model(model: MetaFormer, path: str | os.PathLike, *, fmt: str = "onnx
 
     images: preprocessed photographs [N, 3, resolution, resolution] checked besides random inputs.
     runtimes: which runtimes run an ONNX file (default: every installed one of onnxruntime, openvino);
-    a pt2 file runs in torch.
+    a pt2 file runs in torch, an OpenVINO IR file (`path` .xml, its weights written beside it as .bin) in
+    OpenVINO. With `fast`, ONNX and pt2 hold `FoldedExport`, IR the fast path's graph built from OpenVINO's
+    operators; without, IR is OpenVINO's own conversion of the model.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose from: {', '.join(FORMATS)}")
-    if fmt == "pt2" and opset != DEFAULT_OPSET:
+    if fmt != "onnx" and opset != DEFAULT_OPSET:
         raise ConfigError("--opset applies to ONNX exports only")
     if fmt == "onnx" and not 13 <= opset <= 20:
         raise ConfigError(f"--opset must be between 13 and 20 for the operators used here, not {opset}")
@@ -180,17 +205,26 @@ def export_model(model: MetaFormer, path: str | os.PathLike, *, fmt: str = "onnx
         if not runtimes:
             raise ConfigError("neither onnxruntime nor openvino is installed here: nothing could check the file "
                               "(pip install onnxruntime)")
+    if fmt == "openvino":
+        if not available("openvino"):
+            raise ConfigError("openvino is not installed here (pip install openvino)")
+        runtimes = ("openvino",)
     module = exportable(model.eval(), fast)
     batch = 2 if dynamic_batch else 1  # a dynamic batch is exported at 2 and checked at 1 and 3 below
     target = Path(path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=target.suffix or f".{fmt}", dir=target.parent)
     os.close(fd)
+    weights = [(Path(tmp).with_suffix(".bin"), target.with_suffix(".bin"))] if fmt == "openvino" else []
     try:
         shape = (batch, 3, resolution, resolution)
         try:
-            (export_onnx(module, tmp, shape, opset, dynamic_batch) if fmt == "onnx"
-             else export_pt2(module, tmp, shape, dynamic_batch))
+            if fmt == "onnx":
+                export_onnx(module, tmp, shape, opset, dynamic_batch)
+            elif fmt == "pt2":
+                export_pt2(module, tmp, shape, dynamic_batch)
+            else:
+                save_openvino(model, tmp, shape, fast, dynamic_batch)
         except Exception as err:  # the exporters raise many types, with graph dumps in the message
             first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
             raise ConfigError(f"{report.model} could not be exported as {fmt}: {type(err).__name__}: "
@@ -202,7 +236,7 @@ def export_model(model: MetaFormer, path: str | os.PathLike, *, fmt: str = "onnx
             with torch.no_grad():
                 expected = model(x).float().numpy()
             batches = [x] if dynamic_batch else list(x.split(batch))
-            for runtime in (runtimes if fmt == "onnx" else ("torch",)):
+            for runtime in (("torch",) if fmt == "pt2" else runtimes):
                 got = np.concatenate([_run_file(fmt, runtime, tmp, b.numpy()) for b in batches])
                 report.checks.append(_check(runtime, kind, got, expected, tolerance))
         if not report.passed:
@@ -211,10 +245,15 @@ def export_model(model: MetaFormer, path: str | os.PathLike, *, fmt: str = "onnx
                              f"(allowed {tolerance:g} x {max(1.0, failed.max_abs_logit):.3g}), top-1 agreement "
                              f"{failed.top1_agreement:.0%}")
             return report
+        for written, final in weights:  # the weights first: a reader of the new .xml always finds its .bin
+            os.chmod(written, new_file_mode())
+            os.replace(written, final)
         os.chmod(tmp, new_file_mode())
         os.replace(tmp, target)
-        report.written, report.size_bytes = True, target.stat().st_size
+        report.written = True
+        report.size_bytes = target.stat().st_size + sum(final.stat().st_size for _, final in weights)
         return report
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (Path(tmp), *(written for written, _ in weights)):
+            if leftover.exists():
+                leftover.unlink()

@@ -154,6 +154,16 @@ class OpenVinoRunner:
         return self.request.infer({0: images})[self.compiled.output(0)]
 
 
+def ir_signature(path: str) -> Signature:
+    """The Signature of an OpenVINO IR file, read but not compiled; CheckpointError for a file OpenVINO cannot read
+    or one that is not an image classifier of this form."""
+    try:
+        model = openvino_core().read_model(path)
+    except Exception as err:  # OpenVINO raises RuntimeError subclasses with long multi-line messages
+        raise CheckpointError(f"{path}: OpenVINO cannot read it: {_first_line(err)}") from None
+    return _check_signature(path, [tuple(_ov_dims(i)) for i in model.inputs], [tuple(_ov_dims(o)) for o in model.outputs])
+
+
 def _ov_dims(port: Any) -> list[Any]:
     return [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
 
