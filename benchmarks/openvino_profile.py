@@ -39,7 +39,7 @@ from poolformer.runtimes.runners import openvino_core
 from poolformer_cli.common import write_atomic
 
 sys.path.insert(0, str(Path(__file__).parent))
-from runtimes_cpu import randomize_  # noqa: E402  (the same randomised weights as the throughput benchmark)
+from runtimes_cpu import add_model_arguments, batches_and_precisions, randomize_  # noqa: E402  (shared with the throughput benchmark)
 
 RESULTS = Path(__file__).parent / "results"
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
@@ -153,33 +153,19 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="s12")
-    parser.add_argument("--resolution", type=int, default=224)
-    parser.add_argument("--batch-sizes", default="1,16")
-    parser.add_argument("--precisions", default="fp32,bf16", help="bf16 only runs on CPUs with native bf16")
-    parser.add_argument("--threads", type=int, default=2)
+    add_model_arguments(parser)
     parser.add_argument("--calls", type=int, default=5, help="profiled calls per form per round")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--out", default=str(RESULTS / "openvino_profile"), help="path without suffix")
     args = parser.parse_args(argv)
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    unknown = [p for p in precisions if p not in PRECISIONS]
-    if unknown:
-        parser.error(f"unknown precision(s) {', '.join(unknown)}; choose from {', '.join(PRECISIONS)}")
     if args.resolution < 32 or args.calls < 1 or args.rounds < 1:
         parser.error("--resolution must be at least 32, --calls and --rounds at least 1")
-    try:
-        batches = [int(b) for b in args.batch_sizes.split(",")]
-    except ValueError:
-        parser.error(f"--batch-sizes takes comma-separated integers, not {args.batch_sizes!r}")
+    cpu = cpu_capabilities()
+    batches, precisions, _ = batches_and_precisions(parser, args, cpu)
     try:
         import openvino
     except ImportError:
         parser.error("openvino is not installed: pip install -e '.[dev]'")
-    cpu = cpu_capabilities()
-    if "bf16" in precisions and not cpu.native_bf16:
-        precisions.remove("bf16")
-        print("skipping bf16 (this CPU has no native bf16: OpenVINO would not compute it)", flush=True)
     torch.set_num_threads(args.threads)
     model = randomize_(create_model(args.model)).eval()
     results = {"model": model.spec.name, "resolution": args.resolution, "calls": args.calls, "rounds": args.rounds,

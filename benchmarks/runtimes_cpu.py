@@ -330,13 +330,38 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options the CPU runtime benchmarks share: model, resolution, batch sizes, precisions, threads."""
     parser.add_argument("--model", default="s12")
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--precisions", default="fp32,bf16", help="bf16 only runs on CPUs with native bf16")
     parser.add_argument("--threads", type=int, default=2)
+
+
+def batches_and_precisions(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                           cpu) -> tuple[list[int], list[str], str | None]:
+    """The batch sizes and precisions asked for (parser.error for ones that are not), without bf16 where `cpu`
+    would only emulate it, and what was skipped (None: nothing)."""
+    try:
+        batches = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        parser.error(f"--batch-sizes takes comma-separated integers, not {args.batch_sizes!r}")
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    unknown = [p for p in precisions if p not in DTYPES]
+    if unknown:
+        parser.error(f"unknown precision(s) {', '.join(unknown)}; choose from {', '.join(DTYPES)}")
+    skipped = None
+    if "bf16" in precisions and not cpu.native_bf16:
+        precisions.remove("bf16")
+        skipped = "bf16 (this CPU has no native bf16: it would be emulated)"
+        print(f"skipping {skipped}", flush=True)
+    return batches, precisions, skipped
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
@@ -355,15 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     import timm
 
     cpu = cpu_capabilities()
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    unknown = [p for p in precisions if p not in DTYPES]
-    if unknown:
-        parser.error(f"unknown precision(s) {', '.join(unknown)}; choose from {', '.join(DTYPES)}")
-    skipped = None
-    if "bf16" in precisions and not cpu.native_bf16:
-        precisions.remove("bf16")
-        skipped = "bf16 (this CPU has no native bf16: it would be emulated)"
-        print(f"skipping {skipped}", flush=True)
+    batches, precisions, skipped = batches_and_precisions(parser, args, cpu)
     ours = randomize_(create_model(args.model)).eval()
     results = {
         "model": ours.spec.name, "resolution": args.resolution, "rounds": args.rounds, "block": args.block,
@@ -375,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         "batches": [],
     }
     for precision in precisions:
-        for batch in (int(b) for b in args.batch_sizes.split(",")):
+        for batch in batches:
             rounds = args.rounds if batch == 1 else max(2, args.rounds // 4)
             runs = [measure(ours, batch, args.resolution, args.threads, rounds, args.warmup, args.block, precision,
                             compiler) for _ in range(args.repeats)]
