@@ -167,10 +167,15 @@ def test_openvino_crash_check_counts_processes_per_case(tmp_path):
         out.with_suffix(".md").read_text())
 
 
-@pytest.mark.parametrize("args, message", [(["--runs", "0"], "--runs must be at least 1"),
-                                           (["--cases", "cores-in-order,bogus"], "unknown case(s) bogus")])
-def test_openvino_crash_check_refuses_bad_arguments_in_one_line(tmp_path, args, message):
-    done = _run_script("benchmarks/openvino_crash_check.py", *args, "--out", str(tmp_path / "crash"))
+@pytest.mark.parametrize("script, args, message", [
+    ("openvino_crash_check", ["--runs", "0"], "--runs must be at least 1"),
+    ("openvino_crash_check", ["--cases", "cores-in-order,bogus"], "unknown case(s) bogus"),
+    ("openvino_profile", ["--precisions", "fp8"], "unknown precision"),
+    ("openvino_profile", ["--batch-sizes", "one"], "comma-separated integers"),
+    ("openvino_profile", ["--calls", "0"], "at least 1"),
+])
+def test_openvino_scripts_refuse_bad_arguments_in_one_line(tmp_path, script, args, message):
+    done = _run_script(f"benchmarks/{script}.py", *args, "--out", str(tmp_path / "out"))
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
     assert not list(tmp_path.iterdir())
 
@@ -197,15 +202,6 @@ def test_openvino_profile_splits_each_forms_time_by_node_kind(tmp_path):
         bound_ms = conv_macs / (row["matmul_gmac_s"] * 1e9) * 1e3
         assert row["largest_gain"] == pytest.approx(row["wall_ms_per_image"] / bound_ms)
     assert "| fp32 | 2 | fast |" in out.with_suffix(".md").read_text()
-
-
-@pytest.mark.parametrize(("args", "message"), [(("--precisions", "fp8"), "unknown precision"),
-                                               (("--batch-sizes", "one"), "comma-separated integers"),
-                                               (("--calls", "0"), "at least 1")])
-def test_openvino_profile_refuses_bad_arguments_in_one_line(tmp_path, args, message):
-    done = _run_script("benchmarks/openvino_profile.py", *args, "--out", str(tmp_path / "profile"))
-    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
-    assert not list(tmp_path.iterdir())
 
 
 def test_runtimes_cpu_benchmark_measures_every_candidate_with_parity_and_a_floor(tmp_path):

@@ -52,12 +52,18 @@ def test_runtime_rows_match_our_model_and_time_session_creation_as_the_first_cal
     assert result.first_call_ms > result.latency_ms.median  # export + session creation happen on the first call
 
 
+def _seeded(name: str, *impls: str) -> list[torch.nn.Module]:
+    """`name` in each implementation, each built after the same seed: the same weights, as bench builds them."""
+    models = []
+    for impl in impls:
+        torch.manual_seed(0)
+        models.append(build(name, impl))
+    return models
+
+
 def test_same_name_same_weights_in_every_implementation():
     """Models are built after seeding, so each implementation's row compares against the same reference."""
-    torch.manual_seed(0)
-    ours = build("s12", "ours")
-    torch.manual_seed(0)
-    fast = build("s12", "fast")
+    ours, fast = _seeded("s12", "ours", "fast")
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert (ours(x) - fast(x)).abs().max().item() < 1e-4
@@ -258,10 +264,7 @@ def test_openvino_runs_its_own_conversion_of_the_model_or_the_onnx_export(monkey
         return convert(*args, **kwargs)
 
     monkeypatch.setattr(ov, "convert_model", spy)
-    torch.manual_seed(0)
-    ours = build("v2_s12", "ours")
-    torch.manual_seed(0)
-    runtime = build("v2_s12", "openvino")
+    ours, runtime = _seeded("v2_s12", "ours", "openvino")
     x = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         expected, got = ours(x), runtime(x)
