@@ -9,7 +9,9 @@ convolutions' rate in GMAC/s (the model's fc1/fc2 MACs over their measured time)
 the forms, a 2048x2048x2048 MatMul in OpenVINO in the same precision: the rate the 1x1 convolutions would need to
 beat for a faster model. "largest gain" is the forward's time over the time of all the model's convolution MACs
 at the matmul's rate with nothing else left: the most any implementation can lead this one by with kernels no
-faster than that.
+faster than that. Where a C compiler is found, fma_peak.c measures the CPU's own multiply-accumulate peak (vector
+FMAs, or VDPBF16PS in bf16, with nothing else to wait on), and "gain at peak" is the same quotient at that rate:
+the most any kernel at all could gain, at a rate no real convolution reaches.
 
     PYTHONPATH=. python benchmarks/openvino_profile.py --out benchmarks/results/openvino_profile_NAME
 Writes OUT.json and OUT.md (command, machine, tables). OpenVINO's profile counts each node's own time; the
@@ -21,7 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -42,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from runtimes_cpu import add_model_arguments, batches_and_precisions, randomize_  # noqa: E402  (shared with the throughput benchmark)
 
 RESULTS = Path(__file__).parent / "results"
+PEAK_SOURCE = Path(__file__).parent / "fma_peak.c"
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 KINDS = ("1x1 convolutions", "other convolutions", "MVN", "pooling", "element-wise subgraphs", "rest")
 FORMS = ("fast", "openvino/convert-model")
@@ -86,8 +92,33 @@ def square_matmul(precision: str, threads: int, side: int = 2048):
     return request, rng.standard_normal((side, side)).astype(np.float32), side ** 3
 
 
+def build_peak_probe(directory: Path) -> tuple[Path | None, str]:
+    """fma_peak.c compiled for this CPU into DIRECTORY, or None and why not."""
+    compiler = next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None)
+    if compiler is None:
+        return None, "no C compiler found (cc, gcc, clang)"
+    probe = directory / "fma_peak"
+    done = subprocess.run([compiler, "-O2", "-march=native", "-pthread", str(PEAK_SOURCE), "-o", str(probe)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        return None, f"fma_peak.c did not compile with {compiler}: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+    return probe, ""
+
+
+def fma_peak(probe: Path | None, precision: str, threads: int, runs: int = 3, seconds: float = 0.5) -> float | None:
+    """The CPU's multiply-accumulate peak in GMAC/s on THREADS threads: the best of RUNS (a ceiling: noise only
+    lowers it), or None where the probe is missing or the CPU has no such instruction."""
+    rates = []
+    for _ in range(runs if probe is not None else 0):
+        done = subprocess.run([str(probe), precision, str(threads), str(seconds)], capture_output=True, text=True)
+        if done.returncode:
+            return None
+        rates.append(float(done.stdout))
+    return max(rates, default=None)
+
+
 def measure(model: torch.nn.Module, batch: int, resolution: int, precision: str, threads: int, calls: int,
-            rounds: int) -> dict:
+            rounds: int, probe: Path | None = None) -> dict:
     shape = (batch, 3, resolution, resolution)
     folded, plan = fold(model)
     graphs = {"fast": build_model(folded, plan, shape), "openvino/convert-model": openvino_converter(model)(shape)}
@@ -113,6 +144,7 @@ def measure(model: torch.nn.Module, batch: int, resolution: int, precision: str,
         matmul_s.append(time.perf_counter() - start)
     count = rounds * calls
     matmul_gmac_s = matmul_macs / float(np.median(matmul_s)) / 1e9
+    peak_gmac_s = fma_peak(probe, precision, threads)
     one_by_one, total = (macs * batch for macs in convolution_macs(model, resolution))
     rows = []
     for name in FORMS:
@@ -124,7 +156,10 @@ def measure(model: torch.nn.Module, batch: int, resolution: int, precision: str,
                      "profiled_ms_per_image": profiled_ms, "ms_per_image": per_kind_ms,
                      "share": {kind: ms / profiled_ms for kind, ms in per_kind_ms.items()},
                      "one_by_one_gmac_s": one_by_one / conv_s / 1e9, "matmul_gmac_s": matmul_gmac_s,
-                     "largest_gain": wall_ms / (total / batch / (matmul_gmac_s * 1e9) * 1e3)})
+                     "largest_gain": wall_ms / (total / batch / (matmul_gmac_s * 1e9) * 1e3),
+                     "fma_peak_gmac_s": peak_gmac_s,
+                     "gain_at_peak": None if peak_gmac_s is None else
+                     wall_ms / (total / batch / (peak_gmac_s * 1e9) * 1e3)})
     return rows
 
 
@@ -138,16 +173,19 @@ def markdown(results: dict) -> str:
              f"{results['rounds']} rounds of {results['calls']} profiled calls per form, a square matmul between "
              f"rounds; {env['date']}", "",
              "| precision | batch | form | wall ms/img | " + " | ".join(f"{k} ms (share)" for k in KINDS)
-             + " | 1x1 conv GMAC/s | square matmul GMAC/s | largest gain |",
-             "|---|---|---|---|" + "---|" * len(KINDS) + "---|---|---|"]
+             + " | 1x1 conv GMAC/s | square matmul GMAC/s | largest gain | FMA peak GMAC/s | gain at peak |",
+             "|---|---|---|---|" + "---|" * len(KINDS) + "---|---|---|---|---|"]
     for row in results["rows"]:
         cells = [f"{row['ms_per_image'][k]:.2f} ({row['share'][k]:.0%})" for k in KINDS]
         lines.append(f"| {row['precision']} | {row['batch_size']} | {row['form']} | {row['wall_ms_per_image']:.2f} | "
                      + " | ".join(cells) + f" | {row['one_by_one_gmac_s']:.0f} | {row['matmul_gmac_s']:.0f} | "
-                     f"{row['largest_gain']:.2f}x |")
+                     f"{row['largest_gain']:.2f}x | " + ("- | - |" if row["fma_peak_gmac_s"] is None else
+                                                        f"{row['fma_peak_gmac_s']:.0f} | {row['gain_at_peak']:.2f}x |"))
     lines += ["", "Shares are of the profiled time (each node's own). \"largest gain\": wall time over the time of all "
               "the model's convolution MACs at the square matmul's rate, the most any implementation whose kernels "
-              "multiply no faster than that could lead this form by."]
+              "multiply no faster than that could lead this form by. \"gain at peak\": the same at the CPU's "
+              "multiply-accumulate peak (benchmarks/fma_peak.c: independent vector FMAs, VDPBF16PS in bf16), the most "
+              "any kernel could gain" + ("." if env["fma_peak"] == "measured" else f"; not measured: {env['fma_peak']}.")]
     return "\n".join(lines) + "\n"
 
 
@@ -168,21 +206,26 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("openvino is not installed: pip install -e '.[dev]'")
     torch.set_num_threads(args.threads)
     model = randomize_(create_model(args.model)).eval()
+    build = tempfile.TemporaryDirectory(prefix="fma_peak_")
+    probe, why_no_probe = build_peak_probe(Path(build.name))
     results = {"model": model.spec.name, "resolution": args.resolution, "calls": args.calls, "rounds": args.rounds,
                "env": {"command": "python " + " ".join(["benchmarks/openvino_profile.py",
                                                          *(sys.argv[1:] if argv is None else argv)]),
                        "cpu": cpu.to_dict(), "threads": args.threads, "openvino": openvino.__version__,
                        "torch": torch.__version__, "platform": platform.platform(),
+                       "fma_peak": why_no_probe or "measured",
                        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")},
                "rows": []}
     for precision in precisions:
         for batch in batches:
-            for row in measure(model, batch, args.resolution, precision, args.threads, args.calls, args.rounds):
+            for row in measure(model, batch, args.resolution, precision, args.threads, args.calls, args.rounds,
+                               probe):
                 results["rows"].append(row)
                 print(f"{precision} batch {batch} {row['form']}: {row['wall_ms_per_image']:.2f} ms/img, 1x1 "
                       f"convolutions {row['share']['1x1 convolutions']:.0%} at {row['one_by_one_gmac_s']:.0f} GMAC/s "
-                      f"(square matmul {row['matmul_gmac_s']:.0f}); largest gain {row['largest_gain']:.2f}x",
-                      flush=True)
+                      f"(square matmul {row['matmul_gmac_s']:.0f}, FMA peak {row['fma_peak_gmac_s'] or 0:.0f}); largest "
+                      f"gain {row['largest_gain']:.2f}x", flush=True)
+    build.cleanup()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out.with_suffix(".json"), json.dumps(results, indent=2) + "\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -201,7 +202,32 @@ def test_openvino_profile_splits_each_forms_time_by_node_kind(tmp_path):
         # the bound counts every convolution MAC of the model at the square matmul's rate
         bound_ms = conv_macs / (row["matmul_gmac_s"] * 1e9) * 1e3
         assert row["largest_gain"] == pytest.approx(row["wall_ms_per_image"] / bound_ms)
+        if shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"):
+            # the CPU's FMA peak bounds every kernel: OpenVINO's matmul cannot beat it, nor run at a third of it
+            assert row["matmul_gmac_s"] * 0.8 < row["fma_peak_gmac_s"] < row["matmul_gmac_s"] * 3
+            peak_ms = conv_macs / (row["fma_peak_gmac_s"] * 1e9) * 1e3
+            assert row["gain_at_peak"] == pytest.approx(row["wall_ms_per_image"] / peak_ms)
     assert "| fp32 | 2 | fast |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")), reason="no C compiler")
+def test_fma_peak_probe_counts_two_threads_as_twice_one_and_refuses_what_it_cannot_measure(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from openvino_profile import build_peak_probe, fma_peak
+
+    probe, why = build_peak_probe(tmp_path)
+    assert probe is not None, why
+    one, two = (fma_peak(probe, "fp32", threads, seconds=0.2) for threads in (1, 2))
+    # each thread keeps its own chains, and the rate sums them: two cores (nearly) double one
+    assert two < 2.2 * one
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert two > 1.5 * one
+    from poolformer.capabilities import cpu_capabilities
+
+    assert (fma_peak(probe, "bf16", 1, seconds=0.2) is not None) == cpu_capabilities().native_bf16
+    bad = subprocess.run([str(probe), "fp8", "1", "1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr
+    assert fma_peak(None, "fp32", 1) is None
 
 
 def test_runtimes_cpu_benchmark_measures_every_candidate_with_parity_and_a_floor(tmp_path):
