@@ -273,6 +273,41 @@ def test_openvino_runs_its_own_conversion_of_the_model_or_the_onnx_export(monkey
 
 
 @pytest.mark.skipif(not available("openvino"), reason="openvino is not installed")
+def test_openvino_builds_each_shape_once_and_refuses_a_precision_before_building():
+    """A bench sweep over precisions converts the model once per shape, as the ONNX path exports once: each
+    precision compiles the same `openvino.Model`, which compiling leaves as it was. What cannot run here is refused
+    before the build it would waste."""
+    from poolformer.capabilities import cpu_capabilities
+    from poolformer.runtimes.exporting import openvino_converter
+
+    torch.manual_seed(0)
+    ours = create_model("s12", num_classes=10).eval()
+    convert, builds = openvino_converter(ours), []
+
+    def build(shape):
+        builds.append(shape)
+        return convert(shape)
+
+    runtime = RuntimeModule("openvino", build=build, num_classes=10)
+    a, b = torch.randn(1, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = ours(a)
+        assert (runtime(a) - expected).abs().max().item() < 1e-5
+        runtime(a), runtime(b)
+        assert builds == [(1, 3, 64, 64), (2, 3, 64, 64)]
+        if cpu_capabilities().native_bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = runtime(a)
+            assert builds == [(1, 3, 64, 64), (2, 3, 64, 64)]  # the same model, compiled in bf16
+            assert 0 < (low - expected).abs().max().item() < 0.05 * expected.abs().max().item()
+            assert (runtime(a) - expected).abs().max().item() < 1e-5  # the fp32 session is as it was
+        runtime.precision = "fp16"
+        with pytest.raises(ConfigError, match="fp16 only on CPUs with native support"):
+            runtime(torch.randn(3, 3, 64, 64))
+    assert builds == [(1, 3, 64, 64), (2, 3, 64, 64)]
+
+
+@pytest.mark.skipif(not available("openvino"), reason="openvino is not installed")
 def test_an_openvino_ir_file_runs_as_weights_in_predict_and_bench(tmp_path, exported):
     """`poolformer export --format openvino` writes what predict and bench then run with --weights FILE.xml
     (OpenVINO only); a corrupt .xml file or another runtime is one line."""

@@ -173,21 +173,28 @@ def _first_line(err: BaseException) -> str:
     return lines[0][:300] if lines else type(err).__name__
 
 
-def make_runner(runtime: str, path: str | Any, *, threads: int | None = None, precision: str = "fp32",
-                device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
-    """A runner for an exported file (or, for openvino, an `openvino.Model`). Precisions a runtime cannot compute
-    here are a ConfigError, never a silent fp32 run under a bf16 label."""
+def check_runnable(runtime: str, precision: str, device: str) -> None:
+    """ConfigError where `runtime` cannot compute `precision` on `device` here: never a silent fp32 run under a
+    bf16 label."""
     if precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"unknown precision {precision!r}")
     if runtime == "onnxruntime":
         if precision != "fp32":
             raise ConfigError(f"onnxruntime runs this fp32 graph in fp32 only, not {precision}")
-        return OnnxRuntimeRunner(path, threads, device)
+        return
     if device != "cpu":
         raise ConfigError("openvino runs on the CPU here; use --device cpu")
     if precision == "fp16" or (precision == "bf16" and not _native_bf16()):
         raise ConfigError(f"openvino computes {precision} only on CPUs with native support (AVX512-BF16/AMX); "
                           "this one would silently run fp32")
+
+
+def make_runner(runtime: str, path: str | Any, *, threads: int | None = None, precision: str = "fp32",
+                device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
+    """A runner for an exported file (or, for openvino, an `openvino.Model`); see `check_runnable`."""
+    check_runnable(runtime, precision, device)
+    if runtime == "onnxruntime":
+        return OnnxRuntimeRunner(path, threads, device)
     return OpenVinoRunner(path, threads, precision)
 
 
@@ -208,9 +215,9 @@ class RuntimeModule(nn.Module):
     logits [B, num_classes] on the input's device.
 
     Built from a model (`export`: how to write an ONNX file for an input shape, or for openvino `build`: the
-    `openvino.Model` for an input shape; one export or build and session per shape, made on the first call with
-    that shape) or from an exported file (fixed H, W; batch dynamic or fixed).
-    Runs under autocast in bf16 where the runtime computes bf16 (see `make_runner`), or always in `precision`
+    `openvino.Model` for an input shape; one export or build per shape, made on the first call with that shape,
+    and a session per shape and precision) or from an exported file (fixed H, W; batch dynamic or fixed).
+    Runs under autocast in bf16 where the runtime computes bf16 (see `check_runnable`), or always in `precision`
     when one is given.
     """
 
@@ -223,6 +230,7 @@ class RuntimeModule(nn.Module):
             raise ConfigError(f"only openvino runs a model built in memory, not {runtime}")
         self.runtime, self._export, self._path, self.num_classes = runtime, export, path, num_classes
         self._build = build
+        self._built: dict[tuple[int, ...], Any] = {}
         self.precision = precision
         self._runners: dict[tuple, Callable] = {}
         self._folder: str | None = None
@@ -241,9 +249,12 @@ class RuntimeModule(nn.Module):
     def _runner(self, shape: tuple[int, ...], precision: str, device: str) -> Callable:
         key = (shape if self._path is None else shape[2:], precision, device)
         if key not in self._runners:
+            check_runnable(self.runtime, precision, device)  # before the export or build it would waste
             source = self._path
-            if self._build is not None:
-                source = self._build(shape)
+            if self._build is not None:  # one build per shape, compiled in each precision (as one export is)
+                if shape not in self._built:
+                    self._built[shape] = self._build(shape)
+                source = self._built[shape]
             elif source is None:
                 self._folder = self._folder or tempfile.mkdtemp(prefix="poolformer-onnx-")
                 source = os.path.join(self._folder, f"{'x'.join(map(str, shape))}.onnx")
