@@ -137,31 +137,37 @@ class OpenVinoRunner:
                                   "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        in_memory = not isinstance(path, (str, os.PathLike))
-        if in_memory:
+        if isinstance(path, (str, os.PathLike)):
+            model = _read_openvino(os.fspath(path))
+        else:
             model, path = path, f"the built model {path.get_friendly_name()!r}"
+        self.signature = _openvino_signature(path, model)  # before compiling what it would refuse
         try:
-            if not in_memory:
-                model = core.read_model(path)
             self.compiled = core.compile_model(model, "CPU", config)
         except Exception as err:  # OpenVINO raises RuntimeError subclasses with long multi-line messages
-            raise CheckpointError(f"{path}: OpenVINO cannot load it: {_first_line(err)}") from None
-        self.signature = _check_signature(path, [tuple(_ov_dims(i)) for i in model.inputs],
-                                          [tuple(_ov_dims(o)) for o in model.outputs])
+            raise CheckpointError(f"{path}: OpenVINO cannot compile it: {_first_line(err)}") from None
         self.request = self.compiled.create_infer_request()
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.request.infer({0: images})[self.compiled.output(0)]
 
 
-def ir_signature(path: str) -> Signature:
-    """The Signature of an OpenVINO IR file, read but not compiled; CheckpointError for a file OpenVINO cannot read
-    or one that is not an image classifier of this form."""
+def _read_openvino(path: str) -> Any:
     try:
-        model = openvino_core().read_model(path)
+        return openvino_core().read_model(path)
     except Exception as err:  # OpenVINO raises RuntimeError subclasses with long multi-line messages
         raise CheckpointError(f"{path}: OpenVINO cannot read it: {_first_line(err)}") from None
-    return _check_signature(path, [tuple(_ov_dims(i)) for i in model.inputs], [tuple(_ov_dims(o)) for o in model.outputs])
+
+
+def _openvino_signature(label: str, model: Any) -> Signature:
+    return _check_signature(label, [tuple(_ov_dims(i)) for i in model.inputs],
+                            [tuple(_ov_dims(o)) for o in model.outputs])
+
+
+def ir_signature(path: str) -> Signature:
+    """The Signature of a file OpenVINO reads (its IR .xml, or ONNX), read but not compiled; CheckpointError for a
+    file OpenVINO cannot read or one that is not an image classifier of this form."""
+    return _openvino_signature(path, _read_openvino(path))
 
 
 def _ov_dims(port: Any) -> list[Any]:
@@ -242,7 +248,9 @@ class RuntimeModule(nn.Module):
         if not Path(path).is_file():
             raise CheckpointError(f"{path}: no such file")
         module = cls(runtime, path=path)
-        module.signature = make_runner(runtime, path, threads=1).signature
+        # OpenVINO reads a file without compiling it; ONNX Runtime's check is its session
+        module.signature = (ir_signature(path) if runtime == "openvino"
+                            else make_runner(runtime, path, threads=1).signature)
         module.num_classes = module.signature.num_classes
         return module
 
