@@ -342,8 +342,8 @@ def _print_results(results: list, normalised: bool, hardware: str = "",
               else "peak mem = peak resident memory of the whole process (1 MB = 10^6 bytes)")
     notes = [f"img/s = batch / median step latency; IQR = (p75 - p25) / median of the per-step latencies; "
              f"{memory}; first = the first forward alone (with --compile: the compile time; for runtimes: "
-             "creating the session, and converting or exporting the model at the first precision of each "
-             "shape); max |Δ| = the row's logits against the fp32 eager reference with the same "
+             "creating the session, and the ONNX export of each new shape or OpenVINO's one conversion of the "
+             "model where this row needed it first); max |Δ| = the row's logits against the fp32 eager reference with the same "
              "weights (timm's own for --impl timm), with the top-1 agreement where it is below 100%; mismatch = "
              "beyond tolerance, not a speed result; CL = channels_last."]
     if any_noisy:

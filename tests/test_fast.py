@@ -32,13 +32,14 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).contiguous()
 
 
-def _assert_as_exact_as_reference(model, x: torch.Tensor, features: bool = False, backend: str = "onednn") -> None:
-    """Fast fp32 output within TOLERANCE of the reference's, or (where random weights grow activations so
-    far that the fp32 reference itself is that far off) within TOLERANCE, or twice the reference's own fp32
-    error, of a float64 run of the reference."""
+def _assert_as_exact_as_reference(model, x: torch.Tensor, features: bool = False, backend: str = "onednn",
+                                  fast=None) -> None:
+    """Fast fp32 output (of `fast`, or of the model optimized for `backend`) within TOLERANCE of the reference's,
+    or (where random weights grow activations so far that the fp32 reference itself is that far off) within
+    TOLERANCE, or twice the reference's own fp32 error, of a float64 run of the reference."""
     run = (lambda m, t: m.forward_features(t)) if features else (lambda m, t: m(t))
     with torch.no_grad():
-        got, expected = run(optimize(model, backend=backend), x), run(model, x)
+        got, expected = run(fast or optimize(model, backend=backend), x), run(model, x)
         assert got.dtype == torch.float32 and got.shape == expected.shape
         if (got - expected).abs().max().item() < TOLERANCE:
             return
@@ -282,6 +283,17 @@ def test_openvino_graph_matches_reference_for_every_supported_form(name):
     above do not reach: other pool sizes and activations, and a model without a classifier."""
     model = create_model("s12", num_classes=0) if name == "headless" else create_model(name)
     _assert_as_exact_as_reference(randomize_(model, seed=4), torch.randn(2, 3, 64, 80), backend="openvino")
+
+
+@_needs("openvino")
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_openvino_graph_stays_exact_reshaped_to_each_new_shape(family, v1_model, v2_model):
+    """One fast model meeting new batch sizes and resolutions reshapes the graph it built first (the runtime
+    module builds once) and stays as exact at each."""
+    model = v1_model if family == "v1" else v2_model
+    fast = optimize(model, backend="openvino")
+    for shape in [(1, 3, 64, 64), (3, 3, 97, 75), (2, 3, 64, 80), (1, 3, 64, 64)]:
+        _assert_as_exact_as_reference(model, torch.randn(shape), fast=fast)
 
 
 @_needs("openvino")

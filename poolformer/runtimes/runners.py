@@ -221,8 +221,9 @@ class RuntimeModule(nn.Module):
     logits [B, num_classes] on the input's device.
 
     Built from a model (`export`: how to write an ONNX file for an input shape, or for openvino `build`: the
-    `openvino.Model` for an input shape; one export or build per shape, made on the first call with that shape,
-    and a session per shape and precision) or from an exported file (fixed H, W; batch dynamic or fixed).
+    `openvino.Model` for an input shape; one export per shape, or one build reshaped to each shape, made on the
+    first call that needs it, and a session per shape and precision) or from an exported file (fixed H, W; batch
+    dynamic or fixed).
     Runs under autocast in bf16 where the runtime computes bf16 (see `check_runnable`), or always in `precision`
     when one is given.
     """
@@ -236,7 +237,7 @@ class RuntimeModule(nn.Module):
             raise ConfigError(f"only openvino runs a model built in memory, not {runtime}")
         self.runtime, self._export, self._path, self.num_classes = runtime, export, path, num_classes
         self._build = build
-        self._built: dict[tuple[int, ...], Any] = {}
+        self._built: Any = None  # the last openvino.Model built
         self.precision = precision
         self._runners: dict[tuple, Callable] = {}
         self._folder: str | None = None
@@ -254,15 +255,27 @@ class RuntimeModule(nn.Module):
         module.num_classes = module.signature.num_classes
         return module
 
+    def _built_for(self, shape: tuple[int, ...]) -> Any:
+        """The built model reshaped to `shape`, or built afresh where it cannot be: a build can take seconds
+        (OpenVINO's conversion traces the model), and a sweep meets each shape once per precision. One is held, as
+        a row's first call held one while compiling anyway; compiling copies it, so reshaping it later leaves the
+        compiled models as they were."""
+        if self._built is not None:
+            try:
+                self._built.reshape({self._built.inputs[0]: list(shape)})
+                return self._built
+            except Exception:  # a graph with a shape baked in (OpenVINO raises RuntimeError subclasses)
+                self._built = None  # freed before the next build
+        self._built = self._build(shape)
+        return self._built
+
     def _runner(self, shape: tuple[int, ...], precision: str, device: str) -> Callable:
         key = (shape if self._path is None else shape[2:], precision, device)
         if key not in self._runners:
             check_runnable(self.runtime, precision, device)  # before the export or build it would waste
             source = self._path
-            if self._build is not None:  # one build per shape, compiled in each precision (as one export is)
-                if shape not in self._built:
-                    self._built[shape] = self._build(shape)
-                source = self._built[shape]
+            if self._build is not None:
+                source = self._built_for(shape)
             elif source is None:
                 self._folder = self._folder or tempfile.mkdtemp(prefix="poolformer-onnx-")
                 source = os.path.join(self._folder, f"{'x'.join(map(str, shape))}.onnx")
