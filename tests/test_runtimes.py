@@ -130,6 +130,19 @@ def test_bench_cli_runs_an_exported_file(exported):
     assert wrong_size.exit_code == 1 and "export it for this shape" in json.loads(wrong_size.stdout)["results"][0]["error"]
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(
+    not available("openvino"), reason="openvino is not installed"))])
+def test_a_fixed_batch_file_refuses_another_batch_after_running_its_own(tmp_path, runtime):
+    """A file exported for batch 1 runs batch 1, then refuses batch 2 in one line: the session made for its
+    height and width serves every batch of a dynamic-batch file, and must not take this one to the runtime."""
+    path = tmp_path / "fixed.onnx"
+    export_model(create_model("s12", num_classes=10).eval(), str(path), fmt="onnx", resolution=64)
+    module = RuntimeModule.from_file(runtime, path)
+    assert module(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+    with pytest.raises(ConfigError, match=r"takes \[1, 3, 64, 64\] inputs, not \[2, 3, 64, 64\]"):
+        module(torch.randn(2, 3, 64, 64))
+
+
 @pytest.mark.parametrize("impl", ["ours", "onnxruntime", "openvino"])
 def test_predict_with_an_exported_file_equals_the_checkpoint(exported, impl):
     checkpoint, small, image = exported

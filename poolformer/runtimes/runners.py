@@ -270,6 +270,11 @@ class RuntimeModule(nn.Module):
         return self._built
 
     def _runner(self, shape: tuple[int, ...], precision: str, device: str) -> Callable:
+        if self._path is not None:  # on every call: one session serves a file's every batch size
+            expected = (self.signature.height, self.signature.width)
+            if tuple(shape[2:]) != expected or (self.signature.batch not in (None, shape[0])):
+                raise ConfigError(f"{self._path} takes [{self.signature.batch or 'any'}, 3, {expected[0]}, "
+                                  f"{expected[1]}] inputs, not {list(shape)}; export it for this shape")
         key = (shape if self._path is None else shape[2:], precision, device)
         if key not in self._runners:
             check_runnable(self.runtime, precision, device)  # before the export or build it would waste
@@ -281,11 +286,6 @@ class RuntimeModule(nn.Module):
                 source = os.path.join(self._folder, f"{'x'.join(map(str, shape))}.onnx")
                 if not os.path.exists(source):
                     self._export(source, shape)
-            else:
-                expected = (self.signature.height, self.signature.width)
-                if tuple(shape[2:]) != expected or (self.signature.batch not in (None, shape[0])):
-                    raise ConfigError(f"{self._path} takes [{self.signature.batch or 'any'}, 3, {expected[0]}, "
-                                      f"{expected[1]}] inputs, not {list(shape)}; export it for this shape")
             self._runners[key] = make_runner(self.runtime, source, threads=self.threads or torch.get_num_threads(),
                                              precision=precision, device=device)
         return self._runners[key]
