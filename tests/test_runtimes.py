@@ -338,6 +338,33 @@ def test_openvino_builds_once_reshapes_for_each_shape_and_refuses_a_precision_be
 
 
 @pytest.mark.skipif(not available("openvino"), reason="openvino is not installed")
+@pytest.mark.parametrize(("content", "message"), [
+    ("<xml/>", "not an OpenVINO IR file (its root element is <xml>, not <net>)"),
+    ("garbage", "not an OpenVINO IR file (not XML: syntax error"),
+    ("", "not an OpenVINO IR file (not XML: no element found"),
+    ("cut short", "OpenVINO cannot read it: Error parsing"),
+    ("without weights", "OpenVINO cannot read it: Empty weights data in bin file or bin file cannot be found"),
+])
+def test_a_bad_ir_file_is_one_line_that_says_what_is_wrong(tmp_path, capfd, content, message):
+    """Not OpenVINO's first line ("Exception from src/inference/src/cpp/core.cpp:84:"), and a foreign .xml never
+    reaches OpenVINO's other frontends, whose TensorFlow reader writes its parse errors to the process's stderr."""
+    path = tmp_path / "model.xml"
+    if content in ("cut short", "without weights"):  # a real IR, its .xml cut or its .bin gone
+        export_model(create_model("s12", num_classes=10).eval(), str(path), fmt="openvino", resolution=64)
+        if content == "cut short":
+            path.write_bytes(path.read_bytes()[:2000])
+        else:
+            path.with_suffix(".bin").unlink()
+    else:
+        path.write_text(content)
+    with pytest.raises(CheckpointError) as raised:
+        RuntimeModule.from_file("openvino", path)
+    assert str(raised.value).startswith(f"{path}: {message}")
+    assert "\n" not in str(raised.value) and "src/" not in str(raised.value)
+    assert "GraphDef" not in capfd.readouterr().err
+
+
+@pytest.mark.skipif(not available("openvino"), reason="openvino is not installed")
 def test_an_openvino_ir_file_runs_as_weights_in_predict_and_bench(tmp_path, exported):
     """`poolformer export --format openvino` writes what predict and bench then run with --weights FILE.xml
     (OpenVINO only); a corrupt .xml file or another runtime is one line."""

@@ -10,6 +10,7 @@ reports session creation and compilation as first-call time. Given an exported f
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -153,10 +154,26 @@ class OpenVinoRunner:
 
 
 def _read_openvino(path: str) -> Any:
+    if path.lower().endswith(".xml"):
+        _check_ir_root(path)
     try:
         return openvino_core().read_model(path)
     except Exception as err:  # OpenVINO raises RuntimeError subclasses with long multi-line messages
         raise CheckpointError(f"{path}: OpenVINO cannot read it: {_first_line(err)}") from None
+
+
+def _check_ir_root(path: str) -> None:
+    """CheckpointError unless the .xml file's root element is an OpenVINO IR's <net>. OpenVINO hands any .xml
+    its IR reader refuses to its other frontends too, and the TensorFlow one writes its parse errors straight to
+    the process's stderr."""
+    from xml.etree import ElementTree
+
+    try:
+        root = next(element.tag for _, element in ElementTree.iterparse(path, events=("start",)))
+    except (ElementTree.ParseError, StopIteration) as err:
+        raise CheckpointError(f"{path}: not an OpenVINO IR file (not XML: {err or 'empty'})") from None
+    if root != "net":
+        raise CheckpointError(f"{path}: not an OpenVINO IR file (its root element is <{root}>, not <net>)")
 
 
 def _openvino_signature(label: str, model: Any) -> Signature:
@@ -175,8 +192,11 @@ def _ov_dims(port: Any) -> list[Any]:
 
 
 def _first_line(err: BaseException) -> str:
+    """The first line of a runtime's error that says what is wrong: OpenVINO's start with lines that only locate
+    the check in its sources ("Exception from src/...:84:", "Check '...' failed at src/...:219:")."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0][:300] if lines else type(err).__name__
+    said = [line for line in lines if not re.match(r"(Exception from |Check '.*' failed at )\S+:\d+:$", line)]
+    return (said or lines or [type(err).__name__])[0][:300]
 
 
 def check_runnable(runtime: str, precision: str, device: str) -> None:
