@@ -2,8 +2,9 @@
 
 A runner takes one float32 NCHW array and returns float32 logits. `RuntimeModule` looks like any other
 implementation (tensor in, float32 logits tensor out): it exports the model to ONNX for each input shape it
-meets (static shapes: what each runtime optimises best) and creates the session on that first call, so bench
-reports session creation and compilation as first-call time. Given an exported file instead
+meets, or for OpenVINO converts it once and reshapes it (static shapes: what each runtime optimises best), and
+creates the session on that first call, so bench reports session creation and compilation as first-call time.
+Given an exported file instead
 (`RuntimeModule.from_file`), it runs that file.
 """
 
@@ -257,7 +258,7 @@ class RuntimeModule(nn.Module):
             raise ConfigError(f"only openvino runs a model built in memory, not {runtime}")
         self.runtime, self._export, self._path, self.num_classes = runtime, export, path, num_classes
         self._build = build
-        self._built: Any = None  # the last openvino.Model built
+        self._built: Any = None  # the openvino.Model built, reshaped to the last shape compiled
         self.precision = precision
         self._runners: dict[tuple, Callable] = {}
         self._folder: str | None = None
