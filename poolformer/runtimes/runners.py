@@ -4,8 +4,7 @@ A runner takes one float32 NCHW array and returns float32 logits. `RuntimeModule
 implementation (tensor in, float32 logits tensor out): it exports the model to ONNX for each input shape it
 meets, or for OpenVINO converts it once and reshapes it (static shapes: what each runtime optimises best), and
 creates the session on that first call, so bench reports session creation and compilation as first-call time.
-Given an exported file instead
-(`RuntimeModule.from_file`), it runs that file.
+Given an exported file instead (`RuntimeModule.from_file`), it runs that file.
 """
 
 from __future__ import annotations
