@@ -25,58 +25,42 @@ static double now(void) {
 
 typedef double (*kernel_fn)(long iterations); /* returns a value that depends on every chain */
 
+/* NAME: twelve chains of VEC accumulators (DECLARE_VEC), each stepped by STEP_NAME with the constant operands b
+ * and c, summed (SUM_VEC) and their LANES lanes added into a double at the end */
+#define KERNEL(NAME, VEC, SET1, STORE, LANES, OPERAND, B, C)                                                      \
+    static double NAME(long iterations) {                                                                      \
+        const OPERAND b = B, c = C;                                                                            \
+        CHAINS(DECLARE_##VEC)                                                                                  \
+        for (long k = 0; k < iterations; k++) { CHAINS(STEP_##NAME) }                                          \
+        VEC s = SET1(0.0f);                                                                                    \
+        CHAINS(SUM_##VEC)                                                                                      \
+        float out[LANES];                                                                                      \
+        STORE(out, s);                                                                                         \
+        double total = 0;                                                                                      \
+        for (int i = 0; i < LANES; i++) total += out[i];                                                       \
+        return total;                                                                                          \
+    }
+
 #if defined(__AVX2__) && defined(__FMA__)
-static double fp32_ymm(long iterations) {
-    const __m256 b = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
-#define DECLARE(i) __m256 a##i = _mm256_set1_ps((float)(i));
-#define STEP(i) a##i = _mm256_fmadd_ps(a##i, b, c);
-#define SUM(i) s = _mm256_add_ps(s, a##i);
-    CHAINS(DECLARE)
-    for (long k = 0; k < iterations; k++) { CHAINS(STEP) }
-    __m256 s = _mm256_setzero_ps();
-    CHAINS(SUM)
-    float out[8];
-    _mm256_storeu_ps(out, s);
-    return out[0];
-#undef DECLARE
-#undef STEP
-#undef SUM
-}
-#define FP32_YMM_MACS 8
+#define DECLARE___m256(i) __m256 a##i = _mm256_set1_ps((float)(i));
+#define SUM___m256(i) s = _mm256_add_ps(s, a##i);
+#define STEP_fp32_ymm(i) a##i = _mm256_fmadd_ps(a##i, b, c);
+KERNEL(fp32_ymm, __m256, _mm256_set1_ps, _mm256_storeu_ps, 8, __m256,
+       _mm256_set1_ps(0.999999f), _mm256_set1_ps(1e-7f))
 #endif
 
 #if defined(__AVX512F__)
-static double fp32_zmm(long iterations) {
-    const __m512 b = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
-#define DECLARE(i) __m512 a##i = _mm512_set1_ps((float)(i));
-#define STEP(i) a##i = _mm512_fmadd_ps(a##i, b, c);
-#define SUM(i) s = _mm512_add_ps(s, a##i);
-    CHAINS(DECLARE)
-    for (long k = 0; k < iterations; k++) { CHAINS(STEP) }
-    __m512 s = _mm512_setzero_ps();
-    CHAINS(SUM)
-    return _mm512_reduce_add_ps(s);
-#undef DECLARE
-#undef STEP
-#undef SUM
-}
+#define DECLARE___m512(i) __m512 a##i = _mm512_set1_ps((float)(i));
+#define SUM___m512(i) s = _mm512_add_ps(s, a##i);
+#define STEP_fp32_zmm(i) a##i = _mm512_fmadd_ps(a##i, b, c);
+KERNEL(fp32_zmm, __m512, _mm512_set1_ps, _mm512_storeu_ps, 16, __m512,
+       _mm512_set1_ps(0.999999f), _mm512_set1_ps(1e-7f))
 #endif
 
 #if defined(__AVX512BF16__)
-static double bf16_zmm(long iterations) {
-    const __m512bh b = (__m512bh)_mm512_set1_epi16(0x3f80), c = (__m512bh)_mm512_set1_epi16(0x3380); /* 1, 6e-8 */
-#define DECLARE(i) __m512 a##i = _mm512_set1_ps((float)(i));
-#define STEP(i) a##i = _mm512_dpbf16_ps(a##i, b, c);
-#define SUM(i) s = _mm512_add_ps(s, a##i);
-    CHAINS(DECLARE)
-    for (long k = 0; k < iterations; k++) { CHAINS(STEP) }
-    __m512 s = _mm512_setzero_ps();
-    CHAINS(SUM)
-    return _mm512_reduce_add_ps(s);
-#undef DECLARE
-#undef STEP
-#undef SUM
-}
+#define STEP_bf16_zmm(i) a##i = _mm512_dpbf16_ps(a##i, b, c);
+KERNEL(bf16_zmm, __m512, _mm512_set1_ps, _mm512_storeu_ps, 16, __m512bh,
+       (__m512bh)_mm512_set1_epi16(0x3f80), (__m512bh)_mm512_set1_epi16(0x3380)) /* b = 1, c = 6e-8 */
 #endif
 
 struct job {
@@ -128,7 +112,7 @@ int main(int argc, char **argv) {
     double best = 0;
     if (strcmp(argv[1], "fp32") == 0) {
 #if defined(__AVX2__) && defined(__FMA__)
-        best = measure(fp32_ymm, FP32_YMM_MACS, threads, seconds / 2);
+        best = measure(fp32_ymm, 8, threads, seconds / 2);
 #endif
 #if defined(__AVX512F__)
         double wide = measure(fp32_zmm, 16, threads, seconds / 2);
