@@ -21,7 +21,6 @@ whole call (wall) also holds the input copy and the thread pool's hand-offs.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import subprocess
@@ -41,10 +40,10 @@ from poolformer.fast import fold
 from poolformer.fast.openvino_graph import build_model
 from poolformer.runtimes.exporting import openvino_converter
 from poolformer.runtimes.runners import openvino_core
-from poolformer_cli.common import write_atomic
 
 sys.path.insert(0, str(Path(__file__).parent))
-from runtimes_cpu import add_model_arguments, batches_and_precisions, randomize_  # noqa: E402  (shared with the throughput benchmark)
+from runtimes_cpu import (  # noqa: E402  (shared with the throughput benchmark)
+    add_model_arguments, batches_and_precisions, randomize_, write_report)
 
 RESULTS = Path(__file__).parent / "results"
 PEAK_SOURCE = Path(__file__).parent / "fma_peak.c"
@@ -226,11 +225,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"(square matmul {row['matmul_gmac_s']:.0f}, FMA peak {row['fma_peak_gmac_s'] or 0:.0f}); largest "
                       f"gain {row['largest_gain']:.2f}x", flush=True)
     build.cleanup()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
-    write_atomic(out.with_suffix(".md"), markdown(results))
-    print(f"wrote {out.with_suffix('.md')}")
+    write_report(Path(args.out), results, markdown(results))
 
 
 if __name__ == "__main__":

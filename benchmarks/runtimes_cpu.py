@@ -359,6 +359,14 @@ def batches_and_precisions(parser: argparse.ArgumentParser, args: argparse.Names
     return batches, precisions, skipped
 
 
+def write_report(out: Path, results: dict, report: str) -> None:
+    """OUT.json (the results) and OUT.md (`report`), each written atomically, the folder made if need be."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
+    write_atomic(out.with_suffix(".md"), report)
+    print(f"wrote {out.with_suffix('.md')}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(parser)
@@ -402,11 +410,7 @@ def main(argv: list[str] | None = None) -> None:
                   + f"; fast / best runtime {row['fast_over_best_runtime']:.2f}x; 1.15x target "
                   f"{row['target_img_s']:.1f} = {row['target_over_floor']:.0%} of the floor, "
                   f"{row['target_over_ceiling']:.0%} of the ceiling", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
-    write_atomic(out.with_suffix(".md"), markdown(results))
-    print(f"wrote {out.with_suffix('.md')}")
+    write_report(Path(args.out), results, markdown(results))
 
 
 if __name__ == "__main__":
