@@ -256,7 +256,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> LoadReport:
 # --- published weights --------------------------------------------------------------------------------
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "POOLFORMER_OFFLINE"))
+    from .settings import offline
+
+    return offline()
 
 
 def _reachable(url: str, timeout_s: float = 3.0) -> bool:

@@ -886,14 +886,14 @@ def test_a_misspelt_mlp_form_is_a_configuration_error_not_a_fallback(monkeypatch
 
     monkeypatch.setenv(tf.MLP_ENV, "gem")
     monkeypatch.setattr(tf, "_working_mlp_config", {})
-    with pytest.raises(ConfigError, match="POOLFORMER_TRITON_MLP='gem' is not an MLP form; use one of: fused, split"):
+    with pytest.raises(ConfigError, match="POOLFORMER_TRITON_MLP='gem' is not one of: auto, fused, split, gemm"):
         tf.mlp_candidates(256, 64, 256, torch.bfloat16)
     monkeypatch.setattr(module, "explain_backend", lambda requested, dtype, device: ("triton", None))
     monkeypatch.setattr(tf, "triton_interprets", lambda: False)  # as compiled kernels on a GPU
     # the forward reaches the setting at its first MLP (no GPU here to compile the kernels before it)
     monkeypatch.setattr(tf, "features_forward", lambda *args: tf.mlp_candidates(256, 64, 256, torch.float32))
     fast = optimize(v1_random)
-    with torch.no_grad(), pytest.raises(ConfigError, match="is not an MLP form"):
+    with torch.no_grad(), pytest.raises(ConfigError, match="POOLFORMER_TRITON_MLP=.* is not one of"):
         fast(torch.randn(1, 3, 64, 64))
     for value in ("", "auto", "Fused", " gemm "):
         monkeypatch.setenv(tf.MLP_ENV, value)

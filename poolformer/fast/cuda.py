@@ -14,7 +14,6 @@ POOLFORMER_CUDA_GRAPHS=0 (or `optimize(..., cuda_graphs=False)`) turns graphs of
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Hashable
@@ -29,8 +28,10 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 def graphs_enabled_by_env() -> bool:
-    """False when POOLFORMER_CUDA_GRAPHS is 0/false/off/no."""
-    return os.environ.get(GRAPHS_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+    """POOLFORMER_CUDA_GRAPHS (on unless set to 0/false/no/off; see poolformer.settings)."""
+    from .. import settings
+
+    return settings.flag(GRAPHS_ENV)
 
 
 @dataclass

@@ -29,22 +29,22 @@ On CUDA every forward goes through CUDA graphs (`poolformer.fast.cuda`) unless t
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .. import settings
 from ..errors import ConfigError
 from ..model import MetaFormer
 from . import compiled, cpu, runtime, triton_forward
 from .cuda import GraphCache, graphs_enabled_by_env
 from .folding import FoldedModel, fold
 
-BACKENDS = ("auto", "triton", "openvino", "onnxruntime", "inductor", "onednn", "portable")
+BACKEND_ENV = "POOLFORMER_FAST_BACKEND"
+BACKENDS = settings.SETTINGS[BACKEND_ENV].choices  # auto, then every backend (see the docstring)
 RUNTIME_BACKENDS = runtime.RUNTIMES
 GRAPH_BACKENDS = (*RUNTIME_BACKENDS, "inductor")  # whole-graph backends: logits only, no feature maps
-BACKEND_ENV = "POOLFORMER_FAST_BACKEND"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -67,10 +67,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def requested_backend(requested: str) -> str:
     """`requested`, or the backend POOLFORMER_FAST_BACKEND forces; ConfigError for names that are none."""
-    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
-    if forced and forced not in BACKENDS:
-        raise ConfigError(f"{BACKEND_ENV}={forced!r} is not a backend; use one of: {', '.join(BACKENDS)}")
-    if forced and forced != "auto":
+    forced = settings.choice(BACKEND_ENV)
+    if forced != "auto":
         requested = forced
     if requested not in BACKENDS:
         raise ConfigError(f"unknown fast backend {requested!r}; choose from: {', '.join(BACKENDS)}")
@@ -286,8 +284,8 @@ class FastPoolFormer(nn.Module):
                             err: Exception) -> bool:
         """On the first forward in (dtype, device), a failure of the Triton kernels (a GPU or Triton version they
         do not compile on) moves backend="auto" to PyTorch operators, with `backend_note` saying why; an
-        explicit backend="triton", out-of-memory, a configuration error (a bad POOLFORMER_TRITON_* setting), the
-        interpreter (tests) and a later failure raise."""
+        explicit backend="triton", out-of-memory, a configuration error (a bad value in poolformer.settings),
+        the interpreter (tests) and a later failure raise."""
         key = (dtype, device)
         if (prepared.backend != "triton" or key in self._triton_ran
                 or isinstance(err, (torch.OutOfMemoryError, ConfigError))

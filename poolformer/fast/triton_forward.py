@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from .. import settings
 from ..errors import ConfigError
 from ..files import replace_atomically
 from . import cpu
@@ -51,7 +52,7 @@ def fused_activation_code(activation: str) -> int:
     7.1.26 (|error| < 5e-7, within float32's 1e-4 target) instead of libdevice's erff: on the H200 the GELU of
     s12's fused MLP cost about as much as both its matmuls (s12's stage-1 MLP 0.57 ms, v2_s12's with StarReLU
     0.29). Untimed: a switch for the next A/B on a GPU, off by default."""
-    if activation == "gelu" and os.environ.get(GELU_ENV, "").strip().lower() == "poly":
+    if activation == "gelu" and settings.choice(GELU_ENV) == "poly":
         return 4
     return ACTIVATION_CODES[activation]
 
@@ -61,7 +62,7 @@ def fused_activation_code(activation: str) -> int:
 
 def interpreter_enabled() -> bool:
     """Whether POOLFORMER_TRITON_INTERPRET=1 lets the kernels run on CPU tensors (Triton's interpreter)."""
-    return os.environ.get(INTERPRET_ENV, "").strip() == "1"
+    return settings.flag(INTERPRET_ENV)
 
 
 def unavailable_reason(dtype: torch.dtype, device: torch.device) -> str | None:
@@ -184,7 +185,7 @@ def norm_after_fc1(dtype: torch.dtype, channels: int | None = None) -> bool:
     Fewer spills did not make it faster: timed on an H200 (benchmarks/results/gpu, autotuned tiles both ways),
     the fused MLP of s12's stages 1-2 took 7% longer with it than normalising first. So it is off unless
     POOLFORMER_TRITON_NORM_AFTER_FC1=1 is set before the model's first call (for the next A/B timing)."""
-    if dtype not in (torch.bfloat16, torch.float16) or os.environ.get(NORM_AFTER_FC1_ENV, "").strip() != "1":
+    if dtype not in (torch.bfloat16, torch.float16) or not settings.flag(NORM_AFTER_FC1_ENV):
         return False
     return channels is None or channels <= NORM_AFTER_FC1_MAX_CHANNELS
 
@@ -423,18 +424,13 @@ SPLIT_FIRST_MIN_CHANNELS = 256  # in bf16/fp16 on a GPU the split form goes firs
 SPLIT_FIRST_MIN_ROWS = 64 * 132  # ... and from this many rows: at batch 1 (196 rows at C=320) the fused kernel won
 
 
-MLP_FORMS = ("fused", "split", "gemm")
+MLP_FORMS = tuple(f for f in settings.SETTINGS[MLP_ENV].choices if f != "auto")  # ("fused", "split", "gemm")
 
 
 def mlp_form_setting() -> str:
     """POOLFORMER_TRITON_MLP: one of MLP_FORMS, or "auto" (also when unset). Anything else is a ConfigError: an
     A/B timing that silently ran the default forms would measure the wrong thing."""
-    value = os.environ.get(MLP_ENV, "").strip().lower()
-    if value in ("", "auto"):
-        return "auto"
-    if value not in MLP_FORMS:
-        raise ConfigError(f"{MLP_ENV}={value!r} is not an MLP form; use one of: {', '.join(MLP_FORMS)}, auto")
-    return value
+    return settings.choice(MLP_ENV)
 
 
 def split_mlp_exact(dtype: torch.dtype) -> bool:
@@ -621,7 +617,7 @@ AUTOTUNE_REPEATS = 5
 def autotune_enabled() -> bool:
     """POOLFORMER_TRITON_AUTOTUNE=1: time every candidate tile of the MLP kernel on the first call of each shape
     (a few seconds of compiling per shape) instead of taking the first that compiles."""
-    return os.environ.get(AUTOTUNE_ENV, "").strip() == "1"
+    return settings.flag(AUTOTUNE_ENV)
 
 
 TILE_CACHE_ENV = "POOLFORMER_TRITON_TILE_CACHE"
@@ -630,12 +626,7 @@ TILE_CACHE_ENV = "POOLFORMER_TRITON_TILE_CACHE"
 def tile_cache_path() -> Path | None:
     """Where autotuned MLP tiles are kept between processes: POOLFORMER_TRITON_TILE_CACHE (a JSON file; 0 turns
     the cache off), else $XDG_CACHE_HOME/poolformer/triton_tiles.json (~/.cache when unset)."""
-    value = os.environ.get(TILE_CACHE_ENV, "").strip()
-    if value == "0":
-        return None
-    if value:
-        return Path(value).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "poolformer" / "triton_tiles.json"
+    return settings.path(TILE_CACHE_ENV, settings.default_tile_cache())
 
 
 def _tile_cache_key(kind: str, rows: int, channels: int, hidden: int | None, dtype: torch.dtype,
