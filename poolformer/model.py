@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .errors import ConfigError
 from .layers import ACTIVATIONS, NORMS, TOKEN_MIXERS, DropPath, Mlp, Scale, lookup
@@ -90,6 +91,7 @@ class MetaFormerStage(nn.Module):
         self.blocks = nn.Sequential(
             *[MetaFormerBlock(dim, arch, stage, drop_paths[j], side * side) for j in range(arch.depths[stage])]
         )
+        self.grad_checkpointing = False  # see MetaFormer.set_grad_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -98,6 +100,10 @@ class MetaFormerStage(nn.Module):
             if pos.shape[-2:] != x.shape[-2:]:
                 pos = F.interpolate(pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
             x = x + pos
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
         return self.blocks(x)
 
 
@@ -129,13 +135,18 @@ class MetaFormer(nn.Module):
 
     `forward` gives logits [B, num_classes]; `forward_stages` the four maps at strides 4, 8, 16, 32 (for
     detection and segmentation backbones); `forward_features` the last one.
+
+    features_only: a backbone for dense tasks, as the original code's `fork_feat=True`: no head, and `forward`
+    gives the four stage maps each through its own norm (`feature_norms`, the stage's block norm: GroupNorm(1)
+    for v1, the official `norm0`/`norm2`/`norm4`/`norm6`).
     """
 
-    def __init__(self, arch: ArchConfig, num_classes: int = 1000):
+    def __init__(self, arch: ArchConfig, num_classes: int = 1000, features_only: bool = False):
         super().__init__()
         _validate(arch)
         self.arch = arch
-        self.num_classes = num_classes
+        self.features_only = features_only
+        self.num_classes = 0 if features_only else num_classes
         total = sum(arch.depths)
         rates = [arch.drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear in depth
         first_attention = next((i for i, m in enumerate(arch.token_mixers) if m == "attention"), None)
@@ -146,11 +157,22 @@ class MetaFormer(nn.Module):
             stages.append(MetaFormerStage(arch, i, rates[start : start + depth], pos_embed=i == first_attention))
             start += depth
         self.stages = nn.Sequential(*stages)
-        self.head = Head(arch.dims[-1], num_classes, arch.head_norm, arch.head_norm_on)
+        if features_only:
+            self.head = None
+            self.feature_norms = nn.ModuleList(lookup(NORMS, "norm", norm)(dim)
+                                               for norm, dim in zip(arch.norms, arch.dims))
+        else:
+            self.head = Head(arch.dims[-1], num_classes, arch.head_norm, arch.head_norm_on)
         self.apply(_init_weights)
         for stage in self.stages:
             if stage.pos_embed is not None:
                 nn.init.trunc_normal_(stage.pos_embed, std=0.02)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing, as timm's `set_grad_checkpointing`: each block of every stage keeps only its
+        input for backward and recomputes the rest there (less memory, about one more forward of time)."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
 
     @property
     def stage_strides(self) -> tuple[int, ...]:
@@ -170,9 +192,14 @@ class MetaFormer(nn.Module):
         return self.stages(self.stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.head is None:
+            raise ConfigError("a features-only model has no head")
         return self.head(x, pre_logits=pre_logits)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Logits [B, num_classes]; with features_only the four normalised stage maps (strides 4-32)."""
+        if self.head is None:
+            return [norm(m) for norm, m in zip(self.feature_norms, self.forward_stages(x))]
         return self.head(self.forward_features(x))
 
 
@@ -226,6 +253,7 @@ def create_model(
     weights: str | None = None,
     pretrained: bool = False,
     num_classes: int = 1000,
+    features_only: bool = False,
     **overrides: Any,
 ) -> MetaFormer:
     """Build a zoo model by name or alias, in eval mode.
@@ -234,22 +262,28 @@ def create_model(
         .pth/.pth.tar/.safetensors), loaded safely. pretrained: download the published weights (or use the
         cached copy). overrides: architecture changes such as token_mixer="dwconv", pool_size=5,
         norm="batchnorm", act="relu", img_size=384 (see `ArchConfig`).
-    The returned model carries `model.spec`, its `ModelSpec` with the overrides applied.
+    features_only: the backbone of a detection or segmentation model (see `MetaFormer`); it loads the
+        official mmdet/mmseg checkpoints (the backbone's keys; the task heads' are set aside) and, for a
+        backbone to fine-tune, classification weights (their head set aside, the feature norms left at
+        weight 1, bias 0).
+    The returned model carries `model.spec`, its `ModelSpec` with the overrides applied, and `model.load_report`
+    (None unless weights were loaded).
     """
     spec = get_spec(name)
     arch = apply_overrides(spec.arch, overrides)
     if num_classes < 0:
         raise ConfigError(f"num_classes must be >= 0, not {num_classes}")
-    model = MetaFormer(arch, num_classes=num_classes)
+    model = MetaFormer(arch, num_classes=num_classes, features_only=features_only)
     model.spec = dataclasses.replace(spec, arch=arch)
+    model.load_report = None
     if weights is not None:
         from .weights import load_checkpoint
 
-        load_checkpoint(model, weights)
+        model.load_report = load_checkpoint(model, weights)
     elif pretrained:
         from .weights import load_pretrained
 
-        load_pretrained(model, spec)
+        model.load_report = load_pretrained(model, spec)
     return model.eval()
 
 

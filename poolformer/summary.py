@@ -199,6 +199,13 @@ def _stage_rows(model: nn.Module, count: AnalyticCount) -> list[StageRow]:
             params=sum(p.numel() for p in module.parameters()), macs=_subtree_cost(count.by_module, path).macs,
         ))
     head_in = count.outputs[parts[-1][1]].shape
+    if model.head is None:  # features-only: the per-output norms instead of a head
+        rows.append(StageRow(
+            stage="norms", tokens=0, channels=0, blocks=0,
+            params=sum(p.numel() for p in model.feature_norms.parameters()),
+            macs=_subtree_cost(count.by_module, "feature_norms").macs,
+        ))
+        return rows
     rows.append(StageRow(
         stage="head", tokens=1, channels=head_in[1], blocks=0,
         params=sum(p.numel() for p in model.head.parameters()), macs=_subtree_cost(count.by_module, "head").macs,

@@ -5,16 +5,23 @@ layout is the first rule that matches; mapping back is the inverse of that table
 so both directions come from the same rules. Layouts:
 
 - ``poolformer``: ours, the same names as timm's (``stem.conv``, ``stages.i.blocks.j.*``, ``head.fc``).
-- ``official``: sail-sg/poolformer release files (``patch_embed.proj``, ``network.{0..6}``, ``norm``, ``head``).
+- ``official``: sail-sg/poolformer release files (``patch_embed.proj``, ``network.{0..6}``, ``norm``, ``head``);
+  a features-only model's per-output norms are the dense-task backbones' ``norm0/2/4/6``.
 - ``metaformer``: sail-sg/metaformer (PoolFormerV2) files (``downsample_layers.i``, ``stages.i.j``).
 - ``transformers``: Hugging Face ``PoolFormerForImageClassification``.
 
 Where a layout stores an MLP as Linear [out, in] and we use a 1x1 conv [out, in, 1, 1], tensors are
 reshaped when their element counts agree.
+
+Dense-task checkpoints (mmdet RetinaNet / Mask R-CNN, mmseg Semantic FPN) keep the backbone under
+``backbone.`` beside the task's own modules (``neck``, ``bbox_head``, ``decode_head``, ...): the backbone is
+loaded and the rest set aside, counted in the `LoadReport`. A features-only model takes classification
+weights too (their head set aside, the per-output norms left as initialised), the usual start of fine-tuning.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import re
@@ -41,6 +48,7 @@ LAYOUTS: dict[str, list[tuple[str, str]]] = {
         (_B + r"(?P<rest>.+)", "network.{net}.{j}.{rest}"),
         (r"head\.norm\." + _P, "norm.{p}"),
         (r"head\.fc\." + _P, "head.{p}"),
+        (r"feature_norms\.(?P<f>\d+)\." + _P, "norm{fnet}.{p}"),
     ],
     "metaformer": [
         (r"stem\.conv\." + _P, "downsample_layers.0.conv.{p}"),
@@ -82,6 +90,8 @@ def _foreign_key(key: str, layout: str, pos_stage: int | None = None) -> str | N
                 s = int(fields["s"])
                 after_pos = pos_stage is not None and s >= pos_stage
                 fields.update(net=2 * s + after_pos, down=2 * s - 1 + (after_pos and s > pos_stage), pos=2 * s)
+            if "f" in fields:  # fork_feat's output norms are numbered by their stage's slot in `network`
+                fields.update(fnet=2 * int(fields["f"]))
             return template.format(**fields)
     return None
 
@@ -118,9 +128,31 @@ def export_state_dict(model: nn.Module, layout: str = "official") -> dict[str, t
 
 @dataclass(frozen=True)
 class LoadReport:
+    """What loading a checkpoint did. set_aside: keys of the file the model does not take, by group (a
+    dense-task file's neck and heads; a classifier's head in a features-only model), with their counts."""
+
     path: str
     layout: str
     num_tensors: int
+    set_aside: tuple[tuple[str, int], ...] = ()
+    initialised: tuple[str, ...] = ()  # our keys the file has no value for, left as initialised
+
+    @property
+    def set_aside_count(self) -> int:
+        return sum(count for _, count in self.set_aside)
+
+    def note(self) -> str | None:
+        """One line for a user when the file was not taken whole, else None."""
+        if not self.set_aside and not self.initialised:
+            return None
+        parts = []
+        if self.set_aside:
+            groups = ", ".join(f"{name} {count}" for name, count in self.set_aside)
+            parts.append(f"set aside {self.set_aside_count} keys the model does not use ({groups})")
+        if self.initialised:
+            parts.append(f"{len(self.initialised)} tensors not in the file left as initialised "
+                         f"({_abbreviate(list(self.initialised))})")
+        return f"{Path(self.path).name} ({self.layout} layout): " + "; ".join(parts)
 
 
 def _model_name(model: nn.Module) -> str:
@@ -151,13 +183,50 @@ def detect_layout(model: nn.Module, keys: set[str]) -> tuple[str, dict[str, str]
     return best[1], best[2]
 
 
+_BACKBONE = "backbone."  # dense-task checkpoints (mmdet, mmseg) keep the backbone under this prefix
+
+
+def split_backbone(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """(the backbone's keys without their prefix, {task module: key count} set aside) of a dense-task
+    checkpoint; the state_dict unchanged and nothing set aside for any other file."""
+    if not any(key.startswith(_BACKBONE) for key in state_dict):
+        return dict(state_dict), {}
+    backbone, aside = {}, {}
+    for key, tensor in state_dict.items():
+        if key.startswith(_BACKBONE):
+            backbone[key[len(_BACKBONE):]] = tensor
+        else:
+            group = key.split(".", 1)[0]
+            aside[group] = aside.get(group, 0) + 1
+    return backbone, aside
+
+
+def _classifier_keys(model: nn.Module, keys: set[str]) -> set[str]:
+    """A features-only model loading classification weights: the file's head and final-norm keys, which it
+    does not take (official `norm.*`/`head.*`, timm `head.norm.*`/`head.fc.*`, transformers `classifier.*`)."""
+    if getattr(model, "head", True) is not None:
+        return set()
+    return {k for k in keys if k.startswith(("head.", "classifier.")) or k in ("norm.weight", "norm.bias")}
+
+
 def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
     """Map a checkpoint's state_dict in any known layout onto the model's keys.
 
     Returns (state_dict in our layout, detected layout name). Raises CheckpointError listing missing,
     unexpected and mis-shaped keys (abbreviated) when the checkpoint is for another architecture.
     """
-    state_dict = _strip_prefixes(dict(state_dict))
+    converted, layout, _ = _convert(state_dict, model)
+    return converted, layout
+
+
+def _convert(state_dict: Mapping[str, torch.Tensor],
+             model: nn.Module) -> tuple[dict[str, torch.Tensor], str, LoadReport]:
+    """convert_state_dict, with what was set aside or left initialised as a LoadReport (path left empty)."""
+    state_dict, aside = split_backbone(_strip_prefixes(dict(state_dict)))
+    head_keys = _classifier_keys(model, set(state_dict))
+    if head_keys:
+        aside["classifier head"] = len(head_keys)
+        state_dict = {k: v for k, v in state_dict.items() if k not in head_keys}
     layout, mapping = detect_layout(model, set(state_dict))
     expected = model.state_dict()
     converted, missing, misshaped = {}, [], []
@@ -173,13 +242,25 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module)
             tensor = tensor.reshape(want.shape)
         converted[ours] = tensor
     unexpected = sorted(set(state_dict) - set(mapping.values()))
+    initialised = ()
+    new_norms = r"norm\d+\.\w+|feature_norms\.\d+\.\w+"  # a features-only model's own, in any layout
+    if head_keys and missing and all(re.fullmatch(new_norms, k) for k in missing):
+        # classification weights in a backbone: the per-output norms are new, as when fine-tuning starts
+        initialised = tuple(ours for ours, foreign in mapping.items() if foreign in missing)
+        missing = []
     if missing or unexpected or misshaped:
         parts = [f"{len(v)} {label} ({_abbreviate(v)})" for label, v in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", misshaped)) if v]
+        hint = ""
+        dense = any(re.fullmatch(r"norm[0246]\.\w+", k) for k in unexpected)
+        if dense and getattr(model, "head", None) is not None:
+            hint = ("; it is a detection/segmentation backbone: load it into a features-only model "
+                    "(--features, create_model(..., features_only=True))")
         raise CheckpointError(
-            f"checkpoint does not fit {_model_name(model)} (detected layout: {layout}): " + "; ".join(parts)
+            f"checkpoint does not fit {_model_name(model)} (detected layout: {layout}): " + "; ".join(parts) + hint
         )
-    return converted, layout
+    report = LoadReport("", layout, len(converted), tuple(aside.items()), initialised)
+    return converted, layout, report
 
 
 def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -248,9 +329,9 @@ def _one_line(err: BaseException) -> str:
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> LoadReport:
     """Load a checkpoint file in any supported layout into `model` (strictly: every key must fit)."""
     state_dict = read_checkpoint(path)
-    converted, layout = convert_state_dict(state_dict, model)
-    model.load_state_dict(converted, strict=True)
-    return LoadReport(path=str(path), layout=layout, num_tensors=len(converted))
+    converted, _, report = _convert(state_dict, model)
+    model.load_state_dict(converted, strict=not report.initialised)
+    return dataclasses.replace(report, path=str(path))
 
 
 # --- published weights --------------------------------------------------------------------------------

@@ -132,6 +132,8 @@ def _check_supported(model: nn.Module) -> None:
     if not isinstance(model, MetaFormer):
         raise ConfigError(f"optimize() takes a poolformer MetaFormer, not {type(model).__name__}")
     arch = model.arch
+    if model.head is None:
+        raise ConfigError("the fast path runs classifiers, not features-only models; use --impl ours")
     if set(arch.token_mixers) != {"pooling"}:
         mixers = "/".join(sorted(set(arch.token_mixers)))
         raise ConfigError(f"the fast path handles pooling token mixers only, not {mixers}; use --impl ours")
