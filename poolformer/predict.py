@@ -81,15 +81,26 @@ def exported_num_classes(path: str | os.PathLike) -> int:
     return int(dims[1])
 
 
-def trained_num_classes(model: str, *, weights: str | os.PathLike | None, pretrained: bool) -> int:
-    """The class count of the trained model `load_classifier` would build (cheap: no model is built).
-    Refuses (ConfigError) when no weights are given: random weights would print confident nonsense."""
-    if weights is None and not pretrained:
-        raise ConfigError(f"no weights for {get_spec(model).name}: pass --weights PATH or --pretrained "
-                          "(a randomly initialised model predicts nonsense)")
+def uses_published_weights(model: str, *, weights: str | os.PathLike | None, pretrained: bool) -> bool:
+    """Whether a classifier of `model` runs the published weights: asked for, or by default when no checkpoint is
+    given. Refuses (ConfigError) both at once, and a model without published weights and no checkpoint: random
+    weights would print confident nonsense."""
     if weights is not None and pretrained:
         raise ConfigError("pass either --weights PATH or --pretrained, not both")
-    return checkpoint_num_classes(weights) if weights is not None else 1000
+    if weights is not None:
+        return False
+    spec = get_spec(model)
+    if not spec.has_weights:
+        raise ConfigError(f"{spec.name} has no published weights: pass a checkpoint with --weights PATH "
+                          "(a randomly initialised model predicts nonsense)")
+    return True
+
+
+def trained_num_classes(model: str, *, weights: str | os.PathLike | None, pretrained: bool = False) -> int:
+    """The class count of the trained model `load_classifier` would build (cheap: no model is built)."""
+    if uses_published_weights(model, weights=weights, pretrained=pretrained):
+        return 1000
+    return checkpoint_num_classes(weights)
 
 
 def load_classifier(
@@ -101,14 +112,16 @@ def load_classifier(
     device: str | torch.device = "auto",
     labels_file: str | os.PathLike | None = None,
 ) -> Classifier:
-    """Build `model` with trained weights in implementation `impl` on `device`.
+    """Build `model` with trained weights in implementation `impl` on `device`: the checkpoint or exported file
+    `weights`, else the published weights (downloaded once into the standard caches).
 
     The class count follows the checkpoint's classifier, so a fine-tuned 10-class checkpoint just works.
-    Refuses (ConfigError) without weights: random weights would print confident nonsense.
+    Refuses (ConfigError) a model without published weights when no checkpoint is given.
     """
     from .implementations import build
 
     spec = get_spec(model)
+    pretrained = uses_published_weights(spec.name, weights=weights, pretrained=pretrained)
     num_classes = trained_num_classes(spec.name, weights=weights, pretrained=pretrained)
     target = device if isinstance(device, torch.device) else resolve_device(device)
     labels = class_names(num_classes, labels_file)

@@ -12,8 +12,10 @@ import csv
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,6 +143,23 @@ def test_imagenet_layout_exact_top1_top5_and_files(tmp_path, known):
     assert [r["path"] for r in rows if r["error"]] == [str(broken)]
 
 
+@pytest.mark.subprocess
+def test_eval_runs_the_published_weights_by_default(tmp_path, known):
+    """No --weights: the published s12 weights, here the release file in torch hub's cache (offline), give the
+    same counts as the checkpoint passed by name."""
+    checkpoint = known[0]
+    _imagenet_tree(tmp_path / "data", known)
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    shutil.copy(checkpoint, cache / "poolformer_s12.pth.tar")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"),
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    result = subprocess.run([sys.executable, "-m", "poolformer_cli", "eval", str(tmp_path / "data"), "--json",
+                             "--workers", "0", "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    _check_summary(json.loads(result.stdout))
+
+
 def test_options_keep_the_answer(tmp_path, known):
     """channels_last, another batch size, bf16 autocast and --json change nothing that is counted."""
     _imagenet_tree(tmp_path, known)
@@ -264,5 +283,5 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, known):
     nothing = _eval(tmp_path / "unreadable", "--weights", checkpoint, "--workers", "0")
     assert nothing.exit_code == 1 and "none of the 1 images could be read" in nothing.stderr
     assert "images skipped" in nothing.stdout and "a.JPEG" in nothing.stderr
-    no_weights = _eval(tmp_path / "unknown")
-    assert no_weights.exit_code == 2 and "--weights PATH or --pretrained" in no_weights.stderr
+    no_weights = _eval(tmp_path / "unknown", "--model", "s12_random")
+    assert no_weights.exit_code == 2 and "has no published weights: pass a checkpoint" in no_weights.stderr

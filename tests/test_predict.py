@@ -4,6 +4,10 @@ checkpoint was made from, and timm's ImageNet class names."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,7 +122,7 @@ def test_other_class_count_shows_indices_or_labels_file(tmp_path, photos):
 def test_refuses_without_weights_and_bad_options(photos, s12_checkpoint):
     image = photos / "chelsea.jpg"
     cases = [
-        ([image], "--weights PATH or --pretrained"),
+        ([image, "--model", "s12_random"], "poolformer_s12_random has no published weights: pass a checkpoint"),
         ([image, "--weights", s12_checkpoint, "--impl", "nope"], "unknown implementation 'nope'"),
         ([image, "--weights", s12_checkpoint, "--model", "s13"], "unknown model 's13'"),
         ([image, "--weights", s12_checkpoint, "--top-k", "0"], "--top-k"),
@@ -130,6 +134,34 @@ def test_refuses_without_weights_and_bad_options(photos, s12_checkpoint):
         assert result.exit_code == 2, (args, result.output)
         assert message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.output
+
+
+def _offline_cli(tmp_path, *args) -> subprocess.CompletedProcess:
+    """The command line in a fresh process, offline, with empty weight caches under tmp_path (Hugging Face reads
+    its cache folder once, at import)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"),
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.run([sys.executable, "-m", "poolformer_cli", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.subprocess
+def test_predict_runs_the_published_weights_by_default(tmp_path, photos, s12_random, s12_checkpoint):
+    """No --weights: the published weights, from the cache when offline; not cached: one line naming the file to
+    download and --weights, exit 1, nothing on stdout."""
+    missing = _offline_cli(tmp_path, "predict", photos / "chelsea.jpg")
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert len(missing.stderr.strip().splitlines()) == 1
+    assert "poolformer_s12.pth.tar" in missing.stderr and "--weights PATH" in missing.stderr
+
+    cache = tmp_path / "torch" / "hub" / "checkpoints"  # where the authors' release file is kept once downloaded
+    cache.mkdir(parents=True)
+    torch.save(export_state_dict(s12_random, "official"), cache / "poolformer_s12.pth.tar")
+    published = _offline_cli(tmp_path, "predict", photos / "chelsea.jpg", "--json", "-k", "3")
+    assert published.returncode == 0, published.stderr
+    given = _predict(photos / "chelsea.jpg", "--weights", s12_checkpoint, "--json", "-k", "3")
+    default, explicit = json.loads(published.stdout)[0], json.loads(given.stdout)[0]
+    assert default["predictions"] == explicit["predictions"]
 
 
 def test_impl_choices_are_read_at_run_time(photos, s12_checkpoint, monkeypatch):
