@@ -6,23 +6,25 @@ poolformer.regression. torch is imported inside the commands.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import typer
 from rich import box
 from rich.table import Table
 
 from .common import (
-    PRECISION_NAMES, check_plot_path, check_writable, console, err_console, fail, parse_int_list, print_json, print_precision_note,
-    resolve_models, save_figure, user_errors, write_atomic,
+    PRECISION_NAMES, check_plot_path, check_writable, console, csv_text, err_console, fail, parse_int_list, print_json,
+    print_precision_note, resolve_models, save_figure, user_errors, write_atomic,
 )
 
+if TYPE_CHECKING:
+    from poolformer.bench import BenchConfig, BenchResult, BenchSettings
+    from poolformer.regression import RegressionReport
 
-def _parse_names(text: str, option: str, allowed: Any) -> list[str]:
+
+def _parse_names(text: str, option: str, allowed: Sequence[str]) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
         fail(f"{option} needs at least one value")
@@ -140,7 +142,7 @@ def bench_command(
         configs = engine.expand_configs(names, impls, device_name, [1] if max_batch else batch_list,
                                         resolution_list, precisions, channels_last, compile,
                                         None if weights is None else str(weights.expanduser()), cast_model)
-        results = _run_all(engine, configs, settings, env, output, csv_path, max_batch, max_batch_limit)
+        results = _run_all(configs, settings, env, output, csv_path, max_batch, max_batch_limit)
 
     document = {"env": env, "results": [r.to_row() for r in results]}
     report = None
@@ -148,8 +150,8 @@ def bench_command(
         with user_errors():
             report = compare(baseline_doc["results"], document["results"], max_regression, normalised)
             if retries and report.failed:
-                report, results = _measure_regressed_again(engine, report, baseline_doc, results, settings,
-                                                           retries, normalised)
+                report, results = _measure_regressed_again(report, baseline_doc, results, settings, retries,
+                                                           normalised)
                 document["results"] = [r.to_row() for r in results]
                 _save(env, results, output, csv_path)
     _write_reports(document, report, plot, github_benchmark, markdown_path)
@@ -165,10 +167,12 @@ def bench_command(
         raise typer.Exit(1)
 
 
-def _measure_regressed_again(engine: Any, report: Any, baseline_doc: dict, results: list, settings: Any,
-                             retries: int, normalised: bool) -> tuple[Any, list]:
+def _measure_regressed_again(report: RegressionReport, baseline_doc: dict, results: list[BenchResult],
+                             settings: BenchSettings, retries: int,
+                             normalised: bool) -> tuple[RegressionReport, list[BenchResult]]:
     """poolformer.regression.recheck with bench's own configurations: the results, the regressed ones replaced
     by their newest measurement."""
+    from poolformer import bench as engine
     from poolformer.regression import config_label, recheck
 
     results = list(results)
@@ -188,8 +192,8 @@ def _measure_regressed_again(engine: Any, report: Any, baseline_doc: dict, resul
     return report, results
 
 
-def _write_reports(document: dict, report: Any, plot: Optional[Path], github_benchmark: Optional[Path],
-                   markdown_path: Optional[Path]) -> None:
+def _write_reports(document: dict, report: Optional[RegressionReport], plot: Optional[Path],
+                   github_benchmark: Optional[Path], markdown_path: Optional[Path]) -> None:
     """The picture, the github-action-benchmark JSON and the Markdown report, each only where asked for."""
     from . import reports
 
@@ -203,14 +207,16 @@ def _write_reports(document: dict, report: Any, plot: Optional[Path], github_ben
         write_atomic(markdown_path, reports.markdown(document, report, _hardware(document["env"])))
 
 
-def _run_all(engine: Any, configs: list, settings: Any, env: dict, output: Optional[Path],
-             csv_path: Optional[Path], max_batch: bool, max_batch_limit: int) -> list:
+def _run_all(configs: list[BenchConfig], settings: BenchSettings, env: dict, output: Optional[Path],
+             csv_path: Optional[Path], max_batch: bool, max_batch_limit: int) -> list[BenchResult]:
     """Run the configurations under a progress bar, saving the rows after each one (so Ctrl-C keeps them)."""
     from dataclasses import replace
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    results: list = []
+    from poolformer import bench as engine
+
+    results: list[BenchResult] = []
     models = engine.ModelCache()  # rows that differ only in batch size (or autocast precision) share a model
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err_console, transient=True)
@@ -236,7 +242,7 @@ def _run_all(engine: Any, configs: list, settings: Any, env: dict, output: Optio
     return results
 
 
-def _describe(config: Any, compile_mode: Optional[str] = None) -> str:
+def _describe(config: BenchConfig, compile_mode: Optional[str] = None) -> str:
     from dataclasses import asdict
 
     from poolformer.regression import options_suffix
@@ -245,12 +251,12 @@ def _describe(config: Any, compile_mode: Optional[str] = None) -> str:
             + options_suffix({**asdict(config), "compile_mode": compile_mode}))
 
 
-def _save(env: dict, results: list, output: Optional[Path], csv_path: Optional[Path]) -> None:
+def _save(env: dict, results: list[BenchResult], output: Optional[Path], csv_path: Optional[Path]) -> None:
     rows = [r.to_row() for r in results]
     if output is not None:
         write_atomic(output, json.dumps({"env": env, "results": rows}, indent=2) + "\n")
     if csv_path is not None:
-        write_atomic(csv_path, _csv_text(rows))
+        write_atomic(csv_path, csv_text(CSV_COLUMNS, [_csv_row(row) for row in rows]))
 
 
 CSV_COLUMNS = ("model", "impl", "device", "batch_size", "resolution", "precision", "channels_last", "compile",
@@ -261,18 +267,14 @@ CSV_COLUMNS = ("model", "impl", "device", "batch_size", "resolution", "precision
                "backend", "backend_note", "bytes_per_image", "achieved_tb_per_s", "error")
 
 
-def _csv_text(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        flat = dict(row)
-        for stat in ("median", "p90", "iqr"):
-            flat[f"latency_{stat}_ms"] = row["latency_ms"][stat]
-        for name in ("max_abs_diff", "relative_diff", "top1_agreement", "ok"):
-            flat[f"parity_{name}"] = (row.get("parity") or {}).get(name)
-        writer.writerow(flat)
-    return buffer.getvalue()
+def _csv_row(row: dict) -> dict:
+    """A result row with its latency statistics and parity check as columns of their own."""
+    flat = dict(row)
+    for stat in ("median", "p90", "iqr"):
+        flat[f"latency_{stat}_ms"] = row["latency_ms"][stat]
+    for name in ("max_abs_diff", "relative_diff", "top1_agreement", "ok"):
+        flat[f"parity_{name}"] = (row.get("parity") or {}).get(name)
+    return flat
 
 
 def _ms(value: Optional[float]) -> str:
@@ -286,7 +288,7 @@ def _megabytes(n: Optional[int]) -> str:
     return "-" if n is None else f"{n / 1e6:,.0f}MB"
 
 
-def _short_label(config: Any, compile_mode: Optional[str] = None) -> str:
+def _short_label(config: BenchConfig, compile_mode: Optional[str] = None) -> str:
     """'s12/ours bs32 224px fp32 CL' - the zoo's first alias keeps the table narrow."""
     from poolformer.peers import is_peer
     from poolformer.zoo import get_spec
@@ -377,7 +379,7 @@ def _precision_notes(results: list) -> list[str]:
     return lines
 
 
-def _print_regression(report: Any, to_stderr: bool) -> None:
+def _print_regression(report: RegressionReport, to_stderr: bool) -> None:
     from poolformer.regression import ALPHA
 
     out = err_console if to_stderr else console

@@ -3,8 +3,6 @@ the Pareto fronts. Parsing and rendering only; the work is in poolformer.compare
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Optional
 
@@ -12,10 +10,10 @@ import typer
 from rich.table import Table
 
 from .common import (
-    PRECISION_NAMES, check_plot_path, check_precision_name, check_writable, console, err_console, fail, human,
-    print_json, print_precision_note, resolve_models, save_figure, user_errors, write_atomic,
+    PRECISION_NAMES, check_impl, check_plot_path, check_precision_name, check_writable, console, csv_text,
+    err_console, fail, human, one_int, one_resolution, print_json, print_precision_note, resolve_models,
+    save_figure, user_errors, write_atomic,
 )
-from .summary import _one_resolution, one_int
 
 CSV_COLUMNS = ("model", "family", "params", "macs", "published_macs", "top1", "top1_source", "throughput",
                "latency_ms", "status", "pareto_macs", "pareto_params", "pareto_throughput", "error")
@@ -50,16 +48,14 @@ def compare_command(
     """
     names = resolve_models(models)
     batch = one_int(batch_size, "--batch-size")
-    size = _one_resolution(resolution) or 224
+    size = one_resolution(resolution, "compare") or 224
     check_precision_name(precision)
     check_writable(csv_path, "--csv")
     check_plot_path(plot)
+    check_impl(impl)
     from poolformer import bench as engine
     from poolformer.compare import compare_models
-    from poolformer.implementations import IMPLEMENTATIONS
 
-    if impl not in IMPLEMENTATIONS:
-        fail(f"unknown implementation {impl!r} for --impl; choose from: {', '.join(IMPLEMENTATIONS)}")
     settings = engine.BenchSettings(warmup=warmup, iters=iters, threads=threads)
     with user_errors():
         device_name = None
@@ -73,7 +69,7 @@ def compare_command(
                                     precision=precision, impl=impl, settings=settings,
                                     progress=lambda name: status.update(f"comparing {name} ..."))
     if csv_path is not None:
-        write_atomic(csv_path, _csv_text(result))
+        write_atomic(csv_path, csv_text(CSV_COLUMNS, _csv_rows(result)))
     if plot is not None:
         from poolformer.plots import compare_figure
 
@@ -113,13 +109,7 @@ def _render(result) -> None:
                   "top-1 vs M = MACs, P = parameters, T = throughput.", style="dim")
 
 
-def _csv_text(result) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for r in result.rows:
-        row = dict(vars(r))
-        for axis in ("macs", "params", "throughput"):
-            row[f"pareto_{axis}"] = int(r.model in result.fronts.get(axis, []))
-        writer.writerow(row)
-    return buffer.getvalue()
+def _csv_rows(result) -> list[dict]:
+    """Each row's fields, with 1/0 for whether it is on each Pareto front."""
+    return [{**vars(r), **{f"pareto_{axis}": int(r.model in result.fronts.get(axis, []))
+                           for axis in ("macs", "params", "throughput")}} for r in result.rows]

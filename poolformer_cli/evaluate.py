@@ -4,8 +4,6 @@ only; the counting is in poolformer.evaluate. torch is imported inside the comma
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 from pathlib import Path
 from typing import Optional
@@ -15,10 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .common import (
-    check_precision_name, check_writable, console, err_console, fail, print_json, print_classifier_notes, resolve_model,
-    user_errors, write_atomic,
+    check_impl, check_precision_name, check_writable, console, csv_text, err_console, fail, print_json,
+    print_classifier_notes, resolve_model, user_errors, write_atomic,
 )
-from .predict import check_impl
 
 
 def summary_json(result) -> dict:
@@ -34,19 +31,17 @@ def summary_json(result) -> dict:
     }
 
 
+PREDICTIONS_COLUMNS = ("path", "target", "target_label", "top1", "top1_label", "top1_probability", "correct_top1",
+                       "correct_top5", "top5", "error")
+
+
 def predictions_csv(result, labels: list[str]) -> str:
     """One row per image: scored images with their top-5, then skipped ones with their error."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["path", "target", "target_label", "top1", "top1_label", "top1_probability",
-                     "correct_top1", "correct_top5", "top5", "error"])
-    for o in result.outcomes:
-        writer.writerow([o.path, o.target, labels[o.target], o.top_indices[0], labels[o.top_indices[0]],
-                         f"{o.top_probabilities[0]:.6f}", int(o.correct_top1), int(o.correct_top5),
-                         " ".join(map(str, o.top_indices)), ""])
-    for s in result.skipped:
-        writer.writerow([s.path, "", "", "", "", "", "", "", "", s.error])
-    return out.getvalue()
+    scored = [{"path": o.path, "target": o.target, "target_label": labels[o.target], "top1": o.top_indices[0],
+               "top1_label": labels[o.top_indices[0]], "top1_probability": f"{o.top_probabilities[0]:.6f}",
+               "correct_top1": int(o.correct_top1), "correct_top5": int(o.correct_top5),
+               "top5": " ".join(map(str, o.top_indices)), "error": ""} for o in result.outcomes]
+    return csv_text(PREDICTIONS_COLUMNS, scored + [{"path": s.path, "error": s.error} for s in result.skipped])
 
 
 def _render(result) -> None:

@@ -10,8 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import check_writable, console, err_console, fail, print_json, resolve_model, user_errors
-from .summary import one_int
+from .common import check_writable, console, err_console, fail, one_int, print_json, resolve_model, user_errors
 
 
 def export_command(

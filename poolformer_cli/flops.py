@@ -9,9 +9,9 @@ import typer
 from rich.table import Table
 
 from .common import (
-    check_plot_path, console, err_console, fail, human, print_json, resolve_models, save_figure, user_errors,
+    check_plot_path, console, err_console, fail, human, one_int, parse_resolutions, print_json, resolve_models,
+    save_figure, user_errors,
 )
-from .summary import one_int, parse_resolutions
 
 BREAKDOWNS = ("module", "operator")
 IMPLS = ("ours", "timm")

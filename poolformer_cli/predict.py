@@ -11,16 +11,9 @@ import typer
 from rich.table import Table
 
 from .common import (
-    check_precision_name, console, err_console, fail, print_json, print_classifier_notes, resolve_model, user_errors,
+    check_impl, check_precision_name, console, err_console, print_json, print_classifier_notes, resolve_model,
+    user_errors,
 )
-
-
-def check_impl(impl: str) -> None:
-    """Exit 2 unless `impl` is one of the implementations registered at run time."""
-    from poolformer.implementations import IMPLEMENTATIONS
-
-    if impl not in IMPLEMENTATIONS:
-        fail(f"unknown implementation {impl!r} for --impl; choose from: {', '.join(IMPLEMENTATIONS)}")
 
 
 def _result_json(result) -> dict:

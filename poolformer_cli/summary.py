@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import csv
-import io
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -11,10 +10,10 @@ import typer
 from rich.table import Table
 
 from .common import (
-    check_writable, console, fail, human, parse_int_list, print_json, resolve_models, user_errors, write_atomic,
+    check_writable, console, csv_text, human, one_int, one_resolution, print_json, resolve_models, user_errors,
+    write_atomic,
 )
 
-MIN_RESOLUTION = 32  # four downsamplings: stride 32 (poolformer.flops.MIN_RESOLUTION, without importing torch)
 CSV_COLUMNS = ("model", "name", "type", "depth", "output_shape", "params", "macs", "activation_bytes")
 
 
@@ -36,7 +35,7 @@ def summary_command(
     `poolformer flops` compares this count with fvcore, thop and torch.
     """
     names = resolve_models(models)
-    size = _one_resolution(resolution)
+    size = one_resolution(resolution, "summary")
     batch, levels = one_int(batch_size, "--batch-size"), one_int(depth, "--depth")
     check_writable(csv_path, "--csv")
     from poolformer.summary import summarize
@@ -44,7 +43,7 @@ def summary_command(
     with user_errors():
         results = [summarize(name, resolution=size, batch_size=batch, depth=levels) for name in names]
     if csv_path is not None:
-        write_atomic(csv_path, _csv_text(results))
+        write_atomic(csv_path, csv_text(CSV_COLUMNS, _csv_rows(results)))
     if json_output:
         documents = [r.as_json() for r in results]
         print_json(documents[0] if len(documents) == 1 else documents)
@@ -55,44 +54,9 @@ def summary_command(
         console.print(f"wrote {sum(len(r.layers) for r in results)} rows to {csv_path}", style="dim")
 
 
-def one_int(text: str, option: str) -> int:
-    """A single integer >= 1 for `option`, or a one-line error and exit 2 (typer's own is a boxed panel)."""
-    try:
-        value = int(text.strip())
-    except ValueError:
-        fail(f"{option} takes one integer >= 1, got {text!r}")
-    if value < 1:
-        fail(f"{option} must be >= 1, got {value}")
-    return value
-
-
-def parse_resolutions(text: str) -> list[int]:
-    """'224,384' -> [224, 384]; exit 2 on anything that is not an integer the model can downsample 4 times."""
-    values = parse_int_list(text, "--resolution", minimum=1)
-    for value in values:
-        if value < MIN_RESOLUTION:
-            fail(f"--resolution must be at least {MIN_RESOLUTION} (four downsamplings to stride 32), got {value}")
-    return values
-
-
-def _one_resolution(text: Optional[str]) -> Optional[int]:
-    if text is None:
-        return None
-    values = parse_resolutions(text)
-    if len(values) != 1:
-        fail(f"--resolution takes one value for summary, got {len(values)} (flops accepts several)")
-    return values[0]
-
-
-def _csv_text(results) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for result in results:
-        for row in result.layers:
-            writer.writerow([result.model, row.name, row.type, row.depth, "x".join(map(str, row.output_shape)),
-                             row.params, row.macs, row.activation_bytes])
-    return buffer.getvalue()
+def _csv_rows(results) -> list[dict]:
+    return [{**dataclasses.asdict(row), "model": result.model, "output_shape": "x".join(map(str, row.output_shape))}
+            for result in results for row in result.layers]
 
 
 def _render(result) -> None:
