@@ -58,6 +58,15 @@ def resolve_model(name: str) -> str:
         fail(str(err), 2)
 
 
+def short_model_name(name: str) -> str:
+    """The zoo's first alias ('s12' for poolformer_s12), for tables too narrow for whole names; a timm: peer
+    or a model without an alias keeps its name."""
+    from poolformer.peers import is_peer
+
+    aliases = () if is_peer(name) else get_spec(name).aliases
+    return aliases[0] if aliases else name
+
+
 def _is_glob(text: str) -> bool:
     return any(c in text for c in "*?[")
 
@@ -246,10 +255,14 @@ def print_json(value: Any) -> None:
 
 
 def human(n: float | None, unit: str = "") -> str:
-    """1822580736 -> '1.82G' (decimal prefixes); None -> '-'."""
+    """Four significant digits and a decimal prefix, at most six characters before the unit, so a column of
+    them lines up: 1822580736 -> '1.823G', 102760448 -> '102.8M', 802816 B -> '802.8KB', 512 -> '512';
+    None -> '-'."""
     if n is None:
         return "-"
-    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= factor:
-            return f"{n / factor:.2f}{prefix}{unit}"
-    return f"{n:g}{unit}"
+    if abs(n) < 999.95:
+        return f"{n:.4g}{unit}"
+    factor, prefix = next((factor, prefix) for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
+                          if abs(n) >= factor * 0.99995)  # 999,996 reads '1.000M', not '1000.0K'
+    value = n / factor
+    return f"{value:.{3 if abs(value) < 9.9995 else 2 if abs(value) < 99.995 else 1}f}{prefix}{unit}"

@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from .common import (
     PRECISION_NAMES, check_impl, check_plot_path, check_precision_name, check_writable, console, csv_text,
     err_console, fail, human, one_int, one_resolution, print_json, print_precision_note, resolve_models,
-    save_figure, user_errors, write_atomic,
+    save_figure, short_model_name, user_errors, write_atomic,
 )
+from .tables import name, number, print_table
 
 CSV_COLUMNS = ("model", "family", "params", "macs", "published_macs", "top1", "top1_source", "throughput",
                "latency_ms", "status", "pareto_macs", "pareto_params", "pareto_throughput", "error")
@@ -90,17 +90,24 @@ def _marks(result, model: str) -> str:
                     if model in result.fronts.get(axis, []))
 
 
+def _speed(r) -> str:
+    if r.throughput is not None:
+        return f"{r.throughput:,.1f}"
+    return "-" if r.status == "not measured" else r.status
+
+
 def _render(result) -> None:
     where = (f"{result.device}, batch {result.batch_size}, {result.precision}, impl {result.impl}"
              if result.device else "not measured")
-    table = Table(title=f"accuracy vs cost at {result.resolution}px (throughput: {where})", title_justify="left")
-    for column in ("model", "params", "MACs", "published\nMACs@224", "top-1 %", "img/s", "Pareto"):
-        table.add_column(column, justify="left" if column in ("model", "Pareto") else "right", no_wrap=column != "model")
-    for r in result.rows:
-        speed = f"{r.throughput:,.1f}" if r.throughput is not None else ("-" if r.status == "not measured" else r.status)
-        table.add_row(r.model, human(r.params), human(r.macs), human(r.published_macs),
-                      "-" if r.top1 is None else f"{r.top1:.2f}", speed, _marks(result, r.model))
-    console.print(table)
+    print_table([
+        name("model", lambda r: r.model, lambda r: short_model_name(r.model)),
+        number("params", lambda r: human(r.params)),
+        number("MACs", lambda r: human(r.macs)),
+        number("published MACs@224", lambda r: human(r.published_macs), priority=2),
+        number("top-1 %", lambda r: "-" if r.top1 is None else f"{r.top1:.2f}"),
+        number("img/s", _speed),
+        name("Pareto", lambda r: _marks(result, r.model)),
+    ], result.rows, title=f"accuracy vs cost at {result.resolution}px (throughput: {where})")
     for r in result.rows:
         if r.error:
             console.print(f"[red]error[/] {r.model}: {r.error}", soft_wrap=True)

@@ -10,12 +10,12 @@ from typing import Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from .common import (
-    check_impl, check_precision_name, check_writable, console, csv_text, err_console, fail, print_json,
-    print_classifier_notes, resolve_model, user_errors, write_atomic,
+    check_impl, check_precision_name, check_writable, csv_text, err_console, fail, print_json, print_classifier_notes,
+    resolve_model, user_errors, write_atomic,
 )
+from .tables import name, print_table, prose
 
 
 def summary_json(result) -> dict:
@@ -45,9 +45,6 @@ def predictions_csv(result, labels: list[str]) -> str:
 
 
 def _render(result) -> None:
-    table = Table(title=f"{result.model} on {result.root}", title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
     rows = [
         ("top-1", f"{result.top1:.3f}%  ({result.correct_top1:,} / {result.images:,})"),
         ("top-5", f"{result.top5:.3f}%  ({result.correct_top5:,} / {result.images:,})"),
@@ -60,9 +57,8 @@ def _render(result) -> None:
                   f"batch {result.batch_size}, {result.device}"
                   + (f" x {result.world_size} processes" if result.world_size > 1 else "")),
     ]
-    for metric, value in rows:
-        table.add_row(metric, value)
-    console.print(table)
+    print_table([name("metric", lambda row: row[0]), prose("value", lambda row: row[1])], rows,
+                title=f"{result.model} on {result.root}")
     for s in result.skipped:
         err_console.print(f"skipped {s.path}: {s.error}", soft_wrap=True, markup=False)
 

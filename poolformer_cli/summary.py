@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from .common import (
     check_writable, console, csv_text, human, one_int, one_resolution, print_json, resolve_models, user_errors,
     write_atomic,
 )
+from .tables import count, name, number, print_table, print_words, prose
 
 CSV_COLUMNS = ("model", "name", "type", "depth", "output_shape", "params", "macs", "activation_bytes")
 
@@ -51,7 +51,7 @@ def summary_command(
     for result in results:
         _render(result)
     if csv_path is not None:
-        console.print(f"wrote {sum(len(r.layers) for r in results)} rows to {csv_path}", style="dim")
+        print_words(f"wrote {sum(len(r.layers) for r in results)} rows to {csv_path}", style="dim")
 
 
 def _csv_rows(results) -> list[dict]:
@@ -59,41 +59,57 @@ def _csv_rows(results) -> list[dict]:
             for result in results for row in result.layers]
 
 
+def relative_names(layers) -> dict[str, str]:
+    """Each layer's path below the layer listed one level up before it (stages.0.blocks.1 -> blocks.1), for
+    tables too narrow for whole paths; the indentation shows the parent."""
+    parents: dict[int, str] = {}
+    names = {}
+    for row in layers:
+        parents[row.depth] = row.name
+        parent = parents.get(row.depth - 1)
+        names[row.name] = row.name[len(parent) + 1:] if parent and row.name.startswith(parent + ".") else row.name
+    return names
+
+
 def _render(result) -> None:
     shape = "x".join(map(str, result.input_shape))
-    layers = Table(title=f"{result.model}  input {shape}", title_justify="left")
-    for column, justify in (("layer", "left"), ("type", "left"), ("output shape", "left"),
-                            ("params", "right"), ("MACs", "right"), ("output", "right")):
-        layers.add_column(column, justify=justify, no_wrap=True)
-    for row in result.layers:
-        layers.add_row("  " * (row.depth - 1) + row.name, row.type, "x".join(map(str, row.output_shape)),
-                       f"{row.params:,}", f"{row.macs:,}", human(row.activation_bytes, "B"))
-    console.print(layers)
+    short = relative_names(result.layers)
+    indent = (lambda row: "  " * (row.depth - 1))
+    print_table([
+        name("layer", lambda r: indent(r) + r.name, lambda r: indent(r) + short[r.name]),
+        name("type", lambda r: r.type, priority=3),
+        name("output shape", lambda r: "x".join(map(str, r.output_shape)), priority=2),
+        count("params", lambda r: r.params),
+        count("MACs", lambda r: r.macs),
+        number("output", lambda r: human(r.activation_bytes, "B"), priority=2),
+    ], result.layers, title=f"{result.model}  input {shape}")
 
-    stages = Table(title="Per stage", title_justify="left")
-    for column in ("stage", "tokens", "channels", "blocks", "params", "MACs", "MACs %"):
-        stages.add_column(column, justify="left" if column == "stage" else "right")
-    for s in result.stages:
-        share = 100 * s.macs / result.total_macs if result.total_macs else 0.0
-        stages.add_row(s.stage, f"{s.tokens:,}", str(s.channels), str(s.blocks), f"{s.params:,}",
-                       f"{s.macs:,}", f"{share:.1f}")
     if result.stages:
-        console.print(stages)
+        total = result.total_macs
+        print_table([
+            name("stage", lambda s: s.stage),
+            count("tokens", lambda s: s.tokens, priority=2),
+            number("channels", lambda s: str(s.channels), priority=2),
+            number("blocks", lambda s: str(s.blocks), priority=2),
+            count("params", lambda s: s.params),
+            count("MACs", lambda s: s.macs),
+            number("MACs %", lambda s: f"{100 * s.macs / total if total else 0.0:.1f}"),
+        ], result.stages, title="Per stage")
 
-    totals = Table(title="Totals", title_justify="left", show_header=False)
-    totals.add_column("what")
-    totals.add_column("value", justify="right")
-    totals.add_column("", style="dim")
     frozen = result.total_params - result.trainable_params
-    totals.add_row("parameters", f"{result.total_params:,}", "every nn.Parameter, LayerScale and frozen included")
-    totals.add_row("trainable parameters", f"{result.trainable_params:,}",
-                   f"{frozen:,} frozen" if frozen else "none frozen")
-    totals.add_row("MACs", f"{result.total_macs:,}", f"{human(result.total_macs)} multiply-accumulates "
-                   f"(conv, linear, matmul) = {human(2 * result.total_macs)} FLOPs")
-    totals.add_row("parameter memory", human(result.param_bytes, "B"), f"{result.param_bytes:,} bytes")
-    totals.add_row("activation memory", human(result.activation_bytes, "B"),
-                   f"{result.activation_bytes:,} bytes: every tensor the forward pass writes")
-    console.print(totals)
+    exact = (lambda n: (f"{n:,}", human(n)))
+    in_bytes = (lambda n: (human(n, "B"),) * 2)
+    totals = [  # what, (exact, compact), details
+        ("parameters", exact(result.total_params), "every nn.Parameter, LayerScale and frozen included"),
+        ("trainable parameters", exact(result.trainable_params), f"{frozen:,} frozen" if frozen else "none frozen"),
+        ("MACs", exact(result.total_macs), f"{human(result.total_macs)} multiply-accumulates (conv, linear, "
+                                           f"matmul) = {human(2 * result.total_macs)} FLOPs"),
+        ("parameter memory", in_bytes(result.param_bytes), f"{result.param_bytes:,} bytes"),
+        ("activation memory", in_bytes(result.activation_bytes),
+         f"{result.activation_bytes:,} bytes: every tensor the forward pass writes"),
+    ]
+    print_table([name("what", lambda t: t[0]), number("value", lambda t: t[1][0], lambda t: t[1][1]),
+                 prose("", lambda t: t[2], priority=2)], totals, title="Totals", show_header=False)
     console.print("MACs count conv, linear and matmul multiply-accumulates only. Published figures are fvcore's, "
                   "which also charges 5 per normalised element; `poolformer flops` shows every counter and what "
                   "each one skips.", style="dim")
