@@ -94,6 +94,8 @@ def bench_command(
 
     Every combination of model x impl x precision x resolution x batch size is one row. The first call (and
     compilation) and the warm-up steps are timed apart from the measured steps.
+
+    Example: poolformer bench s12 s24 --batch-sizes 1,64 --precision fp32,bf16 --output results.json
     """
     names = resolve_models(models or ["s12"])
     batch_list = parse_int_list(batch_sizes, "--batch-sizes")
@@ -478,7 +480,11 @@ def profile_command(
                                  "its own (CUDA events, graphs off; --steps forwards), with bytes, TB/s, TFLOP/s."),
 ) -> None:
     """Profile one configuration with torch.profiler: which operators take the time (self time, calls, share).
-    With --kernels, the fast path's own kernels, one by one."""
+
+    With --kernels, the fast path's own Triton kernels instead, each timed on its own.
+
+    Example: poolformer profile s24 --device cuda --batch-size 64 --precision bf16
+    """
     names = resolve_models([model])
     if len(names) != 1:
         fail(f"profile takes one model; {model!r} matches {len(names)}")

@@ -39,12 +39,15 @@ def compare_command(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw top-1 against MACs, parameters and throughput "
                                                              "with the Pareto fronts (.png or .svg)."),
 ) -> None:
-    """Accuracy against cost: published ImageNet top-1 beside parameters and MACs counted on each model and
-    throughput measured here and now; marks the Pareto front of each (no model is both more accurate and
-    cheaper).
+    """Accuracy against cost: published top-1 beside parameters, MACs and throughput, with the Pareto fronts.
+
+    Parameters and MACs are counted on each model and throughput is measured here and now. A model is on the
+    front of a cost when no other model is both more accurate and cheaper in it.
 
     Top-1 is the published figure: the papers for PoolFormer models, timm's results for timm: peers (with
     the weights' name); models without one are listed but not placed on the fronts.
+
+    Example: poolformer compare 'poolformer_s*' timm:resnet50 --device cuda
     """
     names = resolve_models(models)
     batch = one_int(batch_size, "--batch-size")

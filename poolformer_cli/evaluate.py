@@ -109,6 +109,8 @@ def eval_command(
     Folders named by ImageNet wnids map to the 1000 outputs by wnid (sorted wnids = class index; a subset of
     classes is fine). Unreadable images are skipped and listed, never counted. Run the same command under
     `torchrun --nproc-per-node N` to shard the images over N processes; the counts are summed.
+
+    Example: poolformer eval ~/data/imagenet --model s12 --pretrained --limit 5000
     """
     name = resolve_model(model)
     check_precision_name(precision)

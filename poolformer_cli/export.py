@@ -31,14 +31,18 @@ def export_command(
                                                                       "(default: generated images)."),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Export a model to ONNX (or a torch.export pt2 program, or OpenVINO IR), run the file with ONNX Runtime and
-    OpenVINO (torch for pt2, OpenVINO for IR) on random inputs and on images, and write it only when its logits
-    match our fp32 model's (max |diff| <= 1e-4 x max(1, max |logit|), same top-1 on every input). IR with --fast
-    is the graph `--impl fast` runs on a CPU; without, OpenVINO's own conversion of the model.
+    """Export a model to ONNX, a torch.export pt2 program or OpenVINO IR, written only when it matches our model.
+
+    The file runs with ONNX Runtime and OpenVINO (torch for pt2, OpenVINO for IR) on random inputs and on
+    images, and is written only when its logits match our fp32 model's (max |diff| <= 1e-4 x max(1, max
+    |logit|), the same top-1 on every input). IR with --fast is the graph `--impl fast` runs on a CPU;
+    without, OpenVINO's own conversion of the model.
 
     GroupNorm with one group and the pooling that skips padded positions are exported as plain reductions,
     a depthwise convolution and a constant map, which every runtime computes the same way (TensorRT, for
     example, computes ONNX GroupNormalization with one group per channel).
+
+    Example: poolformer export s12 --pretrained --output s12.onnx
     """
     name = resolve_model(model)
     size = one_int(resolution, "--resolution")

@@ -40,9 +40,14 @@ def flops_command(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw every counter's count and the bytes moved "
                                                              "against resolution, per model (.png or .svg)."),
 ) -> None:
-    """Count MACs/FLOPs with fvcore (primary: the published figures), thop, torch's FlopCounterMode and our
-    analytic count, which also charges pooling, elementwise ops, activations and norms, and the bytes each
-    operator moves. Lists the ops fvcore skipped and what they would add."""
+    """Count MACs and FLOPs with fvcore, thop, torch and our analytic count, side by side.
+
+    fvcore is the primary count (it gives the published figures). torch's FlopCounterMode counts FLOPs of
+    convolutions and matrix products; our analytic count also charges pooling, elementwise ops, activations
+    and norms, and the bytes each operator moves. Lists the ops fvcore skipped and what they would add.
+
+    Example: poolformer flops s12 s24 --resolution 224,384 --by operator
+    """
     names = resolve_models(models)
     sizes = parse_resolutions(resolution) if resolution is not None else [None]
     batch = one_int(batch_size, "--batch-size")

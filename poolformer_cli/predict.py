@@ -57,6 +57,8 @@ def predict_command(
 
     Images are preprocessed as the model expects (shorter side resized to input_size / crop_pct with
     bicubic interpolation, centre crop, ImageNet mean/std). Exit code 1 when any image could not be read.
+
+    Example: poolformer predict photos/ --model s24 --pretrained --top-k 3
     """
     name = resolve_model(model)
     check_impl(impl)

@@ -33,6 +33,8 @@ def summary_command(
 
     MACs are multiply-accumulates of convolutions, linear layers and matrix products (1 MAC = 2 FLOPs);
     `poolformer flops` compares this count with fvcore, thop and torch.
+
+    Example: poolformer summary s24 --depth 1
     """
     names = resolve_models(models)
     size = one_resolution(resolution, "summary")

@@ -23,6 +23,8 @@ def list_command(
 
     Params are counted on our own models (frozen parameters included); MACs and top-1 are the published
     figures (MACs by fvcore at 224x224, one multiply-add = 1 MAC = 2 FLOPs).
+
+    Example: poolformer list 'v2_*'
     """
     if family is not None and family not in FAMILIES:
         fail(f"unknown family {family!r}; choose from: {', '.join(FAMILIES)}")
