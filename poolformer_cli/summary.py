@@ -83,7 +83,7 @@ def _render(result) -> None:
         name("output shape", lambda r: "x".join(map(str, r.output_shape)), priority=2),
         count("params", lambda r: r.params),
         count("MACs", lambda r: r.macs),
-        number("output", lambda r: human(r.activation_bytes, "B"), priority=2),
+        number("output size", lambda r: human(r.activation_bytes, "B"), priority=2),
     ], result.layers, title=f"{result.model}  input {shape}")
 
     if result.stages:
