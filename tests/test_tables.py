@@ -7,6 +7,7 @@ exporting) are replayed on the other widths, so the rendering is what these test
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import types
@@ -33,7 +34,7 @@ WIDTH_IDS = ["60", "80", "120", "piped"]
 
 
 def _render(columns, rows, width: int, **kwargs) -> str:
-    out = Console(width=width, record=True, file=open(os.devnull, "w"))
+    out = Console(width=width, record=True, file=io.StringIO())
     print_table(columns, rows, out=out, **kwargs)
     return out.export_text()
 
