@@ -3,6 +3,7 @@ so `poolformer --help` and `--version` stay fast."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import typer
@@ -19,7 +20,6 @@ from . import export as export_cli
 
 app = typer.Typer(
     name="poolformer",
-    help="Analyse, benchmark and run PoolFormer / MetaFormer vision models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -38,18 +38,26 @@ def _root(
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
                                            help="Print the version and exit."),
 ) -> None:
-    """Analyse, benchmark and run PoolFormer / MetaFormer vision models."""
+    """Analyse, benchmark and run PoolFormer / MetaFormer vision models.
+
+    Example: poolformer summary s24 --depth 1 (each command's --help has its own example)
+    """
 
 
-app.command("list")(zoo.list_command)
-app.command("summary")(summary_cli.summary_command)
-app.command("flops")(flops_cli.flops_command)
-app.command("predict")(predict_cli.predict_command)
-app.command("eval")(evaluate_cli.eval_command)
-app.command("bench")(bench_cli.bench_command)
-app.command("profile")(bench_cli.profile_command)
-app.command("compare")(compare_cli.compare_command)
-app.command("export")(export_cli.export_command)
+def help_text(docstring: str | None) -> str:
+    """A docstring with each paragraph on one line. Typer's help keeps the line breaks inside paragraphs (the
+    command list even in the first), which would break sentences where the source wraps, not where the
+    terminal ends."""
+    paragraphs = inspect.cleandoc(docstring or "").split("\n\n")
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in paragraphs)
+
+
+COMMANDS = {"list": zoo.list_command, "summary": summary_cli.summary_command, "flops": flops_cli.flops_command,
+            "predict": predict_cli.predict_command, "eval": evaluate_cli.eval_command,
+            "bench": bench_cli.bench_command, "profile": bench_cli.profile_command,
+            "compare": compare_cli.compare_command, "export": export_cli.export_command}
+for _name, _command in COMMANDS.items():
+    app.command(_name, help=help_text(_command.__doc__))(_command)
 
 
 def main() -> None:

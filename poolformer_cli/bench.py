@@ -6,23 +6,25 @@ poolformer.regression. torch is imported inside the commands.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import typer
-from rich import box
-from rich.table import Table
+from rich.text import Text
 
 from .common import (
-    PRECISION_NAMES, check_plot_path, check_writable, console, err_console, fail, parse_int_list, print_json, print_precision_note,
-    resolve_models, save_figure, user_errors, write_atomic,
+    PRECISION_NAMES, check_plot_path, check_writable, console, csv_text, err_console, fail, parse_int_list, print_json,
+    print_precision_note, resolve_models, save_figure, short_model_name, user_errors, write_atomic,
 )
+from .tables import name, number, print_table, prose, shared_words, without_words
+
+if TYPE_CHECKING:
+    from poolformer.bench import BenchConfig, BenchResult, BenchSettings
+    from poolformer.regression import RegressionReport
 
 
-def _parse_names(text: str, option: str, allowed: Any) -> list[str]:
+def _parse_names(text: str, option: str, allowed: Sequence[str]) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
         fail(f"{option} needs at least one value")
@@ -92,6 +94,8 @@ def bench_command(
 
     Every combination of model x impl x precision x resolution x batch size is one row. The first call (and
     compilation) and the warm-up steps are timed apart from the measured steps.
+
+    Example: poolformer bench s12 s24 --batch-sizes 1,64 --precision fp32,bf16 --output results.json
     """
     names = resolve_models(models or ["s12"])
     batch_list = parse_int_list(batch_sizes, "--batch-sizes")
@@ -126,8 +130,8 @@ def bench_command(
     with user_errors():
         engine.check_settings(settings)
         device_name = engine.resolve_device(device)
-        for name in precisions:
-            engine.check_precision(device_name, name)
+        for precision_name in precisions:
+            engine.check_precision(device_name, precision_name)
         baseline_doc = load_results(baseline) if baseline is not None else None
         engine.apply_settings(settings, device_name)
         env = environment(device_name)
@@ -140,7 +144,7 @@ def bench_command(
         configs = engine.expand_configs(names, impls, device_name, [1] if max_batch else batch_list,
                                         resolution_list, precisions, channels_last, compile,
                                         None if weights is None else str(weights.expanduser()), cast_model)
-        results = _run_all(engine, configs, settings, env, output, csv_path, max_batch, max_batch_limit)
+        results = _run_all(configs, settings, env, output, csv_path, max_batch, max_batch_limit)
 
     document = {"env": env, "results": [r.to_row() for r in results]}
     report = None
@@ -148,8 +152,8 @@ def bench_command(
         with user_errors():
             report = compare(baseline_doc["results"], document["results"], max_regression, normalised)
             if retries and report.failed:
-                report, results = _measure_regressed_again(engine, report, baseline_doc, results, settings,
-                                                           retries, normalised)
+                report, results = _measure_regressed_again(report, baseline_doc, results, settings, retries,
+                                                           normalised)
                 document["results"] = [r.to_row() for r in results]
                 _save(env, results, output, csv_path)
     _write_reports(document, report, plot, github_benchmark, markdown_path)
@@ -165,10 +169,12 @@ def bench_command(
         raise typer.Exit(1)
 
 
-def _measure_regressed_again(engine: Any, report: Any, baseline_doc: dict, results: list, settings: Any,
-                             retries: int, normalised: bool) -> tuple[Any, list]:
+def _measure_regressed_again(report: RegressionReport, baseline_doc: dict, results: list[BenchResult],
+                             settings: BenchSettings, retries: int,
+                             normalised: bool) -> tuple[RegressionReport, list[BenchResult]]:
     """poolformer.regression.recheck with bench's own configurations: the results, the regressed ones replaced
     by their newest measurement."""
+    from poolformer import bench as engine
     from poolformer.regression import config_label, recheck
 
     results = list(results)
@@ -188,8 +194,8 @@ def _measure_regressed_again(engine: Any, report: Any, baseline_doc: dict, resul
     return report, results
 
 
-def _write_reports(document: dict, report: Any, plot: Optional[Path], github_benchmark: Optional[Path],
-                   markdown_path: Optional[Path]) -> None:
+def _write_reports(document: dict, report: Optional[RegressionReport], plot: Optional[Path],
+                   github_benchmark: Optional[Path], markdown_path: Optional[Path]) -> None:
     """The picture, the github-action-benchmark JSON and the Markdown report, each only where asked for."""
     from . import reports
 
@@ -203,14 +209,16 @@ def _write_reports(document: dict, report: Any, plot: Optional[Path], github_ben
         write_atomic(markdown_path, reports.markdown(document, report, _hardware(document["env"])))
 
 
-def _run_all(engine: Any, configs: list, settings: Any, env: dict, output: Optional[Path],
-             csv_path: Optional[Path], max_batch: bool, max_batch_limit: int) -> list:
+def _run_all(configs: list[BenchConfig], settings: BenchSettings, env: dict, output: Optional[Path],
+             csv_path: Optional[Path], max_batch: bool, max_batch_limit: int) -> list[BenchResult]:
     """Run the configurations under a progress bar, saving the rows after each one (so Ctrl-C keeps them)."""
     from dataclasses import replace
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    results: list = []
+    from poolformer import bench as engine
+
+    results: list[BenchResult] = []
     models = engine.ModelCache()  # rows that differ only in batch size (or autocast precision) share a model
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err_console, transient=True)
@@ -236,7 +244,7 @@ def _run_all(engine: Any, configs: list, settings: Any, env: dict, output: Optio
     return results
 
 
-def _describe(config: Any, compile_mode: Optional[str] = None) -> str:
+def _describe(config: BenchConfig, compile_mode: Optional[str] = None) -> str:
     from dataclasses import asdict
 
     from poolformer.regression import options_suffix
@@ -245,12 +253,12 @@ def _describe(config: Any, compile_mode: Optional[str] = None) -> str:
             + options_suffix({**asdict(config), "compile_mode": compile_mode}))
 
 
-def _save(env: dict, results: list, output: Optional[Path], csv_path: Optional[Path]) -> None:
+def _save(env: dict, results: list[BenchResult], output: Optional[Path], csv_path: Optional[Path]) -> None:
     rows = [r.to_row() for r in results]
     if output is not None:
         write_atomic(output, json.dumps({"env": env, "results": rows}, indent=2) + "\n")
     if csv_path is not None:
-        write_atomic(csv_path, _csv_text(rows))
+        write_atomic(csv_path, csv_text(CSV_COLUMNS, [_csv_row(row) for row in rows]))
 
 
 CSV_COLUMNS = ("model", "impl", "device", "batch_size", "resolution", "precision", "channels_last", "compile",
@@ -261,18 +269,14 @@ CSV_COLUMNS = ("model", "impl", "device", "batch_size", "resolution", "precision
                "backend", "backend_note", "bytes_per_image", "achieved_tb_per_s", "error")
 
 
-def _csv_text(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        flat = dict(row)
-        for stat in ("median", "p90", "iqr"):
-            flat[f"latency_{stat}_ms"] = row["latency_ms"][stat]
-        for name in ("max_abs_diff", "relative_diff", "top1_agreement", "ok"):
-            flat[f"parity_{name}"] = (row.get("parity") or {}).get(name)
-        writer.writerow(flat)
-    return buffer.getvalue()
+def _csv_row(row: dict) -> dict:
+    """A result row with its latency statistics and parity check as columns of their own."""
+    flat = dict(row)
+    for stat in ("median", "p90", "iqr"):
+        flat[f"latency_{stat}_ms"] = row["latency_ms"][stat]
+    for name in ("max_abs_diff", "relative_diff", "top1_agreement", "ok"):
+        flat[f"parity_{name}"] = (row.get("parity") or {}).get(name)
+    return flat
 
 
 def _ms(value: Optional[float]) -> str:
@@ -286,13 +290,16 @@ def _megabytes(n: Optional[int]) -> str:
     return "-" if n is None else f"{n / 1e6:,.0f}MB"
 
 
-def _short_label(config: Any, compile_mode: Optional[str] = None) -> str:
+def _short_label(config: BenchConfig, compile_mode: Optional[str] = None) -> str:
     """'s12/ours bs32 224px fp32 CL' - the zoo's first alias keeps the table narrow."""
-    from poolformer.peers import is_peer
-    from poolformer.zoo import get_spec
+    return _describe(config, compile_mode).replace(config.model, short_model_name(config.model), 1)
 
-    aliases = () if is_peer(config.model) else get_spec(config.model).aliases
-    return _describe(config, compile_mode).replace(config.model, aliases[0] if aliases else config.model, 1)
+
+def _compact_label(label: str, shared: list[str]) -> str:
+    """A regression check's 'poolformer_s12/ours cpu bs32 224px fp32' as 's12/ours bs32' when every
+    configuration is on cpu at 224px in fp32 (the title says so)."""
+    model, _, rest = without_words(label, shared).partition("/")
+    return f"{short_model_name(model)}/{rest}"
 
 
 def _hardware(env: dict) -> str:
@@ -305,35 +312,25 @@ def _hardware(env: dict) -> str:
 def _print_results(results: list, normalised: bool, hardware: str = "",
                    bandwidth_tb_s: Optional[float] = None) -> None:
     device = results[0].config.device if results else "cpu"
-    title = f"poolformer bench on {device}" + (f" ({hardware})" if hardware else "")
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    table.add_column("config", min_width=14, overflow="fold")
-    table.add_column("status", no_wrap=True)
-    for column in ("img/s", "median\nms", "p90\nms", "IQR", "peak\nmem", "first\nms", "max\n|Δ|",
-                   *(["rel."] if normalised else [])):
-        table.add_column(column, justify="right", no_wrap=True)
-    any_noisy, errors = False, []
-    for r in results:
-        lat = r.latency_ms
-        iqr = "-"
-        if lat is not None:
-            iqr = f"{lat.iqr / lat.median:.1%}"
-            if r.noisy:
-                iqr, any_noisy = f"[yellow]{iqr}![/]", True
-        status = {"ok": "ok", "oom": "[red]oom[/]", "mismatch": "[red]mismatch[/]"}.get(r.status, "[red]error[/]")
-        if r.status == "error":
-            errors.append(f"{_short_label(r.config, r.compile_mode)}: {r.error}")
-        parity = r.parity
-        diff = "-"
-        if parity is not None:
-            diff = (f"{parity.max_abs_diff:.0e}" if parity.max_abs_diff else "0") + (
-                "" if parity.top1_agreement == 1.0 else f" {parity.top1_agreement:.0%}")
-            diff = diff if parity.ok else f"[red]{diff}[/]"
-        table.add_row(_short_label(r.config, r.compile_mode), status, "-" if r.throughput is None else f"{r.throughput:,.1f}",
-                      _ms(lat and lat.median), _ms(lat and lat.p90), iqr, _megabytes(r.peak_memory_bytes),
-                      _ms(r.first_call_ms), diff,
-                      *([f"{r.relative_throughput:.3f}" if r.relative_throughput else "-"] if normalised else []))
-    console.print(table)
+    labels = {id(r): _short_label(r.config, r.compile_mode) for r in results}
+    shared = shared_words(list(labels.values()))
+    title = (f"poolformer bench on {device}" + (f" ({hardware})" if hardware else "")
+             + (f"; every row: {' '.join(shared)}" if shared else ""))
+    print_table([
+        name("config", lambda r: labels[id(r)], lambda r: without_words(labels[id(r)], shared)),
+        name("status", _status),
+        number("img/s", lambda r: "-" if r.throughput is None else f"{r.throughput:,.1f}"),
+        number("median ms", lambda r: _ms(r.latency_ms and r.latency_ms.median)),
+        number("p90 ms", lambda r: _ms(r.latency_ms and r.latency_ms.p90), priority=3),
+        number("IQR", _iqr, priority=2),
+        number("peak mem", lambda r: _megabytes(r.peak_memory_bytes), priority=2),
+        number("first ms", lambda r: _ms(r.first_call_ms), priority=3),
+        number("max |Δ|", _parity, priority=3),
+        *([number("rel.", lambda r: f"{r.relative_throughput:.3f}" if r.relative_throughput else "-")]
+          if normalised else []),
+    ], results, title=title, frame="light")
+    any_noisy = any(r.noisy and r.latency_ms is not None for r in results)
+    errors = [f"{labels[id(r)]}: {r.error}" for r in results if r.status == "error"]
     for line in errors:
         console.print(f"[red]error[/] {line}", soft_wrap=True)
     for line in _precision_notes(results) + _fast_notes(results, bandwidth_tb_s):
@@ -353,6 +350,29 @@ def _print_results(results: list, normalised: bool, hardware: str = "",
         notes.append("rel. = batch x median over steps of (reference-workload time / model step time): images "
                      "per reference run, the machine's speed divided out (see --normalised).")
     console.print(" ".join(notes), style="dim")
+
+
+def _status(r) -> Text:
+    return Text.from_markup({"ok": "ok", "oom": "[red]oom[/]", "mismatch": "[red]mismatch[/]"}.get(r.status,
+                                                                                                "[red]error[/]"))
+
+
+def _iqr(r) -> Text:
+    """The spread of the step latencies as a share of the median, yellow with a '!' when noisy."""
+    if r.latency_ms is None:
+        return Text("-")
+    share = f"{r.latency_ms.iqr / r.latency_ms.median:.1%}"
+    return Text(share + "!", style="yellow") if r.noisy else Text(share)
+
+
+def _parity(r) -> Text:
+    """Max |logit difference| against the fp32 reference (and the top-1 agreement below 100%), red when failed."""
+    if r.parity is None:
+        return Text("-")
+    p = r.parity
+    diff = (f"{p.max_abs_diff:.0e}" if p.max_abs_diff else "0") + ("" if p.top1_agreement == 1.0
+                                                                     else f" {p.top1_agreement:.0%}")
+    return Text(diff, style=None if p.ok else "red")
 
 
 def _fast_notes(results: list, bandwidth_tb_s: Optional[float]) -> list[str]:
@@ -377,23 +397,29 @@ def _precision_notes(results: list) -> list[str]:
     return lines
 
 
-def _print_regression(report: Any, to_stderr: bool) -> None:
+def _verdict(c) -> Text:
+    details = "; ".join(filter(None, [c.note, *c.gpu_differences]))
+    return (Text("REGRESSED", style="red") if c.regressed else Text("ok", style="green")) + (
+        f" ({details})" if details else "")
+
+
+def _print_regression(report: RegressionReport, to_stderr: bool) -> None:
     from poolformer.regression import ALPHA
 
     out = err_console if to_stderr else console
     unit = "img/s" if report.metric == "throughput" else "img/ref"
-    table = Table(title=f"regression check ({report.metric}, allowed loss {report.max_regression_pct:g}%, "
-                        f"step test p < {ALPHA:g})", title_justify="left")
-    for column in ("configuration", f"baseline {unit}", f"current {unit}", "change", "p", "verdict"):
-        table.add_column(column, justify="left" if column in ("configuration", "verdict") else "right")
-    for c in report.comparisons:
-        change = "-" if c.change_pct is None else f"{c.change_pct:+.1f}%"
-        details = "; ".join(filter(None, [c.note, *c.gpu_differences]))
-        verdict = ("[red]REGRESSED[/]" if c.regressed else "[green]ok[/]") + (f" ({details})" if details else "")
-        current = "-" if c.current is None else f"{c.current:,.3f}"
-        p_value = "-" if c.p_value is None else f"{c.p_value:.3g}"
-        table.add_row(c.label, f"{c.baseline:,.3f}", current, change, p_value, verdict)
-    out.print(table)
+    labels = [c.label for c in report.comparisons]
+    shared = shared_words(labels)
+    print_table([
+        name("configuration", lambda c: c.label, lambda c: _compact_label(c.label, shared)),
+        number(f"baseline {unit}", lambda c: f"{c.baseline:,.3f}"),
+        number(f"current {unit}", lambda c: "-" if c.current is None else f"{c.current:,.3f}"),
+        number("change", lambda c: "-" if c.change_pct is None else f"{c.change_pct:+.1f}%"),
+        number("p", lambda c: "-" if c.p_value is None else f"{c.p_value:.3g}", priority=2),
+        prose("verdict", _verdict),
+    ], report.comparisons, out=out,
+        title=(f"regression check ({report.metric}, allowed loss {report.max_regression_pct:g}%, step test "
+               f"p < {ALPHA:g})" + (f"; every configuration: {' '.join(shared)}" if shared else "")))
     for label in report.only_in_baseline:
         out.print(f"not measured in this run: {label}", style="dim")
     for label in report.only_in_current:
@@ -417,16 +443,18 @@ def _print_regression(report: Any, to_stderr: bool) -> None:
 
 def _print_kernel_profile(report) -> None:
     c = report.config
-    table = Table(title=f"{c.model}/fast kernels on {c.device}, batch {c.batch_size}, {c.resolution}px, {c.precision}: "
-                        f"{report.total_ms:.3f} ms per forward (median of {report.repeats} per launch)",
-                  title_justify="left")
-    for column in ("stage", "kernel", "launches", "ms", "share", "MB", "TB/s", "TFLOP/s"):
-        table.add_column(column, justify="left" if column in ("stage", "kernel") else "right")
-    for k in report.kernels:
-        table.add_row(str(k["stage"]), k["kernel"], str(k["launches"]), f"{k['ms']:.3f}", f"{k['share']:.1%}",
-                      f"{k['bytes'] / 1e6:.1f}", "-" if k["tb_per_s"] is None else f"{k['tb_per_s']:.2f}",
-                      "-" if k["tflop_per_s"] is None else f"{k['tflop_per_s']:.0f}")
-    console.print(table)
+    print_table([
+        name("stage", lambda k: str(k["stage"])),
+        name("kernel", lambda k: k["kernel"]),
+        number("launches", lambda k: str(k["launches"]), priority=3),
+        number("ms", lambda k: f"{k['ms']:.3f}"),
+        number("share", lambda k: f"{k['share']:.1%}"),
+        number("MB", lambda k: f"{k['bytes'] / 1e6:.1f}", priority=2),
+        number("TB/s", lambda k: "-" if k["tb_per_s"] is None else f"{k['tb_per_s']:.2f}"),
+        number("TFLOP/s", lambda k: "-" if k["tflop_per_s"] is None else f"{k['tflop_per_s']:.0f}", priority=2),
+    ], report.kernels, title=f"{c.model}/fast kernels on {c.device}, batch {c.batch_size}, {c.resolution}px, "
+                             f"{c.precision}: {report.total_ms:.3f} ms per forward (median of {report.repeats} per "
+                             "launch)")
     console.print("Each launch timed on its own between CUDA events with CUDA graphs off (host clocks in Triton's "
                   "interpreter); stage 0 is the stem. MB: the bytes each kernel reads and writes once; "
                   "TFLOP/s counts 2 FLOPs per multiply-add. Whole-forward speed: `poolformer bench`.", style="dim")
@@ -452,11 +480,15 @@ def profile_command(
                                  "its own (CUDA events, graphs off; --steps forwards), with bytes, TB/s, TFLOP/s."),
 ) -> None:
     """Profile one configuration with torch.profiler: which operators take the time (self time, calls, share).
-    With --kernels, the fast path's own kernels, one by one."""
+
+    With --kernels, the fast path's own Triton kernels instead, each timed on its own.
+
+    Example: poolformer profile s24 --device cuda --batch-size 64 --precision bf16
+    """
     names = resolve_models([model])
     if len(names) != 1:
         fail(f"profile takes one model; {model!r} matches {len(names)}")
-    name = names[0]
+    model_name = names[0]
     precision = _parse_names(precision, "--precision", PRECISION_NAMES)[0]
     check_writable(trace, "--trace")
     import dataclasses
@@ -472,7 +504,7 @@ def profile_command(
         engine.check_precision(device_name, precision)
         print_precision_note(device_name, precision)
         engine.apply_settings(engine.BenchSettings(threads=threads), device_name)
-        config = engine.BenchConfig(name, impl, device_name, batch_size, resolution, precision, channels_last)
+        config = engine.BenchConfig(model_name, impl, device_name, batch_size, resolution, precision, channels_last)
         if kernels and trace is not None:
             fail("--trace writes torch.profiler's trace; --kernels does not use the profiler: choose one")
         try:
@@ -495,18 +527,15 @@ def profile_command(
     title = (f"{c.model}/{c.impl} on {c.device}, batch {c.batch_size}, {c.resolution}px, {c.precision}"
              f"{', channels_last' if c.channels_last else ''}: {report.total_ms:.2f} ms {report.time_kind} self time "
              f"per step ({report.steps} profiled steps)")
-    table = Table(title=title, title_justify="left")
-    for column in ("operator", "category", "self ms/step", "calls/step", "share"):
-        table.add_column(column, justify="left" if column in ("operator", "category") else "right")
-    for op in report.operators[:top]:
-        table.add_row(op.name, op.category, f"{op.self_ms:.3f}", str(op.calls), f"{op.share:.1%}")
-    console.print(table)
-    summary = Table(title="by category", title_justify="left")
-    summary.add_column("category")
-    summary.add_column("share", justify="right")
-    for category, share in report.categories.items():
-        summary.add_row(category, f"{share:.1%}")
-    console.print(summary)
+    print_table([
+        name("operator", lambda op: op.name),
+        name("category", lambda op: op.category, priority=2),
+        number("self ms/step", lambda op: f"{op.self_ms:.3f}"),
+        number("calls/step", lambda op: str(op.calls), priority=2),
+        number("share", lambda op: f"{op.share:.1%}"),
+    ], report.operators[:top], title=title)
+    print_table([name("category", lambda item: item[0]), number("share", lambda item: f"{item[1]:.1%}")],
+                report.categories.items(), title="by category")
     console.print("Self time excludes the operators an operator calls, so shares add up to 100%. The profiler "
                   "adds overhead: use `poolformer bench` for speed numbers.", style="dim")
     if report.trace_path:

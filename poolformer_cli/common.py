@@ -6,11 +6,13 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, NoReturn, Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -18,8 +20,12 @@ from rich.console import Console
 from poolformer.errors import PoolformerError, UnknownModelError
 from poolformer.zoo import get_spec
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 # poolformer.devices.PRECISIONS' names, written here so that --help needs no torch (a test keeps them equal).
 PRECISION_NAMES = ("fp32", "bf16", "fp16")
+MIN_RESOLUTION = 32  # four downsamplings: stride 32 (poolformer.flops.MIN_RESOLUTION, without importing torch)
 
 console = Console()
 err_console = Console(stderr=True, highlight=False)
@@ -50,6 +56,15 @@ def resolve_model(name: str) -> str:
         return get_spec(name).name
     except UnknownModelError as err:
         fail(str(err), 2)
+
+
+def short_model_name(name: str) -> str:
+    """The zoo's first alias ('s12' for poolformer_s12), for tables too narrow for whole names; a timm: peer
+    or a model without an alias keeps its name."""
+    from poolformer.peers import is_peer
+
+    aliases = () if is_peer(name) else get_spec(name).aliases
+    return aliases[0] if aliases else name
 
 
 def _is_glob(text: str) -> bool:
@@ -83,6 +98,14 @@ def resolve_models(arguments: list[str], peers: bool = True) -> list[str]:
         else:
             found.append(resolve_model(text))
     return list(dict.fromkeys(found))
+
+
+def check_impl(impl: str) -> None:
+    """Exit 2 unless `impl` is one of the implementations registered at run time."""
+    from poolformer.implementations import IMPLEMENTATIONS
+
+    if impl not in IMPLEMENTATIONS:
+        fail(f"unknown implementation {impl!r} for --impl; choose from: {', '.join(IMPLEMENTATIONS)}")
 
 
 def check_precision_name(precision: str) -> None:
@@ -123,6 +146,36 @@ def parse_int_list(text: str, option: str, minimum: int = 1) -> list[int]:
             fail(f"{option} values must be >= {minimum}, got {value}")
         values.append(value)
     return values
+
+
+def one_int(text: str, option: str) -> int:
+    """A single integer >= 1 for `option`, or a one-line error and exit 2 (typer's own is a boxed panel)."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        fail(f"{option} takes one integer >= 1, got {text!r}")
+    if value < 1:
+        fail(f"{option} must be >= 1, got {value}")
+    return value
+
+
+def parse_resolutions(text: str) -> list[int]:
+    """'224,384' -> [224, 384]; exit 2 on anything that is not an integer the model can downsample 4 times."""
+    values = parse_int_list(text, "--resolution", minimum=1)
+    for value in values:
+        if value < MIN_RESOLUTION:
+            fail(f"--resolution must be at least {MIN_RESOLUTION} (four downsamplings to stride 32), got {value}")
+    return values
+
+
+def one_resolution(text: Optional[str], command: str) -> Optional[int]:
+    """--resolution for a command that takes one value (None when not given); exit 2 on several."""
+    if text is None:
+        return None
+    values = parse_resolutions(text)
+    if len(values) != 1:
+        fail(f"--resolution takes one value for {command}, got {len(values)} (flops accepts several)")
+    return values[0]
 
 
 def check_writable(path: str | os.PathLike | None, option: str) -> None:
@@ -180,10 +233,19 @@ def check_plot_path(path: str | os.PathLike | None, option: str = "--plot") -> N
     check_writable(path, option)
 
 
-def save_figure(figure: Any, path: str | os.PathLike) -> None:
+def save_figure(figure: Figure, path: str | os.PathLike) -> None:
     """Save a matplotlib figure atomically, in the format its suffix names (.png or .svg)."""
     suffix = Path(path).suffix.lower().lstrip(".")
     replace_atomically(path, lambda tmp: figure.savefig(tmp, format=suffix, bbox_inches="tight"))
+
+
+def csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
+    """CSV text: a header of `columns`, then one line per row in that order (a row's other keys left out)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def print_json(value: Any) -> None:
@@ -193,10 +255,14 @@ def print_json(value: Any) -> None:
 
 
 def human(n: float | None, unit: str = "") -> str:
-    """1822580736 -> '1.82G' (decimal prefixes); None -> '-'."""
+    """Four significant digits and a decimal prefix, at most six characters before the unit, so a column of
+    them lines up: 1822580736 -> '1.823G', 102760448 -> '102.8M', 802816 B -> '802.8KB', 512 -> '512';
+    None -> '-'."""
     if n is None:
         return "-"
-    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= factor:
-            return f"{n / factor:.2f}{prefix}{unit}"
-    return f"{n:g}{unit}"
+    if abs(n) < 999.95:
+        return f"{n:.4g}{unit}"
+    factor, prefix = next((factor, prefix) for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
+                          if abs(n) >= factor * 0.99995)  # 999,996 reads '1.000M', not '1000.0K'
+    value = n / factor
+    return f"{value:.{3 if abs(value) < 9.9995 else 2 if abs(value) < 99.995 else 1}f}{prefix}{unit}"

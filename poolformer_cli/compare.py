@@ -3,19 +3,17 @@ the Pareto fronts. Parsing and rendering only; the work is in poolformer.compare
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from .common import (
-    PRECISION_NAMES, check_plot_path, check_precision_name, check_writable, console, err_console, fail, human,
-    print_json, print_precision_note, resolve_models, save_figure, user_errors, write_atomic,
+    PRECISION_NAMES, check_impl, check_plot_path, check_precision_name, check_writable, console, csv_text,
+    err_console, fail, human, one_int, one_resolution, print_json, print_precision_note, resolve_models,
+    save_figure, short_model_name, user_errors, write_atomic,
 )
-from .summary import _one_resolution, one_int
+from .tables import name, number, print_table
 
 CSV_COLUMNS = ("model", "family", "params", "macs", "published_macs", "top1", "top1_source", "throughput",
                "latency_ms", "status", "pareto_macs", "pareto_params", "pareto_throughput", "error")
@@ -41,25 +39,26 @@ def compare_command(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw top-1 against MACs, parameters and throughput "
                                                              "with the Pareto fronts (.png or .svg)."),
 ) -> None:
-    """Accuracy against cost: published ImageNet top-1 beside parameters and MACs counted on each model and
-    throughput measured here and now; marks the Pareto front of each (no model is both more accurate and
-    cheaper).
+    """Accuracy against cost: published top-1 beside parameters, MACs and throughput, with the Pareto fronts.
+
+    Parameters and MACs are counted on each model and throughput is measured here and now. A model is on the
+    front of a cost when no other model is both more accurate and cheaper in it.
 
     Top-1 is the published figure: the papers for PoolFormer models, timm's results for timm: peers (with
     the weights' name); models without one are listed but not placed on the fronts.
+
+    Example: poolformer compare 'poolformer_s*' timm:resnet50 --device cuda
     """
     names = resolve_models(models)
     batch = one_int(batch_size, "--batch-size")
-    size = _one_resolution(resolution) or 224
+    size = one_resolution(resolution, "compare") or 224
     check_precision_name(precision)
     check_writable(csv_path, "--csv")
     check_plot_path(plot)
+    check_impl(impl)
     from poolformer import bench as engine
     from poolformer.compare import compare_models
-    from poolformer.implementations import IMPLEMENTATIONS
 
-    if impl not in IMPLEMENTATIONS:
-        fail(f"unknown implementation {impl!r} for --impl; choose from: {', '.join(IMPLEMENTATIONS)}")
     settings = engine.BenchSettings(warmup=warmup, iters=iters, threads=threads)
     with user_errors():
         device_name = None
@@ -73,7 +72,7 @@ def compare_command(
                                     precision=precision, impl=impl, settings=settings,
                                     progress=lambda name: status.update(f"comparing {name} ..."))
     if csv_path is not None:
-        write_atomic(csv_path, _csv_text(result))
+        write_atomic(csv_path, csv_text(CSV_COLUMNS, _csv_rows(result)))
     if plot is not None:
         from poolformer.plots import compare_figure
 
@@ -94,17 +93,24 @@ def _marks(result, model: str) -> str:
                     if model in result.fronts.get(axis, []))
 
 
+def _speed(r) -> str:
+    if r.throughput is not None:
+        return f"{r.throughput:,.1f}"
+    return "-" if r.status == "not measured" else r.status
+
+
 def _render(result) -> None:
     where = (f"{result.device}, batch {result.batch_size}, {result.precision}, impl {result.impl}"
              if result.device else "not measured")
-    table = Table(title=f"accuracy vs cost at {result.resolution}px (throughput: {where})", title_justify="left")
-    for column in ("model", "params", "MACs", "published\nMACs@224", "top-1 %", "img/s", "Pareto"):
-        table.add_column(column, justify="left" if column in ("model", "Pareto") else "right", no_wrap=column != "model")
-    for r in result.rows:
-        speed = f"{r.throughput:,.1f}" if r.throughput is not None else ("-" if r.status == "not measured" else r.status)
-        table.add_row(r.model, human(r.params), human(r.macs), human(r.published_macs),
-                      "-" if r.top1 is None else f"{r.top1:.2f}", speed, _marks(result, r.model))
-    console.print(table)
+    print_table([
+        name("model", lambda r: r.model, lambda r: short_model_name(r.model)),
+        number("params", lambda r: human(r.params)),
+        number("MACs", lambda r: human(r.macs)),
+        number("published MACs@224", lambda r: human(r.published_macs), priority=2),
+        number("top-1 %", lambda r: "-" if r.top1 is None else f"{r.top1:.2f}"),
+        number("img/s", _speed),
+        name("Pareto", lambda r: _marks(result, r.model)),
+    ], result.rows, title=f"accuracy vs cost at {result.resolution}px (throughput: {where})")
     for r in result.rows:
         if r.error:
             console.print(f"[red]error[/] {r.model}: {r.error}", soft_wrap=True)
@@ -113,13 +119,7 @@ def _render(result) -> None:
                   "top-1 vs M = MACs, P = parameters, T = throughput.", style="dim")
 
 
-def _csv_text(result) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for r in result.rows:
-        row = dict(vars(r))
-        for axis in ("macs", "params", "throughput"):
-            row[f"pareto_{axis}"] = int(r.model in result.fronts.get(axis, []))
-        writer.writerow(row)
-    return buffer.getvalue()
+def _csv_rows(result) -> list[dict]:
+    """Each row's fields, with 1/0 for whether it is on each Pareto front."""
+    return [{**vars(r), **{f"pareto_{axis}": int(r.model in result.fronts.get(axis, []))
+                           for axis in ("macs", "params", "throughput")}} for r in result.rows]

@@ -4,21 +4,18 @@ only; the counting is in poolformer.evaluate. torch is imported inside the comma
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from .common import (
-    check_precision_name, check_writable, console, err_console, fail, print_json, print_classifier_notes, resolve_model,
-    user_errors, write_atomic,
+    check_impl, check_precision_name, check_writable, csv_text, err_console, fail, print_json, print_classifier_notes,
+    resolve_model, user_errors, write_atomic,
 )
-from .predict import check_impl
+from .tables import name, print_table, prose
 
 
 def summary_json(result) -> dict:
@@ -34,25 +31,20 @@ def summary_json(result) -> dict:
     }
 
 
+PREDICTIONS_COLUMNS = ("path", "target", "target_label", "top1", "top1_label", "top1_probability", "correct_top1",
+                       "correct_top5", "top5", "error")
+
+
 def predictions_csv(result, labels: list[str]) -> str:
     """One row per image: scored images with their top-5, then skipped ones with their error."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["path", "target", "target_label", "top1", "top1_label", "top1_probability",
-                     "correct_top1", "correct_top5", "top5", "error"])
-    for o in result.outcomes:
-        writer.writerow([o.path, o.target, labels[o.target], o.top_indices[0], labels[o.top_indices[0]],
-                         f"{o.top_probabilities[0]:.6f}", int(o.correct_top1), int(o.correct_top5),
-                         " ".join(map(str, o.top_indices)), ""])
-    for s in result.skipped:
-        writer.writerow([s.path, "", "", "", "", "", "", "", "", s.error])
-    return out.getvalue()
+    scored = [{"path": o.path, "target": o.target, "target_label": labels[o.target], "top1": o.top_indices[0],
+               "top1_label": labels[o.top_indices[0]], "top1_probability": f"{o.top_probabilities[0]:.6f}",
+               "correct_top1": int(o.correct_top1), "correct_top5": int(o.correct_top5),
+               "top5": " ".join(map(str, o.top_indices)), "error": ""} for o in result.outcomes]
+    return csv_text(PREDICTIONS_COLUMNS, scored + [{"path": s.path, "error": s.error} for s in result.skipped])
 
 
 def _render(result) -> None:
-    table = Table(title=f"{result.model} on {result.root}", title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
     rows = [
         ("top-1", f"{result.top1:.3f}%  ({result.correct_top1:,} / {result.images:,})"),
         ("top-5", f"{result.top5:.3f}%  ({result.correct_top5:,} / {result.images:,})"),
@@ -65,9 +57,8 @@ def _render(result) -> None:
                   f"batch {result.batch_size}, {result.device}"
                   + (f" x {result.world_size} processes" if result.world_size > 1 else "")),
     ]
-    for metric, value in rows:
-        table.add_row(metric, value)
-    console.print(table)
+    print_table([name("metric", lambda row: row[0]), prose("value", lambda row: row[1])], rows,
+                title=f"{result.model} on {result.root}")
     for s in result.skipped:
         err_console.print(f"skipped {s.path}: {s.error}", soft_wrap=True, markup=False)
 
@@ -118,6 +109,8 @@ def eval_command(
     Folders named by ImageNet wnids map to the 1000 outputs by wnid (sorted wnids = class index; a subset of
     classes is fine). Unreadable images are skipped and listed, never counted. Run the same command under
     `torchrun --nproc-per-node N` to shard the images over N processes; the counts are summed.
+
+    Example: poolformer eval ~/data/imagenet --model s12 --pretrained --limit 5000
     """
     name = resolve_model(model)
     check_precision_name(precision)

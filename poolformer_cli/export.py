@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
+from rich.text import Text
 
-from .common import check_writable, console, err_console, fail, print_json, resolve_model, user_errors
-from .summary import one_int
+from .common import check_writable, console, err_console, fail, one_int, print_json, resolve_model, user_errors
+from .tables import name, number, print_table, print_words
 
 
 def export_command(
@@ -31,14 +31,18 @@ def export_command(
                                                                       "(default: generated images)."),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Export a model to ONNX (or a torch.export pt2 program, or OpenVINO IR), run the file with ONNX Runtime and
-    OpenVINO (torch for pt2, OpenVINO for IR) on random inputs and on images, and write it only when its logits
-    match our fp32 model's (max |diff| <= 1e-4 x max(1, max |logit|), same top-1 on every input). IR with --fast
-    is the graph `--impl fast` runs on a CPU; without, OpenVINO's own conversion of the model.
+    """Export a model to ONNX, a torch.export pt2 program or OpenVINO IR, written only when it matches our model.
+
+    The file runs with ONNX Runtime and OpenVINO (torch for pt2, OpenVINO for IR) on random inputs and on
+    images, and is written only when its logits match our fp32 model's (max |diff| <= 1e-4 x max(1, max
+    |logit|), the same top-1 on every input). IR with --fast is the graph `--impl fast` runs on a CPU;
+    without, OpenVINO's own conversion of the model.
 
     GroupNorm with one group and the pooling that skips padded positions are exported as plain reductions,
     a depthwise convolution and a constant map, which every runtime computes the same way (TensorRT, for
     example, computes ONNX GroupNormalization with one group per channel).
+
+    Example: poolformer export s12 --pretrained --output s12.onnx
     """
     name = resolve_model(model)
     size = one_int(resolution, "--resolution")
@@ -116,14 +120,16 @@ def _render(report) -> None:
     title = (f"{report.model} -> {report.path} ({report.format}{', opset ' + str(report.opset) if report.opset else ''}"
              f", {report.resolution}px, {'dynamic batch' if report.dynamic_batch else 'batch 1'}"
              f"{', folded (--fast)' if report.fast else ''})")
-    table = Table(title=title, title_justify="left")
-    for column in ("runtime", "inputs", "count", "max |diff|", "max |logit|", "top-1 agree", "parity"):
-        table.add_column(column, justify="left" if column in ("runtime", "inputs", "parity") else "right")
-    for c in report.checks:
-        table.add_row(c.runtime, c.inputs, str(c.count), f"{c.max_abs_diff:.2e}", f"{c.max_abs_logit:.3g}",
-                      f"{c.top1_agreement:.0%}", "[green]ok[/]" if c.passed else "[red]FAILED[/]")
-    console.print(table)
+    print_table([
+        name("runtime", lambda c: c.runtime),
+        name("inputs", lambda c: c.inputs),
+        number("count", lambda c: str(c.count), priority=2),
+        number("max |diff|", lambda c: f"{c.max_abs_diff:.2e}"),
+        number("max |logit|", lambda c: f"{c.max_abs_logit:.3g}", priority=2),
+        number("top-1 agree", lambda c: f"{c.top1_agreement:.0%}"),
+        name("parity", lambda c: Text("ok", style="green") if c.passed else Text("FAILED", style="red")),
+    ], report.checks, title=title)
     if report.written:
-        console.print(f"wrote {report.path} ({report.size_bytes / 1e6:,.1f} MB)")
+        print_words(f"wrote {report.path} ({report.size_bytes / 1e6:,.1f} MB)")
     console.print(f"parity: max |diff| <= {report.tolerance:g} x max(1, max |logit|) and the same top-1 on every "
                   "input, against our fp32 model", style="dim")

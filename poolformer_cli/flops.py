@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.table import Table
 
 from .common import (
-    check_plot_path, console, err_console, fail, human, print_json, resolve_models, save_figure, user_errors,
+    check_plot_path, console, err_console, fail, human, one_int, parse_resolutions, print_json, resolve_models,
+    save_figure, short_model_name, user_errors,
 )
-from .summary import one_int, parse_resolutions
+from .tables import count, name, number, print_table, prose
 
 BREAKDOWNS = ("module", "operator")
 IMPLS = ("ours", "timm")
@@ -40,9 +40,14 @@ def flops_command(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw every counter's count and the bytes moved "
                                                              "against resolution, per model (.png or .svg)."),
 ) -> None:
-    """Count MACs/FLOPs with fvcore (primary: the published figures), thop, torch's FlopCounterMode and our
-    analytic count, which also charges pooling, elementwise ops, activations and norms, and the bytes each
-    operator moves. Lists the ops fvcore skipped and what they would add."""
+    """Count MACs and FLOPs with fvcore, thop, torch and our analytic count, side by side.
+
+    fvcore is the primary count (it gives the published figures). torch's FlopCounterMode counts FLOPs of
+    convolutions and matrix products; our analytic count also charges pooling, elementwise ops, activations
+    and norms, and the bytes each operator moves. Lists the ops fvcore skipped and what they would add.
+
+    Example: poolformer flops s12 s24 --resolution 224,384 --by operator
+    """
     names = resolve_models(models)
     sizes = parse_resolutions(resolution) if resolution is not None else [None]
     batch = one_int(batch_size, "--batch-size")
@@ -86,26 +91,32 @@ def _title(r) -> str:
 
 
 def _render_counters_one(r) -> None:
-    table = Table(title=_title(r), title_justify="left")
-    for column, justify in (("counter", "left"), ("count", "right"), ("unit", "left"), ("", "right"),
-                            ("counts", "left")):
-        table.add_column(column, justify=justify)
-    fv = r.fvcore.macs
-    a = r.analytic
-    vs_fvcore = (lambda macs: f"{macs - fv:+,} MACs vs fvcore")
-    table.add_row("fvcore (primary)", f"{fv:,}", "MACs", human(fv), "conv, linear, matmul; norms 5/element")
-    table.add_row("thop", f"{r.thop.macs:,}", "MACs", vs_fvcore(r.thop.macs), "the nn.Module types it knows")
-    table.add_row("thop params", f"{r.thop.params:,}", "params", "", f"ours: {r.params:,}")
-    table.add_row("torch FlopCounterMode", f"{r.torch.flops:,}", "FLOPs", f"= {r.torch.flops / 2:,.0f} MACs",
-                  "conv and matmul only, 2 FLOPs per MAC")
-    table.add_row("analytic", f"{a.macs:,}", "MACs", vs_fvcore(a.macs), "conv, linear, matmul")
-    table.add_row("analytic", f"{a.ops:,}", "ops", human(a.ops), "every arithmetic operation, 1 MAC = 2 ops")
-    table.add_row("analytic", f"{a.bytes:,}", "bytes", human(a.bytes, "B"), "read + written by each operator")
-    table.add_row("arithmetic intensity", f"{a.intensity:.1f}", "ops/byte", "", "analytic ops / bytes")
+    fv, a = r.fvcore.macs, r.analytic
+    vs_fvcore = (lambda macs: (f"{macs - fv:+,} MACs vs fvcore", f"{'+' * (macs >= fv)}{human(macs - fv)} vs fvcore"))
+    same = (lambda text: (text, ""))  # the count's own compact form: nothing to add once the count is compact
+    rows = [  # counter, count, unit, relation to it (exact, compact), what it counts
+        ("fvcore (primary)", fv, "MACs", same(human(fv)), "conv, linear, matmul; norms 5/element"),
+        ("thop", r.thop.macs, "MACs", vs_fvcore(r.thop.macs), "the nn.Module types it knows"),
+        ("thop params", r.thop.params, "params", same(""), f"ours: {r.params:,}"),
+        ("torch FlopCounterMode", r.torch.flops, "FLOPs", (f"= {r.torch.flops / 2:,.0f} MACs",
+                                                           f"= {human(r.torch.flops / 2)} MACs"),
+         "conv and matmul only, 2 FLOPs per MAC"),
+        ("analytic", a.macs, "MACs", vs_fvcore(a.macs), "conv, linear, matmul"),
+        ("analytic", a.ops, "ops", same(human(a.ops)), "every arithmetic operation, 1 MAC = 2 ops"),
+        ("analytic", a.bytes, "bytes", same(human(a.bytes, "B")), "read + written by each operator"),
+        ("arithmetic intensity", f"{a.intensity:.1f}", "ops/byte", same(""), "analytic ops / bytes"),
+    ]
     if r.published_macs is not None:
-        table.add_row("published", f"{r.published_macs:,}", "MACs", vs_fvcore(r.published_macs),
-                      "paper / release (fvcore @224)")
-    console.print(table)
+        rows.append(("published", r.published_macs, "MACs", vs_fvcore(r.published_macs),
+                     "paper / release (fvcore @224)"))
+    figure = (lambda value, form: value if isinstance(value, str) else form(value))
+    print_table([
+        name("counter", lambda row: row[0]),
+        number("count", lambda row: figure(row[1], "{:,}".format), lambda row: figure(row[1], human)),
+        name("unit", lambda row: row[2]),
+        prose("", lambda row: row[3][0], lambda row: row[3][1], priority=2, justify="right"),
+        prose("counts", lambda row: row[4], priority=3),
+    ], rows, title=_title(r))
     if r.published_macs is not None and r.published_macs != fv:
         console.print(_published_note(r), style="dim")
 
@@ -131,84 +142,92 @@ def _published_note(r) -> str:
 
 
 def _render_counters_many(reports) -> None:
-    table = Table(title="Counters", title_justify="left")
-    table.add_column("model", overflow="fold")
-    for column in ("res", "fvcore\nMACs", "thop\nMACs", "torch\nFLOPs", "analytic\nMACs", "analytic\nops",
-                   "bytes", "ops/B"):
-        table.add_column(column, justify="right", no_wrap=True)
-    for r in reports:
-        a = r.analytic
-        table.add_row(r.model, str(r.resolution), human(r.fvcore.macs), human(r.thop.macs), human(r.torch.flops),
-                      human(a.macs), human(a.ops), human(a.bytes, "B"), f"{a.intensity:.1f}")
-    console.print(table)
+    print_table([
+        name("model", lambda r: r.model, lambda r: short_model_name(r.model)),
+        number("res", lambda r: str(r.resolution)),
+        number("fvcore MACs", lambda r: human(r.fvcore.macs)),
+        number("thop MACs", lambda r: human(r.thop.macs), priority=2),
+        number("torch FLOPs", lambda r: human(r.torch.flops), priority=2),
+        number("analytic MACs", lambda r: human(r.analytic.macs)),
+        number("analytic ops", lambda r: human(r.analytic.ops)),
+        number("bytes", lambda r: human(r.analytic.bytes, "B")),
+        number("ops/B", lambda r: f"{r.analytic.intensity:.1f}", priority=2),
+    ], reports, title="Counters")
     console.print("exact integers: --json", style="dim")
 
 
 def _render_skipped(reports) -> None:
-    table = Table(title="Ops fvcore skipped (unsupported) and what the analytic count charges for them",
-                  title_justify="left")
-    many = len(reports) > 1
-    if many:
-        table.add_column("model")
-        table.add_column("res", justify="right")
-    for column in ("op", "calls", "analytic ops", "% of fvcore MACs"):
-        table.add_column(column, justify="left" if column == "op" else "right")
+    rows = [(r, s) for r in reports for s in r.fvcore_skipped]
+    share = (lambda r, s: f"{100 * s.analytic_ops / r.fvcore.macs:.2f}" if s.analytic_ops and r.fvcore.macs else "-")
+    which = [name("model", lambda row: row[0].model, lambda row: short_model_name(row[0].model)),
+             number("res", lambda row: str(row[0].resolution))]
+    print_table([
+        *(which if len(reports) > 1 else []),
+        name("op", lambda row: row[1].op, lambda row: row[1].op.removeprefix("aten::")),
+        number("calls", lambda row: str(row[1].calls)),
+        count("analytic ops", lambda row: row[1].analytic_ops),
+        number("% of fvcore MACs", lambda row: share(*row)),
+    ], rows, title="Ops fvcore skipped (unsupported) and what the analytic count charges for them")
+
+
+def _first_per_model(reports) -> dict:
+    """model -> its report at the first resolution counted."""
+    first = {}
     for r in reports:
-        for s in r.fvcore_skipped:
-            share = f"{100 * s.analytic_ops / r.fvcore.macs:.2f}" if s.analytic_ops and r.fvcore.macs else "-"
-            cells = [s.op, str(s.calls), "-" if s.analytic_ops is None else f"{s.analytic_ops:,}", share]
-            table.add_row(*([r.model, str(r.resolution)] if many else []), *cells)
-    console.print(table)
+        first.setdefault(r.model, r)
+    return first
 
 
 def _render_growth(reports) -> None:
-    table = Table(title="Growth with tokens (relative to each model's first resolution)", title_justify="left")
-    for column in ("model", "res", "tokens (stage 1)", "tokens x", "fvcore MACs", "MACs x", "ops x", "bytes x"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    base = {}
-    for r in reports:
-        b = base.setdefault(r.model, r)
-        table.add_row(r.model, str(r.resolution), f"{r.tokens:,}", f"{r.tokens / b.tokens:.2f}",
-                      f"{r.fvcore.macs:,}", f"{r.fvcore.macs / b.fvcore.macs:.2f}",
-                      f"{r.analytic.ops / b.analytic.ops:.2f}", f"{r.analytic.bytes / b.analytic.bytes:.2f}")
-    console.print(table)
+    first = _first_per_model(reports)
+    ratio = (lambda value: (lambda r: f"{value(r) / value(first[r.model]):.2f}"))
+    print_table([
+        name("model", lambda r: r.model, lambda r: short_model_name(r.model)),
+        number("res", lambda r: str(r.resolution)),
+        count("tokens (stage 1)", lambda r: r.tokens, priority=2),
+        number("tokens x", ratio(lambda r: r.tokens)),
+        count("fvcore MACs", lambda r: r.fvcore.macs, priority=2),
+        number("MACs x", ratio(lambda r: r.fvcore.macs)),
+        number("ops x", ratio(lambda r: r.analytic.ops)),
+        number("bytes x", ratio(lambda r: r.analytic.bytes)),
+    ], reports, title="Growth with tokens (relative to each model's first resolution)")
     console.print("Pooling, convs and MLPs grow linearly with tokens (MACs x = tokens x); attention and "
                   "spatial-FC token mixing grow quadratically.", style="dim")
 
 
 def _render_comparison(reports) -> None:
-    table = Table(title="Comparison (fvcore MACs at the first resolution counted)", title_justify="left")
-    for column in ("model", "res", "params", "fvcore MACs", "published MACs@224", "top-1 %", "MACs per top-1 point"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    seen = set()
-    for r in reports:
-        if r.model in seen:
-            continue
-        seen.add(r.model)
-        per_point = human(r.fvcore.macs / r.published_top1) if r.published_top1 else "-"
-        table.add_row(r.model, str(r.resolution), f"{r.params:,}", f"{r.fvcore.macs:,}", human(r.published_macs),
-                      "-" if r.published_top1 is None else f"{r.published_top1:.1f}", per_point)
-    console.print(table)
+    print_table([
+        name("model", lambda r: r.model, lambda r: short_model_name(r.model)),
+        number("res", lambda r: str(r.resolution), priority=2),
+        count("params", lambda r: r.params),
+        count("fvcore MACs", lambda r: r.fvcore.macs),
+        number("published MACs@224", lambda r: human(r.published_macs)),
+        number("top-1 %", lambda r: "-" if r.published_top1 is None else f"{r.published_top1:.1f}"),
+        number("MACs per top-1 point", lambda r: human(r.fvcore.macs / r.published_top1) if r.published_top1
+               else "-", priority=2),
+    ], _first_per_model(reports).values(), title="Comparison (fvcore MACs at the first resolution counted)")
 
 
 def _render_by_operator(r) -> None:
-    table = Table(title=f"By operator: {_title(r)} (fvcore/analytic in MACs, torch in FLOPs)", title_justify="left")
-    for column in ("operator", "calls", "fvcore\nMACs", "torch\nFLOPs", "analytic\nMACs", "analytic\nops", "bytes",
-                   "ops/B"):
-        table.add_column(column, justify="left" if column == "operator" else "right", no_wrap=True)
-    for row in r.operators:
-        a = row.analytic
-        table.add_row(row.op, str(a.calls), "skipped" if row.fvcore_macs is None else human(row.fvcore_macs),
-                      human(row.torch_flops), human(a.macs), human(a.ops), human(a.bytes, "B"), f"{a.intensity:.2f}")
-    console.print(table)
+    print_table([
+        name("operator", lambda row: row.op),
+        number("calls", lambda row: str(row.analytic.calls)),
+        number("fvcore MACs", lambda row: "skipped" if row.fvcore_macs is None else human(row.fvcore_macs)),
+        number("torch FLOPs", lambda row: human(row.torch_flops), priority=2),
+        number("analytic MACs", lambda row: human(row.analytic.macs)),
+        number("analytic ops", lambda row: human(row.analytic.ops)),
+        number("bytes", lambda row: human(row.analytic.bytes, "B")),
+        number("ops/B", lambda row: f"{row.analytic.intensity:.2f}", priority=2),
+    ], r.operators, title=f"By operator: {_title(r)} (fvcore/analytic in MACs, torch in FLOPs)")
 
 
 def _render_by_module(r) -> None:
-    table = Table(title=f"By module (own work): {_title(r)}", title_justify="left")
-    for column in ("module", "fvcore\nMACs", "torch\nFLOPs", "analytic\nMACs", "analytic\nops", "bytes", "ops/B"):
-        table.add_column(column, justify="left" if column == "module" else "right", no_wrap=True)
-    for row in r.modules:
-        a = row.analytic
-        table.add_row(row.name, human(row.fvcore_macs), human(row.torch_flops), human(a.macs), human(a.ops),
-                      human(a.bytes, "B"), f"{a.intensity:.2f}")
-    console.print(table)
+    print_table([
+        name("module", lambda row: row.name),
+        number("fvcore MACs", lambda row: human(row.fvcore_macs)),
+        number("torch FLOPs", lambda row: human(row.torch_flops), priority=2),
+        number("analytic MACs", lambda row: human(row.analytic.macs)),
+        number("analytic ops", lambda row: human(row.analytic.ops)),
+        number("bytes", lambda row: human(row.analytic.bytes, "B")),
+        number("ops/B", lambda row: f"{row.analytic.intensity:.2f}", priority=2),
+    ], r.modules, title=f"By module (own work): {_title(r)}")

@@ -8,19 +8,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from .common import (
-    check_precision_name, console, err_console, fail, print_json, print_classifier_notes, resolve_model, user_errors,
+    check_impl, check_precision_name, console, err_console, print_json, print_classifier_notes, resolve_model,
+    user_errors,
 )
-
-
-def check_impl(impl: str) -> None:
-    """Exit 2 unless `impl` is one of the implementations registered at run time."""
-    from poolformer.implementations import IMPLEMENTATIONS
-
-    if impl not in IMPLEMENTATIONS:
-        fail(f"unknown implementation {impl!r} for --impl; choose from: {', '.join(IMPLEMENTATIONS)}")
+from .tables import number, print_table, prose
 
 
 def _result_json(result) -> dict:
@@ -35,14 +28,12 @@ def _render(result) -> None:
         err_console.print(f"[bold red]error:[/] {result.image}: {result.error}", soft_wrap=True, markup=True)
         return
     console.print(result.image, style="bold", markup=False, highlight=False, soft_wrap=True)  # paths never wrap
-    table = Table()
-    table.add_column("rank", justify="right")
-    table.add_column("index", justify="right")
-    table.add_column("class")
-    table.add_column("probability", justify="right")
-    for rank, p in enumerate(result.predictions, 1):
-        table.add_row(str(rank), str(p.index), p.label, f"{100 * p.probability:.2f}%")
-    console.print(table)
+    print_table([
+        number("rank", lambda item: str(item[0]), priority=2),
+        number("index", lambda item: str(item[1].index), priority=2),
+        prose("class", lambda item: item[1].label),
+        number("probability", lambda item: f"{100 * item[1].probability:.2f}%"),
+    ], enumerate(result.predictions, 1))
 
 
 def predict_command(
@@ -66,6 +57,8 @@ def predict_command(
 
     Images are preprocessed as the model expects (shorter side resized to input_size / crop_pct with
     bicubic interpolation, centre crop, ImageNet mean/std). Exit code 1 when any image could not be read.
+
+    Example: poolformer predict photos/ --model s24 --pretrained --top-k 3
     """
     name = resolve_model(model)
     check_impl(impl)

@@ -3,7 +3,10 @@ summary or a pull-request comment. Both are functions of the result document (an
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from poolformer.regression import RegressionReport
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -41,11 +44,11 @@ def github_benchmark(document: dict[str, Any]) -> list[dict[str, Any]]:
     return entries
 
 
-def _cell(value: Any, fmt: str = "{:,.1f}") -> str:
+def _cell(value: Optional[float], fmt: str = "{:,.1f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def markdown(document: dict[str, Any], report: Any | None, hardware: str = "") -> str:
+def markdown(document: dict[str, Any], report: Optional[RegressionReport], hardware: str = "") -> str:
     """The run as Markdown: a results table, then the regression verdict and its table when a baseline was given."""
     env = document.get("env", {})
     lines = [f"### poolformer bench on {env.get('device', '?')}" + (f" ({hardware})" if hardware else ""), "",

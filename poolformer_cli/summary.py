@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import csv
-import io
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from .common import (
-    check_writable, console, fail, human, parse_int_list, print_json, resolve_models, user_errors, write_atomic,
+    check_writable, console, csv_text, human, one_int, one_resolution, print_json, resolve_models, user_errors,
+    write_atomic,
 )
+from .tables import count, name, number, print_table, print_words, prose
 
-MIN_RESOLUTION = 32  # four downsamplings: stride 32 (poolformer.flops.MIN_RESOLUTION, without importing torch)
 CSV_COLUMNS = ("model", "name", "type", "depth", "output_shape", "params", "macs", "activation_bytes")
 
 
@@ -34,9 +33,11 @@ def summary_command(
 
     MACs are multiply-accumulates of convolutions, linear layers and matrix products (1 MAC = 2 FLOPs);
     `poolformer flops` compares this count with fvcore, thop and torch.
+
+    Example: poolformer summary s24 --depth 1
     """
     names = resolve_models(models)
-    size = _one_resolution(resolution)
+    size = one_resolution(resolution, "summary")
     batch, levels = one_int(batch_size, "--batch-size"), one_int(depth, "--depth")
     check_writable(csv_path, "--csv")
     from poolformer.summary import summarize
@@ -44,7 +45,7 @@ def summary_command(
     with user_errors():
         results = [summarize(name, resolution=size, batch_size=batch, depth=levels) for name in names]
     if csv_path is not None:
-        write_atomic(csv_path, _csv_text(results))
+        write_atomic(csv_path, csv_text(CSV_COLUMNS, _csv_rows(results)))
     if json_output:
         documents = [r.as_json() for r in results]
         print_json(documents[0] if len(documents) == 1 else documents)
@@ -52,84 +53,65 @@ def summary_command(
     for result in results:
         _render(result)
     if csv_path is not None:
-        console.print(f"wrote {sum(len(r.layers) for r in results)} rows to {csv_path}", style="dim")
+        print_words(f"wrote {sum(len(r.layers) for r in results)} rows to {csv_path}", style="dim")
 
 
-def one_int(text: str, option: str) -> int:
-    """A single integer >= 1 for `option`, or a one-line error and exit 2 (typer's own is a boxed panel)."""
-    try:
-        value = int(text.strip())
-    except ValueError:
-        fail(f"{option} takes one integer >= 1, got {text!r}")
-    if value < 1:
-        fail(f"{option} must be >= 1, got {value}")
-    return value
+def _csv_rows(results) -> list[dict]:
+    return [{**dataclasses.asdict(row), "model": result.model, "output_shape": "x".join(map(str, row.output_shape))}
+            for result in results for row in result.layers]
 
 
-def parse_resolutions(text: str) -> list[int]:
-    """'224,384' -> [224, 384]; exit 2 on anything that is not an integer the model can downsample 4 times."""
-    values = parse_int_list(text, "--resolution", minimum=1)
-    for value in values:
-        if value < MIN_RESOLUTION:
-            fail(f"--resolution must be at least {MIN_RESOLUTION} (four downsamplings to stride 32), got {value}")
-    return values
-
-
-def _one_resolution(text: Optional[str]) -> Optional[int]:
-    if text is None:
-        return None
-    values = parse_resolutions(text)
-    if len(values) != 1:
-        fail(f"--resolution takes one value for summary, got {len(values)} (flops accepts several)")
-    return values[0]
-
-
-def _csv_text(results) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for result in results:
-        for row in result.layers:
-            writer.writerow([result.model, row.name, row.type, row.depth, "x".join(map(str, row.output_shape)),
-                             row.params, row.macs, row.activation_bytes])
-    return buffer.getvalue()
+def relative_names(layers) -> dict[str, str]:
+    """Each layer's path below the layer listed one level up before it (stages.0.blocks.1 -> blocks.1), for
+    tables too narrow for whole paths; the indentation shows the parent."""
+    parents: dict[int, str] = {}
+    names = {}
+    for row in layers:
+        parents[row.depth] = row.name
+        parent = parents.get(row.depth - 1)
+        names[row.name] = row.name[len(parent) + 1:] if parent and row.name.startswith(parent + ".") else row.name
+    return names
 
 
 def _render(result) -> None:
     shape = "x".join(map(str, result.input_shape))
-    layers = Table(title=f"{result.model}  input {shape}", title_justify="left")
-    for column, justify in (("layer", "left"), ("type", "left"), ("output shape", "left"),
-                            ("params", "right"), ("MACs", "right"), ("output", "right")):
-        layers.add_column(column, justify=justify, no_wrap=True)
-    for row in result.layers:
-        layers.add_row("  " * (row.depth - 1) + row.name, row.type, "x".join(map(str, row.output_shape)),
-                       f"{row.params:,}", f"{row.macs:,}", human(row.activation_bytes, "B"))
-    console.print(layers)
+    short = relative_names(result.layers)
+    indent = (lambda row: "  " * (row.depth - 1))
+    print_table([
+        name("layer", lambda r: indent(r) + r.name, lambda r: indent(r) + short[r.name]),
+        name("type", lambda r: r.type, priority=3),
+        name("output shape", lambda r: "x".join(map(str, r.output_shape)), priority=2),
+        count("params", lambda r: r.params),
+        count("MACs", lambda r: r.macs),
+        number("output size", lambda r: human(r.activation_bytes, "B"), priority=2),
+    ], result.layers, title=f"{result.model}  input {shape}")
 
-    stages = Table(title="Per stage", title_justify="left")
-    for column in ("stage", "tokens", "channels", "blocks", "params", "MACs", "MACs %"):
-        stages.add_column(column, justify="left" if column == "stage" else "right")
-    for s in result.stages:
-        share = 100 * s.macs / result.total_macs if result.total_macs else 0.0
-        stages.add_row(s.stage, f"{s.tokens:,}", str(s.channels), str(s.blocks), f"{s.params:,}",
-                       f"{s.macs:,}", f"{share:.1f}")
     if result.stages:
-        console.print(stages)
+        total = result.total_macs
+        print_table([
+            name("stage", lambda s: s.stage),
+            count("tokens", lambda s: s.tokens, priority=2),
+            number("channels", lambda s: str(s.channels), priority=2),
+            number("blocks", lambda s: str(s.blocks), priority=2),
+            count("params", lambda s: s.params),
+            count("MACs", lambda s: s.macs),
+            number("MACs %", lambda s: f"{100 * s.macs / total if total else 0.0:.1f}"),
+        ], result.stages, title="Per stage")
 
-    totals = Table(title="Totals", title_justify="left", show_header=False)
-    totals.add_column("what")
-    totals.add_column("value", justify="right")
-    totals.add_column("", style="dim")
     frozen = result.total_params - result.trainable_params
-    totals.add_row("parameters", f"{result.total_params:,}", "every nn.Parameter, LayerScale and frozen included")
-    totals.add_row("trainable parameters", f"{result.trainable_params:,}",
-                   f"{frozen:,} frozen" if frozen else "none frozen")
-    totals.add_row("MACs", f"{result.total_macs:,}", f"{human(result.total_macs)} multiply-accumulates "
-                   f"(conv, linear, matmul) = {human(2 * result.total_macs)} FLOPs")
-    totals.add_row("parameter memory", human(result.param_bytes, "B"), f"{result.param_bytes:,} bytes")
-    totals.add_row("activation memory", human(result.activation_bytes, "B"),
-                   f"{result.activation_bytes:,} bytes: every tensor the forward pass writes")
-    console.print(totals)
+    exact = (lambda n: (f"{n:,}", human(n)))
+    in_bytes = (lambda n: (human(n, "B"),) * 2)
+    totals = [  # what, (exact, compact), details
+        ("parameters", exact(result.total_params), "every nn.Parameter, LayerScale and frozen included"),
+        ("trainable parameters", exact(result.trainable_params), f"{frozen:,} frozen" if frozen else "none frozen"),
+        ("MACs", exact(result.total_macs), f"{human(result.total_macs)} multiply-accumulates (conv, linear, "
+                                           f"matmul) = {human(2 * result.total_macs)} FLOPs"),
+        ("parameter memory", in_bytes(result.param_bytes), f"{result.param_bytes:,} bytes"),
+        ("activation memory", in_bytes(result.activation_bytes),
+         f"{result.activation_bytes:,} bytes: every tensor the forward pass writes"),
+    ]
+    print_table([name("what", lambda t: t[0]), number("value", lambda t: t[1][0], lambda t: t[1][1]),
+                 prose("", lambda t: t[2], priority=2)], totals, title="Totals", show_header=False)
     console.print("MACs count conv, linear and matmul multiply-accumulates only. Published figures are fvcore's, "
                   "which also charges 5 per normalised element; `poolformer flops` shows every counter and what "
                   "each one skips.", style="dim")

@@ -6,9 +6,9 @@ import dataclasses
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from .common import console, fail, human, print_json, resolve_models, user_errors
+from .tables import count, name, number, print_table, prose
 
 FAMILIES = ("v1", "v2", "ablation", "hybrid")
 
@@ -23,6 +23,8 @@ def list_command(
 
     Params are counted on our own models (frozen parameters included); MACs and top-1 are the published
     figures (MACs by fvcore at 224x224, one multiply-add = 1 MAC = 2 FLOPs).
+
+    Example: poolformer list 'v2_*'
     """
     if family is not None and family not in FAMILIES:
         fail(f"unknown family {family!r}; choose from: {', '.join(FAMILIES)}")
@@ -34,15 +36,22 @@ def list_command(
     if json_output:
         print_json([dataclasses.asdict(r) for r in rows])
         return
-    table = Table(title="PoolFormer / MetaFormer model zoo", title_justify="left")
-    for column, justify in (("model", "left"), ("aliases", "left"), ("params", "right"), ("MACs@224", "right"),
-                            ("top-1%", "right"), ("crop", "right"), ("weights", "left")):
-        table.add_column(column, justify=justify, no_wrap=column in ("model", "params"))
-    for r in rows:
-        source = r.weights.split(":", 1)[0] if r.weights.startswith("hf-hub") else ("-" if " " in r.weights else "url")
-        table.add_row(r.name, ", ".join(r.aliases), f"{r.params:,}", human(r.macs),
-                      "-" if r.top1 is None else f"{r.top1:.1f}", f"{r.crop_pct:g}", source)
-    console.print(table)
+    print_table([
+        name("model", lambda r: r.name),
+        prose("aliases", lambda r: ", ".join(r.aliases), priority=2),
+        count("params", lambda r: r.params),
+        number("MACs @224", lambda r: human(r.macs)),
+        number("top-1 %", lambda r: "-" if r.top1 is None else f"{r.top1:.1f}"),
+        number("crop", lambda r: f"{r.crop_pct:g}", priority=3),
+        name("weights", _weights_source, priority=3),
+    ], rows, title="PoolFormer / MetaFormer model zoo")
     console.print("MACs and top-1 are published figures (fvcore MACs: 1 MAC = 1 multiply-add = 2 FLOPs). "
                   "weights: hf-hub = timm's Hugging Face repo, with the authors' release URL as fallback "
                   "(see --json).", style="dim")
+
+
+def _weights_source(row) -> str:
+    """'hf-hub' (timm's Hugging Face repo), 'url' (the authors' release only) or '-' (no published weights)."""
+    if row.weights.startswith("hf-hub"):
+        return row.weights.split(":", 1)[0]
+    return "-" if " " in row.weights else "url"

@@ -185,3 +185,37 @@ def test_error_messages_keep_their_square_brackets(capsys):
     with pytest.raises(typer.Exit):
         fail("takes [1, 3, 64, 64] inputs, not [4, 3, 224, 224]")
     assert "takes [1, 3, 64, 64] inputs, not [4, 3, 224, 224]" in capsys.readouterr().err
+
+
+HELP_WIDTH = 80
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_reads_as_its_docstring_in_paragraphs_and_ends_with_an_example(command, monkeypatch):
+    """At 80 columns the description above the option panels is the docstring's paragraphs, each wrapped
+    only where the next word would not fit (no break mid-sentence), and its last paragraph is an example."""
+    from poolformer_cli.app import COMMANDS as FUNCTIONS, help_text
+
+    monkeypatch.setenv("COLUMNS", str(HELP_WIDTH))
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.split("╭")[0].splitlines()
+    description = [line.strip() for line in lines[next(i for i, line in enumerate(lines) if "Usage:" in line) + 1:]]
+    paragraphs = [block.splitlines() for block in "\n".join(description).strip().split("\n\n")]
+    expected = help_text(FUNCTIONS[command].__doc__).split("\n\n")
+    assert [" ".join(paragraph) for paragraph in paragraphs] == expected
+    room = max(len(line) for line in description)  # the width Typer wraps help text to
+    assert room <= HELP_WIDTH
+    for paragraph in paragraphs:
+        for line, following in zip(paragraph, paragraph[1:]):
+            assert len(line) + 1 + len(following.split()[0]) > room, f"{line!r} breaks before it has to"
+    assert expected[-1].startswith(f"Example: poolformer {command} ")
+
+
+def test_the_root_help_lists_every_command_in_one_sentence_each(monkeypatch):
+    monkeypatch.setenv("COLUMNS", str(HELP_WIDTH))
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "Example: poolformer summary s24" in result.stdout
+    for command in COMMANDS:
+        assert f"│ {command} " in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= HELP_WIDTH
