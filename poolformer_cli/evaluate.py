@@ -84,8 +84,11 @@ def eval_command(
     data: Path = typer.Argument(..., help="Dataset folder: ImageNet val layout (DIR or DIR/val with one "
                                           "folder per wnid) or any class-folder dataset."),
     model: str = typer.Option("s12", "--model", "-m", help="Model name or alias (see `poolformer list`)."),
-    weights: Optional[Path] = typer.Option(None, help="Checkpoint file (official, timm or transformers layout)."),
-    pretrained: bool = typer.Option(False, "--pretrained", help="Use the published ImageNet weights."),
+    weights: Optional[Path] = typer.Option(None, help="Checkpoint or exported file (official, timm or transformers "
+                                                      "layout). Default: the published ImageNet weights, downloaded "
+                                                      "once, then cached."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Use the published ImageNet weights (the default "
+                                                                "without --weights)."),
     class_map: Optional[Path] = typer.Option(None, help="Folder -> class index: JSON {folder: index}, or text "
                                                         "with one folder name per line (line number = index)."),
     batch_size: int = typer.Option(64, min=1, help="Images per forward pass (per process)."),
@@ -110,7 +113,7 @@ def eval_command(
     classes is fine). Unreadable images are skipped and listed, never counted. Run the same command under
     `torchrun --nproc-per-node N` to shard the images over N processes; the counts are summed.
 
-    Example: poolformer eval ~/data/imagenet --model s12 --pretrained --limit 5000
+    Example: poolformer eval ~/data/imagenet --model s12 --limit 5000
     """
     name = resolve_model(model)
     check_precision_name(precision)

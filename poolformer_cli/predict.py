@@ -40,10 +40,11 @@ def predict_command(
     images: list[str] = typer.Argument(..., help="Image files, directories (their images, not recursive) or "
                                                  "glob patterns (quote them; ** recurses)."),
     model: str = typer.Option("s12", "--model", "-m", help="Model name or alias (see `poolformer list`)."),
-    weights: Optional[Path] = typer.Option(None, help="Checkpoint file (official, timm or transformers layout; "
-                                                      "the class count follows its classifier)."),
-    pretrained: bool = typer.Option(False, "--pretrained", help="Use the published ImageNet weights "
-                                                                "(downloaded once, then cached)."),
+    weights: Optional[Path] = typer.Option(None, help="Checkpoint or exported file (official, timm or transformers "
+                                                      "layout; the class count follows its classifier). Default: "
+                                                      "the published ImageNet weights, downloaded once, then cached."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Use the published ImageNet weights (the default "
+                                                                "without --weights)."),
     top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="How many classes to show per image."),
     device: str = typer.Option("auto", help="auto (GPU if available), cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
@@ -58,7 +59,7 @@ def predict_command(
     Images are preprocessed as the model expects (shorter side resized to input_size / crop_pct with
     bicubic interpolation, centre crop, ImageNet mean/std). Exit code 1 when any image could not be read.
 
-    Example: poolformer predict photos/ --model s24 --pretrained --top-k 3
+    Example: poolformer predict photos/ --model s24 --top-k 3
     """
     name = resolve_model(model)
     check_impl(impl)
