@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 # The Triton kernels of the fast path run in Triton's interpreter on CPU tensors in the tests (see
-# poolformer.fast.triton_forward). Triton picks interpreting or compiling once, when it is first imported
+# poolformer.fast.triton.availability). Triton picks interpreting or compiling once, when it is first imported
 # (torchvision imports it), so both switches are set before anything is imported.
 os.environ.setdefault("POOLFORMER_TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_INTERPRET", os.environ["POOLFORMER_TRITON_INTERPRET"])
