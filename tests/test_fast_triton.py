@@ -1,7 +1,7 @@
-"""The Triton kernels of the fast path (`poolformer.fast.triton`), run in Triton's interpreter on CPU
-tensors (conftest sets POOLFORMER_TRITON_INTERPRET=1 before Triton is imported): the same kernel code a GPU
-compiles, checked against plain PyTorch operators at odd shapes, then whole models against the reference.
-Also the CUDA graph cache (with a stand-in capture: no GPU here) and the roofline's byte count.
+"""The Triton kernels of the fast path (`poolformer.fast.triton`), compiled on a CUDA GPU or, where there is
+none, run in Triton's interpreter on CPU tensors (conftest sets POOLFORMER_TRITON_INTERPRET=1 then, before
+Triton is imported): checked against plain PyTorch operators at odd shapes, then whole models against the
+reference. Also the CUDA graph cache (with a stand-in capture) and the roofline's byte count.
 """
 
 from __future__ import annotations
@@ -27,17 +27,10 @@ from poolformer.fast.triton.instrument import Recorder
 from poolformer.fast.triton.tiles import GemmMlp, MlpConfig, Partials, SplitMlp, Tile
 from poolformer.fast.triton.weights import TritonBlock
 
-from .conftest import randomize_
+from .conftest import randomize_, triton_kernel_device
 
-def _interpreter_on() -> bool:
-    try:
-        return availability.interpreter_enabled() and availability.triton_interprets()
-    except ImportError:  # no Triton in this environment
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _interpreter_on(),
-                                reason="Triton's interpreter is not on in this process (see tests/conftest.py)")
+pytestmark = pytest.mark.skipif(triton_kernel_device() is None,
+                                reason="the Triton kernels cannot run in this process (see tests/conftest.py)")
 
 SHAPES = [(1, 7, 7, 64), (3, 13, 17, 64), (3, 7, 7, 320), (1, 13, 17, 320)]  # B, H, W, C
 
@@ -60,7 +53,7 @@ def _sample_moments(partials: Partials, batch: int) -> tuple[np.ndarray, np.ndar
     """Per-sample (mean, variance) combined from a kernel's partials in float64, independently of the
     kernels' own combination: slot s holds rows [s * slot_rows, (s + 1) * slot_rows), its segment k the rows
     of sample s * slot_rows // hw + k."""
-    buffer = partials.buffer.double().numpy()
+    buffer = partials.buffer.double().cpu().numpy()
     count, total, squares = np.zeros(batch), np.zeros(batch), np.zeros(batch)
     for slot in range(buffer.shape[0]):
         first = slot * partials.slot_rows // partials.hw
@@ -78,20 +71,21 @@ def _sample_moments(partials: Partials, batch: int) -> tuple[np.ndarray, np.ndar
 
 def _reference_moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     flat = x.double().reshape(x.shape[0], -1)
-    return flat.mean(1).numpy(), flat.var(1, unbiased=False).numpy()
+    return flat.mean(1).cpu().numpy(), flat.var(1, unbiased=False).cpu().numpy()
 
 
-def _block(channels: int, hidden: int, dtype=torch.float32, skip: bool = True, bias: bool = True) -> TritonBlock:
+def _block(channels: int, hidden: int, dtype=torch.float32, skip: bool = True, bias: bool = True,
+           device: torch.device | str = "cpu") -> TritonBlock:
     def vec(n, around=0.0):
-        return (torch.randn(n) * 0.3 + around).contiguous()
+        return (torch.randn(n) * 0.3 + around).to(device).contiguous()
 
-    fc1 = (torch.randn(channels, hidden) / math.sqrt(channels)).to(dtype).contiguous()
+    fc1 = (torch.randn(channels, hidden) / math.sqrt(channels)).to(device, dtype).contiguous()
     fc1_bias = vec(hidden) if bias else None
     return TritonBlock(
         mix_scale=vec(channels, 1.0), skip_scale1=vec(channels, 1.0) if skip else None,
         fc1_weight=fc1, fc1_colsum=fc1.float().sum(0) if weights.norm_after_fc1(dtype, channels) else None,
         fc1_bias=fc1_bias, fc1_bias_compute=None if fc1_bias is None else fc1_bias.to(dtype),
-        fc2_weight=(torch.randn(hidden, channels) / math.sqrt(hidden)).to(dtype).contiguous(),
+        fc2_weight=(torch.randn(hidden, channels) / math.sqrt(hidden)).to(device, dtype).contiguous(),
         fc2_bias=vec(channels) if bias else None, skip_scale2=vec(channels, 1.0) if skip else None,
         norm1_eps=1e-5, norm2_eps=1e-6)
 
@@ -127,31 +121,39 @@ def _reference_mlp(x: torch.Tensor, block: TritonBlock, activation: str) -> torc
     return skip + out
 
 
+def _predicted_traffic(fast, x: torch.Tensor, dtype: torch.dtype = torch.float32, tiles=None) -> list:
+    """fast_traffic of fast's forward on x as this process runs it: the interpreter's tiles or those of x's GPU,
+    and the MLP forms `tiles` (a TileChooser) ran, where given."""
+    batch, _, height, width = x.shape
+    return fast_traffic(fast.folded, fast.plan, batch, height, width, dtype, interpret=availability.triton_interprets(),
+                        tiles=tiles, sm_count=availability.multiprocessor_count(x.device))
+
+
 # ------------------------------------------------------------------------------ kernels, one by one
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_stats_kernel_gives_each_samples_mean_and_variance(run, shape):
-    x = torch.randn(shape) * torch.rand(shape[0], 1, 1, 1) * 3 + torch.randn(shape[0], 1, 1, 1)
+def test_stats_kernel_gives_each_samples_mean_and_variance(run, kernel_device, shape):
+    x = (torch.randn(shape) * torch.rand(shape[0], 1, 1, 1) * 3 + torch.randn(shape[0], 1, 1, 1)).to(kernel_device)
     mean, var = _sample_moments(run.stage_input_stats(x.contiguous()), shape[0])
     expected_mean, expected_var = _reference_moments(x)
     np.testing.assert_allclose(mean, expected_mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var, expected_var, rtol=1e-5)
 
 
-def test_statistics_stay_exact_for_a_large_map_far_from_zero(run):
+def test_statistics_stay_exact_for_a_large_map_far_from_zero(run, kernel_device):
     """56x56x64 per sample (stage 1 at 224) around 1000 with unit spread: E[x^2] - E[x]^2 in float32 would be
     off by ~10% (1e6 * 2^-24 per term); centred partial moments are not."""
-    x = (torch.randn(2, 56, 56, 64) + 1000.0).contiguous()
+    x = (torch.randn(2, 56, 56, 64) + 1000.0).to(kernel_device).contiguous()
     _, var = _sample_moments(run.stage_input_stats(x), 2)
     np.testing.assert_allclose(var, _reference_moments(x)[1], rtol=1e-4)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("skip", [True, False], ids=["skip-scale", "plain-skip"])
-def test_pool_mix_kernel_matches_pooling_and_groupnorm(run, shape, skip):
-    x = (torch.randn(shape) * 2 + 0.5).contiguous()
-    block = _block(shape[-1], 4 * shape[-1], skip=skip)
+def test_pool_mix_kernel_matches_pooling_and_groupnorm(run, kernel_device, shape, skip):
+    x = (torch.randn(shape) * 2 + 0.5).to(kernel_device).contiguous()
+    block = _block(shape[-1], 4 * shape[-1], skip=skip, device=kernel_device)
     y, partials = run.pool_mix(x, run.stage_input_stats(x), block, pool_size=3)
     expected = _reference_pool_mix(x, block, 3)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
@@ -164,13 +166,14 @@ def test_pool_mix_kernel_matches_pooling_and_groupnorm(run, shape, skip):
 @pytest.mark.parametrize("whole_slots", [False, True], ids=["per-tile", "whole-slots"])
 @pytest.mark.parametrize("tile", [Tile(16, 64), Tile(16, 32)], ids=["one-chunk", "two-chunks"])
 @pytest.mark.parametrize("height, width", [(55, 57), (56, 56)], ids=["slots-cross-samples", "slots-in-samples"])
-def test_pool_mix_statistics_stay_exact_far_from_zero_over_many_tiles(run, tile, whole_slots, height, width):
+def test_pool_mix_statistics_stay_exact_far_from_zero_over_many_tiles(run, kernel_device, tile, whole_slots, height,
+                                                                      width):
     """The token mixer's output moments for a map around 1000 whose mean the skip scales move by tens of
     sigmas: centred tile by tile, or (WHOLE_SLOTS, slots inside one sample) summed about the slot's first tile's
     mean, so nothing cancels; many 16-row tiles per slot, the channels in one or two chunks per tile, and
     slots that cross samples (55x57: the per-tile way either way) or never do (56x56)."""
-    x = (torch.randn(2, height, width, 64) + 1000.0).contiguous()
-    block = _block(64, 256, skip=True)
+    x = (torch.randn(2, height, width, 64) + 1000.0).to(kernel_device).contiguous()
+    block = _block(64, 256, skip=True, device=kernel_device)
     tile = Tile(tile.block_rows, tile.block_channels, whole_slots=whole_slots)
     y, partials = run.pool_mix(x, run.stage_input_stats(x), block, pool_size=3, tile=tile)
     assert partials.slot_rows > tile.block_rows
@@ -182,13 +185,13 @@ def test_pool_mix_statistics_stay_exact_far_from_zero_over_many_tiles(run, tile,
 
 
 @pytest.mark.parametrize("shape", SHAPES + [(2, 8, 8, 64), (3, 8, 8, 96)], ids=lambda s: "x".join(map(str, s)))
-def test_pool_mix_whole_slots_give_the_same_output_and_moments(run, shape):
+def test_pool_mix_whole_slots_give_the_same_output_and_moments(run, kernel_device, shape):
     """WHOLE_SLOTS (an autotuning candidate) changes only how the output's moments are summed: the same y,
     bitwise, and the same moments to float32 rounding; at odd shapes (slots crossing samples, masked channel
     chunks: the per-tile way) and with every slot inside one sample (8x8 maps, 16-row slots), C = 96 in three
     32-channel chunks."""
-    x = (torch.randn(shape) * 2 + 0.5).contiguous()
-    block = _block(shape[-1], 4 * shape[-1])
+    x = (torch.randn(shape) * 2 + 0.5).to(kernel_device).contiguous()
+    block = _block(shape[-1], 4 * shape[-1], device=kernel_device)
     stats = run.stage_input_stats(x)
     y, partials = run.pool_mix(x, stats, block, 3, tile=Tile(16, 32))
     y_whole, partials_whole = run.pool_mix(x, stats, block, 3, tile=Tile(16, 32, whole_slots=True))
@@ -198,18 +201,19 @@ def test_pool_mix_whole_slots_give_the_same_output_and_moments(run, shape):
 
 
 @pytest.mark.parametrize("pool", [1, 5, 7])
-def test_pool_mix_kernel_other_pool_sizes_at_the_borders(run, pool):
-    x = torch.randn(3, 7, 9, 64).contiguous()
-    block = _block(64, 256)
+def test_pool_mix_kernel_other_pool_sizes_at_the_borders(run, kernel_device, pool):
+    x = torch.randn(3, 7, 9, 64).to(kernel_device).contiguous()
+    block = _block(64, 256, device=kernel_device)
     y, _ = run.pool_mix(x, run.stage_input_stats(x), block, pool_size=pool)
     torch.testing.assert_close(y.double(), _reference_pool_mix(x, block, pool), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("activation", ["gelu", "starrelu"])
-def test_mlp_kernel_matches_norm_fc1_activation_fc2_residual(run, shape, activation):
-    x = (torch.randn(shape) * 1.5 - 0.3).contiguous()
-    block = _block(shape[-1], 4 * shape[-1], bias=activation == "gelu", skip=activation == "gelu")
+def test_mlp_kernel_matches_norm_fc1_activation_fc2_residual(run, kernel_device, shape, activation):
+    x = (torch.randn(shape) * 1.5 - 0.3).to(kernel_device).contiguous()
+    block = _block(shape[-1], 4 * shape[-1], bias=activation == "gelu", skip=activation == "gelu",
+                   device=kernel_device)
     y, partials = run.mlp(x, run.stage_input_stats(x), block, activation, emit_stats=True)
     expected = _reference_mlp(x, block, activation)
     torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
@@ -218,11 +222,11 @@ def test_mlp_kernel_matches_norm_fc1_activation_fc2_residual(run, shape, activat
     np.testing.assert_allclose(mean, _reference_moments(y)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_polynomial_gelu_switch_stays_within_the_float32_target(run, monkeypatch):
+def test_polynomial_gelu_switch_stays_within_the_float32_target(run, kernel_device, monkeypatch):
     """POOLFORMER_TRITON_GELU=poly (for an A/B timing): the fused kernel's GELU from Abramowitz & Stegun's erf,
     within 1e-4 of the float64 reference like the default, and not the same code path (ACT 4)."""
-    x = (torch.randn(3, 13, 17, 64) * 2).contiguous()
-    block = _block(64, 256)
+    x = (torch.randn(3, 13, 17, 64) * 2).to(kernel_device).contiguous()
+    block = _block(64, 256, device=kernel_device)
     y_erf, _ = run.mlp(x, run.stage_input_stats(x), block, "gelu", emit_stats=False, form=MlpConfig(16, 256, 4, 1))
     monkeypatch.setenv(launches.GELU_ENV, "poly")
     assert launches.fused_activation_code("gelu") == 4 and launches.fused_activation_code("starrelu") == 3
@@ -235,20 +239,20 @@ def test_polynomial_gelu_switch_stays_within_the_float32_target(run, monkeypatch
 
 
 @pytest.mark.parametrize("activation", ["relu", "silu"])
-def test_mlp_kernel_other_activations(run, activation):
-    x = torch.randn(3, 7, 7, 64).contiguous()
-    block = _block(64, 256)
+def test_mlp_kernel_other_activations(run, kernel_device, activation):
+    x = torch.randn(3, 7, 7, 64).to(kernel_device).contiguous()
+    block = _block(64, 256, device=kernel_device)
     y, partials = run.mlp(x, run.stage_input_stats(x), block, activation, emit_stats=False)
     assert partials is None
     torch.testing.assert_close(y.double(), _reference_mlp(x, block, activation), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_kernels_keep_float32_statistics(run, dtype):
+def test_low_precision_kernels_keep_float32_statistics(run, kernel_device, dtype):
     """Activations stored in bf16/fp16, statistics and sums in float32: within the storage format's rounding of
     the float64 result."""
-    x = torch.randn(3, 13, 17, 64).to(dtype).contiguous()
-    block = _block(64, 256, dtype=dtype)
+    x = torch.randn(3, 13, 17, 64).to(kernel_device, dtype).contiguous()
+    block = _block(64, 256, dtype=dtype, device=kernel_device)
     stats = run.stage_input_stats(x)
     _, var = _sample_moments(stats, 3)
     np.testing.assert_allclose(var, _reference_moments(x)[1], rtol=1e-5)  # exact moments of the stored values
@@ -263,7 +267,7 @@ def test_low_precision_kernels_keep_float32_statistics(run, dtype):
 
 
 @pytest.mark.parametrize("offset", [0.0, 30.0])
-def test_bf16_mlp_applies_the_statistics_after_fc1(run, monkeypatch, offset):
+def test_bf16_mlp_applies_the_statistics_after_fc1(run, kernel_device, monkeypatch, offset):
     """POOLFORMER_TRITON_NORM_AFTER_FC1=1, bf16/fp16: fc1 multiplies x as stored and the kernel subtracts
     mu * colsum(w1) from its float32 sums. Far from zero (mean 30, unit spread) the subtraction must not cost more
     than the storage format's rounding; C = 96 runs the masked second channel group (64 + 32)."""
@@ -271,8 +275,8 @@ def test_bf16_mlp_applies_the_statistics_after_fc1(run, monkeypatch, offset):
     assert weights.norm_after_fc1(torch.bfloat16, 96) and weights.norm_after_fc1(torch.float16, 384)
     assert not weights.norm_after_fc1(torch.float32, 64)  # fp32 normalises first: the 1e-4 target has no room for it
     assert not weights.norm_after_fc1(torch.bfloat16, 512)  # wide stages spill more with it (ptxas, sm_90a)
-    x = (torch.randn(2, 9, 11, 96) + offset).to(torch.bfloat16).contiguous()
-    block = _block(96, 384, dtype=torch.bfloat16)
+    x = (torch.randn(2, 9, 11, 96) + offset).to(kernel_device, torch.bfloat16).contiguous()
+    block = _block(96, 384, dtype=torch.bfloat16, device=kernel_device)
     y, _ = run.mlp(x, run.stage_input_stats(x), block, "gelu", emit_stats=False)
     expected = _reference_mlp(x, block, "gelu")
     assert ((y.double() - expected).abs() / (expected.abs() + 1)).max() < 8 * 2 ** -8
@@ -283,12 +287,13 @@ def test_bf16_mlp_applies_the_statistics_after_fc1(run, monkeypatch, offset):
 
 @pytest.mark.parametrize("layout", ["nchw", "channels-last", "strided", "bf16-input"])
 @pytest.mark.parametrize("size, out_channels", [((31, 45), 64), ((64, 64), 96)])
-def test_stem_kernel_is_the_7x7_stride_4_convolution_read_straight_from_the_images(layout, size, out_channels):
+def test_stem_kernel_is_the_7x7_stride_4_convolution_read_straight_from_the_images(kernel_device, layout, size,
+                                                                                    out_channels):
     """The stem as an implicit GEMM over the caller's tensor as it is (any strides, float32 or bf16), padded
     borders and odd sizes included, against F.conv2d in float64."""
-    weight = torch.randn(out_channels, 3, 7, 7) * 0.1
-    bias = torch.randn(out_channels)
-    images = torch.randn(2, 3, size[0] + 5, size[1] + 3)
+    weight = (torch.randn(out_channels, 3, 7, 7) * 0.1).to(kernel_device)
+    bias = torch.randn(out_channels).to(kernel_device)
+    images = torch.randn(2, 3, size[0] + 5, size[1] + 3).to(kernel_device)
     x = images[:, :, 2:2 + size[0], 1:1 + size[1]]  # a view with the parent's strides
     if layout == "nchw":
         x = x.contiguous()
@@ -303,7 +308,7 @@ def test_stem_kernel_is_the_7x7_stride_4_convolution_read_straight_from_the_imag
 
 
 @pytest.mark.parametrize("dtype, tf32", [(torch.float32, False), (torch.bfloat16, True)])
-def test_float32_downsampling_never_runs_on_tf32(monkeypatch, dtype, tf32):
+def test_float32_downsampling_never_runs_on_tf32(monkeypatch, kernel_device, dtype, tf32):
     """cuDNN allows TF32 for convolutions by default; the float32 path turns it off around its convolutions
     (and restores the setting), lower precisions leave it as it is."""
     seen = []
@@ -311,8 +316,9 @@ def test_float32_downsampling_never_runs_on_tf32(monkeypatch, dtype, tf32):
     monkeypatch.setattr(launches.cpu, "conv_channels_last",
                         lambda *args: seen.append(torch.backends.cudnn.allow_tf32) or real(*args))
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    x = torch.randn(1, 8, 8, 16).to(dtype)
-    launches.conv(Recorder(), "down", x, torch.randn(32, 16, 3, 3).to(dtype), None, stride=2, padding=1)
+    x = torch.randn(1, 8, 8, 16).to(kernel_device, dtype)
+    launches.conv(Recorder(), "down", x, torch.randn(32, 16, 3, 3).to(kernel_device, dtype), None, stride=2,
+                  padding=1)
     assert seen == [tf32] and torch.backends.cudnn.allow_tf32
 
 
@@ -326,9 +332,9 @@ def test_stem_matrix_orders_the_weights_as_the_kernel_reads_them():
 @pytest.mark.parametrize("shape", [(1, 7, 7, 64), (3, 13, 17, 96), (2, 5, 3, 320)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("weighted", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layer_norm_kernel_matches_pytorch(shape, weighted, dtype):
-    x = (torch.randn(shape) * 2 + 5).to(dtype)
-    weight = (torch.randn(shape[-1]) * 0.3 + 1).to(dtype) if weighted else None
+def test_layer_norm_kernel_matches_pytorch(kernel_device, shape, weighted, dtype):
+    x = (torch.randn(shape) * 2 + 5).to(kernel_device, dtype)
+    weight = (torch.randn(shape[-1]) * 0.3 + 1).to(kernel_device, dtype) if weighted else None
     got = launches.layer_norm(Recorder(), "norm", x, weight, 1e-6)
     expected = F.layer_norm(x.double(), shape[-1:], None if weight is None else weight.double(), None, 1e-6)
     assert got.dtype == dtype and got.shape == x.shape
@@ -337,15 +343,16 @@ def test_layer_norm_kernel_matches_pytorch(shape, weighted, dtype):
 
 
 def _split(x: torch.Tensor) -> SplitMlp:
-    tile = tiles.elementwise_tile(x.numel() // x.shape[-1], x.shape[-1], interpret=True)
+    """The split form's design-time tile for x (the interpreter's or the GPU's)."""
+    tile = tiles.elementwise_tile(x.numel() // x.shape[-1], x.shape[-1], availability.triton_interprets())
     return SplitMlp(tile.block_rows, tile.block_channels, tile.num_warps)
 
 
-def _bf16_mlp_within_storage_rounding(run, form, offset: float):
+def _bf16_mlp_within_storage_rounding(run, device, form, offset: float):
     """An s12 stage-3 MLP in bf16 on `form`'s config, its input `offset` from zero: the output is within bf16's
     storage rounding of the float64 reference. Returns the input, block, output and reference."""
-    x = (torch.randn(2, 9, 11, 320) + offset).to(torch.bfloat16).contiguous()
-    block = _block(320, 1280, dtype=torch.bfloat16)
+    x = (torch.randn(2, 9, 11, 320) + offset).to(device, torch.bfloat16).contiguous()
+    block = _block(320, 1280, dtype=torch.bfloat16, device=device)
     y, _ = run.mlp(x, run.stage_input_stats(x), block, "gelu", emit_stats=False, form=form(x))
     assert y.dtype == torch.bfloat16
     expected = _reference_mlp(x, block, "gelu")
@@ -354,25 +361,27 @@ def _bf16_mlp_within_storage_rounding(run, form, offset: float):
 
 
 @pytest.mark.parametrize("offset", [0.0, 30.0])
-def test_bf16_split_mlp_is_within_the_storage_rounding(run, offset):
-    _bf16_mlp_within_storage_rounding(run, _split, offset)
+def test_bf16_split_mlp_is_within_the_storage_rounding(run, kernel_device, offset):
+    _bf16_mlp_within_storage_rounding(run, kernel_device, _split, offset)
 
 
 def _gemm(x: torch.Tensor) -> GemmMlp:
+    """The GEMM form's first candidate tile for x (the interpreter's or the GPU's)."""
     rows, channels = x.numel() // x.shape[-1], x.shape[-1]
-    return tiles.gemm_configs(rows, channels, 4 * channels, x.dtype, H200_SM_COUNT, interpret=True)[0]
+    return tiles.gemm_configs(rows, channels, 4 * channels, x.dtype, availability.multiprocessor_count(x.device),
+                              availability.triton_interprets())[0]
 
 
 @pytest.mark.parametrize("form", [_split, _gemm], ids=["split", "gemm"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("activation", ["gelu", "starrelu", "relu", "silu"])
-def test_other_mlp_forms_match_norm_fc1_activation_fc2_residual(run, shape, activation, form):
+def test_other_mlp_forms_match_norm_fc1_activation_fc2_residual(run, kernel_device, shape, activation, form):
     """The split form (normalising kernel, GEMMs, activation, GEMM adding the residual base, statistics kernel)
     and the GEMM form (fc1 normalising its A tiles and applying the activation, fc2 adding the residual, then the
     statistics) give the block's MLP in float32 and its output's moments; with and without scale and biases."""
-    x = (torch.randn(shape) * 1.5 - 0.3).contiguous()
+    x = (torch.randn(shape) * 1.5 - 0.3).to(kernel_device).contiguous()
     full = activation in ("gelu", "silu")
-    block = _block(shape[-1], 4 * shape[-1], bias=full, skip=full)
+    block = _block(shape[-1], 4 * shape[-1], bias=full, skip=full, device=kernel_device)
     y, partials = run.mlp(x, run.stage_input_stats(x), block, activation, emit_stats=True, form=form(x))
     torch.testing.assert_close(y.double(), _reference_mlp(x, block, activation), rtol=1e-4, atol=1e-4)
     mean, var = _sample_moments(partials, shape[0])
@@ -388,12 +397,12 @@ def test_other_mlp_forms_match_norm_fc1_activation_fc2_residual(run, shape, acti
     ((3, 7, 7, 64), GemmMlp(16, 64, 32, 4, 1), True),  # one column tile: fc2's epilogue writes the partials
     ((1, 13, 17, 72), GemmMlp(32, 128, 32, 4, 1), True),  # C = 72 in one masked 128-column tile
 ], ids=["320-small-tiles", "96-masked", "64-stats-in-epilogue", "72-masked-stats-in-epilogue"])
-def test_gemm_mlp_small_tiles_walk_every_row_column_and_k_step(run, shape, tile, in_epilogue):
+def test_gemm_mlp_small_tiles_walk_every_row_column_and_k_step(run, kernel_device, shape, tile, in_epilogue):
     """GPU-sized tiles smaller than the matrices: every (row tile, column tile) program and every K step of both
     GEMMs, with masked edges, rows whose tile spans several samples (7x7 maps, 16-row tiles), and float32 sums;
     the output's moments from fc2's epilogue where one column tile covers C, else from the statistics kernel."""
-    x = (torch.randn(shape) * 1.5 + 0.7).contiguous()
-    block = _block(shape[-1], 4 * shape[-1])
+    x = (torch.randn(shape) * 1.5 + 0.7).to(kernel_device).contiguous()
+    block = _block(shape[-1], 4 * shape[-1], device=kernel_device)
     with run.recorder.record_traffic() as recorded:
         y, partials = run.mlp(x, run.stage_input_stats(x), block, "gelu", emit_stats=True, form=tile)
     torch.testing.assert_close(y.double(), _reference_mlp(x, block, "gelu"), rtol=1e-4, atol=1e-4)
@@ -417,11 +426,12 @@ def test_gemm_stats_leave_the_epilogue_when_a_sample_spans_too_many_row_tiles():
 
 
 @pytest.mark.parametrize("offset", [0.0, 30.0])
-def test_bf16_gemm_mlp_is_within_the_storage_rounding(run, offset):
+def test_bf16_gemm_mlp_is_within_the_storage_rounding(run, kernel_device, offset):
     """bf16, far from zero too: within the storage rounding of float64, and rounding where the fused kernel rounds
     (the normalised input, the activated hidden tile, the output once), so within an ulp or so of it."""
-    x, block, y, expected = _bf16_mlp_within_storage_rounding(run, _gemm, offset)
-    fused_tile = tiles.mlp_configs(x.numel() // 320, 320, 1280, torch.bfloat16, H200_SM_COUNT, interpret=True)[0]
+    x, block, y, expected = _bf16_mlp_within_storage_rounding(run, kernel_device, _gemm, offset)
+    fused_tile = tiles.mlp_configs(x.numel() // 320, 320, 1280, torch.bfloat16,
+                                   availability.multiprocessor_count(x.device), availability.triton_interprets())[0]
     fused, _ = run.mlp(x, run.stage_input_stats(x), block, "gelu", emit_stats=False, form=fused_tile)
     assert ((y.double() - fused.double()).abs() / (expected.abs() + 1)).max() < 2 ** -8
 
@@ -464,7 +474,8 @@ def test_design_time_order_starts_from_what_the_h200_measured(monkeypatch):
 def test_mlp_candidates_order_the_forms(monkeypatch):
     """On a GPU in bf16/fp16 the split form goes first from 256 channels (the H200's measurements), after the
     fused tiles below, and the GEMM form (autotuning decides where it wins) comes last; float32 offers the split
-    form only without TF32; the interpreter and POOLFORMER_TRITON_MLP=fused keep the fused form only, =split and =gemm theirs."""
+    form only without TF32; the interpreter and POOLFORMER_TRITON_MLP=fused keep the fused form only, =split and
+    =gemm theirs."""
     monkeypatch.delenv(tiles.MLP_ENV, raising=False)
     rows = 256 * 14 * 14
 
@@ -493,8 +504,8 @@ def test_mlp_candidates_order_the_forms(monkeypatch):
 
 @pytest.mark.parametrize("form, kind, launch", [("split", "SplitMlp", "fc2"), ("gemm", "GemmMlp", "fc2 residual")])
 @pytest.mark.parametrize("name", ["s12", "v2_s12"])
-def test_whole_model_on_the_other_mlp_forms_is_exact_and_its_traffic_is_counted(monkeypatch, name, form, kind,
-                                                                                 launch):
+def test_whole_model_on_the_other_mlp_forms_is_exact_and_its_traffic_is_counted(monkeypatch, kernel_device, name,
+                                                                                 form, kind, launch):
     """POOLFORMER_TRITON_MLP=split (or =gemm) runs every block's MLP in that form: fp32 logits within 1e-4 of the
     reference, and the roofline's byte count follows the form in use, launch by launch."""
     monkeypatch.setenv(tiles.MLP_ENV, form)
@@ -502,11 +513,11 @@ def test_whole_model_on_the_other_mlp_forms_is_exact_and_its_traffic_is_counted(
     fast = optimize(model, backend="triton")
     x = torch.randn(2, 3, 64, 64)
     with fast.recorder.record_traffic() as recorded, torch.no_grad():
-        got = fast(x)
-        expected = model(x)
+        got = fast(x.to(kernel_device)).cpu()
+        expected = model(x)  # on the CPU: exact float32 (cuDNN's convolutions may take TF32 on a GPU)
     assert (got - expected).abs().max().item() <= 1e-4 * max(1.0, expected.abs().max().item())
     assert {t["kind"] for t in fast.tiles.mlp_tiles_in_use()} == {kind}
-    predicted = fast_traffic(fast.folded, fast.plan, 2, 64, 64, torch.float32, interpret=True, tiles=fast.tiles)
+    predicted = _predicted_traffic(fast, x.to(kernel_device), tiles=fast.tiles)
     assert [k.name for k in recorded] == [k.name for k in predicted] and launch in {k.name for k in recorded}
     assert recorded == predicted
 
@@ -528,7 +539,7 @@ def test_the_tile_cache_keeps_the_form_of_the_mlp(tmp_path):
 
 
 @pytest.mark.parametrize("setting", [None, "0", "1"])
-def test_statistics_after_fc1_only_when_switched_on(monkeypatch, setting):
+def test_statistics_after_fc1_only_when_switched_on(monkeypatch, kernel_device, setting):
     """Normalising first is the default (it timed faster on an H200); POOLFORMER_TRITON_NORM_AFTER_FC1=1 turns the
     other form on (column sums prepared up to 384 channels). Either way the whole bf16 model stays as close to
     fp32 as the portable path."""
@@ -542,7 +553,7 @@ def test_statistics_after_fc1_only_when_switched_on(monkeypatch, setting):
     fast = optimize(model, dtype=torch.bfloat16, backend="triton")
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        error = (fast(x) - model(x)).abs().max().item()
+        error = (fast(x.to(kernel_device)).cpu() - model(x)).abs().max().item()
         portable = (optimize(model, dtype=torch.bfloat16, backend="portable")(x) - model(x)).abs().max().item()
     assert error <= 2 * portable + 1e-3
     blocks = [b for stage in weights.prepare(fast.folded, torch.bfloat16, torch.device("cpu")).blocks for b in stage]
@@ -554,14 +565,14 @@ def test_statistics_after_fc1_only_when_switched_on(monkeypatch, setting):
 
 @pytest.mark.parametrize("name, seed", [("s12", 1), ("v2_s12", 2)])
 @pytest.mark.parametrize("batch, height, width", [(1, 64, 64), (3, 71, 97)])
-def test_triton_backend_is_exact_in_fp32(name, seed, batch, height, width):
+def test_triton_backend_is_exact_in_fp32(kernel_device, name, seed, batch, height, width):
     model = randomize_(create_model(name), seed=seed).eval()
     fast = optimize(model, backend="triton")
-    assert fast.backend_for() == "triton"
-    x = torch.randn(batch, 3, height, width)
+    assert fast.backend_for(device=kernel_device) == "triton"
+    x = torch.randn(batch, 3, height, width)  # the references on the CPU: exact float32
     with torch.no_grad():
-        got, expected = fast(x), model(x)
-        features, expected_features = fast.forward_features(x), model.forward_features(x)
+        got, expected = fast(x.to(kernel_device)).cpu(), model(x)
+        features, expected_features = fast.forward_features(x.to(kernel_device)).cpu(), model.forward_features(x)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     scale = expected.abs().max().item()
     assert (got - expected).abs().max().item() <= 1e-4 * max(1.0, scale)  # the issue's 1e-4 relative
@@ -569,28 +580,30 @@ def test_triton_backend_is_exact_in_fp32(name, seed, batch, height, width):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_backend_low_precision_is_as_close_as_the_portable_path(dtype):
+def test_triton_backend_low_precision_is_as_close_as_the_portable_path(kernel_device, dtype):
     """bf16/fp16 logits are as far from fp32 as the portable path's in the same dtype (same rounding points)."""
     model = randomize_(create_model("s12"), seed=3).eval()
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # bf16: 1.6-1.8x over 5 inputs
     with torch.no_grad():
         reference = model(x)
-        triton_error = (optimize(model, dtype=dtype, backend="triton")(x) - reference).abs().max().item()
+        fast = optimize(model, dtype=dtype, backend="triton")
+        triton_error = (fast(x.to(kernel_device)).cpu() - reference).abs().max().item()
         portable_error = (optimize(model, dtype=dtype, backend="portable")(x) - reference).abs().max().item()
     assert triton_error <= 2 * portable_error + 1e-3, (triton_error, portable_error)
 
 
-def test_triton_backend_under_autocast_runs_the_autocast_dtype():
+def test_triton_backend_under_autocast_runs_the_autocast_dtype(kernel_device):
     model = randomize_(create_model("s12"), seed=4).eval()
     fast = optimize(model, backend="triton")
     x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        got = fast(x)
+    on_device = x.to(kernel_device)
+    with torch.no_grad(), torch.autocast(kernel_device.type, dtype=torch.bfloat16):
+        got = fast(on_device)
     assert got.dtype == torch.float32
-    assert (torch.bfloat16, torch.device("cpu")) in fast._cache
+    assert (torch.bfloat16, on_device.device) in fast._cache
     with torch.no_grad():
         reference = model(x)
-    assert (got - reference).abs().max().item() < 0.1 * reference.abs().max().item()
+    assert (got.cpu() - reference).abs().max().item() < 0.1 * reference.abs().max().item()
 
 
 # ------------------------------------------------------------------------------ backend choice
@@ -602,7 +615,7 @@ def test_auto_never_picks_the_interpreter_on_the_cpu(v1_random):
 
 
 def test_triton_on_the_cpu_without_the_switch_is_a_clear_error(monkeypatch, v1_random):
-    monkeypatch.delenv(availability.INTERPRET_ENV)
+    monkeypatch.delenv(availability.INTERPRET_ENV, raising=False)
     reason = availability.unavailable_reason(torch.float32, torch.device("cpu"))
     assert reason is not None and availability.INTERPRET_ENV in reason
     with pytest.raises(ConfigError, match="Triton backend cannot run here"):
@@ -680,27 +693,27 @@ def test_mlp_tiles_fit_the_shared_memory_budget():
 
 
 @pytest.mark.parametrize("name", ["s12", "v2_s12"])
-def test_roofline_count_equals_the_traffic_the_kernels_record(name):
+def test_roofline_count_equals_the_traffic_the_kernels_record(kernel_device, name):
     """The analytic byte count (what bench reports on a GPU) equals what the launches themselves record."""
     model = randomize_(create_model(name), seed=6).eval()
     fast = optimize(model, backend="triton")
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 64).to(kernel_device)
     with fast.recorder.record_traffic() as recorded, torch.no_grad():
         fast(x)
-    predicted = fast_traffic(fast.folded, fast.plan, 2, 64, 64, torch.float32, interpret=True)
+    predicted = _predicted_traffic(fast, x)
     assert [k.name for k in recorded] == [k.name for k in predicted]
     assert recorded == predicted
 
 
 @pytest.mark.parametrize("name", ["s12", "v2_s12"])
-def test_time_kernels_lists_every_launch_with_its_stage_bytes_and_flops(name):
+def test_time_kernels_lists_every_launch_with_its_stage_bytes_and_flops(kernel_device, name):
     """Kernel-by-kernel times: one entry per launch in forward order, the bytes the roofline counts, the
     stages in order, the MLP's and convolutions' FLOPs from their shapes, and a table whose shares add up."""
     model = randomize_(create_model(name), seed=6).eval()
     fast = optimize(model, backend="triton")
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 64).to(kernel_device)
     times = time_kernels(fast, x, repeats=2)
-    predicted = fast_traffic(fast.folded, fast.plan, 2, 64, 64, torch.float32, interpret=True)
+    predicted = _predicted_traffic(fast, x)
     assert [(k.name, k.read_bytes, k.write_bytes) for k in times.launches] == [
         (k.name, k.read_bytes, k.write_bytes) for k in predicted]
     assert all(k.ms >= 0 for k in times.launches) and times.repeats == 2 and fast.cuda_graphs
@@ -804,41 +817,43 @@ def test_graphs_switch(monkeypatch):
 # ------------------------------------------------------------------------------------------ in bench
 
 
-def test_bench_fast_rows_on_the_kernels_report_backend_and_roofline(monkeypatch, tmp_path):
-    """A fast row that ran the Triton kernels (here in the interpreter) records its backend and the bytes its
-    kernels moved per image; the table adds the roofline line."""
+def test_bench_fast_rows_on_the_kernels_report_backend_and_roofline(monkeypatch, tmp_path, kernel_device):
+    """A fast row that ran the Triton kernels (compiled, or in the interpreter) records its backend and the bytes
+    its kernels moved per image; the table adds the roofline line."""
     from typer.testing import CliRunner
 
     from poolformer_cli.app import app
 
     monkeypatch.setenv("POOLFORMER_FAST_BACKEND", "triton")
     out = tmp_path / "r.json"
-    result = CliRunner().invoke(app, ["bench", "s12", "--impl", "fast", "--device", "cpu", "--resolutions", "64",
+    device = kernel_device.type
+    result = CliRunner().invoke(app, ["bench", "s12", "--impl", "fast", "--device", device, "--resolutions", "64",
                                       "--batch-sizes", "2", "--warmup", "0", "--iters", "2", "--output", str(out)])
     assert result.exit_code == 0, result.output
     row = __import__("json").loads(out.read_text())["results"][0]
     assert row["status"] == "ok" and row["backend"] == "triton" and row["parity"]["ok"]
     fast = optimize(create_model("s12"))
-    assert row["bytes_per_image"] == bytes_per_image(
-        fast_traffic(fast.folded, fast.plan, 2, 64, 64, torch.float32, interpret=True), 2)
+    images = torch.empty(2, 3, 64, 64, device=device)
+    assert row["bytes_per_image"] == bytes_per_image(_predicted_traffic(fast, images), 2)
     assert row["achieved_tb_per_s"] == pytest.approx(row["bytes_per_image"] * row["throughput"] / 1e12)
     assert "roofline" in result.stdout and "MB moved per image" in result.stdout
 
 
-def test_profile_kernels_times_each_fast_kernel(monkeypatch):
-    """`profile --impl fast --kernels` on the Triton backend (here the interpreter): a row per (stage, kernel)
-    with launches, time, share, bytes; the JSON form's shares add up; anything not on the kernels is one line,
-    exit 2, and so is --trace with it."""
+def test_profile_kernels_times_each_fast_kernel(monkeypatch, kernel_device):
+    """`profile --impl fast --kernels` on the Triton backend (compiled, or in the interpreter): a row per (stage,
+    kernel) with launches, time, share, bytes; the JSON form's shares add up; anything not on the kernels is one
+    line, exit 2, and so is --trace with it."""
     from typer.testing import CliRunner
 
     from poolformer_cli.app import app
 
     monkeypatch.setenv("POOLFORMER_FAST_BACKEND", "triton")
-    args = ["profile", "s12", "--impl", "fast", "--device", "cpu", "--batch-size", "1", "--resolution", "64",
+    device = kernel_device.type
+    args = ["profile", "s12", "--impl", "fast", "--device", device, "--batch-size", "1", "--resolution", "64",
             "--steps", "1", "--kernels"]
     shown = CliRunner().invoke(app, args)
     assert shown.exit_code == 0, shown.output
-    assert "fast kernels on cpu" in shown.stdout and "pool_mix" in shown.stdout and "TFLOP/s" in shown.stdout
+    assert f"fast kernels on {device}" in shown.stdout and "pool_mix" in shown.stdout and "TFLOP/s" in shown.stdout
     document = json.loads(CliRunner().invoke(app, args + ["--json"]).stdout)
     kernels = document["kernels"]
     assert sum(k["share"] for k in kernels) == pytest.approx(1.0)
@@ -915,7 +930,7 @@ def test_a_misspelt_mlp_form_is_a_configuration_error_not_a_fallback(monkeypatch
         assert tiles.mlp_form_setting() in ("auto", "fused", "gemm")
 
 
-def test_autotune_times_every_tile_and_keeps_the_fastest(monkeypatch, run):
+def test_autotune_times_every_tile_and_keeps_the_fastest(monkeypatch, run, kernel_device):
     """POOLFORMER_TRITON_AUTOTUNE=1: each candidate tile runs (and gives the same answer); the fastest is kept
     for the shape, and later calls reuse it without timing again."""
     candidates = [MlpConfig(16, 16, 4, 1), MlpConfig(32, 64, 4, 1)]
@@ -924,8 +939,8 @@ def test_autotune_times_every_tile_and_keeps_the_fastest(monkeypatch, run):
     launched = []
     real_launch = launches.fused_mlp
     monkeypatch.setattr(launches, "fused_mlp", lambda *args: launched.append(args[-1]) or real_launch(*args))
-    x = torch.randn(3, 7, 7, 64).contiguous()
-    block = _block(64, 256)
+    x = torch.randn(3, 7, 7, 64).to(kernel_device).contiguous()
+    block = _block(64, 256, device=kernel_device)
     y, _ = run.mlp(x, run.stage_input_stats(x), block, "gelu", emit_stats=True)
     torch.testing.assert_close(y.double(), _reference_mlp(x, block, "gelu"), rtol=1e-4, atol=1e-4)
     assert set(launched) == set(candidates) and len(launched) == 2 * (1 + autotune.AUTOTUNE_REPEATS) + 1
@@ -940,7 +955,7 @@ def test_autotune_times_every_tile_and_keeps_the_fastest(monkeypatch, run):
     assert launched == [chosen]
 
 
-def test_autotuned_tiles_are_kept_for_later_processes(monkeypatch, tmp_path):
+def test_autotuned_tiles_are_kept_for_later_processes(monkeypatch, tmp_path, kernel_device):
     """The autotuned tile goes to the tile cache under the GPU, Triton version and shape; a later process (here:
     a new TileChooser, from the setting as it is then) without autotuning launches it first. A corrupt cache is
     ignored, and POOLFORMER_TRITON_TILE_CACHE=0 keeps nothing."""
@@ -952,8 +967,8 @@ def test_autotuned_tiles_are_kept_for_later_processes(monkeypatch, tmp_path):
     launched = []
     real_launch = launches.fused_mlp
     monkeypatch.setattr(launches, "fused_mlp", lambda *args: launched.append(args[-1]) or real_launch(*args))
-    x = torch.randn(1, 7, 7, 64).contiguous()
-    block = _block(64, 256)
+    x = torch.randn(1, 7, 7, 64).to(kernel_device).contiguous()
+    block = _block(64, 256, device=kernel_device)
 
     def fresh_process_run():
         run = TritonForward(TileChooser.from_settings())
@@ -975,7 +990,7 @@ def test_autotuned_tiles_are_kept_for_later_processes(monkeypatch, tmp_path):
     assert cache.read_text() == "{not json" and autotune.tile_cache_path() is None
 
 
-def test_autotune_times_the_token_mixer_tiles_too(monkeypatch):
+def test_autotune_times_the_token_mixer_tiles_too(monkeypatch, kernel_device):
     """POOLFORMER_TRITON_AUTOTUNE=1 also times the token mixer's candidate tiles (same output from each), keeps
     the fastest for the shape and in the tile cache; without autotuning a cached tile is used untimed."""
     candidates = [Tile(16, 64, 4), Tile(32, 64, 8)]
@@ -983,8 +998,8 @@ def test_autotune_times_the_token_mixer_tiles_too(monkeypatch):
     launched = []
     real_launch = launches.pool_mix
     monkeypatch.setattr(launches, "pool_mix", lambda *args: launched.append(args[-1]) or real_launch(*args))
-    x = torch.randn(2, 7, 9, 64).contiguous()
-    block = _block(64, 256)
+    x = torch.randn(2, 7, 9, 64).to(kernel_device).contiguous()
+    block = _block(64, 256, device=kernel_device)
     monkeypatch.setenv(autotune.AUTOTUNE_ENV, "1")
     run = TritonForward(TileChooser.from_settings())
     y, _ = run.pool_mix(x, run.stage_input_stats(x), block, 3)

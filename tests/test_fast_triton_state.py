@@ -8,7 +8,6 @@ import ast
 import types
 from pathlib import Path
 
-import pytest
 import torch
 
 from poolformer import create_model, optimize
@@ -22,16 +21,6 @@ from poolformer.fast.triton.tiles import MlpConfig, SplitMlp
 from .conftest import randomize_
 
 PACKAGE = Path(availability.__file__).parent
-
-
-def _kernels_run_here() -> bool:
-    try:
-        return availability.interpreter_enabled() and availability.triton_interprets()
-    except ImportError:  # no Triton in this environment
-        return False
-
-
-needs_kernels = pytest.mark.skipif(not _kernels_run_here(), reason="Triton's interpreter is not on in this process")
 
 
 def _fake_gpu(monkeypatch, **properties) -> None:
@@ -63,12 +52,11 @@ def test_two_choosers_keep_their_own_tiles_and_timings():
     assert first.autotune_timings() == second.autotune_timings() == {}
 
 
-@needs_kernels
-def test_two_models_in_one_process_keep_separate_tile_choices(monkeypatch):
+def test_two_models_in_one_process_keep_separate_tile_choices(monkeypatch, kernel_device):
     """Two FastPoolFormers on the same shapes, the first made to run the split MLP and the second the fused
     one: each keeps the form it ran (with one process-wide table the second would have reused the first's)."""
     model = randomize_(create_model("s12"), seed=7).eval()
-    x = torch.randn(1, 3, 32, 32)
+    x = torch.randn(1, 3, 32, 32).to(kernel_device)
     monkeypatch.setenv(tiles.MLP_ENV, "split")
     split = optimize(model, backend="triton")
     with torch.no_grad():
@@ -83,11 +71,10 @@ def test_two_models_in_one_process_keep_separate_tile_choices(monkeypatch):
     assert shapes == [(t["rows"], t["channels"]) for t in fused.tiles.mlp_tiles_in_use()] and len(shapes) == 4
 
 
-@needs_kernels
-def test_a_recording_lists_its_own_forward_inside_its_context_only():
+def test_a_recording_lists_its_own_forward_inside_its_context_only(kernel_device):
     """Launches go to the recorder of the forward that made them, only while its context is open; a nested
     context takes them over and hands back to the outer one."""
-    x = torch.randn(1, 4, 4, 16)
+    x = torch.randn(1, 4, 4, 16).to(kernel_device)
     first, second = TritonForward(TileChooser(), Recorder()), TritonForward(TileChooser(), Recorder())
     with first.recorder.record_traffic() as recorded, second.recorder.mark_launches(x.device) as marks:
         first.stage_input_stats(x)
