@@ -1,4 +1,4 @@
-"""`--impl fast` on a GPU against timm, side by side in one run: the issue-13 targets, measured.
+"""`--impl fast` on a GPU against timm, side by side in one run: the speed and exactness targets, measured.
 
 Per model (poolformer_s12, poolformerv2_s12, poolformer_m36; 224 px; random weights, the same in every row):
 - throughput at batch 256, bf16: timm eager under autocast in both memory formats (the faster one counts),
@@ -12,7 +12,8 @@ Per model (poolformer_s12, poolformerv2_s12, poolformer_m36; 224 px; random weig
 - kernels: fast bf16 at batch 256 kernel by kernel (poolformer.fast.roofline.time_kernels: CUDA events after
   each launch, graphs off), each stage's bytes, TB/s and TFLOP/s, and beside each stage's fused MLP the same
   MLP unfused on cuBLAS (x @ W1, GELU, addmm with the residual) and its two GEMMs alone: what our MLP
-  is up against. With autotuning on, every candidate tile's time is kept too (`autotune_timings`).
+  is up against. The tile each kernel shape ran with is kept (one TileChooser shared by every fast model of
+  the run), and with autotuning on every candidate tile's time too (`autotune_timings`).
 Every row goes through `poolformer.bench` (CUDA events, warm-up apart, parity against the fp32 reference), so
 `poolformer bench` reproduces any of them, e.g.
     poolformer bench s12 --device cuda --impl timm --precision bf16 --batch-sizes 256 --cast-model --compile \\
@@ -41,8 +42,9 @@ if "--smoke" in sys.argv:  # Triton must see the interpreter switch before anyth
 
 import torch  # noqa: E402
 
-from poolformer import bench, create_model  # noqa: E402
+from poolformer import bench, create_model, optimize  # noqa: E402
 from poolformer.envinfo import environment  # noqa: E402
+from poolformer.fast.triton.chooser import TileChooser  # noqa: E402
 from poolformer.implementations import IMPLEMENTATIONS  # noqa: E402
 from poolformer.zoo import unknown_models  # noqa: E402
 from poolformer_cli.common import write_atomic  # noqa: E402
@@ -54,15 +56,18 @@ TARGETS = {"vs_timm_eager": 2.5, "vs_timm_fastest": 1.3, "latency_vs_timm_eager"
            "fp32_relative_diff": 1e-4}
 
 
-def randomised_build(seed: int = 0):
+def randomised_build(seed: int = 0, tiles: TileChooser | None = None):
     """bench's build_model: the zoo model with random weights around the init scale (LayerScale's 1e-5 init
-    would make every block nearly the identity and parity trivially good), in the requested implementation."""
+    would make every block nearly the identity and parity trivially good), in the requested implementation;
+    fast models take their Triton tiles from `tiles` (a TileChooser; None: each its own)."""
     def build(name: str, impl: str, **kwargs):
         model = create_model(name, **kwargs)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02 + (1.0 if p.ndim == 1 else 0.0))
+        if impl == "fast":
+            return optimize(model, tiles=tiles)
         return IMPLEMENTATIONS[impl](model)
 
     return build
@@ -155,9 +160,9 @@ def agreement(model: str, device: str, images: int, resolution: int, build, batc
 
 
 def _median_ms(fn: Callable[[], object], device: str, repeats: int = 20) -> float:
-    """Median time of fn() in milliseconds, after two untimed calls (triton_forward.median_ms: the autotuner's
-    own timing)."""
-    from poolformer.fast.triton_forward import median_ms
+    """Median time of fn() in milliseconds, after two untimed calls (autotune.median_ms: the autotuner's own
+    timing)."""
+    from poolformer.fast.triton.autotune import median_ms
 
     for _ in range(2):
         fn()
@@ -208,7 +213,7 @@ def kernel_breakdown(model: str, device: str, batch: int, resolution: int, build
 
 
 def mlp_form(launches) -> str:
-    """Which form of the MLP (triton_forward: fused kernel, SplitMlp, GemmMlp) these launches are."""
+    """Which form of the MLP (fused kernel, SplitMlp, GemmMlp) these launches are."""
     names = {k.name for k in launches}
     return "split" if "fc1" in names else "gemm" if "fc1 norm act" in names else "fused"
 
@@ -335,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     if autotune:
         os.environ["POOLFORMER_TRITON_AUTOTUNE"] = "1"
     args.out.mkdir(parents=True, exist_ok=True)
-    build = randomised_build()
+    tiles = TileChooser.from_settings()
+    build = randomised_build(tiles=tiles)
     env = environment(device)
     bandwidth = (env.get("gpu") or {}).get("memory_bandwidth_tb_s")
     document = {"command": "PYTHONPATH=. python " + " ".join(["benchmarks/fast_gpu.py", *(argv or sys.argv[1:])]),
@@ -345,11 +351,9 @@ def main(argv: list[str] | None = None) -> int:
                 "autotune": autotune, "throughput": {}, "latency": {}, "exactness": {}, "kernels": {}}
 
     def save() -> None:
-        from poolformer.fast.triton_forward import autotune_timings, mlp_tiles_in_use, pool_tiles_in_use
-
-        document["mlp_tiles"] = mlp_tiles_in_use()  # which tile each shape ran with (autotuned on a GPU)
-        document["pool_mix_tiles"] = pool_tiles_in_use()
-        document["autotune_timings"] = autotune_timings()
+        document["mlp_tiles"] = tiles.mlp_tiles_in_use()  # which tile each shape ran with (autotuned on a GPU)
+        document["pool_mix_tiles"] = tiles.pool_tiles_in_use()
+        document["autotune_timings"] = tiles.autotune_timings()
         write_atomic(args.out / "fast_gpu.json", json.dumps(document, indent=2) + "\n")
         write_atomic(args.out / "fast_gpu.md", markdown(document))
 

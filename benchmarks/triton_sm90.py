@@ -8,8 +8,8 @@ instead of run: the same arguments, constexprs, warps and stages the GPU would g
 compiled by Triton for sm_90a (as its JIT would, with 16-byte alignment of pointers and of integers divisible by
 16) and assembled by the ptxas that Triton ships, whose `-v` report gives the figures. Each MLP launch is
 recorded in two forms: the fused kernel and the GEMM form (fc1/fc2); `--all-tiles` compiles every candidate
-tile of `mlp_configs`, `gemm_configs` and the token mixer's `elementwise_tiles`, not only the first. The first H200 run drew 142 W on the fast rows
-(240-440 W eager): heavy spilling would explain a GPU left mostly idle, and this shows it on any machine.
+tile of `mlp_configs`, `gemm_configs` and the token mixer's `elementwise_tiles` (for an H100 SXM or H200's 132
+SMs), not only the first. Heavy spilling leaves a GPU mostly idle; this shows it on any machine.
 Writes DIR/triton_sm90.json and DIR/triton_sm90.md.
 """
 
@@ -28,12 +28,17 @@ from pathlib import Path
 import torch
 
 from poolformer import create_model
-from poolformer.fast import triton_forward
 from poolformer.fast.folding import fold
+from poolformer.fast.triton import launches
+from poolformer.fast.triton.availability import INTERPRET_ENV
+from poolformer.fast.triton.forward import TritonForward
+from poolformer.fast.triton.tiles import elementwise_tiles, gemm_configs, mlp_configs
+from poolformer.fast.triton.weights import prepare
 from poolformer.zoo import unknown_models
 from poolformer_cli.common import write_atomic
 
 TARGET_ARCH = 90
+SM90_SM_COUNT = 132  # an H100 SXM's and an H200's multiprocessors: the GPUs the tile candidates are for
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
@@ -50,47 +55,53 @@ class _Recorder:
         return launch
 
 
+class _EveryTileForward(TritonForward):
+    """The forward with each MLP launched in the GEMM form and on the fused kernel, and the token mixer on its
+    first candidate tile, or on every candidate tile with all_tiles (no tile is chosen: nothing runs)."""
+
+    def __init__(self, all_tiles: bool):
+        super().__init__()
+        self.all_tiles = all_tiles
+
+    def mlp(self, x1, stats, block, activation, emit_stats, form=None):
+        batch_, height, width, channels = x1.shape
+        rows, hidden = batch_ * height * width, block.fc1_weight.shape[1]
+        fused = mlp_configs(rows, channels, hidden, x1.dtype, SM90_SM_COUNT)
+        gemm = gemm_configs(rows, channels, hidden, x1.dtype, SM90_SM_COUNT)
+        for tile in (gemm if self.all_tiles else gemm[:1]):
+            launches.gemm_mlp(self.recorder, x1, stats, block, activation, emit_stats, tile)
+        for tile in (fused if self.all_tiles else fused[:1]):
+            result = launches.fused_mlp(self.recorder, x1, stats, block, activation, emit_stats, tile)
+        return result
+
+    def pool_mix(self, x, stats, block, pool_size, tile=None):
+        batch_, height, width, channels = x.shape
+        tiles = elementwise_tiles(batch_ * height * width, channels)
+        for tile in (tiles if self.all_tiles else tiles[:1]):
+            result = launches.pool_mix(self.recorder, x, stats, block, pool_size, tile)
+        return result
+
+
 def record_launches(model_name: str, batch: int, resolution: int, dtype: torch.dtype,
                     all_tiles: bool = False) -> list[dict]:
     """Every kernel launch of the model's forward (meta tensors), with each MLP launch once per candidate tile
     when all_tiles."""
     folded, plan = fold(create_model(model_name).eval())
-    prepared = triton_forward.prepare(folded, dtype, torch.device("meta"))
-    launches: list[dict] = []
+    prepared = prepare(folded, dtype, torch.device("meta"))
+    recorded: list[dict] = []
     names = ("stats_kernel", "pool_mix_kernel", "mlp_kernel", "mlp_norm_kernel", "stem_kernel", "layer_norm_kernel",
              "activation_kernel", "fc1_kernel", "fc2_kernel")
-    fake = types.SimpleNamespace(**{name: _Recorder(name, launches) for name in names})
-    original_kernels, original_mlp = triton_forward.kernels, triton_forward.mlp
-
-    def mlp(x1, stats, block, activation, emit_stats, config=None):
-        batch_, height, width, channels = x1.shape
-        rows, hidden = batch_ * height * width, block.fc1_weight.shape[1]
-        fused = triton_forward.mlp_configs(rows, channels, hidden, x1.dtype)
-        gemm = triton_forward.gemm_configs(rows, channels, hidden, x1.dtype)
-        for tile in (gemm if all_tiles else gemm[:1]):
-            triton_forward._launch_gemm_mlp(x1, stats, block, activation, emit_stats, tile)
-        for tile in (fused if all_tiles else fused[:1]):
-            result = triton_forward._launch_mlp(x1, stats, block, activation, emit_stats, tile)
-        return result
-
-    def pool_mix(x, stats, block, pool_size, tile=None):
-        batch_, height, width, channels = x.shape
-        tiles = triton_forward.elementwise_tiles(batch_ * height * width, channels)
-        for tile in (tiles if all_tiles else tiles[:1]):
-            result = triton_forward._launch_pool_mix(x, stats, block, pool_size, tile)
-        return result
-
-    original_pool_mix = triton_forward.pool_mix
-    triton_forward.kernels, triton_forward.mlp, triton_forward.pool_mix = (lambda: fake), mlp, pool_mix
+    fake = types.SimpleNamespace(**{name: _Recorder(name, recorded) for name in names})
+    original_kernels = launches.kernels
+    launches.kernels = lambda: fake  # every launch module-wide goes to the recording stand-ins
     try:
         images = torch.empty(batch, 3, resolution, resolution, device="meta", dtype=dtype)
         images = images.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            triton_forward.features_forward(images, prepared, plan)
+            _EveryTileForward(all_tiles).features(images, prepared, plan)
     finally:
-        triton_forward.kernels, triton_forward.mlp = original_kernels, original_mlp
-        triton_forward.pool_mix = original_pool_mix
-    return launches
+        launches.kernels = original_kernels
+    return recorded
 
 
 def _arg_type(value) -> tuple[str, bool]:
@@ -125,7 +136,7 @@ def compile_launch(launch: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from poolformer.fast import triton_kernels
+    from poolformer.fast.triton import kernels as triton_kernels
 
     fn = getattr(triton_kernels, launch["kernel"])
     constexprs = {k: v for k, v in launch["kwargs"].items() if k not in LAUNCH_OPTIONS}
@@ -163,7 +174,7 @@ def compile_launch(launch: dict) -> dict:
 
 
 def describe(launch: dict) -> str:
-    from poolformer.fast import triton_kernels
+    from poolformer.fast.triton import kernels as triton_kernels
 
     a = dict(zip(getattr(triton_kernels, launch["kernel"]).arg_names, launch["args"]))  # by name, not position
     kw = launch["kwargs"]
@@ -227,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
     parser.add_argument("--all-tiles", action="store_true", help="every candidate MLP tile, not only the default")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get(triton_forward.INTERPRET_ENV) == "1":
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get(INTERPRET_ENV) == "1":
         parser.error("unset TRITON_INTERPRET / POOLFORMER_TRITON_INTERPRET: this compiles the kernels")
     try:
         ptxas = ptxas_path()

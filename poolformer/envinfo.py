@@ -104,7 +104,10 @@ def environment(device: str) -> dict[str, Any]:
     env["cpu"] = cpu_capabilities().to_dict()  # instruction sets and native bf16/fp16: they decide CPU speed
     if device.startswith("cuda"):
         index = torch.device(device).index or 0
-        env["gpu"] = {**gpu_info(index, cuda_uuid(index)), **cuda_properties(index)}
+        gpu = {**gpu_info(index, cuda_uuid(index)), **cuda_properties(index)}
+        if gpu.get("memory_bandwidth_tb_s") is None:  # no NVML here: the same figure from torch's properties
+            gpu["memory_bandwidth_tb_s"] = gpu["torch_memory_bandwidth_tb_s"]
+        env["gpu"] = gpu
     return env
 
 
@@ -117,12 +120,16 @@ def memory_bandwidth_tb_s(max_memory_clock_mhz: int | None, bus_width_bits: int 
 
 
 def cuda_properties(index: int) -> dict[str, Any]:
-    """What torch knows about CUDA device `index`: compute capability, multiprocessors, memory."""
+    """What torch knows about CUDA device `index`: compute capability, multiprocessors, memory, and the peak
+    memory bandwidth from its memory clock (kHz) and bus width where this torch reports them (else None)."""
     import torch
 
     props = torch.cuda.get_device_properties(index)
+    memory_clock_khz = getattr(props, "memory_clock_rate", None)
+    bandwidth = memory_bandwidth_tb_s(memory_clock_khz and memory_clock_khz / 1000,
+                                      getattr(props, "memory_bus_width", None))
     return {"compute_capability": f"{props.major}.{props.minor}", "multiprocessors": props.multi_processor_count,
-            "torch_memory_total_bytes": props.total_memory}
+            "torch_memory_total_bytes": props.total_memory, "torch_memory_bandwidth_tb_s": bandwidth}
 
 
 def cuda_uuid(index: int) -> str | None:

@@ -4,16 +4,43 @@ from __future__ import annotations
 
 import os
 
-# The Triton kernels of the fast path run in Triton's interpreter on CPU tensors in the tests (see
-# poolformer.fast.triton_forward). Triton picks interpreting or compiling once, when it is first imported
-# (torchvision imports it), so both switches are set before anything is imported.
-os.environ.setdefault("POOLFORMER_TRITON_INTERPRET", "1")
-os.environ.setdefault("TRITON_INTERPRET", os.environ["POOLFORMER_TRITON_INTERPRET"])
+import torch
+
+# Where there is no CUDA GPU, the Triton kernels of the fast path run in Triton's interpreter on CPU tensors (see
+# poolformer.fast.triton.availability); on a GPU they are compiled and run on it. Triton picks interpreting or
+# compiling once, when it is first imported (torchvision imports it), so the switches are set before anything
+# imports Triton; torch itself, and asking it for a GPU, does not.
+if not torch.cuda.is_available():
+    os.environ.setdefault("POOLFORMER_TRITON_INTERPRET", "1")
+if "POOLFORMER_TRITON_INTERPRET" in os.environ:
+    os.environ.setdefault("TRITON_INTERPRET", os.environ["POOLFORMER_TRITON_INTERPRET"])
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from poolformer import create_model  # noqa: E402
+
+
+def triton_kernel_device() -> torch.device | None:
+    """Where this test process runs the Triton kernels: the CPU in Triton's interpreter, the CUDA GPU compiled,
+    or None (no Triton, or neither mode possible here)."""
+    from poolformer.fast.triton import availability
+
+    try:
+        interprets = availability.triton_interprets()
+    except ImportError:
+        return None
+    if interprets:
+        return torch.device("cpu") if availability.interpreter_enabled() else None
+    return torch.device("cuda") if torch.cuda.is_available() else None
+
+
+@pytest.fixture
+def kernel_device() -> torch.device:
+    """The device the Triton tests put their tensors on (see triton_kernel_device); skips where there is none."""
+    device = triton_kernel_device()
+    if device is None:
+        pytest.skip("the Triton kernels cannot run in this process (no Triton, or neither a GPU nor the interpreter)")
+    return device
 
 
 @pytest.fixture(autouse=True)

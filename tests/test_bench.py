@@ -452,6 +452,19 @@ def test_nvml_telemetry_with_partial_support(monkeypatch):
     assert summary.gpu_utilisation_pct_mean is None and summary.throttle_reasons == ["gpu_idle"]
 
 
+def test_peak_bandwidth_from_torchs_device_properties(monkeypatch):
+    """Where NVML is missing, the peak memory bandwidth comes from torch's own device properties: the memory
+    clock (kHz) and bus width, the same formula as NVML's figure; None where this torch reports neither."""
+    properties = dict(major=9, minor=0, multi_processor_count=132, total_memory=80e9)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(
+        **properties, memory_clock_rate=2_619_000, memory_bus_width=5120))
+    facts = envinfo.cuda_properties(0)
+    assert facts["torch_memory_bandwidth_tb_s"] == pytest.approx(3.352, abs=1e-3)  # H100's datasheet
+    assert facts["multiprocessors"] == 132 and facts["compute_capability"] == "9.0"
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(**properties))
+    assert envinfo.cuda_properties(0)["torch_memory_bandwidth_tb_s"] is None
+
+
 def test_unreadable_throttle_reasons_are_unknown_not_none(monkeypatch):
     """Where NVML cannot read throttle reasons the summary says None (unknown), never [] (no throttling)."""
     fake = _fake_nvml(nvmlDeviceGetCurrentClocksThrottleReasons=_unsupported)

@@ -10,7 +10,7 @@ What lives here:
   GroupNorm one MVN node) or ONNX Runtime (fp32; the graph exported to ONNX).
 - `compiled`: the folded graph as a module of plain operators for torch.compile (inductor with freezing; CPU),
   what `bench --impl fast --compile` runs: the fastest PyTorch form in bf16, after ~10 s of compiling per shape.
-- `triton_kernels` / `triton_forward`: the GPU path, two fused Triton kernels per block (token mixer; MLP
+- `triton` (a subpackage, one module per job): the GPU path, two fused Triton kernels per block (token mixer; MLP
   with its 4x-wide hidden tile kept on chip, or split around cuBLAS GEMMs, or as two Triton GEMMs carrying the
   norm, activation and residual: autotuning picks per shape) passing exact
   per-sample statistics along, a stem kernel that reads the images as they are; the same kernels run on CPU

@@ -43,7 +43,7 @@ class FoldedBlock:
     fc2_weight [C, D], fc2_bias [C] or None: LayerScale (and StarReLU's scale and bias) folded in.
     norm1_eps / norm2_eps: the GroupNorms' eps, inside the square root: sigma = sqrt(var + eps).
     fc1_colsum [D] or None, fc1_bias_compute [D] or None: the Triton kernels' form only (see
-    triton_forward.prepare).
+    poolformer.fast.triton.weights.prepare).
     """
 
     mix_scale: torch.Tensor

@@ -1,7 +1,7 @@
 """`optimize(model)`: the inference-only module that runs the folded model, and the choice of its kernels.
 
 Backends (the kernels one forward runs on), chosen once per (dtype, device) the module meets:
-- ``triton``: two fused Triton kernels per block (`poolformer.fast.triton_forward`); CUDA GPUs. On CPU
+- ``triton``: two fused Triton kernels per block (`poolformer.fast.triton`); CUDA GPUs. On CPU
   tensors only when asked for by name and POOLFORMER_TRITON_INTERPRET=1 is set: Triton's interpreter runs the
   same kernels (tests, debugging; very slow).
 - ``openvino``: the folded graph run by OpenVINO (`poolformer.fast.runtime`, built by
@@ -37,9 +37,14 @@ from torch import nn
 from .. import settings
 from ..errors import ConfigError
 from ..model import MetaFormer
-from . import compiled, cpu, runtime, triton_forward
+from . import compiled, cpu, runtime
 from .cuda import GraphCache, graphs_enabled_by_env
 from .folding import FoldedModel, fold
+from .triton import availability
+from .triton.chooser import TileChooser
+from .triton.forward import TritonForward
+from .triton.instrument import Recorder
+from .triton.weights import TritonModel, prepare
 
 BACKEND_ENV = "POOLFORMER_FAST_BACKEND"
 BACKENDS = settings.SETTINGS[BACKEND_ENV].choices  # auto, then every backend (see the docstring)
@@ -81,7 +86,7 @@ def explain_backend(requested: str, dtype: torch.dtype, device: torch.device) ->
     requested = requested_backend(requested)
     note = None
     if requested == "triton" or (requested == "auto" and device.type != "cpu"):
-        reason = triton_forward.unavailable_reason(dtype, device)
+        reason = availability.unavailable_reason(dtype, device)
         if reason is None:
             return "triton", None
         if requested == "triton":
@@ -123,7 +128,7 @@ class Prepared:
     folded: FoldedModel
     backend: str
     session: nn.Module | None = None  # the openvino and onnxruntime backends' RuntimeModule
-    triton: triton_forward.TritonModel | None = None  # the kernels' form of the weights (backend "triton")
+    triton: TritonModel | None = None  # the kernels' form of the weights (backend "triton")
     packs: cpu.ConvPacks | None = None  # backend "onednn": packed convolution weights, per input shape
     graph: nn.Module | None = None  # backend "inductor": the compiled folded graph
 
@@ -135,11 +140,13 @@ class FastPoolFormer(nn.Module):
     Runs in `dtype` (float32 unless given), or in bfloat16/float16 when called under autocast. Weights are
     converted to each (dtype, device) it meets once and cached, with the backend chosen for them
     (`backend_for`, and `backend_note` for why a faster one was not). On CUDA, repeated input shapes run as
-    CUDA graphs (`cuda_graphs`, default on unless POOLFORMER_CUDA_GRAPHS=0).
+    CUDA graphs (`cuda_graphs`, default on unless POOLFORMER_CUDA_GRAPHS=0). On the Triton kernels, `tiles`
+    (a TileChooser: its own unless one is passed to share) keeps the tile each kernel shape runs with, and
+    `recorder` lists the launches inside its `record_traffic()` / `mark_launches()` contexts.
     """
 
     def __init__(self, model: MetaFormer, dtype: torch.dtype | None = None, backend: str = "auto",
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, tiles: TileChooser | None = None):
         super().__init__()
         if dtype is not None and dtype not in DTYPES:
             raise ConfigError(f"optimize() runs in float32, bfloat16 or float16, not {dtype}")
@@ -156,6 +163,8 @@ class FastPoolFormer(nn.Module):
         self._triton_ran: set[tuple] = set()  # (dtype, device) where a forward on the kernels succeeded
         self.cuda_graphs = graphs_enabled_by_env() if cuda_graphs is None else cuda_graphs
         self.graphs = GraphCache()
+        self.tiles = tiles if tiles is not None else TileChooser.from_settings()
+        self.recorder = Recorder()
         self.compile_mode: str | None = None  # backend "inductor": torch.compile's mode and backend
         self.compiler = "inductor"
         self.eval()
@@ -181,7 +190,7 @@ class FastPoolFormer(nn.Module):
         failure = self._triton_failures.get((dtype, device))
         if failure is not None:
             return operators, failure
-        reason = triton_forward.unsupported_model_reason(self.folded, self.plan)
+        reason = availability.unsupported_model_reason(self.folded, self.plan)
         if reason is None:
             return backend, note
         if requested_backend(self.backend) == "triton":
@@ -200,7 +209,7 @@ class FastPoolFormer(nn.Module):
         if key not in self._cache:
             backend, _ = self._choice(dtype, device)
             if backend == "triton":
-                kernels_form = triton_forward.prepare(self.folded, dtype, device)
+                kernels_form = prepare(self.folded, dtype, device)
                 self._cache[key] = Prepared(kernels_form.folded, backend, triton=kernels_form)
             elif backend in RUNTIME_BACKENDS:
                 session = runtime.folded_session(self.folded, self.plan, backend, dtype)
@@ -241,7 +250,11 @@ class FastPoolFormer(nn.Module):
         dtype = dtype or self.dtype
         if self.backend_for(dtype, device) != "triton":
             return None
-        return bytes_per_image(fast_traffic(self.folded, self.plan, batch_size, height, width, dtype), batch_size)
+        device = torch.device(device)
+        traffic = fast_traffic(self.folded, self.plan, batch_size, height, width, dtype,
+                               interpret=availability.triton_interprets(), tiles=self.tiles,
+                               sm_count=availability.multiprocessor_count(device))
+        return bytes_per_image(traffic, batch_size)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, C, H/32, W/32] (a channels-last view), like MetaFormer.forward_features."""
@@ -289,7 +302,7 @@ class FastPoolFormer(nn.Module):
         key = (dtype, device)
         if (prepared.backend != "triton" or key in self._triton_ran
                 or isinstance(err, (torch.OutOfMemoryError, ConfigError))
-                or requested_backend(self.backend) == "triton" or triton_forward.triton_interprets()):
+                or requested_backend(self.backend) == "triton" or availability.triton_interprets()):
             return False
         first_line = (str(err).strip().splitlines() or [""])[0][:300]
         self._triton_failures[key] = (f"the fast path runs on PyTorch operators: its Triton kernels failed here "
@@ -302,14 +315,15 @@ class FastPoolFormer(nn.Module):
         """CUDA graphs on CUDA, unless turned off or the kernels run in Triton's interpreter (host copies)."""
         if not self.cuda_graphs or x.device.type != "cuda":
             return False
-        return prepared.backend != "triton" or not triton_forward.triton_interprets()
+        return prepared.backend != "triton" or not availability.triton_interprets()
 
     def _forward(self, x: torch.Tensor, dtype: torch.dtype, prepared: Prepared, features_only: bool) -> torch.Tensor:
         if prepared.backend == "triton":
-            features = triton_forward.features_forward(x, prepared.triton, self.plan)
+            run = TritonForward(self.tiles, self.recorder)
+            features = run.features(x, prepared.triton, self.plan)
             if features_only:
                 return features.permute(0, 3, 1, 2)
-            return triton_forward.head_forward(features, prepared.triton, self.plan)
+            return run.head(features, prepared.triton, self.plan)
         images = x.to(dtype).contiguous(memory_format=torch.channels_last)
         features = cpu.features_forward(images, prepared.folded, self.plan, prepared.backend == "onednn",
                                         prepared.packs)
@@ -324,7 +338,7 @@ class FastPoolFormer(nn.Module):
 
 
 def optimize(model: MetaFormer, dtype: torch.dtype | None = None, backend: str = "auto",
-             cuda_graphs: bool | None = None) -> FastPoolFormer:
+             cuda_graphs: bool | None = None, tiles: TileChooser | None = None) -> FastPoolFormer:
     """An inference-only form of a PoolFormer v1/v2 `model` with the same logits, faster (see
     `poolformer.fast`).
 
@@ -334,6 +348,8 @@ def optimize(model: MetaFormer, dtype: torch.dtype | None = None, backend: str =
     module's docstring).
     cuda_graphs: replay CUDA graphs for repeated input shapes on CUDA (default: on, unless
     POOLFORMER_CUDA_GRAPHS=0).
+    tiles: the TileChooser the Triton kernels take their tiles from (default: the module's own; benchmarks pass
+    one to share and report).
     Raises ConfigError for models the fast path does not cover (non-pooling token mixers, other norms).
     """
-    return FastPoolFormer(model, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs)
+    return FastPoolFormer(model, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs, tiles=tiles)

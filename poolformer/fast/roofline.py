@@ -2,14 +2,14 @@
 writes (tensor shapes x element sizes), and the memory bandwidth a measured speed implies.
 
 Each kernel is charged every tensor it reads and writes once: the ideal DRAM traffic of the schedule in
-`poolformer.fast.triton_forward` (pooling's neighbouring rows, the MLP's residual re-read and the weights that
+`poolformer.fast.triton.forward` (pooling's neighbouring rows, the MLP's residual re-read and the weights that
 every program streams are assumed to come from L1/L2). Measured DRAM bytes (Nsight Compute) can only be
 higher; comparing the two is how a GPU session checks the kernels' caching.
 
 Per block the kernels move about 4 C-wide activations per token (mixer: read x, write x1; MLP: read x1, write
 y) plus the weights once per batch, against about 39 for an unfused eager block (GroupNorm 3, pooling 2,
 subtract 3, LayerScale 2, residual add 3, twice; fc1 5, GELU 8 on the 4C-wide hidden tensor, fc2 5). The
-split MLP (`triton_forward.SplitMlp`) and the GEMM form (`GemmMlp`) add their hidden tensor's round trips: they
+split MLP (`SplitMlp`) and the GEMM form (`GemmMlp`) add their hidden tensor's round trips: they
 trade bytes for GEMM tiles that keep the tensor cores busy.
 
 `time_kernels` times each launch of a forward on its own (CUDA events), so the bytes and FLOPs of every kernel
@@ -24,11 +24,14 @@ from dataclasses import dataclass
 import torch
 
 from .folding import FoldedModel, Plan
-from .triton_forward import (
-    GemmMlp, KernelTraffic, SplitMlp, STEM_BLOCK_K, cdiv, elementwise_tile, gemm_partials_rows,
-    gemm_stats_in_epilogue, in_use_mlp_form, mark_launches, mlp_candidates, new_partials_shape, norm_after_fc1,
-    record_traffic,
+from .triton.availability import REFERENCE_SM_COUNT
+from .triton.chooser import TileChooser
+from .triton.instrument import KernelTraffic
+from .triton.tiles import (
+    GemmMlp, SplitMlp, cdiv, elementwise_tile, gemm_partials_rows, gemm_stats_in_epilogue, mlp_candidates,
+    new_partials_shape,
 )
+from .triton.weights import STEM_BLOCK_K, norm_after_fc1
 
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -42,11 +45,13 @@ def _partials_bytes(rows: int, hw: int, block_rows: int) -> int:
 
 def fast_traffic(folded: FoldedModel, plan: Plan, batch_size: int, height: int, width: int, dtype: torch.dtype,
                  input_dtype: torch.dtype = torch.float32, features_only: bool = False,
-                 interpret: bool = False) -> list[KernelTraffic]:
+                 interpret: bool = False, tiles: TileChooser | None = None,
+                 sm_count: int = REFERENCE_SM_COUNT) -> list[KernelTraffic]:
     """The kernels (and PyTorch operators) of one forward of the Triton backend on a [batch_size, 3, height,
     width] input of `input_dtype` (the stem kernel reads it as it is), with the bytes each reads and writes.
     `folded` is the float32 folded model; `dtype` the compute dtype; interpret: size the statistics buffers for
-    the interpreter's tiles instead of the GPU's."""
+    the interpreter's tiles instead of the GPU's. Each MLP is counted in the form `tiles` runs it in, where it
+    ran; else in the first of its candidates for a GPU of `sm_count` multiprocessors."""
     size = torch.empty(0, dtype=dtype).element_size()
     input_size = torch.empty(0, dtype=input_dtype).element_size()
     traffic: list[KernelTraffic] = []
@@ -77,8 +82,8 @@ def fast_traffic(folded: FoldedModel, plan: Plan, batch_size: int, height: int, 
         activation = rows * channels * size
         tile_rows = elementwise_tile(rows, channels, interpret).block_rows
         hidden = stage.blocks[0].fc1_weight.shape[0]
-        form = (in_use_mlp_form(rows, channels, hidden, dtype)
-                or mlp_candidates(rows, channels, hidden, dtype, interpret)[0])
+        form = ((tiles.mlp_form_in_use(rows, channels, hidden, dtype) if tiles is not None else None)
+                or mlp_candidates(rows, channels, hidden, dtype, sm_count, interpret)[0])
         elementwise_partials = _partials_bytes(rows, hw, tile_rows)
         in_epilogue = isinstance(form, GemmMlp) and gemm_stats_in_epilogue(form, hw, channels, hidden)
         mlp_partials = _partials_bytes(rows, hw, gemm_partials_rows(form, hw, channels, hidden)
@@ -112,7 +117,7 @@ def fast_traffic(folded: FoldedModel, plan: Plan, batch_size: int, height: int, 
 
 def _split_mlp_traffic(block, rows: int, channels: int, hidden: int, size: int, incoming: int,
                        emitted: int | None) -> list[KernelTraffic]:
-    """The launches of the split MLP (triton_forward.SplitMlp): the normalising pass, fc1, the activation, fc2
+    """The launches of the split MLP (SplitMlp): the normalising pass, fc1, the activation, fc2
     and, when the next block needs them, the output's statistics."""
     activation, wide = rows * channels * size, rows * hidden * size
     vectors = 4 * channels * ((block.skip_scale2 is not None) + (block.fc2_bias is not None))
@@ -130,7 +135,7 @@ def _split_mlp_traffic(block, rows: int, channels: int, hidden: int, size: int, 
 
 def _gemm_mlp_traffic(block, rows: int, channels: int, hidden: int, size: int, incoming: int,
                       emitted: int | None, in_epilogue: bool) -> list[KernelTraffic]:
-    """The launches of the GEMM form (triton_forward.GemmMlp): fc1 normalising its input and applying the
+    """The launches of the GEMM form (GemmMlp): fc1 normalising its input and applying the
     activation, fc2 adding the residual, and, when the next block needs them, the output's statistics (from
     fc2's epilogue when `in_epilogue`, else a statistics pass)."""
     activation, wide = rows * channels * size, rows * hidden * size
@@ -194,7 +199,14 @@ class KernelTimes:
         return sum(k.ms for k in self.launches)
 
 
-GPU_CYCLES_PER_MS = 2_000_000  # about a Hopper's SM clock: torch.cuda._sleep counts cycles
+FALLBACK_GPU_CYCLES_PER_MS = 2_000_000  # about a Hopper's SM clock, where the device does not report its own
+
+
+def gpu_cycles_per_ms(device: torch.device) -> int:
+    """The SM clock of a CUDA `device` in cycles per millisecond (torch.cuda._sleep counts cycles): its
+    properties' clock_rate, which is in kHz, where this torch reports it; else FALLBACK_GPU_CYCLES_PER_MS."""
+    clock_khz = getattr(torch.cuda.get_device_properties(device), "clock_rate", None)
+    return int(clock_khz) if clock_khz else FALLBACK_GPU_CYCLES_PER_MS
 
 
 def time_kernels(fast, x: torch.Tensor, repeats: int = 10, queue_ahead_ms: float = 40.0) -> KernelTimes:
@@ -214,8 +226,8 @@ def time_kernels(fast, x: torch.Tensor, repeats: int = 10, queue_ahead_ms: float
             for _ in range(repeats):
                 if cuda:
                     torch.cuda.synchronize(x.device)
-                    torch.cuda._sleep(int(queue_ahead_ms * GPU_CYCLES_PER_MS))
-                with record_traffic() as traffic, mark_launches(x.device) as marks:
+                    torch.cuda._sleep(int(queue_ahead_ms * gpu_cycles_per_ms(x.device)))
+                with fast.recorder.record_traffic() as traffic, fast.recorder.mark_launches(x.device) as marks:
                     fast(x)
                 if cuda:
                     host_ahead &= not marks[0].mark.query()  # the GPU had not yet reached the forward

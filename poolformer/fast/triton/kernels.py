@@ -1,5 +1,5 @@
-"""The Triton kernels of the folded PoolFormer (v1 and v2); `poolformer.fast.triton_forward` launches them.
-Import it through `triton_forward.kernels()`, which makes POOLFORMER_TRITON_INTERPRET=1 take effect first
+"""The Triton kernels of the folded PoolFormer (v1 and v2); `poolformer.fast.triton.launches` launches them.
+Import it through `availability.kernels()`, which makes POOLFORMER_TRITON_INTERPRET=1 take effect first
 (Triton decides between compiling and interpreting when it decorates, reading TRITON_INTERPRET).
 
 Every activation is a channels-last matrix [R, C]: R = B*H*W token rows, C contiguous channels. A program
@@ -133,7 +133,8 @@ def stem_kernel(x_ptr, w_ptr, b_ptr, y_ptr, B, H, W, HO, WO, N, stride_b, stride
     straight from the caller's images: x is read through its strides in its own dtype (float32 NCHW as users
     pass it) and rounded to the weights' dtype as it is loaded, so the input needs no conversion pass. w [K_PAD,
     N] holds the weights in (ky, kx, ci) order, zero past K; y [B*HO*WO, N] is channels-last, in w's dtype; the
-    bias is float32. cuDNN ran this convolution (3 input channels) at 20 TFLOP/s on an H200."""
+    bias is float32. It replaces cuDNN's convolution, slow with 3 input channels, and its conversion pass
+    (benchmarks/results/gpu/README.md)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B * HO * WO
     sample = rows // (HO * WO)
@@ -170,7 +171,7 @@ def layer_norm_kernel(x_ptr, y_ptr, w_ptr, R, C, eps,
                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr):
     """LayerNorm over the channels of x [R, C] (v2's stem and downsampling norms; no bias after folding), rows
     of BLOCK_R at a time with all C (<= BLOCK_C) channels in registers: the mean, then the centred variance, in
-    float32. PyTorch's kernel ran these at 0.24 TB/s on an H200 at C = 64."""
+    float32 (PyTorch's LayerNorm was far from the memory bound at C = 64: benchmarks/results/gpu/README.md)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < C
