@@ -145,7 +145,7 @@ def export_model(path: Path, resolution: int) -> None:
     import torch
 
     from poolformer import create_model
-    from poolformer.runtimes.export_forms import FoldedExport
+    from poolformer.fast.folded_export import FoldedExport
     from poolformer.runtimes.exporting import export_onnx
 
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ node and folds the affines and LayerScale into the convolutions by itself. `fast
 installed, built from OpenVINO's operators: poolformer.fast.openvino_graph); its other backends run as
 `fast (NAME)`, among them `fast (inductor)`, the folded graph compiled by torch.compile with freezing (what
 `bench --impl fast --compile` runs), and `fast (openvino, ONNX export)` is the same folded algebra exported to
-ONNX (poolformer.runtimes.export_forms.FoldedExport) and read by OpenVINO, what the openvino backend ran before
+ONNX (poolformer.fast.folded_export.FoldedExport) and read by OpenVINO, what the openvino backend ran before
 it built its own graph. `timm compiled` is timm's model,
 channels-last, under torch.compile with inductor's freezing (weights as constants: oneDNN packs them once, as
 PyTorch advises for CPU inference); compilation happens in the first, untimed round. All use the same number of threads
@@ -63,10 +63,11 @@ from poolformer.capabilities import cpu_capabilities
 from poolformer.fast import fold, optimize
 from poolformer.fast.compiled import Frozen, unavailable_reason
 from poolformer.fast.cpu import ONEDNN_ACTIVATIONS, mlp_rows_per_pass
+from poolformer.fast.folded_export import FoldedExport
 from poolformer.fast.folding import FoldedModel, Plan
 from poolformer.fast.runtime import runs as runtime_runs
 from poolformer.implementations import IMPLEMENTATIONS
-from poolformer.runtimes.export_forms import FoldedExport, portable_form
+from poolformer.runtimes.export_forms import portable_form
 from poolformer.runtimes.exporting import export_onnx, openvino_converter
 from poolformer.runtimes.runners import OnnxRuntimeRunner, OpenVinoRunner, RuntimeModule
 from poolformer_cli.common import write_atomic

@@ -1,4 +1,4 @@
-"""`poolformer export` and poolformer.runtimes.exporting: portable forms, parity against ONNX Runtime and OpenVINO,
+"""`poolformer export` and poolformer.export: portable and folded forms, parity against ONNX Runtime and OpenVINO,
 files written only when they match."""
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from poolformer import create_model
-from poolformer.runtimes import exporting
-from poolformer.runtimes.export_forms import FoldedExport, mean_pool, portable_form
-from poolformer.runtimes.exporting import export_model, export_onnx
+from poolformer import export as exporting
+from poolformer.export import export_model
+from poolformer.fast.folded_export import FoldedExport
+from poolformer.runtimes.export_forms import mean_pool, portable_form
+from poolformer.runtimes.exporting import export_onnx
 from poolformer_cli.app import app
 
 from .conftest import assert_one_line_error, randomize_

@@ -15,7 +15,7 @@ from poolformer import CheckpointError, ConfigError, create_model
 from poolformer.bench import BenchConfig, BenchSettings, run_config
 from poolformer.implementations import build
 from poolformer.regression import compare
-from poolformer.runtimes import export_model
+from poolformer.export import export_model
 from poolformer.runtimes.runners import RuntimeModule, available, make_runner
 from poolformer_cli.app import app
 
