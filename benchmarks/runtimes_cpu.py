@@ -65,11 +65,11 @@ from poolformer.fast.compiled import Frozen, unavailable_reason
 from poolformer.fast.cpu import ONEDNN_ACTIVATIONS, mlp_rows_per_pass
 from poolformer.fast.folded_export import FoldedExport
 from poolformer.fast.folding import FoldedModel, Plan
-from poolformer.fast.runtime import runs as runtime_runs
+from poolformer.fast.runtime_backends import runs as runtime_runs
 from poolformer.implementations import IMPLEMENTATIONS
 from poolformer.runtimes.export_forms import portable_form
 from poolformer.runtimes.exporting import export_onnx, openvino_converter
-from poolformer.runtimes.runners import OnnxRuntimeRunner, OpenVinoRunner, RuntimeModule
+from poolformer.runtimes.sessions import OnnxRuntimeRunner, OpenVinoRunner, RuntimeModule
 from poolformer_cli.common import write_atomic
 
 RESULTS = Path(__file__).parent / "results"

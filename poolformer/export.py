@@ -30,7 +30,7 @@ from .files import new_file_mode
 from .model import MetaFormer
 from .runtimes.export_forms import portable_form
 from .runtimes.exporting import DEFAULT_OPSET, export_onnx, export_pt2, openvino_converter
-from .runtimes.runners import available, make_runner, require
+from .runtimes.sessions import available, make_runner, require
 
 FORMATS = ("onnx", "pt2", "openvino")  # openvino: OpenVINO IR, FILE.xml with its weights beside it in FILE.bin
 PARITY_TOLERANCE = 1e-4

@@ -50,7 +50,7 @@ def _fast(model: MetaFormer) -> nn.Module:
 def _runtime(runtime: str) -> Callable[[MetaFormer], nn.Module]:
     def build_runtime(model: MetaFormer) -> nn.Module:
         from .runtimes.exporting import onnx_exporter, openvino_converter
-        from .runtimes.runners import RuntimeModule
+        from .runtimes.sessions import RuntimeModule
 
         if runtime == "openvino":
             module = RuntimeModule(runtime, build=openvino_converter(model), num_classes=model.num_classes)
@@ -77,7 +77,7 @@ def is_exported_file(weights: Any) -> bool:
 def runtime_for_file(path: str, impl: str) -> nn.Module:
     """An exported .onnx file run by `impl` (onnxruntime or openvino; "ours" means onnxruntime), or an OpenVINO IR
     .xml file run by openvino ("ours" means openvino)."""
-    from .runtimes.runners import RuntimeModule
+    from .runtimes.sessions import RuntimeModule
 
     if str(path).lower().endswith(".xml"):
         if impl not in ("ours", "openvino"):

@@ -68,7 +68,7 @@ def exported_num_classes(path: str | os.PathLike) -> int:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     if path.lower().endswith(".xml"):
-        from .runtimes.runners import ir_signature
+        from .runtimes.sessions import ir_signature
 
         return ir_signature(path).num_classes
     try:

@@ -79,7 +79,7 @@ def test_fast_path_picks_onednn_for_bf16_only_where_onednn_runs_it(fake_cpu, one
     fake_cpu(caps(("avx2",), onednn_bf16=onednn_bf16))
     cpu = torch.device("cpu")
     assert choose_backend("auto", torch.bfloat16, cpu) == expected
-    from poolformer.fast.runtime import available
+    from poolformer.fast.runtime_backends import available
 
     # fp32: the folded graph in OpenVINO, else ONNX Runtime, where installed, else oneDNN (every x86 CPU)
     runtimes = [r for r in ("openvino", "onnxruntime") if available(r)]

@@ -105,7 +105,7 @@ def test_openvino_ir_export_writes_the_xml_and_its_weights_and_runs_at_any_batch
     """IR is the graph `--impl fast` runs on a CPU (fast: built from OpenVINO's operators, one MVN per norm) or
     OpenVINO's own conversion; written only after OpenVINO ran it, the weights beside it in float32."""
     pytest.importorskip("openvino")
-    from poolformer.runtimes.runners import RuntimeModule
+    from poolformer.runtimes.sessions import RuntimeModule
 
     path = tmp_path / "out" / "s12.xml"
     report = export_model(s12, path, fmt="openvino", resolution=64, dynamic_batch=True, fast=fast,

@@ -18,7 +18,7 @@ from poolformer import ConfigError, create_model, list_models, optimize
 from poolformer.capabilities import cpu_capabilities
 from poolformer.fast import fold, pool_minus_identity_weight
 from poolformer.fast import cpu as fast_cpu
-from poolformer.fast import runtime as fast_runtime
+from poolformer.fast import runtime_backends
 from poolformer.fast.cpu import block_forward, head_forward, per_sample_inv_sigma, pool_minus_identity, pool_mix
 from poolformer.implementations import IMPLEMENTATIONS, build
 from poolformer_cli.app import app
@@ -265,10 +265,10 @@ def test_rejects_non_metaformer_and_bad_input(v1_model):
 
 
 def _needs(runtime: str):
-    return pytest.mark.skipif(not fast_runtime.available(runtime), reason=f"{runtime} is not installed")
+    return pytest.mark.skipif(not runtime_backends.available(runtime), reason=f"{runtime} is not installed")
 
 
-@pytest.mark.parametrize("runtime", [pytest.param(r, marks=_needs(r)) for r in fast_runtime.RUNTIMES])
+@pytest.mark.parametrize("runtime", [pytest.param(r, marks=_needs(r)) for r in runtime_backends.RUNTIMES])
 @pytest.mark.parametrize("family", ["v1", "v2"])
 @pytest.mark.parametrize(("batch", "height", "width"), [(1, 64, 64), (3, 97, 75)])
 def test_runtime_backends_run_the_folded_graph_exactly(runtime, family, batch, height, width, v1_model, v2_model):
@@ -319,7 +319,7 @@ def test_openvino_mvn_statistics_are_as_accurate_as_torch_group_norm(offset):
     import openvino as ov
 
     from poolformer.fast.openvino_graph import ALL_BUT_BATCH, _Builder
-    from poolformer.runtimes.runners import openvino_core
+    from poolformer.runtimes.sessions import openvino_core
 
     builder = _Builder()
     images = builder.ops.parameter([3, 64, 13, 17], ov.Type.f32)
@@ -359,7 +359,7 @@ def test_openvino_bf16_computes_in_bf16(v1_model):
     assert got.dtype == torch.float32 and (got - fp32).abs().max().item() > 1e-4 * fp32.abs().max().item()
 
 
-@pytest.mark.parametrize("runtime", fast_runtime.RUNTIMES)
+@pytest.mark.parametrize("runtime", runtime_backends.RUNTIMES)
 def test_asking_for_a_runtime_where_it_cannot_run_is_a_config_error(runtime, v1_model, monkeypatch):
     from poolformer.capabilities import CpuCapabilities
 
@@ -396,7 +396,7 @@ def _agree_or_near_tie(reference: torch.Tensor, other: torch.Tensor, tie: float)
 ONEDNN_BF16 = pytest.param("onednn", marks=pytest.mark.skipif(
     not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN has no bf16 on this CPU (needs AVX-512 or AVX-NE-CONVERT)"))
 OPENVINO_BF16 = pytest.param("openvino", marks=pytest.mark.skipif(
-    not fast_runtime.runs("openvino", torch.bfloat16, torch.device("cpu")),
+    not runtime_backends.runs("openvino", torch.bfloat16, torch.device("cpu")),
     reason="OpenVINO computes bf16 only on CPUs with native bf16 (and where it is installed)"))
 # auto: OpenVINO where it computes bf16, else oneDNN where it runs bf16, else the portable path
 BF16_BACKENDS = ["auto", "portable", ONEDNN_BF16, OPENVINO_BF16]

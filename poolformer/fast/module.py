@@ -4,11 +4,11 @@ Backends (the kernels one forward runs on), chosen once per (dtype, device) the 
 - ``triton``: two fused Triton kernels per block (`poolformer.fast.triton_forward`); CUDA GPUs. On CPU
   tensors only when asked for by name and POOLFORMER_TRITON_INTERPRET=1 is set: Triton's interpreter runs the
   same kernels (tests, debugging; very slow).
-- ``openvino``: the folded graph run by OpenVINO (`poolformer.fast.runtime`, built by
+- ``openvino``: the folded graph run by OpenVINO (`poolformer.fast.runtime_backends`, built by
   `poolformer.fast.openvino_graph`) on the CPU, where openvino is installed: float32, and bfloat16 on CPUs that
   compute it natively. auto's CPU choice wherever it runs: the
   fastest of these backends measured (benchmarks/results/runtimes_cpu_*.md).
-- ``onnxruntime``: the folded graph run by ONNX Runtime (`poolformer.fast.runtime`); float32 on the CPU,
+- ``onnxruntime``: the folded graph run by ONNX Runtime (`poolformer.fast.runtime_backends`); float32 on the CPU,
   where onnxruntime is installed (auto's fp32 CPU choice where openvino is not).
 - ``inductor`` (by name only, or `FastPoolFormer.compile_with`): the folded graph compiled by torch.compile
   with freezing (`poolformer.fast.compiled`); float32 and bfloat16 on the CPU with a C++ compiler. The fastest
@@ -37,13 +37,13 @@ from torch import nn
 from .. import settings
 from ..errors import ConfigError
 from ..model import MetaFormer
-from . import compiled, cpu, runtime, triton_forward
+from . import compiled, cpu, runtime_backends, triton_forward
 from .cuda import GraphCache, graphs_enabled_by_env
 from .folding import FoldedModel, fold
 
 BACKEND_ENV = "POOLFORMER_FAST_BACKEND"
 BACKENDS = settings.SETTINGS[BACKEND_ENV].choices  # auto, then every backend (see the docstring)
-RUNTIME_BACKENDS = runtime.RUNTIMES
+RUNTIME_BACKENDS = runtime_backends.RUNTIMES
 GRAPH_BACKENDS = (*RUNTIME_BACKENDS, "inductor")  # whole-graph backends: logits only, no feature maps
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -88,7 +88,7 @@ def explain_backend(requested: str, dtype: torch.dtype, device: torch.device) ->
             raise ConfigError(f"the Triton backend cannot run here: {reason}")
         note = f"the fast path runs on PyTorch operators, not its Triton kernels: {reason}"
     if requested in RUNTIME_BACKENDS:
-        if not runtime.runs(requested, dtype, device):
+        if not runtime_backends.runs(requested, dtype, device):
             what = "float32, and bfloat16 on CPUs with native bf16," if requested == "openvino" else "float32"
             raise ConfigError(f"the {requested} backend runs {what} on the CPU with {requested} installed, not "
                               f"{_dtype_name(dtype)} on {device} here; use backend='auto'")
@@ -100,7 +100,7 @@ def explain_backend(requested: str, dtype: torch.dtype, device: torch.device) ->
         return requested, None
     if requested == "auto":
         for name in RUNTIME_BACKENDS:
-            if runtime.runs(name, dtype, device):
+            if runtime_backends.runs(name, dtype, device):
                 return name, None
     possible = onednn_runs(dtype, device)
     if requested == "onednn" and not possible:
@@ -203,7 +203,7 @@ class FastPoolFormer(nn.Module):
                 kernels_form = triton_forward.prepare(self.folded, dtype, device)
                 self._cache[key] = Prepared(kernels_form.folded, backend, triton=kernels_form)
             elif backend in RUNTIME_BACKENDS:
-                session = runtime.folded_session(self.folded, self.plan, backend, dtype)
+                session = runtime_backends.folded_session(self.folded, self.plan, backend, dtype)
                 self._cache[key] = Prepared(self.folded, backend, session)
             elif backend == "inductor":
                 graph = compiled.compile_folded(self.folded, self.plan, dtype, self.compile_mode, self.compiler)

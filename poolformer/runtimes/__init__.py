@@ -2,7 +2,7 @@
 
 - `export_forms`: GroupNorm(1) and count_include_pad=False pooling spelled out in portable operators
   (`portable_form`).
-- `runners`: ONNX Runtime / OpenVINO sessions, and `RuntimeModule`, the nn.Module that bench, predict and
+- `sessions`: ONNX Runtime / OpenVINO sessions, and `RuntimeModule`, the nn.Module that bench, predict and
   eval run as `--impl onnxruntime` / `--impl openvino` (or with `--weights FILE.onnx`).
 - `exporting`: ONNX and pt2 export of a module, and `openvino_converter`, OpenVINO's own conversion of a model
   (what `--impl openvino` runs).
@@ -13,6 +13,6 @@ a missing one is a one-line ConfigError.
 """
 
 from .exporting import export_onnx, export_pt2
-from .runners import RUNTIMES, RuntimeModule, available, make_runner
+from .sessions import RUNTIMES, RuntimeModule, available, make_runner
 
 __all__ = ["RUNTIMES", "RuntimeModule", "available", "export_onnx", "export_pt2", "make_runner"]

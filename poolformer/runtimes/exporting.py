@@ -69,7 +69,7 @@ def openvino_converter(model: MetaFormer):
     A model its tracing cannot take goes through the portable ONNX export instead."""
 
     def build(shape: tuple[int, ...]) -> Any:
-        from .runners import openvino_core, require
+        from .sessions import openvino_core, require
 
         ov = require("openvino")
         example = torch.zeros(shape)

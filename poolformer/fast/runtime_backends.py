@@ -23,7 +23,7 @@ PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
 def available(runtime: str) -> bool:
-    from ..runtimes.runners import available as installed
+    from ..runtimes.sessions import available as installed
 
     return installed(runtime)
 
@@ -40,10 +40,10 @@ def runs(runtime: str, dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def folded_session(folded: FoldedModel, plan: Plan, runtime: str, dtype: torch.dtype = torch.float32):
-    """The folded model run by `runtime` in `dtype` (see `runs`): a `poolformer.runtimes.runners.RuntimeModule`
+    """The folded model run by `runtime` in `dtype` (see `runs`): a `poolformer.runtimes.sessions.RuntimeModule`
     taking images [B, 3, H, W] to float32 logits, with one export and compiled model per input shape."""
     from ..runtimes.exporting import export_onnx
-    from ..runtimes.runners import RuntimeModule
+    from ..runtimes.sessions import RuntimeModule
     from .folded_export import FoldedExport
     from .openvino_graph import build_model
 
