@@ -10,7 +10,7 @@ node and folds the affines and LayerScale into the convolutions by itself. `fast
 installed, built from OpenVINO's operators: poolformer.fast.openvino_graph); its other backends run as
 `fast (NAME)`, among them `fast (inductor)`, the folded graph compiled by torch.compile with freezing (what
 `bench --impl fast --compile` runs), and `fast (openvino, ONNX export)` is the same folded algebra exported to
-ONNX (poolformer.fast.folded_export.FoldedExport) and read by OpenVINO, what the openvino backend ran before
+ONNX (poolformer.fast.folded_export.FoldedExport) and read by OpenVINO, what the openvino-folded backend ran before
 it built its own graph. `timm compiled` is timm's model,
 channels-last, under torch.compile with inductor's freezing (weights as constants: oneDNN packs them once, as
 PyTorch advises for CPU inference); compilation happens in the first, untimed round. All use the same number of threads
@@ -65,6 +65,7 @@ from poolformer.fast.compiled import Frozen, unavailable_reason
 from poolformer.fast.cpu import ONEDNN_ACTIVATIONS, mlp_rows_per_pass
 from poolformer.fast.folded_export import FoldedExport
 from poolformer.fast.folding import FoldedModel, Plan
+from poolformer.fast.runtime_backends import BACKEND_NAMES
 from poolformer.fast.runtime_backends import runs as runtime_runs
 from poolformer.implementations import IMPLEMENTATIONS
 from poolformer.runtimes.export_forms import portable_form
@@ -117,8 +118,8 @@ def candidates(ours: torch.nn.Module, shape: tuple[int, ...], threads: int, fold
     if compiled:
         table["fast (inductor)"] = optimize(ours, dtype=dtype).compile_with(compiler=compiler)
     for runtime in ("onnxruntime", "openvino"):
-        if runtime_runs(runtime, dtype, torch.device("cpu")) and fast.backend_for() != runtime:
-            table[f"fast ({runtime})"] = optimize(ours, dtype=dtype, backend=runtime)
+        if runtime_runs(runtime, dtype, torch.device("cpu")) and fast.backend_for() != BACKEND_NAMES[runtime]:
+            table[f"fast ({runtime})"] = optimize(ours, dtype=dtype, backend=BACKEND_NAMES[runtime])
     if runtime_runs("openvino", dtype, torch.device("cpu")):  # the builder's gain over exporting the same algebra
         folded_export = FoldedExport(ours)
         table[FOLDED_ONNX] = RuntimeModule("openvino", export=lambda path, size: export_onnx(folded_export, path, size),

@@ -148,7 +148,7 @@ class BenchResult:
     fp32_throughput: float | None = None  # emulated precision: a short fp32 run of the same configuration
     parity: Parity | None = None  # the row's logits against the fp32 reference (None: not checked, see note)
     parity_note: str | None = None
-    backend: str | None = None  # --impl fast: the kernels the forward ran (triton, openvino, onnxruntime, onednn, portable)
+    backend: str | None = None  # --impl fast: the kernels the forward ran (triton, openvino-folded, onednn, ...)
     backend_note: str | None = None  # --impl fast: why it did not run its Triton kernels on a GPU
     bytes_per_image: float | None = None  # --impl fast on Triton: bytes its kernels move per image (roofline)
     compile_mode: str | None = None  # torch.compile's mode of a compiled row ("default" when none was given)

@@ -699,7 +699,7 @@ def test_cast_fast_rows_run_the_fast_path_in_the_precision():
     result = bench.run_config(config, bench.BenchSettings(warmup=0, iters=1))
     assert result.status == "ok", result.error
     # a bf16 backend (OpenVINO where the CPU has native bf16, else oneDNN or portable), never fp32-only ONNX Runtime
-    assert result.backend == model.backend_for(torch.bfloat16) and result.backend != "onnxruntime"
+    assert result.backend == model.backend_for(torch.bfloat16) and result.backend != "onnxruntime-folded"
 
 
 def test_cast_and_compile_mode_on_the_command_line(tmp_path):

@@ -83,7 +83,7 @@ def test_fast_path_picks_onednn_for_bf16_only_where_onednn_runs_it(fake_cpu, one
 
     # fp32: the folded graph in OpenVINO, else ONNX Runtime, where installed, else oneDNN (every x86 CPU)
     runtimes = [r for r in ("openvino", "onnxruntime") if available(r)]
-    assert choose_backend("auto", torch.float32, cpu) == (runtimes[0] if runtimes else "onednn")
+    assert choose_backend("auto", torch.float32, cpu) == (f"{runtimes[0]}-folded" if runtimes else "onednn")
     assert choose_backend("onednn", torch.float32, cpu) == "onednn"
     assert choose_backend("auto", torch.float16, cpu) == "portable"
     assert choose_backend("portable", torch.float32, cpu) == "portable"

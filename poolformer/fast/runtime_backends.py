@@ -1,5 +1,6 @@
-"""The folded model run by a deployment runtime: the fast path's CPU backends where OpenVINO or ONNX Runtime is
-installed.
+"""The folded model run by a deployment runtime: the fast path's CPU backends ``openvino-folded`` and
+``onnxruntime-folded``, where OpenVINO or ONNX Runtime is installed (named apart from `--impl openvino` and
+`--impl onnxruntime`, which run those runtimes' conversion of the reference model).
 
 On a CPU, s12's time is its 1x1 convolutions, and these runtimes' kernels run them closer to the cores' peak
 than PyTorch's eager operators (benchmarks/results/runtimes_cpu_*.md). Fed the folded graph (no norm affines,
@@ -19,6 +20,7 @@ import torch
 from .folding import FoldedModel, Plan
 
 RUNTIMES = ("openvino", "onnxruntime")  # auto's order of preference on a CPU
+BACKEND_NAMES = {"openvino": "openvino-folded", "onnxruntime": "onnxruntime-folded"}  # runtime -> fast backend
 PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
