@@ -7,7 +7,7 @@ compile) is measured, in order:
    to channels_last if asked, wrap it in torch.compile if asked (`--impl fast` compiles its folded graph
    instead: the fast path's "inductor" backend, CPU only);
 2. reset the peak-memory counters (CUDA allocator peaks; on CPU the process's peak resident set via
-   /proc/self/clear_refs);
+   /proc/self/clear_refs; poolformer.measure times and counts);
 3. time the first call on its own (with compile, this is the compile time) - it is never mixed into the
    steady-state numbers;
 4. run `warmup` untimed steps;
@@ -33,11 +33,8 @@ the machine's speed at that moment (see BenchResult.relative_throughput and pool
 from __future__ import annotations
 
 import contextlib
-import gc
 import statistics
-import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -46,9 +43,11 @@ from torch import nn
 from .devices import PRECISIONS, autocast
 from .devices import resolve_device as resolve_any_device
 from .errors import ConfigError
+from .measure import (
+    current_memory, free_memory, is_out_of_memory, peak_memory, reset_peak_memory, synchronize, time_once, time_steps,
+)
 
 STATUSES = ("ok", "mismatch", "oom", "error")
-MIN_TIMED_STEPS = 5  # a distribution needs a few points even when --min-time is tiny
 
 BuildModel = Callable[..., nn.Module]  # (name, impl, **create_kwargs) -> nn.Module, like implementations.build
 
@@ -254,143 +253,6 @@ def check_settings(settings: BenchSettings) -> None:
         raise ConfigError(f"unknown --compile-mode {settings.compile_mode!r}; choose from: {', '.join(COMPILE_MODES)}")
 
 
-# ----------------------------------------------------------------------------------- timing
-
-
-class _Stopwatch:
-    """Times calls on one device. CPU: perf_counter now. CUDA: a pair of events per call, read in `resolve`
-    after a single synchronisation, so that timing does not insert a sync between steps. The events go on
-    the current stream of the measured device (the one its kernels run on), which is not the current
-    device's when measuring cuda:1 from a process whose current device is cuda:0."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda = device.type == "cuda"
-
-    def time(self, fn: Callable[[], Any]) -> Any:
-        if self.cuda:
-            stream = torch.cuda.current_stream(self.device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            fn()
-            end.record(stream)
-            return start, end
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1000.0
-
-    def resolve(self, handles: list[Any]) -> list[float]:
-        if not self.cuda:
-            return list(handles)
-        torch.cuda.synchronize(self.device)
-        return [start.elapsed_time(end) for start, end in handles]
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_steps(step: Callable[[], Any], device: torch.device, *, warmup: int, iters: int,
-               min_time_s: float | None = None, reference: Callable[[], Any] | None = None
-               ) -> tuple[list[float], list[float]]:
-    """Per-step latencies (ms) of `step` after `warmup` untimed steps, and of `reference` when given (run
-    right after each model step, so both see the same machine state). Runs `iters` steps, or with
-    min_time_s until that much wall time has passed and at least MIN_TIMED_STEPS were taken."""
-    for _ in range(warmup):
-        step()
-        if reference is not None:
-            reference()
-    synchronize(device)
-    watch = _Stopwatch(device)
-    step_handles, reference_handles = [], []
-    started = time.perf_counter()
-    while True:
-        step_handles.append(watch.time(step))
-        if reference is not None:
-            reference_handles.append(watch.time(reference))
-        taken = len(step_handles)
-        if min_time_s is None:
-            if taken >= iters:
-                break
-        elif taken >= MIN_TIMED_STEPS and time.perf_counter() - started >= min_time_s:
-            break
-    return watch.resolve(step_handles), watch.resolve(reference_handles)
-
-
-def time_once(fn: Callable[[], Any], device: torch.device) -> float:
-    """Wall time of one call in ms, synchronised on both sides (used for the first call / compile)."""
-    synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    return (time.perf_counter() - t0) * 1000.0
-
-
-# ----------------------------------------------------------------------------------- memory
-
-
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    # Linux: writing 5 to clear_refs resets the process's peak resident set size (VmHWM).
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def _peak_memory(device: torch.device) -> tuple[int | None, int | None]:
-    """(peak allocated, peak reserved) bytes on a GPU; (process peak resident set, None) on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024, None
-    except OSError:
-        pass
-    try:
-        import resource  # not resettable: the peak of the whole process so far (kB on Linux)
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, None
-    except (ImportError, OSError):
-        return None, None
-
-
-def _current_memory(device: torch.device) -> int | None:
-    """Bytes in use now: allocated by tensors on a GPU, the process's resident set on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-# How an allocation failure reads when it is not torch.OutOfMemoryError: the CPU allocator, a raw CUDA call
-# ("CUDA error: out of memory"), and cuDNN / cuBLAS failing to get their workspace or handle.
-_OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "cudnn_status_alloc_failed",
-                           "cublas_status_alloc_failed")
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """torch.OutOfMemoryError (the CUDA caching allocator), or an allocation failure reported as a plain
-    RuntimeError (see _OUT_OF_MEMORY_MESSAGES)."""
-    if isinstance(err, torch.OutOfMemoryError):
-        return True
-    message = str(err).lower()
-    return isinstance(err, RuntimeError) and any(text in message for text in _OUT_OF_MEMORY_MESSAGES)
-
-
 def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
@@ -566,9 +428,9 @@ def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildM
             return prepare_model(config, build_model, settings.compile_backend, settings.compile_mode)
 
         model = models.get(config, build) if models is not None else build()
-        _free_memory(device)
-        _reset_peak_memory(device)
-        start_memory = _current_memory(device)
+        free_memory(device)
+        reset_peak_memory(device)
+        start_memory = current_memory(device)
         x = make_input(config)
         with torch.inference_mode(), row_autocast(config):
             def step() -> Any:
@@ -577,7 +439,7 @@ def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildM
             first_call_ms = time_once(step, device)
             steps_ms, reference_ms = time_steps(step, device, warmup=settings.warmup, iters=settings.iters,
                                                 min_time_s=settings.min_time_s, reference=reference)
-        peak, reserved = _peak_memory(device)
+        peak, reserved = peak_memory(device)
         stats = LatencyStats.from_steps(steps_ms)
         result = BenchResult(
             config=config, status="ok", throughput=config.batch_size * 1000.0 / stats.median,
@@ -600,7 +462,7 @@ def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildM
         return BenchResult(config=config, status=status, error=_one_line(err))
     finally:
         del model, x
-        _free_memory(device)
+        free_memory(device)
 
 
 def reference_impl(impl: str) -> str:
@@ -638,7 +500,7 @@ def check_parity(config: BenchConfig, model: nn.Module, x: torch.Tensor, build_m
     except Exception as err:
         return None, f"not checked: the reference failed ({_one_line(err)})"
     finally:
-        _free_memory(device)
+        free_memory(device)
     if got.shape != expected.shape:
         return None, f"not checked: output {list(got.shape)} vs reference {list(expected.shape)}"
     diff = (got - expected).abs().max().item()
@@ -737,7 +599,7 @@ def _try_batch(model: nn.Module, config: BenchConfig) -> str | None:
         return "memory" if is_out_of_memory(err) else _one_line(err)
     finally:
         del x
-        _free_memory(device)
+        free_memory(device)
 
 
 def search_max_batch(config: BenchConfig, limit: int = 4096, build_model: BuildModel | None = None) -> MaxBatch:
@@ -772,7 +634,7 @@ def search_max_batch(config: BenchConfig, limit: int = 4096, build_model: BuildM
         return MaxBatch(good, "memory" if reason == "memory" else f"batch {bad}: {reason}")
     finally:
         del model
-        _free_memory(torch.device(config.device))
+        free_memory(torch.device(config.device))
 
 
 def find_max_batch(config: BenchConfig, limit: int = 4096, build_model: BuildModel | None = None) -> int | None:

@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
-from .bench import BenchConfig, BuildModel, make_input, prepare_model, synchronize
+from .bench import BenchConfig, BuildModel, make_input, prepare_model
 from .devices import autocast
 from .files import replace_atomically
+from .measure import synchronize
 
 # first match wins; matched against the lower-case operator name without the "aten::" prefix
 _CATEGORIES = (
