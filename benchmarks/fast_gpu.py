@@ -63,7 +63,7 @@ def randomised_build(seed: int = 0):
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02 + (1.0 if p.ndim == 1 else 0.0))
-        return IMPLEMENTATIONS[impl](model)
+        return IMPLEMENTATIONS[impl].convert(model)
 
     return build
 

@@ -101,7 +101,7 @@ def candidates(ours: torch.nn.Module, shape: tuple[int, ...], threads: int, fold
     """name -> a callable images (NCHW float32 tensor) -> logits; all carry the same weights, all compute in
     `precision`. `compiler`: torch.compile's backend for the compiled candidates (None: none of them)."""
     dtype = DTYPES[precision]
-    timm_cl = IMPLEMENTATIONS["timm"](ours).to(memory_format=torch.channels_last)
+    timm_cl = IMPLEMENTATIONS["timm"].convert(ours).to(memory_format=torch.channels_last)
     autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if precision != "fp32" else contextlib.nullcontext
     fast = optimize(ours, dtype=dtype)
     compiled = compiler is not None and unavailable_reason(dtype, torch.device("cpu")) is None

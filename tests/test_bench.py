@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from poolformer import bench, envinfo, measure
 from poolformer.errors import ConfigError
-from poolformer.implementations import IMPLEMENTATIONS
+from poolformer.implementations import IMPLEMENTATIONS, Implementation
 from poolformer_cli.app import app
 
 runner = CliRunner()
@@ -57,8 +57,18 @@ class _Failing(nn.Module):
         return self.model(x)
 
 
+class _Wrapping(Implementation):
+    """An implementation that is `wrap(the reference model)`, prepared and described like ours."""
+
+    def __init__(self, wrap):
+        self.wrap = wrap
+
+    def convert(self, model):
+        return self.wrap(model)
+
+
 def _register(monkeypatch, name: str, at_batch: int, error) -> None:
-    monkeypatch.setitem(IMPLEMENTATIONS, name, lambda model: _Failing(model, at_batch, error))
+    monkeypatch.setitem(IMPLEMENTATIONS, name, _Wrapping(lambda model: _Failing(model, at_batch, error)))
 
 
 def _oom() -> Exception:
@@ -126,7 +136,7 @@ def _register_recording(monkeypatch, describe) -> list:
             seen.append(describe(self.model, x))
             return self.model(x)
 
-    monkeypatch.setitem(IMPLEMENTATIONS, "recording", Recording)
+    monkeypatch.setitem(IMPLEMENTATIONS, "recording", _Wrapping(Recording))
     return seen
 
 
@@ -187,7 +197,7 @@ def test_an_oom_row_leaves_no_model_behind(monkeypatch):
         built.append(weakref.ref(failing))
         return failing
 
-    monkeypatch.setitem(IMPLEMENTATIONS, "tracked", tracked)
+    monkeypatch.setitem(IMPLEMENTATIONS, "tracked", _Wrapping(tracked))
     models = bench.ModelCache()
     settings = bench.BenchSettings(warmup=0, iters=1, parity=False)
     ok = list(bench.run_benchmark(bench.expand_configs(["s12"], ["tracked"], "cpu", [2], [64], ["fp32"], False, False),
@@ -253,7 +263,7 @@ def test_a_sweep_builds_each_model_once_per_batch_size_sweep(monkeypatch):
         builds.append(model.spec.name)
         return model
 
-    monkeypatch.setitem(IMPLEMENTATIONS, "counting", counting)
+    monkeypatch.setitem(IMPLEMENTATIONS, "counting", _Wrapping(counting))
     settings = bench.BenchSettings(warmup=0, iters=1)
     configs = bench.expand_configs(["s12"], ["counting"], "cpu", [1, 2, 1], [64], ["fp32", "bf16"], False, False)
     results = list(bench.run_benchmark(configs, settings))
@@ -549,7 +559,7 @@ def test_bad_input_is_one_line_exit_2(args, message):
 
 
 def test_new_implementations_are_accepted_without_code_changes(monkeypatch):
-    monkeypatch.setitem(IMPLEMENTATIONS, "mine", lambda model: model)
+    monkeypatch.setitem(IMPLEMENTATIONS, "mine", Implementation())  # one class (here ours) and one entry
     result = _run([*FAST, "--impl", "mine", "--batch-sizes", "1", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["results"][0]["impl"] == "mine"
