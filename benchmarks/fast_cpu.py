@@ -44,8 +44,8 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def candidates(model_name: str) -> dict[str, tuple[torch.nn.Module, str]]:
     """name -> (module, input memory format); all carry the same weights."""
     ours = randomize_(create_model(model_name))
-    timm_nchw = IMPLEMENTATIONS["timm"](ours)
-    timm_cl = IMPLEMENTATIONS["timm"](ours).to(memory_format=torch.channels_last)
+    timm_nchw = IMPLEMENTATIONS["timm"].convert(ours)
+    timm_cl = IMPLEMENTATIONS["timm"].convert(ours).to(memory_format=torch.channels_last)
     return {
         "ours": (ours, "nchw"),
         "timm_nchw": (timm_nchw, "nchw"),

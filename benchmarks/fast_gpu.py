@@ -68,7 +68,7 @@ def randomised_build(seed: int = 0, tiles: TileChooser | None = None):
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02 + (1.0 if p.ndim == 1 else 0.0))
         if impl == "fast":
             return optimize(model, tiles=tiles)
-        return IMPLEMENTATIONS[impl](model)
+        return IMPLEMENTATIONS[impl].convert(model)
 
     return build
 

@@ -192,7 +192,9 @@ def section_oom(plan: Plan, work: Path) -> dict:
     build = None
     if not plan.device.startswith("cuda"):
         def build(name, impl, **kwargs):
-            return _SimulatedOom() if name == huge.model else IMPLEMENTATIONS[impl](create_model(name, **kwargs))
+            if name == huge.model:
+                return _SimulatedOom()
+            return IMPLEMENTATIONS[impl].convert(create_model(name, **kwargs))
 
     def allocated() -> int | None:
         return torch.cuda.memory_allocated() if plan.device.startswith("cuda") else None
@@ -452,7 +454,7 @@ def section_regression(plan: Plan, work: Path) -> dict:
     size = _calibrate(config, baseline.latency_ms.median)
 
     def slower(name, impl, **kwargs):
-        return _Slower(IMPLEMENTATIONS[impl](create_model(name, **kwargs)), size)
+        return _Slower(IMPLEMENTATIONS[impl].convert(create_model(name, **kwargs)), size)
 
     def fires(build) -> tuple[bool, float]:
         row = next(bench.run_benchmark([config], settings, build)).to_row()

@@ -12,7 +12,7 @@ The story: with OpenVINO as the fast path's default CPU backend, the test suite'
   process: the kernel cannot write the signal frame and raises SIGSEGV (si_code SI_KERNEL), at whatever
   system call the thread was in. Examples are SIGCHLD with a DataLoader's handler installed, or Ctrl-C. In
   the suite it was SIGCHLD while inductor read `g++ --version`. Freed the other way round, nothing happens.
-  poolformer's runners now share one Core per process (`poolformer.runtimes.runners.openvino_core`).
+  poolformer's runners now share one Core per process (`poolformer.runtimes.sessions.openvino_core`).
 - **Not the cause: the heap.** An earlier version of this script ran OpenVINO under glibc's checking
   allocator (LD_PRELOAD=libc_malloc_debug.so.0, MALLOC_CHECK_=3). 3-9 processes in 12 were stopped with
   `free(): invalid next size (fast)` in hwloc's topology data, and that was taken for the suite's crash. It is
@@ -68,7 +68,7 @@ def make():
     return core
 """
 _RUNNERS = """
-from poolformer.runtimes.runners import make_runner
+from poolformer.runtimes.sessions import make_runner
 def make():
     return make_runner("openvino", sys.argv[1], threads=1)
 """
@@ -145,7 +145,7 @@ def export_model(path: Path, resolution: int) -> None:
     import torch
 
     from poolformer import create_model
-    from poolformer.runtimes.export_forms import FoldedExport
+    from poolformer.fast.folded_export import FoldedExport
     from poolformer.runtimes.exporting import export_onnx
 
     torch.manual_seed(0)

@@ -39,7 +39,7 @@ from poolformer.capabilities import cpu_capabilities
 from poolformer.fast import fold
 from poolformer.fast.openvino_graph import build_model
 from poolformer.runtimes.exporting import openvino_converter
-from poolformer.runtimes.runners import openvino_core
+from poolformer.runtimes.sessions import openvino_core
 
 sys.path.insert(0, str(Path(__file__).parent))
 from runtimes_cpu import (  # noqa: E402  (shared with the throughput benchmark)

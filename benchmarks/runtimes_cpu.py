@@ -10,7 +10,7 @@ node and folds the affines and LayerScale into the convolutions by itself. `fast
 installed, built from OpenVINO's operators: poolformer.fast.openvino_graph); its other backends run as
 `fast (NAME)`, among them `fast (inductor)`, the folded graph compiled by torch.compile with freezing (what
 `bench --impl fast --compile` runs), and `fast (openvino, ONNX export)` is the same folded algebra exported to
-ONNX (poolformer.runtimes.export_forms.FoldedExport) and read by OpenVINO, what the openvino backend ran before
+ONNX (poolformer.fast.folded_export.FoldedExport) and read by OpenVINO, what the openvino-folded backend ran before
 it built its own graph. `timm compiled` is timm's model,
 channels-last, under torch.compile with inductor's freezing (weights as constants: oneDNN packs them once, as
 PyTorch advises for CPU inference); compilation happens in the first, untimed round. All use the same number of threads
@@ -63,12 +63,14 @@ from poolformer.capabilities import cpu_capabilities
 from poolformer.fast import fold, optimize
 from poolformer.fast.compiled import Frozen, unavailable_reason
 from poolformer.fast.cpu import ONEDNN_ACTIVATIONS, mlp_rows_per_pass
+from poolformer.fast.folded_export import FoldedExport
 from poolformer.fast.folding import FoldedModel, Plan
-from poolformer.fast.runtime import runs as runtime_runs
+from poolformer.fast.runtime_backends import BACKEND_NAMES
+from poolformer.fast.runtime_backends import runs as runtime_runs
 from poolformer.implementations import IMPLEMENTATIONS
-from poolformer.runtimes.export_forms import FoldedExport, portable_form
+from poolformer.runtimes.export_forms import portable_form
 from poolformer.runtimes.exporting import export_onnx, openvino_converter
-from poolformer.runtimes.runners import OnnxRuntimeRunner, OpenVinoRunner, RuntimeModule
+from poolformer.runtimes.sessions import OnnxRuntimeRunner, OpenVinoRunner, RuntimeModule
 from poolformer_cli.common import write_atomic
 
 RESULTS = Path(__file__).parent / "results"
@@ -99,7 +101,7 @@ def candidates(ours: torch.nn.Module, shape: tuple[int, ...], threads: int, fold
     """name -> a callable images (NCHW float32 tensor) -> logits; all carry the same weights, all compute in
     `precision`. `compiler`: torch.compile's backend for the compiled candidates (None: none of them)."""
     dtype = DTYPES[precision]
-    timm_cl = IMPLEMENTATIONS["timm"](ours).to(memory_format=torch.channels_last)
+    timm_cl = IMPLEMENTATIONS["timm"].convert(ours).to(memory_format=torch.channels_last)
     autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if precision != "fp32" else contextlib.nullcontext
     fast = optimize(ours, dtype=dtype)
     compiled = compiler is not None and unavailable_reason(dtype, torch.device("cpu")) is None
@@ -116,8 +118,8 @@ def candidates(ours: torch.nn.Module, shape: tuple[int, ...], threads: int, fold
     if compiled:
         table["fast (inductor)"] = optimize(ours, dtype=dtype).compile_with(compiler=compiler)
     for runtime in ("onnxruntime", "openvino"):
-        if runtime_runs(runtime, dtype, torch.device("cpu")) and fast.backend_for() != runtime:
-            table[f"fast ({runtime})"] = optimize(ours, dtype=dtype, backend=runtime)
+        if runtime_runs(runtime, dtype, torch.device("cpu")) and fast.backend_for() != BACKEND_NAMES[runtime]:
+            table[f"fast ({runtime})"] = optimize(ours, dtype=dtype, backend=BACKEND_NAMES[runtime])
     if runtime_runs("openvino", dtype, torch.device("cpu")):  # the builder's gain over exporting the same algebra
         folded_export = FoldedExport(ours)
         table[FOLDED_ONNX] = RuntimeModule("openvino", export=lambda path, size: export_onnx(folded_export, path, size),

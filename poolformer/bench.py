@@ -3,11 +3,11 @@
 How a configuration (model, implementation, device, batch size, resolution, precision, memory format,
 compile) is measured, in order:
 
-1. build the model (random weights: speed does not depend on the values), move it to the device, convert it
-   to channels_last if asked, wrap it in torch.compile if asked (`--impl fast` compiles its folded graph
-   instead: the fast path's "inductor" backend, CPU only);
+1. build the model (random weights: speed does not depend on the values) and have its implementation prepare it
+   (poolformer.implementations): on the device, channels_last, cast or compiled if asked (`--impl fast`
+   compiles its folded graph: the fast path's "inductor" backend, CPU only);
 2. reset the peak-memory counters (CUDA allocator peaks; on CPU the process's peak resident set via
-   /proc/self/clear_refs);
+   /proc/self/clear_refs; poolformer.measure times and counts);
 3. time the first call on its own (with compile, this is the compile time) - it is never mixed into the
    steady-state numbers;
 4. run `warmup` untimed steps;
@@ -15,7 +15,8 @@ compile) is measured, in order:
    the timer does not stall the queue), time.perf_counter on the CPU - for `iters` steps or until
    `min_time_s` has passed;
 6. report the median, 90th percentile and inter-quartile range of the per-step latencies, throughput =
-   batch_size / median latency, and flag the measurement as noisy when IQR / median exceeds a threshold.
+   batch_size / median latency, and flag the measurement as noisy when IQR / median exceeds a threshold, with
+   what the implementation says ran (the fast path's backend);
 
 7. check parity, untimed: the row's logits on its input against the fp32 eager reference with the same weights
    (every model is built after seeding, so ours, fast, compiled and runtime rows share weights); a row whose
@@ -33,11 +34,8 @@ the machine's speed at that moment (see BenchResult.relative_throughput and pool
 from __future__ import annotations
 
 import contextlib
-import gc
 import statistics
-import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -46,9 +44,12 @@ from torch import nn
 from .devices import PRECISIONS, autocast
 from .devices import resolve_device as resolve_any_device
 from .errors import ConfigError
+from .implementations import Description, Target, implementation_for, is_exported_file, resolution_kwargs
+from .measure import (
+    current_memory, free_memory, is_out_of_memory, peak_memory, reset_peak_memory, synchronize, time_once, time_steps,
+)
 
 STATUSES = ("ok", "mismatch", "oom", "error")
-MIN_TIMED_STEPS = 5  # a distribution needs a few points even when --min-time is tiny
 
 BuildModel = Callable[..., nn.Module]  # (name, impl, **create_kwargs) -> nn.Module, like implementations.build
 
@@ -148,7 +149,7 @@ class BenchResult:
     fp32_throughput: float | None = None  # emulated precision: a short fp32 run of the same configuration
     parity: Parity | None = None  # the row's logits against the fp32 reference (None: not checked, see note)
     parity_note: str | None = None
-    backend: str | None = None  # --impl fast: the kernels the forward ran (triton, openvino, onnxruntime, onednn, portable)
+    backend: str | None = None  # --impl fast: the kernels the forward ran (triton, openvino-folded, onednn, ...)
     backend_note: str | None = None  # --impl fast: why it did not run its Triton kernels on a GPU
     bytes_per_image: float | None = None  # --impl fast on Triton: bytes its kernels move per image (roofline)
     compile_mode: str | None = None  # torch.compile's mode of a compiled row ("default" when none was given)
@@ -254,143 +255,6 @@ def check_settings(settings: BenchSettings) -> None:
         raise ConfigError(f"unknown --compile-mode {settings.compile_mode!r}; choose from: {', '.join(COMPILE_MODES)}")
 
 
-# ----------------------------------------------------------------------------------- timing
-
-
-class _Stopwatch:
-    """Times calls on one device. CPU: perf_counter now. CUDA: a pair of events per call, read in `resolve`
-    after a single synchronisation, so that timing does not insert a sync between steps. The events go on
-    the current stream of the measured device (the one its kernels run on), which is not the current
-    device's when measuring cuda:1 from a process whose current device is cuda:0."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda = device.type == "cuda"
-
-    def time(self, fn: Callable[[], Any]) -> Any:
-        if self.cuda:
-            stream = torch.cuda.current_stream(self.device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            fn()
-            end.record(stream)
-            return start, end
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1000.0
-
-    def resolve(self, handles: list[Any]) -> list[float]:
-        if not self.cuda:
-            return list(handles)
-        torch.cuda.synchronize(self.device)
-        return [start.elapsed_time(end) for start, end in handles]
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_steps(step: Callable[[], Any], device: torch.device, *, warmup: int, iters: int,
-               min_time_s: float | None = None, reference: Callable[[], Any] | None = None
-               ) -> tuple[list[float], list[float]]:
-    """Per-step latencies (ms) of `step` after `warmup` untimed steps, and of `reference` when given (run
-    right after each model step, so both see the same machine state). Runs `iters` steps, or with
-    min_time_s until that much wall time has passed and at least MIN_TIMED_STEPS were taken."""
-    for _ in range(warmup):
-        step()
-        if reference is not None:
-            reference()
-    synchronize(device)
-    watch = _Stopwatch(device)
-    step_handles, reference_handles = [], []
-    started = time.perf_counter()
-    while True:
-        step_handles.append(watch.time(step))
-        if reference is not None:
-            reference_handles.append(watch.time(reference))
-        taken = len(step_handles)
-        if min_time_s is None:
-            if taken >= iters:
-                break
-        elif taken >= MIN_TIMED_STEPS and time.perf_counter() - started >= min_time_s:
-            break
-    return watch.resolve(step_handles), watch.resolve(reference_handles)
-
-
-def time_once(fn: Callable[[], Any], device: torch.device) -> float:
-    """Wall time of one call in ms, synchronised on both sides (used for the first call / compile)."""
-    synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    return (time.perf_counter() - t0) * 1000.0
-
-
-# ----------------------------------------------------------------------------------- memory
-
-
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    # Linux: writing 5 to clear_refs resets the process's peak resident set size (VmHWM).
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def _peak_memory(device: torch.device) -> tuple[int | None, int | None]:
-    """(peak allocated, peak reserved) bytes on a GPU; (process peak resident set, None) on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024, None
-    except OSError:
-        pass
-    try:
-        import resource  # not resettable: the peak of the whole process so far (kB on Linux)
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, None
-    except (ImportError, OSError):
-        return None, None
-
-
-def _current_memory(device: torch.device) -> int | None:
-    """Bytes in use now: allocated by tensors on a GPU, the process's resident set on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-# How an allocation failure reads when it is not torch.OutOfMemoryError: the CPU allocator, a raw CUDA call
-# ("CUDA error: out of memory"), and cuDNN / cuBLAS failing to get their workspace or handle.
-_OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "cudnn_status_alloc_failed",
-                           "cublas_status_alloc_failed")
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """torch.OutOfMemoryError (the CUDA caching allocator), or an allocation failure reported as a plain
-    RuntimeError (see _OUT_OF_MEMORY_MESSAGES)."""
-    if isinstance(err, torch.OutOfMemoryError):
-        return True
-    message = str(err).lower()
-    return isinstance(err, RuntimeError) and any(text in message for text in _OUT_OF_MEMORY_MESSAGES)
-
-
 def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
@@ -406,81 +270,47 @@ def _default_build() -> BuildModel:
 
 
 def _build_kwargs(config: BenchConfig) -> dict[str, Any]:
-    """Models with token-count dependent parts (random / spatial-FC mixers, position embeddings) are sized
-    for the input resolution; v1/v2 models work at any resolution and are built as published."""
-    from .peers import is_peer
-    from .zoo import get_spec
-
-    if is_peer(config.model):  # timm sizes fixed-grid models (ViT, Swin, Mixer) by img_size
-        return {"img_size": config.resolution}
+    """The model sized for the row's resolution (see implementations.resolution_kwargs), with its weights."""
     weights = {"weights": config.weights} if config.weights is not None else {}
-    return weights if get_spec(config.model).family in ("v1", "v2") else {"img_size": config.resolution, **weights}
+    return {**resolution_kwargs(config.model, config.resolution), **weights}
 
 
-def cast_dtype(config: BenchConfig) -> torch.dtype | None:
-    """The dtype weights and input are converted to (config.cast in bf16/fp16), or None: fp32 or autocast."""
-    return PRECISIONS[config.precision] if config.cast else None
+def target(config: BenchConfig, compile_backend: str = "inductor", compile_mode: str | None = None) -> Target:
+    """What the row's model is prepared for (see Implementation.prepare)."""
+    return Target(config.device, config.precision, config.cast, config.channels_last, config.compile, compile_mode,
+                  compile_backend, config.batch_size, config.resolution)
 
 
 def prepare_model(config: BenchConfig, build_model: BuildModel | None = None,
                   compile_backend: str = "inductor", compile_mode: str | None = None) -> nn.Module:
-    """The model for `config` on its device, in eval mode, channels_last, cast and compiled as asked (the fast
-    path by compiling its folded graph, see FastPoolFormer.compile_with).
-    cast: the weights are converted to bf16/fp16 and run without autocast (timm's `--model-dtype`; GroupNorm
-    then runs in bf16 too, which autocast would keep in fp32); the fast path runs that dtype throughout."""
+    """The model for `config` (built after seeding with BUILD_SEED) prepared by its implementation: on its
+    device, in eval mode, channels_last, cast and compiled as asked. cast: the weights are converted to bf16/fp16
+    and run without autocast (timm's `--model-dtype`)."""
     build_model = build_model or _default_build()
+    implementation = implementation_for(config.model, config.impl, config.weights)
     torch.manual_seed(BUILD_SEED)
-    model = build_model(config.model, config.impl, **_build_kwargs(config)).eval().to(config.device)
-    dtype = cast_dtype(config)
-    if dtype is not None:
-        from .fast import FastPoolFormer
+    model = build_model(config.model, config.impl, **_build_kwargs(config))
+    return implementation.prepare(model, target(config, compile_backend, compile_mode))
 
-        if isinstance(model, FastPoolFormer):
-            model.dtype = dtype
-        else:
-            model = model.to(dtype)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if config.compile:
-        # Each compiled row is a new model, and dynamo keeps compiling the same forward for new instances only up
-        # to its recompile limit (8), then silently runs them eagerly; the previous row's graphs are done with.
-        torch._dynamo.reset()
-        from .fast import FastPoolFormer
 
-        if isinstance(model, FastPoolFormer):  # its folded graph is what compiles (backend "inductor")
-            return model.compile_with(compile_mode, compile_backend)
-        if torch.device(config.device).type == "cpu":  # weights as constants: oneDNN packs them once
-            from .fast.compiled import Frozen
-
-            return Frozen(model, compile_mode, compile_backend)
-        model = torch.compile(model, backend=compile_backend, mode=compile_mode)
-    return model
+def describe(config: BenchConfig, model: nn.Module, compile_backend: str = "inductor",
+             compile_mode: str | None = None) -> Description:
+    """What ran the row's prepared `model` (the fast path's backend, the bytes its kernels move, compile mode)."""
+    row_target = target(config, compile_backend, compile_mode)
+    return implementation_for(config.model, config.impl, config.weights).describe(model, row_target)
 
 
 def make_input(config: BenchConfig) -> torch.Tensor:
     """A random image batch [batch_size, 3, resolution, resolution] on the config's device and memory format
     (in the cast dtype with config.cast)."""
     x = torch.randn(config.batch_size, 3, config.resolution, config.resolution, device=config.device)
-    dtype = cast_dtype(config)
-    x = x if dtype is None else x.to(dtype)
+    x = x if not config.cast else x.to(PRECISIONS[config.precision])
     return x.contiguous(memory_format=torch.channels_last) if config.channels_last else x
 
 
 def row_autocast(config: BenchConfig) -> contextlib.AbstractContextManager:
     """Autocast in the row's precision, unless the model was cast to it."""
     return contextlib.nullcontext() if config.cast else autocast(config.device, config.precision)
-
-
-def _fast_details(model: nn.Module, config: BenchConfig) -> tuple[str | None, str | None, float | None]:
-    """(backend, backend note, bytes per image) of an `optimize`d model for this row; Nones otherwise."""
-    from .fast import FastPoolFormer
-
-    if not isinstance(model, FastPoolFormer):
-        return None, None, None
-    dtype = PRECISIONS[config.precision] or model.dtype
-    backend, note = model.backend_for(dtype, config.device), model.backend_note(dtype, config.device)
-    traffic = model.bytes_per_image(config.batch_size, config.resolution, config.resolution, dtype, config.device)
-    return backend, note, traffic
 
 
 class _ReferenceBlock(nn.Module):
@@ -566,9 +396,9 @@ def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildM
             return prepare_model(config, build_model, settings.compile_backend, settings.compile_mode)
 
         model = models.get(config, build) if models is not None else build()
-        _free_memory(device)
-        _reset_peak_memory(device)
-        start_memory = _current_memory(device)
+        free_memory(device)
+        reset_peak_memory(device)
+        start_memory = current_memory(device)
         x = make_input(config)
         with torch.inference_mode(), row_autocast(config):
             def step() -> Any:
@@ -577,7 +407,7 @@ def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildM
             first_call_ms = time_once(step, device)
             steps_ms, reference_ms = time_steps(step, device, warmup=settings.warmup, iters=settings.iters,
                                                 min_time_s=settings.min_time_s, reference=reference)
-        peak, reserved = _peak_memory(device)
+        peak, reserved = peak_memory(device)
         stats = LatencyStats.from_steps(steps_ms)
         result = BenchResult(
             config=config, status="ok", throughput=config.batch_size * 1000.0 / stats.median,
@@ -586,8 +416,9 @@ def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildM
             noisy=stats.iqr > settings.noisy_iqr_ratio * stats.median,
             reference_ms=statistics.median(reference_ms) if reference_ms else None,
             reference_steps_ms=reference_ms)
-        result.backend, result.backend_note, result.bytes_per_image = _fast_details(model, config)
-        result.compile_mode = (settings.compile_mode or "default") if config.compile else None
+        described = describe(config, model, settings.compile_backend, settings.compile_mode)
+        result.backend, result.backend_note = described.backend, described.backend_note
+        result.bytes_per_image, result.compile_mode = described.bytes_per_image, described.compile_mode
         if settings.parity:
             result.parity, result.parity_note = check_parity(config, model, x, build_model, settings)
             if result.parity is not None and not result.parity.ok:
@@ -600,13 +431,7 @@ def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildM
         return BenchResult(config=config, status=status, error=_one_line(err))
     finally:
         del model, x
-        _free_memory(device)
-
-
-def reference_impl(impl: str) -> str:
-    """The fp32 eager model a row is checked against: timm's own for timm (its v1 head differs from the
-    original by design), ours for every other implementation."""
-    return "timm" if impl == "timm" else "ours"
+        free_memory(device)
 
 
 def check_parity(config: BenchConfig, model: nn.Module, x: torch.Tensor, build_model: BuildModel | None,
@@ -614,12 +439,11 @@ def check_parity(config: BenchConfig, model: nn.Module, x: torch.Tensor, build_m
     """Run the row's model once more on its input (untimed) and the fp32 reference on the first PARITY_SAMPLES
     images; (Parity, None), or (None, why not) where no reference can be had (an exported file, a reference
     that does not fit in memory, a model that cannot be rebuilt)."""
-    from .implementations import is_exported_file
-
     if is_exported_file(config.weights):
         return None, "no reference: the weights are inside the exported file"
     device = torch.device(config.device)
-    reference_name = reference_impl(config.impl)
+    reference_name = implementation_for(config.model, config.impl, config.weights).reference
+    reference_implementation = implementation_for(config.model, reference_name, config.weights)
     samples = min(PARITY_SAMPLES, config.batch_size)
     same_model = reference_name == config.impl and not config.compile and config.precision == "fp32"
     try:
@@ -632,13 +456,14 @@ def check_parity(config: BenchConfig, model: nn.Module, x: torch.Tensor, build_m
             else:
                 torch.manual_seed(BUILD_SEED)
                 build = build_model or _default_build()
-                reference = build(config.model, reference_name, **_build_kwargs(config)).eval().to(device)
+                reference = build(config.model, reference_name, **_build_kwargs(config))
+                reference = reference_implementation.prepare(reference, Target(config.device))
                 expected = reference(images).float()
                 del reference
     except Exception as err:
         return None, f"not checked: the reference failed ({_one_line(err)})"
     finally:
-        _free_memory(device)
+        free_memory(device)
     if got.shape != expected.shape:
         return None, f"not checked: output {list(got.shape)} vs reference {list(expected.shape)}"
     diff = (got - expected).abs().max().item()
@@ -737,7 +562,7 @@ def _try_batch(model: nn.Module, config: BenchConfig) -> str | None:
         return "memory" if is_out_of_memory(err) else _one_line(err)
     finally:
         del x
-        _free_memory(device)
+        free_memory(device)
 
 
 def search_max_batch(config: BenchConfig, limit: int = 4096, build_model: BuildModel | None = None) -> MaxBatch:
@@ -772,7 +597,7 @@ def search_max_batch(config: BenchConfig, limit: int = 4096, build_model: BuildM
         return MaxBatch(good, "memory" if reason == "memory" else f"batch {bad}: {reason}")
     finally:
         del model
-        _free_memory(torch.device(config.device))
+        free_memory(torch.device(config.device))
 
 
 def find_max_batch(config: BenchConfig, limit: int = 4096, build_model: BuildModel | None = None) -> int | None:

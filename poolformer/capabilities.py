@@ -134,12 +134,21 @@ def precision_note(caps: CpuCapabilities, precision: str) -> str | None:
             "but many times slower than fp32")
 
 
+def cpu_model() -> str | None:
+    """The CPU's marketing name from /proc/cpuinfo (Linux), else platform.processor()."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_capabilities() -> CpuCapabilities:
     """This machine's capabilities (read once per process)."""
     import torch
-
-    from .envinfo import cpu_model
 
     onednn = bool(torch.backends.mkldnn.is_available())
     return CpuCapabilities(

@@ -35,17 +35,6 @@ _THROTTLE_REASONS = {
 }
 
 
-def cpu_model() -> str | None:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), else platform.processor()."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
 @lru_cache(maxsize=1)
 def git_commit() -> str | None:
     """The commit of the checkout poolformer runs from ('+dirty' when files differ), or None if not a checkout.
@@ -77,6 +66,7 @@ def environment(device: str) -> dict[str, Any]:
     import torch
 
     from . import __version__
+    from .capabilities import cpu_capabilities, cpu_model
 
     env: dict[str, Any] = {
         "poolformer": __version__,
@@ -99,8 +89,6 @@ def environment(device: str) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
     }
-    from .capabilities import cpu_capabilities
-
     env["cpu"] = cpu_capabilities().to_dict()  # instruction sets and native bf16/fp16: they decide CPU speed
     if device.startswith("cuda"):
         index = torch.device(device).index or 0

@@ -21,6 +21,7 @@ import torch
 from .data import DEFAULT_MAX_PIXELS, ClassFolders, ImageDataset, Preprocess, spread_subset
 from .devices import PRECISIONS, autocast
 from .errors import ConfigError
+from .implementations import Target
 from .predict import Classifier
 
 TOP_K = 5
@@ -210,10 +211,10 @@ def evaluate(
     samples = spread_subset(dataset.samples, limit)
     shard = list(range(procs.rank, len(samples), procs.world_size))
     data = ImageDataset([samples[i] for i in shard], Preprocess.for_spec(classifier.spec), max_pixels)
-    device, model = classifier.device, classifier.module
+    device = classifier.device
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = classifier.implementation.prepare(classifier.module, Target(str(device), precision,
+                                                                        channels_last=channels_last))
     k = min(TOP_K, classifier.num_classes)
 
     done = scored = correct1 = correct5 = 0

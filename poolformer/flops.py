@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import ConfigError
-from .model import STEM_STRIDE, create_model, stage_side
+from .model import STEM_STRIDE, stage_side
 from .zoo import get_spec
 
 MIN_RESOLUTION = STEM_STRIDE * 2**3  # four downsamplings: strides 4, 8, 16, 32
@@ -580,20 +580,13 @@ def check_resolution(resolution: int) -> None:
 
 
 def model_for_resolution(name: str, resolution: int, device: str | torch.device = "cpu") -> nn.Module:
-    """Build a zoo model for square inputs of `resolution`. Mixers with a fixed token count (random
-    matrix, spatial FC) are built for that resolution; everything else is resolution independent."""
+    """Build a zoo model (or a peer) for square inputs of `resolution`: parts with a fixed token count are sized
+    for it, everything else is resolution independent (see implementations.resolution_kwargs)."""
     check_resolution(resolution)
-    from .peers import create_peer, is_peer
+    from .implementations import build, resolution_kwargs
 
-    if is_peer(name):
-        with torch.device(device):
-            return create_peer(name, img_size=resolution)
-    spec = get_spec(name)
-    overrides = {}
-    if {"random", "spatial_fc"} & set(spec.arch.token_mixers):
-        overrides["img_size"] = resolution
     with torch.device(device):
-        return create_model(spec.name, **overrides)
+        return build(name, **resolution_kwargs(name, resolution))
 
 
 def first_stage_tokens(resolution: int) -> int:
@@ -657,7 +650,7 @@ def analyse(name: str, resolution: int | None = None, batch_size: int = 1, impl:
 
         if impl not in IMPLEMENTATIONS:
             raise ConfigError(f"unknown implementation {impl!r}; choose from: {', '.join(IMPLEMENTATIONS)}")
-        twin = IMPLEMENTATIONS[impl](model)
+        twin = IMPLEMENTATIONS[impl].convert(model)
         twin.spec = model.spec
         model = twin
     report = count_all(model, resolution, batch_size, name=spec.name)

@@ -110,6 +110,13 @@ class Pooling(nn.Module):
         return self.pool(x) - x
 
 
+def window_counts(length: int, radius: int) -> torch.Tensor:
+    """[length] float64: how many positions of a (2 radius + 1) window lie inside the axis, the divisor of
+    `Pooling`'s average along it (padding is not counted)."""
+    index = torch.arange(length)
+    return ((index + radius).clamp(max=length - 1) - (index - radius).clamp(min=0) + 1).double()
+
+
 class DepthwiseConvMixer(nn.Module):
     """Ablation mixer: a 3x3 depthwise convolution with bias. Input/output: [B, C, H, W]."""
 

@@ -19,6 +19,7 @@ from torch import nn
 from .data import DEFAULT_MAX_PIXELS, Preprocess, images_in, load_batch
 from .devices import PRECISIONS, autocast, resolve_device
 from .errors import ConfigError
+from .implementations import Description, Implementation, Target, implementation_for, is_exported_file
 from .labels import class_names
 from .zoo import ModelSpec, get_spec
 
@@ -38,13 +39,17 @@ class Classifier:
     labels: list[str]
     device: torch.device
     weights: str  # the checkpoint path, or "pretrained"
+    implementation: Implementation  # what built the module; prepares it further (evaluate) and describes it
+
+    def describe(self, precision: str) -> Description:
+        """What runs a forward in `precision` (autocast) here: the fast path's backend and why it passed over
+        its Triton kernels, an exported file's fixed input size (see Implementation.describe)."""
+        return self.implementation.describe(self.module, Target(str(self.device), precision))
 
 
 def checkpoint_num_classes(path: str | os.PathLike) -> int:
     """The class count a checkpoint's classifier was trained for (1000 for ImageNet weights); for an exported
     .onnx or OpenVINO IR .xml file, its logits' width."""
-    from .implementations import is_exported_file
-
     if is_exported_file(path):
         return exported_num_classes(path)
     from .weights import read_checkpoint
@@ -68,7 +73,7 @@ def exported_num_classes(path: str | os.PathLike) -> int:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     if path.lower().endswith(".xml"):
-        from .runtimes.runners import ir_signature
+        from .runtimes.sessions import ir_signature
 
         return ir_signature(path).num_classes
     try:
@@ -118,23 +123,22 @@ def load_classifier(
     The class count follows the checkpoint's classifier, so a fine-tuned 10-class checkpoint just works.
     Refuses (ConfigError) a model without published weights when no checkpoint is given.
     """
-    from .implementations import build
-
     spec = get_spec(model)
     pretrained = uses_published_weights(spec.name, weights=weights, pretrained=pretrained)
     num_classes = trained_num_classes(spec.name, weights=weights, pretrained=pretrained)
-    target = device if isinstance(device, torch.device) else resolve_device(device)
+    where = device if isinstance(device, torch.device) else resolve_device(device)
     labels = class_names(num_classes, labels_file)
-    module = build(spec.name, impl, weights=None if weights is None else str(weights), pretrained=pretrained,
-                   num_classes=num_classes)
-    signature = getattr(module, "signature", None)
-    if signature is not None:  # an exported file fixes the input size; the model name still gives crop, mean, std
-        if signature.height != signature.width:
-            raise ConfigError(f"{weights} takes {signature.height}x{signature.width} inputs; predict and eval "
-                              "preprocess to square crops")
-        spec = dataclasses.replace(spec, input_size=signature.height)
-    return Classifier(module.to(target).eval(), spec, impl, num_classes, labels, target,
-                      str(weights) if weights is not None else "pretrained")
+    weights_file = None if weights is None else str(weights)
+    implementation = implementation_for(spec.name, impl, weights_file)
+    module = implementation.build(spec.name, weights=weights_file, pretrained=pretrained, num_classes=num_classes)
+    module = implementation.prepare(module, Target(str(where)))
+    size = implementation.describe(module, Target(str(where))).input_size
+    if size is not None:  # an exported file fixes the input size; the model name still gives crop, mean, std
+        if size[0] != size[1]:
+            raise ConfigError(f"{weights} takes {size[0]}x{size[1]} inputs; predict and eval preprocess to square "
+                              "crops")
+        spec = dataclasses.replace(spec, input_size=size[0])
+    return Classifier(module, spec, impl, num_classes, labels, where, weights_file or "pretrained", implementation)
 
 
 # --- which files -------------------------------------------------------------------------------------

@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
-from .bench import BenchConfig, BuildModel, make_input, prepare_model, synchronize
+from .bench import BenchConfig, BuildModel, describe, make_input, prepare_model
 from .devices import autocast
 from .files import replace_atomically
+from .measure import synchronize
 
 # first match wins; matched against the lower-case operator name without the "aten::" prefix
 _CATEGORIES = (
@@ -181,7 +182,6 @@ def profile_fast_kernels(config: BenchConfig, *, repeats: int = 10,
     first forward untimed). Needs --impl fast running on the Triton backend: a CUDA GPU, or Triton's
     interpreter on CPU tensors (POOLFORMER_TRITON_INTERPRET=1; host clocks then)."""
     from .errors import ConfigError
-    from .fast import FastPoolFormer
     from .fast.roofline import kernel_table, time_kernels
 
     if repeats < 1:
@@ -190,14 +190,13 @@ def profile_fast_kernels(config: BenchConfig, *, repeats: int = 10,
         raise ConfigError(f"--kernels times the fast path's own kernels: use --impl fast, not --impl {config.impl}")
     model = prepare_model(config, build_model)
     x = make_input(config)
-    if not isinstance(model, FastPoolFormer):  # a build_model that gives something else
+    backend = describe(config, model).backend
+    if backend is None:  # a build_model that gives something else
         raise ConfigError("--kernels times the fast path's own kernels, and this model is not the fast path")
+    if backend != "triton":
+        raise ConfigError(f"--kernels needs the fast path's Triton kernels, and {config.precision} on "
+                          f"{config.device} runs the {backend!r} backend (they run on CUDA GPUs, or in "
+                          "Triton's interpreter with POOLFORMER_TRITON_INTERPRET=1)")
     with torch.inference_mode(), autocast(config.device, config.precision):
-        dtype = model.compute_dtype(x)
-        backend = model.backend_for(dtype, x.device)
-        if backend != "triton":
-            raise ConfigError(f"--kernels needs the fast path's Triton kernels, and {config.precision} on "
-                              f"{config.device} runs the {backend!r} backend (they run on CUDA GPUs, or in "
-                              "Triton's interpreter with POOLFORMER_TRITON_INTERPRET=1)")
         times = time_kernels(model, x, repeats=repeats)
     return KernelProfile(config, repeats, times.total_ms, times.host_ahead, kernel_table(times))

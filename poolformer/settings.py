@@ -42,7 +42,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("POOLFORMER_FAST_BACKEND", "choice", "auto",
             "Force the kernels `--impl fast` / `poolformer.optimize` run on, everywhere (tests use it to cover "
             "every path on any host).",
-            ("auto", "triton", "openvino", "onnxruntime", "inductor", "onednn", "portable")),
+            ("auto", "triton", "openvino-folded", "onnxruntime-folded", "inductor", "onednn", "portable")),
     Setting("POOLFORMER_CUDA_GRAPHS", "flag", True,
             "Replay the fast path's forward as CUDA graphs for repeated input shapes (off: for debugging)."),
     Setting("POOLFORMER_TRITON_INTERPRET", "flag", False,

@@ -124,11 +124,8 @@ def print_precision_note(device, precision: str) -> None:
 
 def print_classifier_notes(classifier, precision: str) -> None:
     """The precision note, and for --impl fast on a GPU why it did not run its Triton kernels (one line each)."""
-    from poolformer.devices import PRECISIONS
-
     print_precision_note(classifier.device, precision)
-    backend_note = getattr(classifier.module, "backend_note", None)
-    note = backend_note(PRECISIONS[precision], classifier.device) if backend_note is not None else None
+    note = classifier.describe(precision).backend_note
     if note:
         err_console.print(f"[yellow]note[/] {note}", soft_wrap=True)
 

@@ -58,7 +58,7 @@ def export_command(
         check_writable(output.with_suffix(".bin"), "--output's weights file")
     from poolformer import create_model
     from poolformer.predict import trained_num_classes
-    from poolformer.runtimes.exporting import export_model
+    from poolformer.export import export_model
 
     with user_errors():
         if weights is not None and pretrained:

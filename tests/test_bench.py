@@ -3,6 +3,7 @@
 Measurements use s12 at batch 1-2, 64x64 and a handful of steps; nothing here asserts a wall-clock value.
 Failure modes (out of memory, a crashing model, Ctrl-C) are injected through extra entries in
 poolformer.implementations.IMPLEMENTATIONS, which is how `--impl` finds implementations at run time.
+The step timers and memory counters are poolformer.measure's.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from poolformer import bench, envinfo
+from poolformer import bench, envinfo, measure
 from poolformer.errors import ConfigError
-from poolformer.implementations import IMPLEMENTATIONS
+from poolformer.implementations import IMPLEMENTATIONS, Implementation
 from poolformer_cli.app import app
 
 runner = CliRunner()
@@ -56,8 +57,18 @@ class _Failing(nn.Module):
         return self.model(x)
 
 
+class _Wrapping(Implementation):
+    """An implementation that is `wrap(the reference model)`, prepared and described like ours."""
+
+    def __init__(self, wrap):
+        self.wrap = wrap
+
+    def convert(self, model):
+        return self.wrap(model)
+
+
 def _register(monkeypatch, name: str, at_batch: int, error) -> None:
-    monkeypatch.setitem(IMPLEMENTATIONS, name, lambda model: _Failing(model, at_batch, error))
+    monkeypatch.setitem(IMPLEMENTATIONS, name, _Wrapping(lambda model: _Failing(model, at_batch, error)))
 
 
 def _oom() -> Exception:
@@ -79,7 +90,7 @@ def test_latency_stats_match_numpy():
 def test_time_steps_excludes_warmup_and_keeps_every_step(monkeypatch):
     """A fake clock: the 2 warm-up steps 'take' 1000 ms, the timed ones 5, 6, 7, 8 ms, the reference 2 ms."""
     now = [0.0]
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: now[0])
     step_durations_s = iter([1.0, 1.0, 0.005, 0.006, 0.007, 0.008])  # a 7th call would raise StopIteration
     reference_calls = []
 
@@ -90,7 +101,7 @@ def test_time_steps_excludes_warmup_and_keeps_every_step(monkeypatch):
         reference_calls.append(now[0])
         now[0] += 0.002
 
-    steps_ms, reference_ms = bench.time_steps(step, torch.device("cpu"), warmup=2, iters=4, reference=reference)
+    steps_ms, reference_ms = measure.time_steps(step, torch.device("cpu"), warmup=2, iters=4, reference=reference)
     assert steps_ms == pytest.approx([5.0, 6.0, 7.0, 8.0])
     assert reference_ms == pytest.approx([2.0] * 4)
     assert len(reference_calls) == 6  # interleaved: once after every model step, warm-up included
@@ -98,15 +109,15 @@ def test_time_steps_excludes_warmup_and_keeps_every_step(monkeypatch):
 
 def test_min_time_runs_until_time_passed(monkeypatch):
     now = [0.0]
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: now[0])
 
     def step():
         now[0] += 0.1  # 100 ms per step on the fake clock
 
-    steps_ms, _ = bench.time_steps(step, torch.device("cpu"), warmup=0, iters=1, min_time_s=1.25)
+    steps_ms, _ = measure.time_steps(step, torch.device("cpu"), warmup=0, iters=1, min_time_s=1.25)
     assert len(steps_ms) == 13  # the first step that ends after 1.25 s of stepping is the 13th
-    steps_ms, _ = bench.time_steps(step, torch.device("cpu"), warmup=0, iters=1, min_time_s=0.01)
-    assert len(steps_ms) == bench.MIN_TIMED_STEPS
+    steps_ms, _ = measure.time_steps(step, torch.device("cpu"), warmup=0, iters=1, min_time_s=0.01)
+    assert len(steps_ms) == measure.MIN_TIMED_STEPS
 
 
 # ------------------------------------------------------------------------------------------ the engine
@@ -125,7 +136,7 @@ def _register_recording(monkeypatch, describe) -> list:
             seen.append(describe(self.model, x))
             return self.model(x)
 
-    monkeypatch.setitem(IMPLEMENTATIONS, "recording", Recording)
+    monkeypatch.setitem(IMPLEMENTATIONS, "recording", _Wrapping(Recording))
     return seen
 
 
@@ -186,7 +197,7 @@ def test_an_oom_row_leaves_no_model_behind(monkeypatch):
         built.append(weakref.ref(failing))
         return failing
 
-    monkeypatch.setitem(IMPLEMENTATIONS, "tracked", tracked)
+    monkeypatch.setitem(IMPLEMENTATIONS, "tracked", _Wrapping(tracked))
     models = bench.ModelCache()
     settings = bench.BenchSettings(warmup=0, iters=1, parity=False)
     ok = list(bench.run_benchmark(bench.expand_configs(["s12"], ["tracked"], "cpu", [2], [64], ["fp32"], False, False),
@@ -199,9 +210,9 @@ def test_an_oom_row_leaves_no_model_behind(monkeypatch):
 
 
 def test_cpu_allocator_failure_counts_as_oom_but_other_errors_do_not():
-    assert bench.is_out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: 9 GB"))
-    assert bench.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
-    assert not bench.is_out_of_memory(RuntimeError("shape mismatch"))
+    assert measure.is_out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: 9 GB"))
+    assert measure.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not measure.is_out_of_memory(RuntimeError("shape mismatch"))
 
 
 def test_a_crashing_model_gives_an_error_row(monkeypatch):
@@ -240,7 +251,7 @@ def test_max_batch_search_stops_at_a_kernel_limit_below_memory(monkeypatch):
                                      "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"])
 def test_library_allocation_failures_count_as_out_of_memory(message):
     """cuDNN and cuBLAS report a failed workspace or handle allocation as a RuntimeError, not OutOfMemoryError."""
-    assert bench.is_out_of_memory(RuntimeError(message))
+    assert measure.is_out_of_memory(RuntimeError(message))
 
 
 def test_a_sweep_builds_each_model_once_per_batch_size_sweep(monkeypatch):
@@ -252,7 +263,7 @@ def test_a_sweep_builds_each_model_once_per_batch_size_sweep(monkeypatch):
         builds.append(model.spec.name)
         return model
 
-    monkeypatch.setitem(IMPLEMENTATIONS, "counting", counting)
+    monkeypatch.setitem(IMPLEMENTATIONS, "counting", _Wrapping(counting))
     settings = bench.BenchSettings(warmup=0, iters=1)
     configs = bench.expand_configs(["s12"], ["counting"], "cpu", [1, 2, 1], [64], ["fp32", "bf16"], False, False)
     results = list(bench.run_benchmark(configs, settings))
@@ -293,7 +304,7 @@ def test_cuda_events_go_on_the_measured_devices_stream(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synchronised.append(device))
-    watch = bench._Stopwatch(torch.device("cuda", 1))
+    watch = measure.Stopwatch(torch.device("cuda", 1))
     handles = [watch.time(lambda: None) for _ in range(2)]
     assert watch.resolve(handles) == [2.5, 2.5]
     assert recorded == ["stream of cuda:1"] * 4 and synchronised == [torch.device("cuda", 1)]
@@ -561,7 +572,7 @@ def test_bad_input_is_one_line_exit_2(args, message):
 
 
 def test_new_implementations_are_accepted_without_code_changes(monkeypatch):
-    monkeypatch.setitem(IMPLEMENTATIONS, "mine", lambda model: model)
+    monkeypatch.setitem(IMPLEMENTATIONS, "mine", Implementation())  # one class (here ours) and one entry
     result = _run([*FAST, "--impl", "mine", "--batch-sizes", "1", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["results"][0]["impl"] == "mine"
@@ -712,7 +723,7 @@ def test_cast_fast_rows_run_the_fast_path_in_the_precision():
     result = bench.run_config(config, bench.BenchSettings(warmup=0, iters=1))
     assert result.status == "ok", result.error
     # a bf16 backend (OpenVINO where the CPU has native bf16, else oneDNN or portable), never fp32-only ONNX Runtime
-    assert result.backend == model.backend_for(torch.bfloat16) and result.backend != "onnxruntime"
+    assert result.backend == model.backend_for(torch.bfloat16) and result.backend != "onnxruntime-folded"
 
 
 def test_cast_and_compile_mode_on_the_command_line(tmp_path):

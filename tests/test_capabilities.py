@@ -79,11 +79,11 @@ def test_fast_path_picks_onednn_for_bf16_only_where_onednn_runs_it(fake_cpu, one
     fake_cpu(caps(("avx2",), onednn_bf16=onednn_bf16))
     cpu = torch.device("cpu")
     assert choose_backend("auto", torch.bfloat16, cpu) == expected
-    from poolformer.fast.runtime import available
+    from poolformer.fast.runtime_backends import available
 
     # fp32: the folded graph in OpenVINO, else ONNX Runtime, where installed, else oneDNN (every x86 CPU)
     runtimes = [r for r in ("openvino", "onnxruntime") if available(r)]
-    assert choose_backend("auto", torch.float32, cpu) == (runtimes[0] if runtimes else "onednn")
+    assert choose_backend("auto", torch.float32, cpu) == (f"{runtimes[0]}-folded" if runtimes else "onednn")
     assert choose_backend("onednn", torch.float32, cpu) == "onednn"
     assert choose_backend("auto", torch.float16, cpu) == "portable"
     assert choose_backend("portable", torch.float32, cpu) == "portable"

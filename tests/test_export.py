@@ -1,4 +1,4 @@
-"""`poolformer export` and poolformer.runtimes.exporting: portable forms, parity against ONNX Runtime and OpenVINO,
+"""`poolformer export` and poolformer.export: portable and folded forms, parity against ONNX Runtime and OpenVINO,
 files written only when they match."""
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from poolformer import create_model
-from poolformer.runtimes import exporting
-from poolformer.runtimes.export_forms import FoldedExport, mean_pool, portable_form
-from poolformer.runtimes.exporting import export_model, export_onnx
+from poolformer import export as exporting
+from poolformer.export import export_model
+from poolformer.fast.folded_export import FoldedExport
+from poolformer.runtimes.export_forms import mean_pool, portable_form
+from poolformer.runtimes.exporting import export_onnx
 from poolformer_cli.app import app
 
 from .conftest import assert_one_line_error, randomize_
@@ -103,7 +105,7 @@ def test_openvino_ir_export_writes_the_xml_and_its_weights_and_runs_at_any_batch
     """IR is the graph `--impl fast` runs on a CPU (fast: built from OpenVINO's operators, one MVN per norm) or
     OpenVINO's own conversion; written only after OpenVINO ran it, the weights beside it in float32."""
     pytest.importorskip("openvino")
-    from poolformer.runtimes.runners import RuntimeModule
+    from poolformer.runtimes.sessions import RuntimeModule
 
     path = tmp_path / "out" / "s12.xml"
     report = export_model(s12, path, fmt="openvino", resolution=64, dynamic_batch=True, fast=fast,

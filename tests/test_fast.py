@@ -18,7 +18,7 @@ from poolformer import ConfigError, create_model, list_models, optimize
 from poolformer.capabilities import cpu_capabilities
 from poolformer.fast import fold, pool_minus_identity_weight
 from poolformer.fast import cpu as fast_cpu
-from poolformer.fast import runtime as fast_runtime
+from poolformer.fast import runtime_backends
 from poolformer.fast.cpu import block_forward, head_forward, per_sample_inv_sigma, pool_minus_identity, pool_mix
 from poolformer.implementations import IMPLEMENTATIONS, build
 from poolformer_cli.app import app
@@ -265,15 +265,27 @@ def test_rejects_non_metaformer_and_bad_input(v1_model):
 
 
 def _needs(runtime: str):
-    return pytest.mark.skipif(not fast_runtime.available(runtime), reason=f"{runtime} is not installed")
+    return pytest.mark.skipif(not runtime_backends.available(runtime), reason=f"{runtime} is not installed")
 
 
-@pytest.mark.parametrize("runtime", [pytest.param(r, marks=_needs(r)) for r in fast_runtime.RUNTIMES])
+@pytest.mark.parametrize("runtime", [pytest.param(r, marks=_needs(r)) for r in runtime_backends.RUNTIMES])
 @pytest.mark.parametrize("family", ["v1", "v2"])
 @pytest.mark.parametrize(("batch", "height", "width"), [(1, 64, 64), (3, 97, 75)])
 def test_runtime_backends_run_the_folded_graph_exactly(runtime, family, batch, height, width, v1_model, v2_model):
     model = v1_model if family == "v1" else v2_model
-    _assert_as_exact_as_reference(model, torch.randn(batch, 3, height, width), backend=runtime)
+    backend = runtime_backends.BACKEND_NAMES[runtime]
+    _assert_as_exact_as_reference(model, torch.randn(batch, 3, height, width), backend=backend)
+
+
+def test_the_runtime_backends_are_named_apart_from_the_runtime_implementations():
+    """`--impl openvino` runs OpenVINO's conversion of the reference model; the fast path's backend on OpenVINO runs
+    its folded graph: one name each, everywhere (the backend a bench row reports, POOLFORMER_FAST_BACKEND)."""
+    from poolformer.implementations import IMPLEMENTATIONS
+    from poolformer.settings import SETTINGS
+
+    names = set(runtime_backends.BACKEND_NAMES.values())
+    assert names == {"openvino-folded", "onnxruntime-folded"} and not names & set(IMPLEMENTATIONS)
+    assert set(SETTINGS["POOLFORMER_FAST_BACKEND"].choices).isdisjoint(IMPLEMENTATIONS)
 
 
 @_needs("openvino")
@@ -282,7 +294,7 @@ def test_openvino_graph_matches_reference_for_every_supported_form(name):
     """The graph built from OpenVINO's operators (poolformer.fast.openvino_graph) for the forms the v1/v2 tests
     above do not reach: other pool sizes and activations, and a model without a classifier."""
     model = create_model("s12", num_classes=0) if name == "headless" else create_model(name)
-    _assert_as_exact_as_reference(randomize_(model, seed=4), torch.randn(2, 3, 64, 80), backend="openvino")
+    _assert_as_exact_as_reference(randomize_(model, seed=4), torch.randn(2, 3, 64, 80), backend="openvino-folded")
 
 
 @_needs("openvino")
@@ -291,7 +303,7 @@ def test_openvino_graph_stays_exact_reshaped_to_each_new_shape(family, v1_model,
     """One fast model meeting new batch sizes and resolutions reshapes the graph it built first (the runtime
     module builds once) and stays as exact at each."""
     model = v1_model if family == "v1" else v2_model
-    fast = optimize(model, backend="openvino")
+    fast = optimize(model, backend="openvino-folded")
     for shape in [(1, 3, 64, 64), (3, 3, 97, 75), (2, 3, 64, 80), (1, 3, 64, 64)]:
         _assert_as_exact_as_reference(model, torch.randn(shape), fast=fast)
 
@@ -319,7 +331,7 @@ def test_openvino_mvn_statistics_are_as_accurate_as_torch_group_norm(offset):
     import openvino as ov
 
     from poolformer.fast.openvino_graph import ALL_BUT_BATCH, _Builder
-    from poolformer.runtimes.runners import openvino_core
+    from poolformer.runtimes.sessions import openvino_core
 
     builder = _Builder()
     images = builder.ops.parameter([3, 64, 13, 17], ov.Type.f32)
@@ -334,15 +346,15 @@ def test_openvino_mvn_statistics_are_as_accurate_as_torch_group_norm(offset):
 @_needs("openvino")
 def test_openvino_is_the_default_cpu_backend_and_features_fall_back(v2_model):
     fast = optimize(v2_model)
-    assert fast.backend_for(torch.float32) == "openvino"
+    assert fast.backend_for(torch.float32) == "openvino-folded"
     native = cpu_capabilities().native_bf16  # OpenVINO's bf16 is only ever the native one
-    assert (fast.backend_for(torch.bfloat16) == "openvino") == native  # else oneDNN or the portable path
+    assert (fast.backend_for(torch.bfloat16) == "openvino-folded") == native  # else oneDNN or the portable path
     x = torch.randn(2, 3, 64, 64)
     _assert_as_exact_as_reference(v2_model, x, features=True, backend="auto")  # maps: oneDNN, not the runtime
     with torch.no_grad():
         logits = fast(x)
     session = fast.prepared(torch.float32, x.device).session
-    assert fast.prepared(torch.float32, x.device).backend == "openvino" and logits.shape == (2, 1000)
+    assert fast.prepared(torch.float32, x.device).backend == "openvino-folded" and logits.shape == (2, 1000)
     assert len(session._runners) == 1  # one export and compiled model per input shape
     fast(torch.randn(1, 3, 64, 64))
     assert len(session._runners) == 2
@@ -355,20 +367,20 @@ def test_openvino_bf16_computes_in_bf16(v1_model):
     below bound how much)."""
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        got, fp32 = optimize(v1_model, dtype=torch.bfloat16, backend="openvino")(x), v1_model(x)
+        got, fp32 = optimize(v1_model, dtype=torch.bfloat16, backend="openvino-folded")(x), v1_model(x)
     assert got.dtype == torch.float32 and (got - fp32).abs().max().item() > 1e-4 * fp32.abs().max().item()
 
 
-@pytest.mark.parametrize("runtime", fast_runtime.RUNTIMES)
-def test_asking_for_a_runtime_where_it_cannot_run_is_a_config_error(runtime, v1_model, monkeypatch):
+@pytest.mark.parametrize("backend", runtime_backends.BACKEND_NAMES.values())
+def test_asking_for_a_runtime_where_it_cannot_run_is_a_config_error(backend, v1_model, monkeypatch):
     from poolformer.capabilities import CpuCapabilities
 
     monkeypatch.setattr("poolformer.capabilities.cpu_capabilities", lambda: CpuCapabilities(
         model="Test CPU", architecture="x86_64", isa=("avx2",), torch_vector_isa=None, onednn=True,
         onednn_bf16=False, onednn_fp16=False))
     for dtype in (torch.bfloat16, torch.float16):
-        with pytest.raises(ConfigError, match=f"{runtime} backend runs float32"):
-            optimize(v1_model, dtype=dtype, backend=runtime)(torch.randn(1, 3, 32, 32))
+        with pytest.raises(ConfigError, match=f"{backend} backend runs float32"):
+            optimize(v1_model, dtype=dtype, backend=backend)(torch.randn(1, 3, 32, 32))
 
 
 # ------------------------------------------------------------------------------ bf16
@@ -395,8 +407,8 @@ def _agree_or_near_tie(reference: torch.Tensor, other: torch.Tensor, tie: float)
 
 ONEDNN_BF16 = pytest.param("onednn", marks=pytest.mark.skipif(
     not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN has no bf16 on this CPU (needs AVX-512 or AVX-NE-CONVERT)"))
-OPENVINO_BF16 = pytest.param("openvino", marks=pytest.mark.skipif(
-    not fast_runtime.runs("openvino", torch.bfloat16, torch.device("cpu")),
+OPENVINO_BF16 = pytest.param("openvino-folded", marks=pytest.mark.skipif(
+    not runtime_backends.runs("openvino", torch.bfloat16, torch.device("cpu")),
     reason="OpenVINO computes bf16 only on CPUs with native bf16 (and where it is installed)"))
 # auto: OpenVINO where it computes bf16, else oneDNN where it runs bf16, else the portable path
 BF16_BACKENDS = ["auto", "portable", ONEDNN_BF16, OPENVINO_BF16]

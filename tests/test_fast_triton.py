@@ -869,12 +869,13 @@ def test_profile_kernels_times_each_fast_kernel(monkeypatch, kernel_device):
 
 
 def test_predict_and_eval_print_why_the_fast_path_skipped_its_kernels(monkeypatch, v1_random):
-    import types
-
+    from poolformer.implementations import IMPLEMENTATIONS
+    from poolformer.predict import Classifier
     from poolformer_cli.common import err_console, print_classifier_notes
 
     monkeypatch.setattr(availability, "unavailable_reason", lambda dtype, device: "Triton is not importable (test)")
-    classifier = types.SimpleNamespace(module=optimize(v1_random), device=torch.device("cuda"))
+    classifier = Classifier(optimize(v1_random), v1_random.spec, "fast", 1000, [], torch.device("cuda"), "pretrained",
+                            IMPLEMENTATIONS["fast"])
     with err_console.capture() as captured:
         print_classifier_notes(classifier, "bf16")
     assert "not its Triton kernels: Triton is not importable (test)" in captured.get()

@@ -68,7 +68,7 @@ def test_s12_fvcore_reproduces_the_published_figure_exactly_on_timms_twin():
     """The published 1,822,580,736 was counted on timm's model; our count of timm's twin must equal it."""
     from poolformer.implementations import IMPLEMENTATIONS
 
-    twin = IMPLEMENTATIONS["timm"](create_model("s12"))
+    twin = IMPLEMENTATIONS["timm"].convert(create_model("s12"))
     assert count_fvcore(twin, _input(224)).macs == get_spec("s12").published.macs == 1_822_580_736
 
 

@@ -170,11 +170,12 @@ def test_impl_choices_are_read_at_run_time(photos, s12_checkpoint, monkeypatch):
 
     built = []
 
-    def twin(model):
-        built.append(type(model).__name__)
-        return model
+    class Twin(implementations.Implementation):
+        def convert(self, model):
+            built.append(type(model).__name__)
+            return model
 
-    monkeypatch.setitem(implementations.IMPLEMENTATIONS, "twin", twin)
+    monkeypatch.setitem(implementations.IMPLEMENTATIONS, "twin", Twin())
     result = _predict(photos / "chelsea.jpg", "--weights", s12_checkpoint, "--impl", "twin", "--json")
     assert result.exit_code == 0, result.output
     assert built == ["MetaFormer"]

@@ -15,8 +15,8 @@ from poolformer import CheckpointError, ConfigError, create_model
 from poolformer.bench import BenchConfig, BenchSettings, run_config
 from poolformer.implementations import build
 from poolformer.regression import compare
-from poolformer.runtimes import export_model
-from poolformer.runtimes.runners import RuntimeModule, available, make_runner
+from poolformer.export import export_model
+from poolformer.runtimes.sessions import RuntimeModule, available, make_runner
 from poolformer_cli.app import app
 
 from .conftest import assert_one_line_error, randomize_
@@ -232,7 +232,7 @@ def test_openvino_runners_freed_in_creation_order_leave_signals_deliverable(expo
     _, onnx_path, _ = exported
     script = (
         "import gc, os, signal, sys\n"
-        "from poolformer.runtimes.runners import make_runner\n"
+        "from poolformer.runtimes.sessions import make_runner\n"
         "signal.signal(signal.SIGUSR1, lambda *_: print('handled', flush=True))\n"
         "first = make_runner('openvino', sys.argv[1], threads=1)\n"
         "second = make_runner('openvino', sys.argv[1], threads=1)\n"

@@ -5,7 +5,7 @@ What lives here:
   affines, LayerScale, StarReLU folded into the convolutions; the pooling mixer needs only sigma).
 - `cpu`: the folded forward made of PyTorch operators: oneDNN's fused primitives on CPUs that run the
   dtype natively, plain operators anywhere else (the portable path).
-- `runtime`: the folded graph, made once per input shape, run by OpenVINO (the CPU default: fp32, and bf16
+- `runtime_backends`: the folded graph, made once per input shape, run by OpenVINO (the CPU default: fp32, and bf16
   where the CPU computes it natively; the graph built from OpenVINO's operators in `openvino_graph`, each
   GroupNorm one MVN node) or ONNX Runtime (fp32; the graph exported to ONNX).
 - `compiled`: the folded graph as a module of plain operators for torch.compile (inductor with freezing; CPU),

@@ -24,6 +24,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from ..layers import window_counts
 from .folding import FoldedBlock, FoldedModel, Plan
 
 ONEDNN_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "silu": "swish", "starrelu": "relu"}
@@ -54,12 +55,6 @@ def per_sample_inv_sigma(x: torch.Tensor, eps: float) -> torch.Tensor:
     mean = flat.sum(1) / count
     mean_square = torch.linalg.vector_norm(flat, dim=1).square() / count
     return torch.rsqrt((mean_square - mean.square()).clamp_min(0.0) + eps)
-
-
-def window_counts(length: int, radius: int) -> torch.Tensor:
-    """[length] float64: how many positions of a (2 radius + 1) window lie inside the axis."""
-    index = torch.arange(length)
-    return ((index + radius).clamp(max=length - 1) - (index - radius).clamp(min=0) + 1).double()
 
 
 @lru_cache(maxsize=64)

@@ -4,11 +4,11 @@ Backends (the kernels one forward runs on), chosen once per (dtype, device) the 
 - ``triton``: two fused Triton kernels per block (`poolformer.fast.triton`); CUDA GPUs. On CPU
   tensors only when asked for by name and POOLFORMER_TRITON_INTERPRET=1 is set: Triton's interpreter runs the
   same kernels (tests, debugging; very slow).
-- ``openvino``: the folded graph run by OpenVINO (`poolformer.fast.runtime`, built by
+- ``openvino-folded``: the folded graph run by OpenVINO (`poolformer.fast.runtime_backends`, built by
   `poolformer.fast.openvino_graph`) on the CPU, where openvino is installed: float32, and bfloat16 on CPUs that
   compute it natively. auto's CPU choice wherever it runs: the
   fastest of these backends measured (benchmarks/results/runtimes_cpu_*.md).
-- ``onnxruntime``: the folded graph run by ONNX Runtime (`poolformer.fast.runtime`); float32 on the CPU,
+- ``onnxruntime-folded``: the folded graph run by ONNX Runtime (`poolformer.fast.runtime_backends`); float32 on the CPU,
   where onnxruntime is installed (auto's fp32 CPU choice where openvino is not).
 - ``inductor`` (by name only, or `FastPoolFormer.compile_with`): the folded graph compiled by torch.compile
   with freezing (`poolformer.fast.compiled`); float32 and bfloat16 on the CPU with a C++ compiler. The fastest
@@ -37,7 +37,7 @@ from torch import nn
 from .. import settings
 from ..errors import ConfigError
 from ..model import MetaFormer
-from . import compiled, cpu, runtime
+from . import compiled, cpu, runtime_backends
 from .cuda import GraphCache, graphs_enabled_by_env
 from .folding import FoldedModel, fold
 from .triton import availability
@@ -48,7 +48,7 @@ from .triton.weights import TritonModel, prepare
 
 BACKEND_ENV = "POOLFORMER_FAST_BACKEND"
 BACKENDS = settings.SETTINGS[BACKEND_ENV].choices  # auto, then every backend (see the docstring)
-RUNTIME_BACKENDS = runtime.RUNTIMES
+RUNTIME_BACKENDS = {backend: runtime for runtime, backend in runtime_backends.BACKEND_NAMES.items()}  # -> runtime
 GRAPH_BACKENDS = (*RUNTIME_BACKENDS, "inductor")  # whole-graph backends: logits only, no feature maps
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -93,9 +93,10 @@ def explain_backend(requested: str, dtype: torch.dtype, device: torch.device) ->
             raise ConfigError(f"the Triton backend cannot run here: {reason}")
         note = f"the fast path runs on PyTorch operators, not its Triton kernels: {reason}"
     if requested in RUNTIME_BACKENDS:
-        if not runtime.runs(requested, dtype, device):
-            what = "float32, and bfloat16 on CPUs with native bf16," if requested == "openvino" else "float32"
-            raise ConfigError(f"the {requested} backend runs {what} on the CPU with {requested} installed, not "
+        runtime = RUNTIME_BACKENDS[requested]
+        if not runtime_backends.runs(runtime, dtype, device):
+            what = "float32, and bfloat16 on CPUs with native bf16," if runtime == "openvino" else "float32"
+            raise ConfigError(f"the {requested} backend runs {what} on the CPU with {runtime} installed, not "
                               f"{_dtype_name(dtype)} on {device} here; use backend='auto'")
         return requested, None
     if requested == "inductor":
@@ -104,8 +105,8 @@ def explain_backend(requested: str, dtype: torch.dtype, device: torch.device) ->
             raise ConfigError(f"the inductor backend cannot run here: {reason}")
         return requested, None
     if requested == "auto":
-        for name in RUNTIME_BACKENDS:
-            if runtime.runs(name, dtype, device):
+        for name, runtime in RUNTIME_BACKENDS.items():
+            if runtime_backends.runs(runtime, dtype, device):
                 return name, None
     possible = onednn_runs(dtype, device)
     if requested == "onednn" and not possible:
@@ -127,7 +128,7 @@ class Prepared:
 
     folded: FoldedModel
     backend: str
-    session: nn.Module | None = None  # the openvino and onnxruntime backends' RuntimeModule
+    session: nn.Module | None = None  # the openvino-folded and onnxruntime-folded backends' RuntimeModule
     triton: TritonModel | None = None  # the kernels' form of the weights (backend "triton")
     packs: cpu.ConvPacks | None = None  # backend "onednn": packed convolution weights, per input shape
     graph: nn.Module | None = None  # backend "inductor": the compiled folded graph
@@ -212,7 +213,7 @@ class FastPoolFormer(nn.Module):
                 kernels_form = prepare(self.folded, dtype, device)
                 self._cache[key] = Prepared(kernels_form.folded, backend, triton=kernels_form)
             elif backend in RUNTIME_BACKENDS:
-                session = runtime.folded_session(self.folded, self.plan, backend, dtype)
+                session = runtime_backends.folded_session(self.folded, self.plan, RUNTIME_BACKENDS[backend], dtype)
                 self._cache[key] = Prepared(self.folded, backend, session)
             elif backend == "inductor":
                 graph = compiled.compile_folded(self.folded, self.plan, dtype, self.compile_mode, self.compiler)
@@ -344,8 +345,8 @@ def optimize(model: MetaFormer, dtype: torch.dtype | None = None, backend: str =
 
     dtype: run in this dtype (float32 default). bfloat16 is fast on CPUs with AVX512-BF16/AMX and runs
     (emulated, slowly) elsewhere; under autocast the module switches to the autocast dtype by itself.
-    backend: "auto" (default), "triton", "openvino", "onnxruntime", "inductor", "onednn" or "portable" (see this
-    module's docstring).
+    backend: "auto" (default), "triton", "openvino-folded", "onnxruntime-folded", "inductor", "onednn" or
+    "portable" (see this module's docstring).
     cuda_graphs: replay CUDA graphs for repeated input shapes on CUDA (default: on, unless
     POOLFORMER_CUDA_GRAPHS=0).
     tiles: the TileChooser the Triton kernels take their tiles from (default: the module's own; benchmarks pass

@@ -1,18 +1,18 @@
-"""Deployment runtimes: ONNX export in a form every runtime computes right, ONNX Runtime and OpenVINO runners,
-and parity checks against our fp32 model.
+"""Deployment runtimes: ONNX export in a form every runtime computes right, and ONNX Runtime and OpenVINO runners.
 
 - `export_forms`: GroupNorm(1) and count_include_pad=False pooling spelled out in portable operators
-  (`portable_form`), and the fast path's folded model as a plain module (`FoldedExport`).
-- `runners`: ONNX Runtime / OpenVINO sessions, and `RuntimeModule`, the nn.Module that bench, predict and
+  (`portable_form`).
+- `sessions`: ONNX Runtime / OpenVINO sessions, and `RuntimeModule`, the nn.Module that bench, predict and
   eval run as `--impl onnxruntime` / `--impl openvino` (or with `--weights FILE.onnx`).
-- `exporting`: `export_model`, which writes ONNX or pt2 atomically and only when the file's outputs match, and
-  `openvino_converter`, OpenVINO's own conversion of a model (what `--impl openvino` runs).
+- `exporting`: ONNX and pt2 export of a module, and `openvino_converter`, OpenVINO's own conversion of a model
+  (what `--impl openvino` runs).
 
-onnxruntime and openvino are imported when a runner is made; a missing one is a one-line ConfigError.
+Nothing here imports the fast path (`poolformer.fast` runs its folded graph on these runtimes, and
+`poolformer.export` writes either form to a file). onnxruntime and openvino are imported when a runner is made;
+a missing one is a one-line ConfigError.
 """
 
-from .exporting import FORMATS, ExportReport, ParityCheck, export_model, export_onnx, export_pt2
-from .runners import RUNTIMES, RuntimeModule, available, make_runner
+from .exporting import export_onnx, export_pt2
+from .sessions import RUNTIMES, RuntimeModule, available, make_runner
 
-__all__ = ["FORMATS", "RUNTIMES", "ExportReport", "ParityCheck", "RuntimeModule", "available", "export_model",
-           "export_onnx", "export_pt2", "make_runner"]
+__all__ = ["RUNTIMES", "RuntimeModule", "available", "export_onnx", "export_pt2", "make_runner"]

@@ -1,11 +1,12 @@
-"""The folded model run by a deployment runtime: the fast path's CPU backends where OpenVINO or ONNX Runtime is
-installed.
+"""The folded model run by a deployment runtime: the fast path's CPU backends ``openvino-folded`` and
+``onnxruntime-folded``, where OpenVINO or ONNX Runtime is installed (named apart from `--impl openvino` and
+`--impl onnxruntime`, which run those runtimes' conversion of the reference model).
 
 On a CPU, s12's time is its 1x1 convolutions, and these runtimes' kernels run them closer to the cores' peak
 than PyTorch's eager operators (benchmarks/results/runtimes_cpu_*.md). Fed the folded graph (no norm affines,
 no LayerScale) they also do less element-wise work than on the original model. OpenVINO gets it built from its
 own operators, each GroupNorm one MVN node (`poolformer.fast.openvino_graph`); ONNX Runtime gets the ONNX export
-of `poolformer.runtimes.export_forms.FoldedExport`. One graph and one compiled model per input shape and
+of `poolformer.fast.folded_export.FoldedExport`. One graph and one compiled model per input shape and
 precision, made on the first call with them (a few hundred ms), then reused.
 
 Precisions: float32 in both; bfloat16 in OpenVINO on CPUs that compute it natively (AVX512-BF16/AMX), where
@@ -19,11 +20,12 @@ import torch
 from .folding import FoldedModel, Plan
 
 RUNTIMES = ("openvino", "onnxruntime")  # auto's order of preference on a CPU
+BACKEND_NAMES = {"openvino": "openvino-folded", "onnxruntime": "onnxruntime-folded"}  # runtime -> fast backend
 PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
 def available(runtime: str) -> bool:
-    from ..runtimes.runners import available as installed
+    from ..runtimes.sessions import available as installed
 
     return installed(runtime)
 
@@ -40,11 +42,11 @@ def runs(runtime: str, dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def folded_session(folded: FoldedModel, plan: Plan, runtime: str, dtype: torch.dtype = torch.float32):
-    """The folded model run by `runtime` in `dtype` (see `runs`): a `poolformer.runtimes.runners.RuntimeModule`
+    """The folded model run by `runtime` in `dtype` (see `runs`): a `poolformer.runtimes.sessions.RuntimeModule`
     taking images [B, 3, H, W] to float32 logits, with one export and compiled model per input shape."""
-    from ..runtimes.export_forms import FoldedExport
     from ..runtimes.exporting import export_onnx
-    from ..runtimes.runners import RuntimeModule
+    from ..runtimes.sessions import RuntimeModule
+    from .folded_export import FoldedExport
     from .openvino_graph import build_model
 
     classes, precision = folded.head_weight.shape[0], PRECISIONS[dtype]
