@@ -10,16 +10,16 @@ same as a single process's.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from .data import DEFAULT_MAX_PIXELS, ClassFolders, ImageDataset, Preprocess, spread_subset
 from .devices import PRECISIONS, autocast
+from .distributed import Distributed
 from .errors import ConfigError
 from .implementations import Target
 from .predict import Classifier
@@ -110,47 +110,6 @@ class EvalResult:
 
 
 # --- processes ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-
-@contextlib.contextmanager
-def distributed(device: torch.device) -> Iterator[Distributed]:
-    """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK,
-    MASTER_ADDR/PORT): nccl on GPUs, each process on cuda:LOCAL_RANK; gloo on CPUs. Without torchrun this is
-    a single process. The group is torn down on exit if it was created here."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        yield Distributed(0, 1, device)
-        return
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        raise ConfigError("this PyTorch build has no torch.distributed; run without torchrun")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield Distributed(dist.get_rank(), dist.get_world_size(), device)
-    finally:
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
-
 
 def _combine(procs: Distributed, counts: list[int], wall_s: float, skipped: list, outcomes: list):
     """Sum counts, take the slowest wall time, and gather the per-image lists from every process."""

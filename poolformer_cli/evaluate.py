@@ -121,7 +121,8 @@ def eval_command(
     check_writable(output, "--output")
     check_writable(predictions, "--predictions")
     from poolformer.data import class_folders, read_class_map
-    from poolformer.evaluate import distributed, evaluate
+    from poolformer.distributed import distributed
+    from poolformer.evaluate import evaluate
     from poolformer.devices import resolve_device
     from poolformer.predict import load_classifier, trained_num_classes
 

@@ -1,0 +1,108 @@
+"""One inference row: time the forward, read the memory peaks, and check the logits against the fp32 reference."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..implementations import Target, implementation_for, is_exported_file
+from ..measure import (
+    current_memory, free_memory, is_out_of_memory, peak_memory, reset_peak_memory, time_once, time_steps,
+)
+from .config import (
+    BUILD_SEED, PARITY_SAMPLES, PARITY_TOLERANCE, BenchConfig, BenchResult, BenchSettings, BuildModel, LatencyStats,
+    Parity, one_line,
+)
+from .models import ModelCache, build_kwargs, default_build, describe, make_input, prepare_model, row_autocast
+
+
+def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildModel | None = None,
+               reference: Callable[[], Any] | None = None, models: ModelCache | None = None) -> BenchResult:
+    """Measure one configuration. Never raises for OOM or a failing model: the status says what happened.
+    models: reuse a model built for an earlier configuration (see ModelCache)."""
+    device = torch.device(config.device)
+    model = x = None
+    try:
+        def build() -> nn.Module:
+            return prepare_model(config, build_model, settings.compile_backend, settings.compile_mode)
+
+        model = models.get(config, build) if models is not None else build()
+        free_memory(device)
+        reset_peak_memory(device)
+        start_memory = current_memory(device)
+        x = make_input(config)
+        with torch.inference_mode(), row_autocast(config):
+            def step() -> Any:
+                return model(x)
+
+            first_call_ms = time_once(step, device)
+            steps_ms, reference_ms = time_steps(step, device, warmup=settings.warmup, iters=settings.iters,
+                                                min_time_s=settings.min_time_s, reference=reference)
+        peak, reserved = peak_memory(device)
+        stats = LatencyStats.from_steps(steps_ms)
+        result = BenchResult(
+            config=config, status="ok", throughput=config.batch_size * 1000.0 / stats.median,
+            latency_ms=stats, steps_ms=steps_ms, peak_memory_bytes=peak, peak_reserved_bytes=reserved,
+            start_memory_bytes=start_memory, first_call_ms=first_call_ms,
+            noisy=stats.iqr > settings.noisy_iqr_ratio * stats.median,
+            reference_ms=statistics.median(reference_ms) if reference_ms else None,
+            reference_steps_ms=reference_ms)
+        described = describe(config, model, settings.compile_backend, settings.compile_mode)
+        result.backend, result.backend_note = described.backend, described.backend_note
+        result.bytes_per_image, result.compile_mode = described.bytes_per_image, described.compile_mode
+        if settings.parity:
+            result.parity, result.parity_note = check_parity(config, model, x, build_model, settings)
+            if result.parity is not None and not result.parity.ok:
+                result.status = "mismatch"  # wrong outputs: not a speed result
+        return result
+    except Exception as err:
+        status = "oom" if is_out_of_memory(err) else "error"
+        if status == "oom" and models is not None:
+            models.discard(config)
+        return BenchResult(config=config, status=status, error=one_line(err))
+    finally:
+        del model, x
+        free_memory(device)
+
+
+def check_parity(config: BenchConfig, model: nn.Module, x: torch.Tensor, build_model: BuildModel | None,
+                 settings: BenchSettings) -> tuple[Parity | None, str | None]:
+    """Run the row's model once more on its input (untimed) and the fp32 reference on the first PARITY_SAMPLES
+    images; (Parity, None), or (None, why not) where no reference can be had (an exported file, a reference
+    that does not fit in memory, a model that cannot be rebuilt)."""
+    if is_exported_file(config.weights):
+        return None, "no reference: the weights are inside the exported file"
+    device = torch.device(config.device)
+    reference_name = implementation_for(config.model, config.impl, config.weights).reference
+    reference_implementation = implementation_for(config.model, reference_name, config.weights)
+    samples = min(PARITY_SAMPLES, config.batch_size)
+    same_model = reference_name == config.impl and not config.compile and config.precision == "fp32"
+    try:
+        with torch.inference_mode():
+            with row_autocast(config):
+                got = model(x)[:samples].float()
+            images = x[:samples].float().contiguous()  # the reference runs fp32 (a cast row's input is not)
+            if same_model:
+                expected = model(images).float()
+            else:
+                torch.manual_seed(BUILD_SEED)
+                build = build_model or default_build()
+                reference = build(config.model, reference_name, **build_kwargs(config))
+                reference = reference_implementation.prepare(reference, Target(config.device))
+                expected = reference(images).float()
+                del reference
+    except Exception as err:
+        return None, f"not checked: the reference failed ({one_line(err)})"
+    finally:
+        free_memory(device)
+    if got.shape != expected.shape:
+        return None, f"not checked: output {list(got.shape)} vs reference {list(expected.shape)}"
+    diff = (got - expected).abs().max().item()
+    relative = diff / max(1.0, expected.abs().max().item())
+    agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
+    tolerance = PARITY_TOLERANCE[config.precision]
+    ok = relative <= tolerance and (agreement == 1.0 or config.precision != "fp32")
+    return Parity(reference_name, samples, diff, relative, agreement, tolerance, ok), None
