@@ -67,6 +67,7 @@ class Implementation:
     `convert` (most), and `cast`, `compile` or `describe` where their module needs it."""
 
     reference = "ours"  # the fp32 eager implementation a row's logits are checked against (bench)
+    trains = True  # bench --mode train: forward, backward and optimizer step (the fast path and runtimes only infer)
 
     def build(self, name: str, **create_kwargs: Any) -> nn.Module:
         """The zoo model `name` (`create_model`'s arguments: weights, num_classes, overrides) in this
@@ -90,6 +91,27 @@ class Implementation:
             # to its recompile limit (8), then silently runs them eagerly; the previous model's graphs are done with.
             torch._dynamo.reset()
             module = self.compile(module, target)
+        return module
+
+    def prepare_training(self, module: nn.Module, target: Target, grad_checkpointing: bool = False) -> nn.Module:
+        """`module` ready to train as `target` asks: training mode on its device, channels_last, stochastic depth off
+        (see training.disable_stochastic_depth), gradient checkpointing, torch.compile without freezing (the
+        weights change). Precision is autocast's: weights and optimizer state stay fp32."""
+        from .training import disable_stochastic_depth, set_grad_checkpointing
+
+        if not self.trains:
+            raise ConfigError("this implementation is inference-only")
+        if target.cast:
+            raise ConfigError("train rows run under autocast, with fp32 weights; --cast is for inference rows")
+        module = module.train().to(target.device)
+        if target.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        disable_stochastic_depth(module)
+        if grad_checkpointing:
+            set_grad_checkpointing(module)
+        if target.compile:
+            torch._dynamo.reset()
+            module = torch.compile(module, backend=target.compile_backend, mode=target.compile_mode)
         return module
 
     def cast(self, module: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -132,6 +154,8 @@ class Fast(Implementation):
     """`poolformer.fast.optimize(model)`. It runs a cast dtype throughout, compiles its folded graph (backend
     "inductor"), and says which kernels ran. A module some other build gave for "fast" is treated as ours."""
 
+    trains = False
+
     def convert(self, model: MetaFormer) -> nn.Module:
         from .fast import optimize
 
@@ -169,6 +193,8 @@ def _is_fast(module: nn.Module) -> bool:
 class Runtime(Implementation):
     """The model run by ONNX Runtime or OpenVINO (`poolformer.runtimes.sessions.RuntimeModule`), or an exported file
     given as weights (the model name then only gives the preprocessing: crop, mean, std)."""
+
+    trains = False
 
     def __init__(self, runtime: str):
         self.runtime = runtime

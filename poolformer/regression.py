@@ -34,8 +34,10 @@ from typing import Any, Callable
 from .errors import ConfigError
 
 KEY_FIELDS = ("model", "impl", "device", "batch_size", "resolution", "precision", "channels_last", "compile",
-              "cast")
-REQUIRED_FIELDS = tuple(name for name in KEY_FIELDS if name != "cast")  # files before --cast-model lack it
+              "cast", "mode", "optimizer", "grad_checkpointing")
+# fields older files lack, and what a row without them was: no --cast-model, inference
+DEFAULTS = {"cast": False, "mode": "inference", "optimizer": None, "grad_checkpointing": False}
+REQUIRED_FIELDS = tuple(name for name in KEY_FIELDS if name not in DEFAULTS)
 ALPHA = 0.05  # significance level of the step-time test
 CLOCK_CHANGE = 0.05  # relative SM/memory clock difference that is reported
 TEMPERATURE_CHANGE_C = 10
@@ -69,9 +71,11 @@ class RegressionReport:
 
 
 def config_key(row: dict[str, Any]) -> tuple:
-    """The identity of a row: its configuration, with 'cuda:1' reduced to 'cuda'."""
-    values = [row.get(name) for name in KEY_FIELDS]
-    values[KEY_FIELDS.index("cast")] = bool(row.get("cast"))  # files written before --cast-model have no key
+    """The identity of a row: its configuration, with 'cuda:1' reduced to 'cuda'. A train row never matches an
+    inference row, so an inference baseline never judges a train row."""
+    values = [row.get(name, DEFAULTS.get(name)) for name in KEY_FIELDS]
+    values[KEY_FIELDS.index("cast")] = bool(row.get("cast"))
+    values[KEY_FIELDS.index("grad_checkpointing")] = bool(row.get("grad_checkpointing"))
     values[KEY_FIELDS.index("device")] = str(values[KEY_FIELDS.index("device")]).split(":")[0]
     return tuple(values)
 
@@ -84,10 +88,13 @@ def config_label(row: dict[str, Any]) -> str:
 
 
 def options_suffix(row: dict[str, Any]) -> str:
-    """' CL' (channels_last), ' cast' (weights in the precision, no autocast), ' compiled' or
-    ' compiled(max-autotune)' - for a row dict or a BenchConfig's asdict."""
+    """' train(sgd)' and ' ckpt' (a train row, with gradient checkpointing), ' CL' (channels_last), ' cast'
+    (weights in the precision, no autocast), ' compiled' or ' compiled(max-autotune)' - for a row dict or a
+    BenchConfig's asdict."""
     mode = row.get("compile_mode")
-    return ((" CL" if row.get("channels_last") else "") + (" cast" if row.get("cast") else "")
+    train = (f" train({row.get('optimizer') or 'sgd'})" + (" ckpt" if row.get("grad_checkpointing") else "")
+             if row.get("mode") == "train" else "")
+    return (train + (" CL" if row.get("channels_last") else "") + (" cast" if row.get("cast") else "")
             + ((f" compiled({mode})" if mode and mode != "default" else " compiled") if row.get("compile") else ""))
 
 
@@ -134,7 +141,7 @@ def compare(baseline_rows: list[dict[str, Any]], current_rows: list[dict[str, An
         report.comparisons.append(_compare_row(baseline_by_key[key], row, metric, max_regression_pct))
     report.only_in_baseline = [config_label(row) for key, row in baseline_by_key.items() if key not in seen]
     if not report.comparisons:
-        raise ConfigError("no configuration of this run was measured in the baseline; run the same models, "
+        raise ConfigError("no configuration of this run was measured in the baseline; run the same models, modes, "
                           "batch sizes, resolutions and precisions as the baseline file")
     return report
 

@@ -8,6 +8,7 @@ Nothing here prints.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from .errors import ConfigError
 from .flops import AnalyticCount, OpCost, check_resolution, count_analytic, model_for_resolution, module_levels
 from .layers import DropPath
+from .training import TrainingMemory, training_memory
 from .zoo import ModelSpec, get_spec
 
 DEFAULT_DEPTH = 2  # stem/stages/head, then their children: the blocks within each stage
@@ -65,6 +67,7 @@ class ModelSummary:
     activation_bytes: int  # every tensor the forward pass writes (what training would have to keep, at most)
     layers: list[LayerRow]
     stages: list[StageRow]
+    training: TrainingMemory | None = None  # a training step's memory at this input (None: not counted)
 
     def as_json(self) -> dict:
         return {
@@ -82,12 +85,14 @@ class ModelSummary:
                 for r in self.layers
             ],
             "stages": [vars(s).copy() for s in self.stages],
+            "training": self.training.as_json() if self.training is not None else None,
         }
 
 
 def summarize_model(model: nn.Module, resolution: int, batch_size: int = 1, depth: int = DEFAULT_DEPTH,
-                    name: str | None = None) -> ModelSummary:
-    """Summarise `model` for a [batch_size, 3, resolution, resolution] input on the model's device."""
+                    name: str | None = None, optimizer: str | None = "sgd") -> ModelSummary:
+    """Summarise `model` for a [batch_size, 3, resolution, resolution] input on the model's device, with a
+    training step's memory under `optimizer` (poolformer.training.training_memory; None: not counted)."""
     check_resolution(resolution)
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
@@ -109,7 +114,17 @@ def summarize_model(model: nn.Module, resolution: int, batch_size: int = 1, dept
         activation_bytes=count.written_bytes,
         layers=_layer_rows(model, count, depth),
         stages=_stage_rows(model, count),
+        training=_training_memory(model, batch_size, resolution, optimizer) if optimizer is not None else None,
     )
+
+
+def _training_memory(model: nn.Module, batch_size: int, resolution: int, optimizer: str) -> TrainingMemory:
+    """training_memory, counted with one forward at batch 1 on the model's device: in fp32 every tensor autograd
+    saves grows with the batch, so the count at the batch is batch_size times it (checked in the tests)."""
+    one = training_memory(model, 1, resolution, resolution, optimizer)
+    checkpointed = one.activations_checkpointed_bytes
+    return dataclasses.replace(one, batch_size=batch_size, activations_bytes=batch_size * one.activations_bytes,
+                               activations_checkpointed_bytes=None if checkpointed is None else batch_size * checkpointed)
 
 
 def trace_device(spec: ModelSpec, resolution: int, batch_size: int) -> str:
@@ -124,9 +139,10 @@ def trace_device(spec: ModelSpec, resolution: int, batch_size: int) -> str:
 
 
 def summarize(name: str, resolution: int | None = None, batch_size: int = 1, depth: int = DEFAULT_DEPTH,
-              device: str | None = None) -> ModelSummary:
+              device: str | None = None, optimizer: str | None = "sgd") -> ModelSummary:
     """Summarise zoo model `name` (default resolution: the model's own). device: where to trace ("meta" or
-    "cpu"; default `trace_device`'s choice). On the CPU the weights are zeros: only shapes matter here."""
+    "cpu"; default `trace_device`'s choice). On the CPU the weights are zeros: only shapes matter here.
+    optimizer: whose state the training memory counts (sgd, adamw; None: no training memory)."""
     from .peers import is_peer
 
     if is_peer(name):  # timm's models: cost unknown beforehand; small inputs trace on the CPU
@@ -143,7 +159,7 @@ def summarize(name: str, resolution: int | None = None, batch_size: int = 1, dep
     model = model_for_resolution(canonical, resolution, device="meta")
     if device != "meta":
         _zero_weights_on(model, torch.device(device))
-    return summarize_model(model, resolution, batch_size, depth, name=canonical)
+    return summarize_model(model, resolution, batch_size, depth, name=canonical, optimizer=optimizer)
 
 
 def _zero_weights_on(model: nn.Module, device: torch.device) -> None:

@@ -56,6 +56,31 @@ def fixed_labels(batch_size: int, num_classes: int, device: str | torch.device, 
     return torch.randint(0, max(num_classes, 1), (batch_size,), generator=generator).to(device)
 
 
+def disable_stochastic_depth(model: nn.Module) -> None:
+    """Stochastic depth off in our models and timm's, as in timm's train benchmark (its models default to none):
+    every step then does the same work, and two implementations' gradients can be compared."""
+    for module in model.modules():
+        for attribute in ("p", "drop_prob"):  # ours: DropPath.p; timm: DropPath.drop_prob
+            if type(module).__name__ == "DropPath" and hasattr(module, attribute):
+                setattr(module, attribute, 0.0)
+
+
+def original_head(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """A PoolFormer v1's logits with the original head (normalise the map with GroupNorm(1), then average, then
+    the classifier) on any model that has `forward_features` and `head.norm`/`head.fc`: timm's v1, whose own head
+    averages first and then normalises over channels."""
+    norm = model.head.norm
+    return model.head.fc(F.group_norm(model.forward_features(images), 1, norm.weight, norm.bias, 1e-5).mean((2, 3)))
+
+
+def timm_v1_head(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """A PoolFormer v1's logits with timm's head (average, then LayerNorm over channels with eps 1e-6, then the
+    classifier) on our model: what timm's v1 computes from the same weights."""
+    norm = model.head.norm
+    pooled = model.forward_features(images).mean((2, 3))
+    return model.head.fc(F.layer_norm(pooled, pooled.shape[1:], norm.weight, norm.bias, 1e-6))
+
+
 def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> None:
     """Turn on gradient checkpointing in our models and timm's (both name it set_grad_checkpointing)."""
     setter = getattr(model, "set_grad_checkpointing", None)
@@ -220,19 +245,35 @@ def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
     return (t.device, t.untyped_storage().data_ptr())
 
 
-class _SavedTensors:
-    """Counts the bytes autograd saves for backward, per block (the MetaFormerBlock or timm block running when
-    a tensor was saved; None outside blocks), each storage once, parameters excluded."""
+class SavedTensorCount:
+    """Within this context, the forwards of `model` count the bytes autograd saves for backward, per block (the
+    block of a stage running when a tensor was saved; None outside blocks), each storage once, parameters
+    excluded. Gradient checkpointing is off inside (put back after). `total` and `checkpointed` (see the module
+    docstring) read the count; the model runs as the caller runs it (summary counts during its own trace)."""
 
-    def __init__(self, model: nn.Module, blocks: list[nn.Module]):
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.blocks = _blocks(model)
         self.seen: set[tuple[Any, ...]] = {_storage_key(p) for p in model.parameters()}
         self.by_block: dict[int | None, int] = {}
         self.block_inputs = 0
         self.current: int | None = None
-        self.handles = []
-        for index, block in enumerate(blocks):
-            self.handles.append(block.register_forward_pre_hook(self._enter(index)))
-            self.handles.append(block.register_forward_hook(self._leave))
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> SavedTensorCount:
+        for index, block in enumerate(self.blocks):
+            self._stack.callback(block.register_forward_pre_hook(self._enter(index)).remove)
+            self._stack.callback(block.register_forward_hook(self._leave).remove)
+        for stage in getattr(self.model, "stages", []):
+            if getattr(stage, "grad_checkpointing", False):
+                stage.grad_checkpointing = False
+                self._stack.callback(setattr, stage, "grad_checkpointing", True)
+        self._stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t))
+        self._stack.enter_context(torch.enable_grad())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
 
     def _enter(self, index: int):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -244,16 +285,26 @@ class _SavedTensors:
     def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
         self.current = None
 
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
         key = _storage_key(t)
         if key not in self.seen:
             self.seen.add(key)
             self.by_block[self.current] = self.by_block.get(self.current, 0) + t.untyped_storage().nbytes()
         return t
 
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+    @property
+    def total(self) -> int:
+        """Bytes saved for backward without checkpointing."""
+        return sum(self.by_block.values())
+
+    @property
+    def checkpointed(self) -> int | None:
+        """With checkpointing: what is saved outside blocks, every block's input, and the largest block's own saved
+        tensors (recomputed one block at a time in backward); None for a model without blocks."""
+        if not self.blocks:
+            return None
+        inside = [n for key, n in self.by_block.items() if key is not None]
+        return self.by_block.get(None, 0) + self.block_inputs + max(inside, default=0)
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -266,54 +317,45 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 
 def saved_activation_bytes(model: nn.Module, images: torch.Tensor, precision: str = "fp32") -> tuple[int, int | None]:
     """(bytes saved for backward by one forward, the same with gradient checkpointing or None without blocks).
-    The model runs once in training mode with gradients on and checkpointing off (put back as it was after);
-    nothing is kept."""
-    blocks = _blocks(model)
-    counter = _SavedTensors(model, blocks)
+    The model runs once with autograd on, in eval mode: no stochastic depth (as train rows run) and BatchNorm's
+    running statistics untouched (its few per-channel statistics of training mode are not counted). Every
+    module's mode is put back after; nothing is kept."""
     dtype = PRECISIONS[precision]
-    was_training = model.training
-    stages = list(getattr(model, "stages", []))
-    checkpointing = [getattr(stage, "grad_checkpointing", False) for stage in stages]
-    for stage in stages:
-        if hasattr(stage, "grad_checkpointing"):
-            stage.grad_checkpointing = False
-    model.train()
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
     try:
         autocast = (torch.autocast(images.device.type, dtype=dtype) if dtype is not None
                     else contextlib.nullcontext())
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t), torch.enable_grad(), autocast:
-            out = model(images)
-        del out
+        with SavedTensorCount(model) as count, autocast:
+            model(images)
     finally:
-        counter.close()
-        model.train(was_training)
-        for stage, enabled in zip(stages, checkpointing):
-            if hasattr(stage, "grad_checkpointing"):
-                stage.grad_checkpointing = enabled
-    total = sum(counter.by_block.values())
-    if not blocks:
-        return total, None
-    inside = [n for key, n in counter.by_block.items() if key is not None]
-    outside = counter.by_block.get(None, 0)
-    return total, outside + counter.block_inputs + max(inside, default=0)
+        for module, training in modes.items():
+            module.training = training
+    return count.total, count.checkpointed
 
 
 def training_memory(model: nn.Module, batch_size: int, height: int, width: int, optimizer: str = "sgd",
-                    precision: str = "fp32") -> TrainingMemory:
+                    precision: str = "fp32", saved: tuple[int, int | None] | None = None) -> TrainingMemory:
     """The memory a train step of `model` needs (see the module docstring), counted on the model's device (the
-    meta device counts shapes only: no memory, no arithmetic, fp32 only) by forwards at batch 1 and 2."""
+    meta device counts shapes only: no memory, no arithmetic, fp32 only). In fp32 every saved tensor grows with
+    the batch, and one forward at the batch counts them; under autocast the weights' low-precision copies do not,
+    and forwards at batch 1 and 2 fix the line. saved: (total, checkpointed) already counted by the caller at this
+    batch (summary counts during its own trace), instead of a forward here."""
     check_optimizer(optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     grads = sum(p.numel() * p.element_size() for p in trainable)
     state = OPTIMIZER_STATE_TENSORS[optimizer] * grads
     device = next(model.parameters()).device
-    if batch_size <= 2:
-        saved, checkpointed = saved_activation_bytes(model, torch.zeros(batch_size, 3, height, width, device=device),
-                                                     precision)
-    else:  # saved tensors grow linearly with the batch (autocast's weight copies do not): two points fix the line
+    if saved is not None:
+        activations, checkpointed = saved
+    elif precision == "fp32" or batch_size <= 2:
+        activations, checkpointed = saved_activation_bytes(
+            model, torch.zeros(batch_size, 3, height, width, device=device), precision)
+    else:
         one, one_ckpt = saved_activation_bytes(model, torch.zeros(1, 3, height, width, device=device), precision)
         two, two_ckpt = saved_activation_bytes(model, torch.zeros(2, 3, height, width, device=device), precision)
-        saved = one + (batch_size - 1) * (two - one)
+        activations = one + (batch_size - 1) * (two - one)
         checkpointed = None if one_ckpt is None else one_ckpt + (batch_size - 1) * (two_ckpt - one_ckpt)
-    return TrainingMemory(batch_size, height, width, optimizer, precision, params, grads, state, saved, checkpointed)
+    return TrainingMemory(batch_size, height, width, optimizer, precision, params, grads, state, activations,
+                          checkpointed)

@@ -6,6 +6,7 @@ poolformer.regression. torch is imported inside the commands.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -21,6 +22,7 @@ from .tables import name, number, print_table, prose, shared_words, without_word
 
 if TYPE_CHECKING:
     from poolformer.bench import BenchConfig, BenchResult, BenchSettings
+    from poolformer.distributed import Distributed
     from poolformer.regression import RegressionReport
 
 
@@ -58,6 +60,13 @@ def bench_command(
                                     "to the precision and run without autocast (timm's --model-dtype)."),
     impl: str = typer.Option("ours", help="Comma-separated implementations of the same model (see "
                                           "poolformer.implementations), e.g. ours,timm,fast,onnxruntime,openvino."),
+    mode: str = typer.Option("inference", help="Comma-separated: inference, train. A train step is forward, "
+                                               "cross-entropy on fixed random labels, backward, optimizer step; "
+                                               "with --impl ours or timm (or timm:NAME peers)."),
+    optimizer: str = typer.Option("sgd", help="Train rows: sgd (momentum 0.9) or adamw."),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Train rows: also measure each "
+                                            "with gradient checkpointing (every block recomputed in backward, as "
+                                            "timm's), beside the row without it."),
     weights: Optional[Path] = typer.Option(None, help="A checkpoint (any supported layout) or an exported .onnx "
                                                       "file (run with --impl onnxruntime or openvino) instead of "
                                                       "random weights."),
@@ -90,14 +99,23 @@ def bench_command(
     markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="Write the results and the regression "
                                                  "verdict as Markdown (for a job summary or a PR comment)."),
 ) -> None:
-    """Measure inference throughput (images/s), per-step latency (median, p90, IQR) and peak memory.
+    """Measure throughput (images/s), per-step latency (median, p90, IQR) and peak memory, for inference or training.
 
-    Every combination of model x impl x precision x resolution x batch size is one row. The first call (and
-    compilation) and the warm-up steps are timed apart from the measured steps.
+    Every combination of model x mode x impl x precision x resolution x batch size is one row. The first call
+    (and compilation) and the warm-up steps are timed apart from the measured steps. Under `torchrun
+    --nproc-per-node N`, train rows run in DistributedDataParallel (gloo on CPUs, nccl on GPUs) and report the
+    img/s of all processes and the scaling efficiency against one process; rank 0 prints and writes.
 
     Example: poolformer bench s12 s24 --batch-sizes 1,64 --precision fp32,bf16 --output results.json
     """
     names = resolve_models(models or ["s12"])
+    modes = _parse_names(mode, "--mode", ("inference", "train"))
+    if optimizer not in ("sgd", "adamw"):
+        fail(f"unknown optimizer {optimizer!r} for --optimizer; choose from: sgd, adamw")
+    if "train" not in modes and (grad_checkpointing or optimizer != "sgd"):
+        fail("--optimizer and --grad-checkpointing apply to train rows; add --mode train")
+    if modes == ["train"] and cast_model:
+        fail("train rows run under autocast with fp32 weights; --cast-model is for inference rows")
     batch_list = parse_int_list(batch_sizes, "--batch-sizes")
     resolution_list = parse_int_list(resolutions, "--resolutions", minimum=32)
     precisions = _parse_names(precision, "--precision", PRECISION_NAMES)
@@ -127,7 +145,7 @@ def bench_command(
     settings = engine.BenchSettings(warmup=warmup, iters=50 if iters is None else iters, min_time_s=min_time,
                                     threads=threads, normalised=normalised, noisy_iqr_ratio=noisy_threshold,
                                     compile_mode=compile_mode, compile_backend=compile_backend)
-    with user_errors():
+    with user_errors(), contextlib.ExitStack() as stack:
         engine.check_settings(settings)
         device_name = engine.resolve_device(device)
         for precision_name in precisions:
@@ -143,8 +161,17 @@ def bench_command(
                            "normalised": normalised, "noisy_iqr_ratio": noisy_threshold}
         configs = engine.expand_configs(names, impls, device_name, [1] if max_batch else batch_list,
                                         resolution_list, precisions, channels_last, compile,
-                                        None if weights is None else str(weights.expanduser()), cast_model)
-        results = _run_all(configs, settings, env, output, csv_path, max_batch, max_batch_limit)
+                                        None if weights is None else str(weights.expanduser()), cast_model,
+                                        modes, optimizer, (False, True) if grad_checkpointing else (False,))
+        for config in configs:
+            engine.check_config(config)
+        procs = stack.enter_context(_processes(device_name, modes, min_time))
+        env["world_size"] = procs.world_size
+        if not procs.is_main:  # rank 0 prints and writes; the others only train beside it
+            output = csv_path = None
+        results = _run_all(configs, settings, env, output, csv_path, max_batch, max_batch_limit, procs)
+    if not procs.is_main:
+        return
 
     document = {"env": env, "results": [r.to_row() for r in results]}
     report = None
@@ -167,6 +194,21 @@ def bench_command(
             raise typer.Exit(1)
     if not any(r.status == "ok" for r in results):
         raise typer.Exit(1)
+
+
+def _processes(device_name: str, modes: list[str], min_time: Optional[float]):
+    """This process's place in a torchrun job (a single process without torchrun); refuses what cannot run there."""
+    import torch
+
+    from poolformer.distributed import distributed, world_size_from_env
+
+    if world_size_from_env() > 1:
+        if modes != ["train"]:
+            fail("under torchrun bench measures train rows in DistributedDataParallel: use --mode train, and run "
+                 "inference rows without torchrun")
+        if min_time is not None:
+            fail("--min-time cannot be used under torchrun (every process must take the same steps); use --iters")
+    return distributed(torch.device(device_name))
 
 
 def _measure_regressed_again(report: RegressionReport, baseline_doc: dict, results: list[BenchResult],
@@ -210,8 +252,10 @@ def _write_reports(document: dict, report: Optional[RegressionReport], plot: Opt
 
 
 def _run_all(configs: list[BenchConfig], settings: BenchSettings, env: dict, output: Optional[Path],
-             csv_path: Optional[Path], max_batch: bool, max_batch_limit: int) -> list[BenchResult]:
-    """Run the configurations under a progress bar, saving the rows after each one (so Ctrl-C keeps them)."""
+             csv_path: Optional[Path], max_batch: bool, max_batch_limit: int,
+             procs: Optional[Distributed] = None) -> list[BenchResult]:
+    """Run the configurations under a progress bar (rank 0's only, under torchrun), saving the rows after each one
+    (so Ctrl-C keeps them)."""
     from dataclasses import replace
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -221,7 +265,7 @@ def _run_all(configs: list[BenchConfig], settings: BenchSettings, env: dict, out
     results: list[BenchResult] = []
     models = engine.ModelCache()  # rows that differ only in batch size (or autocast precision) share a model
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=err_console, transient=True)
+                        console=err_console, transient=True, disable=procs is not None and not procs.is_main)
     try:
         with progress:
             task = progress.add_task("benchmark", total=len(configs))
@@ -235,7 +279,7 @@ def _run_all(configs: list[BenchConfig], settings: BenchSettings, env: dict, out
                     env.setdefault("max_batch", {})[_describe(config)] = found.batch_size
                     env.setdefault("max_batch_limited_by", {})[_describe(config)] = found.limited_by
                     config = replace(config, batch_size=found.batch_size or 1)
-                results.extend(engine.run_benchmark([config], settings, models=models))
+                results.extend(engine.run_benchmark([config], settings, models=models, procs=procs))
                 _save(env, results, output, csv_path)
                 progress.advance(task)
     except KeyboardInterrupt:
@@ -261,12 +305,14 @@ def _save(env: dict, results: list[BenchResult], output: Optional[Path], csv_pat
         write_atomic(csv_path, csv_text(CSV_COLUMNS, [_csv_row(row) for row in rows]))
 
 
-CSV_COLUMNS = ("model", "impl", "device", "batch_size", "resolution", "precision", "channels_last", "compile",
-               "cast", "compile_mode", "status", "throughput", "latency_median_ms", "latency_p90_ms", "latency_iqr_ms",
+CSV_COLUMNS = ("model", "impl", "mode", "optimizer", "grad_checkpointing", "device", "batch_size", "resolution",
+               "precision", "channels_last", "compile", "cast", "compile_mode", "status", "throughput", "latency_median_ms", "latency_p90_ms", "latency_iqr_ms",
                "peak_memory_bytes", "peak_reserved_bytes", "first_call_ms", "compile_ms", "noisy",
                "reference_ms", "relative_throughput", "fp32_throughput", "precision_note",
                "parity_max_abs_diff", "parity_relative_diff", "parity_top1_agreement", "parity_ok", "parity_note",
-               "backend", "backend_note", "bytes_per_image", "achieved_tb_per_s", "error")
+               "backend", "backend_note", "bytes_per_image", "achieved_tb_per_s", "grad_parity_loss_relative_diff",
+               "grad_parity_grad_relative_diff", "grad_parity_ok", "world_size", "single_process_throughput",
+               "scaling_efficiency", "error")
 
 
 def _csv_row(row: dict) -> dict:
@@ -276,6 +322,8 @@ def _csv_row(row: dict) -> dict:
         flat[f"latency_{stat}_ms"] = row["latency_ms"][stat]
     for name in ("max_abs_diff", "relative_diff", "top1_agreement", "ok"):
         flat[f"parity_{name}"] = (row.get("parity") or {}).get(name)
+    for name in ("loss_relative_diff", "grad_relative_diff", "ok"):
+        flat[f"grad_parity_{name}"] = (row.get("grad_parity") or {}).get(name)
     return flat
 
 
@@ -333,7 +381,7 @@ def _print_results(results: list, normalised: bool, hardware: str = "",
     errors = [f"{labels[id(r)]}: {r.error}" for r in results if r.status == "error"]
     for line in errors:
         console.print(f"[red]error[/] {line}", soft_wrap=True)
-    for line in _precision_notes(results) + _fast_notes(results, bandwidth_tb_s):
+    for line in _precision_notes(results) + _fast_notes(results, bandwidth_tb_s) + _scaling_notes(results):
         console.print(f"[yellow]note[/] {line}", soft_wrap=True)
     memory = ("peak mem = peak bytes allocated by tensors on the GPU (1 MB = 10^6 bytes)" if device.startswith("cuda")
               else "peak mem = peak resident memory of the whole process (1 MB = 10^6 bytes)")
@@ -343,6 +391,11 @@ def _print_results(results: list, normalised: bool, hardware: str = "",
              "model where this row needed it first); max |Δ| = the row's logits against the fp32 eager reference with the same "
              "weights (timm's own for --impl timm), with the top-1 agreement where it is below 100%; mismatch = "
              "beyond tolerance, not a speed result; CL = channels_last."]
+    if any(r.config.mode == "train" for r in results):
+        notes.append("train = forward, loss, backward and optimizer step per step (stochastic depth off); ckpt = "
+                     "gradient checkpointing; ∇ = the largest relative difference of the loss and of any gradient "
+                     "against the other implementation (timm's for ours, ours for timm) with the same weights and "
+                     "batch.")
     if any_noisy:
         notes.append("! noisy: the IQR is a large share of the median - the machine was busy; rerun, "
                      "raise --iters/--min-time, or use --threads.")
@@ -366,7 +419,12 @@ def _iqr(r) -> Text:
 
 
 def _parity(r) -> Text:
-    """Max |logit difference| against the fp32 reference (and the top-1 agreement below 100%), red when failed."""
+    """Max |logit difference| against the fp32 reference (and the top-1 agreement below 100%), red when failed;
+    for a train row the largest relative difference of its loss and gradients ('∇ 3e-06')."""
+    if r.grad_parity is not None:
+        g = r.grad_parity
+        worst = max(g.grad_relative_diff, g.loss_relative_diff)
+        return Text("∇ " + (f"{worst:.0e}" if worst else "0"), style=None if g.ok else "red")
     if r.parity is None:
         return Text("-")
     p = r.parity
@@ -385,6 +443,13 @@ def _fast_notes(results: list, bandwidth_tb_s: Optional[float]) -> list[str]:
             lines.append(f"{_short_label(r.config, r.compile_mode)}: roofline {r.bytes_per_image / 1e6:.1f} MB moved "
                          f"per image by its kernels, {r.achieved_tb_per_s:.2f} TB/s{share}")
     return lines
+
+
+def _scaling_notes(results: list) -> list[str]:
+    """Under torchrun: each train row's processes, its img/s in one process and the scaling efficiency."""
+    return [f"{_short_label(r.config, r.compile_mode)}: {r.world_size} processes, {r.throughput:,.1f} img/s in all; "
+            f"one process alone {r.single_process_throughput:,.1f} img/s; scaling efficiency {r.scaling_efficiency:.2f}"
+            for r in results if r.scaling_efficiency is not None]
 
 
 def _precision_notes(results: list) -> list[str]:

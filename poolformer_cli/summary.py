@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from .common import (
-    check_writable, console, csv_text, human, one_int, one_resolution, print_json, resolve_models, user_errors,
+    check_writable, console, csv_text, fail, human, one_int, one_resolution, print_json, resolve_models, user_errors,
     write_atomic,
 )
 from .tables import count, name, number, print_table, print_words, prose
@@ -24,26 +24,33 @@ def summary_command(
     batch_size: str = typer.Option("1", "--batch-size", metavar="INTEGER", help="Batch size of the traced input."),
     depth: str = typer.Option("2", metavar="INTEGER", help="How deep to expand modules: 1 = stem/stages/head, 2 = blocks within "
                                       "stages, 3 = inside blocks, 4 = everything."),
+    optimizer: str = typer.Option("sgd", help="Whose state the training memory counts: sgd (momentum: one tensor "
+                                              "per parameter) or adamw (two)."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON object (an array of them for several "
                                                            "models) instead of tables."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the per-layer rows to this CSV file."),
 ) -> None:
-    """Per-layer summary: output shape, parameters, MACs and output activation size, with totals and a
-    per-stage breakdown.
+    """Per-layer summary: output shape, parameters, MACs and output activation size, with totals, a per-stage
+    breakdown and the memory a training step needs.
 
     MACs are multiply-accumulates of convolutions, linear layers and matrix products (1 MAC = 2 FLOPs);
-    `poolformer flops` compares this count with fvcore, thop and torch.
+    `poolformer flops` compares this count with fvcore, thop and torch. Training memory is parameters,
+    gradients, optimizer state and the activations autograd saves for backward, with and without gradient
+    checkpointing, at the batch size and resolution given.
 
     Example: poolformer summary s24 --depth 1
     """
     names = resolve_models(models)
+    if optimizer not in ("sgd", "adamw"):
+        fail(f"unknown optimizer {optimizer!r} for --optimizer; choose from: sgd, adamw")
     size = one_resolution(resolution, "summary")
     batch, levels = one_int(batch_size, "--batch-size"), one_int(depth, "--depth")
     check_writable(csv_path, "--csv")
     from poolformer.summary import summarize
 
     with user_errors():
-        results = [summarize(name, resolution=size, batch_size=batch, depth=levels) for name in names]
+        results = [summarize(name, resolution=size, batch_size=batch, depth=levels, optimizer=optimizer)
+                   for name in names]
     if csv_path is not None:
         write_atomic(csv_path, csv_text(CSV_COLUMNS, _csv_rows(results)))
     if json_output:
@@ -115,3 +122,23 @@ def _render(result) -> None:
     console.print("MACs count conv, linear and matmul multiply-accumulates only. Published figures are fvcore's, "
                   "which also charges 5 per normalised element; `poolformer flops` shows every counter and what "
                   "each one skips.", style="dim")
+    if result.training is not None:
+        _render_training(result.training)
+
+
+def _render_training(memory) -> None:
+    """Parameters, gradients, optimizer state and saved activations of a training step, without and with gradient
+    checkpointing (decimal units: 1 MB = 10^6 bytes)."""
+    state = {"sgd": "sgd momentum", "adamw": "adamw moments"}[memory.optimizer]
+    checkpointed = memory.activations_checkpointed_bytes
+    rows = [("parameters (fp32)", memory.params_bytes, memory.params_bytes),
+            ("gradients", memory.grads_bytes, memory.grads_bytes),
+            (f"optimizer state ({state})", memory.optimizer_bytes, memory.optimizer_bytes),
+            ("activations saved for backward", memory.activations_bytes, checkpointed),
+            ("total", memory.total_bytes, memory.total_checkpointed_bytes)]
+    print_table([name("", lambda r: r[0]), number("plain", lambda r: human(r[1], "B")),
+                 number("checkpointed", lambda r: human(r[2], "B"))], rows,
+                title=f"Training memory, batch {memory.batch_size}, {memory.optimizer}")
+    print_words("Counted, not measured: autograd's saved tensors during one forward (each storage once); with "
+                "gradient checkpointing each block keeps its input and backward recomputes one block at a time. "
+                "Allocator slack and backward's temporary buffers come on top.", style="dim")

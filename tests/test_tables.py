@@ -334,7 +334,7 @@ def test_eval(monkeypatch, width, checkpoint, images):
 
 @widths
 def test_export(monkeypatch, tmp_path_factory, width):
-    from poolformer.runtimes import exporting
+    from poolformer import export as exporting
 
     _replay(monkeypatch, "export", exporting, "export_model", runtimes=("onnxruntime",))  # one runtime renders
     path = tmp_path_factory.getbasetemp() / "export" / "s12.onnx"

@@ -37,13 +37,15 @@ the machine's speed at that moment (see BenchResult.relative_throughput and pool
 
 from .config import (
     BUILD_SEED, COMPILE_BACKENDS, COMPILE_MODES, PARITY_SAMPLES, PARITY_TOLERANCE, STATUSES, BenchConfig, BenchResult,
-    BenchSettings, BuildModel, LatencyStats, Parity, check_precision, check_settings, percentile, resolve_device,
+    BenchSettings, BuildModel, LatencyStats, Parity, check_config, check_precision, check_settings, percentile,
+    resolve_device,
 )
 from .inference import check_parity, run_config
 from .max_batch import MaxBatch, find_max_batch, search_max_batch
 from .models import ModelCache, describe, make_input, prepare_model, row_autocast, target
 from .reference import reference_workload
 from .runner import apply_settings, expand_configs, run_benchmark
+from .train import check_train_parity, run_train_config, train_reference
 from ..measure import synchronize
 
 __all__ = [
@@ -51,5 +53,6 @@ __all__ = [
     "BenchResult", "BenchSettings", "BuildModel", "LatencyStats", "Parity", "check_precision", "check_settings",
     "percentile", "resolve_device", "check_parity", "run_config", "MaxBatch", "find_max_batch", "search_max_batch",
     "ModelCache", "describe", "make_input", "prepare_model", "row_autocast", "target", "reference_workload",
-    "apply_settings", "expand_configs", "run_benchmark", "synchronize",
+    "apply_settings", "expand_configs", "run_benchmark", "synchronize", "check_train_parity", "run_train_config",
+    "train_reference", "check_config",
 ]

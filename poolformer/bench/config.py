@@ -13,6 +13,8 @@ from torch import nn
 from ..devices import PRECISIONS
 from ..devices import resolve_device as resolve_any_device
 from ..errors import ConfigError
+from ..implementations import implementation_for
+from ..training import GradParity, check_mode, check_optimizer
 
 STATUSES = ("ok", "mismatch", "oom", "error")
 
@@ -33,6 +35,9 @@ class BenchConfig:
     compile: bool = False
     weights: str | None = None  # a checkpoint or an exported .onnx file; None: random weights (seeded)
     cast: bool = False  # bf16/fp16: weights and input converted to the precision, no autocast (see prepare_model)
+    mode: str = "inference"  # or "train": forward, loss, backward, optimizer step (poolformer.training)
+    optimizer: str | None = None  # train rows: sgd or adamw
+    grad_checkpointing: bool = False  # train rows: each block recomputed in backward
 
 
 @dataclass
@@ -118,6 +123,16 @@ class BenchResult:
     backend_note: str | None = None  # --impl fast: why it did not run its Triton kernels on a GPU
     bytes_per_image: float | None = None  # --impl fast on Triton: bytes its kernels move per image (roofline)
     compile_mode: str | None = None  # torch.compile's mode of a compiled row ("default" when none was given)
+    grad_parity: GradParity | None = None  # train rows: loss and gradients against the reference implementation
+    world_size: int = 1  # train rows under torchrun: processes, each training on batch_size images
+    single_process_throughput: float | None = None  # under torchrun: the same row in one process, timed first
+
+    @property
+    def scaling_efficiency(self) -> float | None:
+        """Under torchrun: img/s of all processes over world_size x one process's img/s (1.0 = linear)."""
+        if self.status != "ok" or not self.single_process_throughput or not self.throughput or self.world_size < 2:
+            return None
+        return self.throughput / (self.world_size * self.single_process_throughput)
 
     @property
     def achieved_tb_per_s(self) -> float | None:
@@ -156,7 +171,10 @@ class BenchResult:
                    fp32_throughput=self.fp32_throughput,
                    parity=asdict(self.parity) if self.parity is not None else None, parity_note=self.parity_note,
                    backend=self.backend, backend_note=self.backend_note, bytes_per_image=self.bytes_per_image,
-                   achieved_tb_per_s=self.achieved_tb_per_s)
+                   achieved_tb_per_s=self.achieved_tb_per_s,
+                   grad_parity=asdict(self.grad_parity) if self.grad_parity is not None else None,
+                   world_size=self.world_size, single_process_throughput=self.single_process_throughput,
+                   scaling_efficiency=self.scaling_efficiency)
         return row
 
 
@@ -199,6 +217,22 @@ def check_precision(device: str, precision: str) -> None:
 # torch.compile's modes (inductor); max-autotune is what timm's best published GPU figures use
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_BACKENDS = ("inductor", "eager", "aot_eager", "cudagraphs")
+
+
+def check_config(config: BenchConfig) -> None:
+    """ConfigError for a row that cannot run: an unknown mode or optimizer, options of the other mode, a train row of
+    an inference-only implementation."""
+    check_mode(config.mode)
+    if config.mode == "inference":
+        if config.optimizer is not None or config.grad_checkpointing:
+            raise ConfigError("--optimizer and --grad-checkpointing apply to train rows (--mode train)")
+        return
+    check_optimizer(config.optimizer or "sgd")
+    if config.cast:
+        raise ConfigError("train rows run under autocast with fp32 weights; --cast-model is for inference rows")
+    if not implementation_for(config.model, config.impl, config.weights).trains:
+        raise ConfigError(f"--impl {config.impl} is inference-only; train rows run with --impl ours or timm "
+                          "(or a timm:NAME peer)")
 
 
 def check_settings(settings: BenchSettings) -> None:

@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from ..measure import free_memory, is_out_of_memory, synchronize
-from .config import BenchConfig, BuildModel, one_line
+from ..training import fixed_labels, train_step
+from .config import BenchConfig, BenchSettings, BuildModel, one_line
 from .models import make_input, prepare_model, row_autocast
+from .train import num_classes_of, prepare_training_model
 
 
 @dataclass(frozen=True)
@@ -21,15 +23,22 @@ class MaxBatch:
 
 
 def _try_batch(model: nn.Module, config: BenchConfig) -> str | None:
-    """None when two forward passes of `model` at `config`'s batch size run; "memory" when they run out of
-    memory; otherwise the error in one line."""
+    """None when two steps of `model` at `config`'s batch size run (forward passes, or train steps for a train
+    row); "memory" when they run out of memory; otherwise the error in one line."""
     device = torch.device(config.device)
     x = None
     try:
         x = make_input(config)
-        with torch.inference_mode(), row_autocast(config):
-            model(x)
-            model(x)
+        if config.mode == "train":
+            labels = fixed_labels(config.batch_size, num_classes_of(model), device)
+            step = train_step(model, x, labels, config.optimizer or "sgd", config.precision)
+            step()
+            step()
+            del step
+        else:
+            with torch.inference_mode(), row_autocast(config):
+                model(x)
+                model(x)
         synchronize(device)
         return None
     except Exception as err:
@@ -46,7 +55,11 @@ def search_max_batch(config: BenchConfig, limit: int = 4096, build_model: BuildM
     10,700 images of s12 at 224 px). Such an error above a batch that ran ends the search like an
     out-of-memory does, and `limited_by` names it. An error at batch 1 is raised: the model does not run.
     Assumes what fits at one batch size fits at every smaller one."""
-    model = prepare_model(replace(config, compile=False), build_model)
+    uncompiled = replace(config, compile=False)
+    if config.mode == "train":
+        model = prepare_training_model(uncompiled, BenchSettings(), build_model)
+    else:
+        model = prepare_model(uncompiled, build_model)
     try:
         first = _try_batch(model, replace(config, batch_size=1))
         if first == "memory":

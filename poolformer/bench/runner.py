@@ -3,23 +3,38 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
-from .config import BenchConfig, BenchResult, BenchSettings, BuildModel, check_settings
+from ..errors import ConfigError
+
+from ..distributed import Distributed, barrier
+from .config import BenchConfig, BenchResult, BenchSettings, BuildModel, check_config, check_settings
 from .inference import run_config
 from .models import ModelCache
 from .reference import reference_workload
+from .train import run_train_config
 
 
 def expand_configs(models: Iterable[str], impls: Iterable[str], device: str, batch_sizes: Iterable[int],
                    resolutions: Iterable[int], precisions: Iterable[str], channels_last: bool,
-                   compile: bool, weights: str | None = None, cast: bool = False) -> list[BenchConfig]:
-    """Every combination, in the order model > impl > precision > resolution > batch size (cast applies to
-    bf16/fp16 rows only)."""
-    return [BenchConfig(m, i, device, b, r, p, channels_last, compile, weights, cast and p != "fp32")
-            for m in models for i in impls for p in precisions for r in resolutions for b in batch_sizes]
+                   compile: bool, weights: str | None = None, cast: bool = False, modes: Iterable[str] = ("inference",),
+                   optimizer: str = "sgd", grad_checkpointing: Iterable[bool] = (False,)) -> list[BenchConfig]:
+    """Every combination, in the order model > mode > impl > precision > resolution > gradient checkpointing >
+    batch size (cast applies to bf16/fp16 inference rows only; optimizer and checkpointing to train rows)."""
+    rows = []
+    for m in models:
+        for mode in modes:
+            train = mode == "train"
+            for i in impls:
+                for p in precisions:
+                    for r in resolutions:
+                        for ckpt in (grad_checkpointing if train else (False,)):
+                            rows.extend(BenchConfig(m, i, device, b, r, p, channels_last, compile, weights,
+                                                    cast and p != "fp32" and not train, mode,
+                                                    optimizer if train else None, ckpt) for b in batch_sizes)
+    return rows
 
 
 def apply_settings(settings: BenchSettings, device: str) -> None:
@@ -30,29 +45,51 @@ def apply_settings(settings: BenchSettings, device: str) -> None:
         torch.backends.cudnn.benchmark = True  # pick the fastest convolution algorithm, as timm does
 
 
-def run_benchmark(configs: Iterable[BenchConfig], settings: BenchSettings,
-                  build_model: BuildModel | None = None, models: ModelCache | None = None) -> Iterator[BenchResult]:
+def run_benchmark(configs: Iterable[BenchConfig], settings: BenchSettings, build_model: BuildModel | None = None,
+                  models: ModelCache | None = None, procs: Distributed | None = None) -> Iterator[BenchResult]:
     """Measure each configuration in turn, yielding each result as soon as it is known (so a caller can save
     finished rows before a Ctrl-C). GPU runs carry NVML telemetry (or the reason it is absent).
-    models: a ModelCache to share across calls (a caller running one configuration per call)."""
+    models: a ModelCache to share across calls (a caller running one configuration per call).
+    procs: under torchrun, every process calls this with the same configurations; train rows then run in
+    DistributedDataParallel, after rank 0 has timed the same row alone (the others waiting) for the scaling
+    efficiency. Inference rows do not run under torchrun (ConfigError)."""
     from ..envinfo import NvmlTelemetry, cuda_uuid
 
     check_settings(settings)
     models = models if models is not None else ModelCache()
+    distributed = procs is not None and procs.active
     for config in configs:
+        check_config(config)
+        if distributed and config.mode != "train":
+            raise ConfigError("under torchrun bench measures train rows (--mode train) in DistributedDataParallel; "
+                              "run inference rows without torchrun")
         apply_settings(settings, config.device)
         reference = None
         if settings.normalised:
             reference = reference_workload(config.device, config.batch_size, config.resolution)
+        single = None
+        if distributed:
+            if procs.is_main:
+                single = run_train_config(config, settings, build_model, reference)
+            barrier(procs)
         if config.device.startswith("cuda"):
             index = torch.device(config.device).index or 0
             with NvmlTelemetry(index, uuid=cuda_uuid(index)) as telemetry:
-                result = run_config(config, settings, build_model, reference, models)
+                result = _run_row(config, settings, build_model, reference, models, procs)
             result.telemetry = telemetry.summary.to_dict()
         else:
-            result = run_config(config, settings, build_model, reference, models)
+            result = _run_row(config, settings, build_model, reference, models, procs)
+        if single is not None:
+            result.single_process_throughput = single.throughput
         _add_precision_note(result, settings, build_model, models)
         yield result
+
+
+def _run_row(config: BenchConfig, settings: BenchSettings, build_model: BuildModel | None, reference: Any,
+             models: ModelCache | None, procs: Distributed | None = None) -> BenchResult:
+    if config.mode == "train":
+        return run_train_config(config, settings, build_model, reference, procs)
+    return run_config(config, settings, build_model, reference, models)
 
 
 FP32_COMPARISON_STEPS = 3  # timed steps of the fp32 run beside an emulated-precision row (after 1 warm-up)
@@ -70,5 +107,5 @@ def _add_precision_note(result: BenchResult, settings: BenchSettings, build_mode
                                                                                            config.precision):
         return
     quick = replace(settings, warmup=1, iters=FP32_COMPARISON_STEPS, min_time_s=None, normalised=False, parity=False)
-    fp32 = run_config(replace(config, precision="fp32", cast=False), quick, build_model, models=models)
+    fp32 = _run_row(replace(config, precision="fp32", cast=False), quick, build_model, None, models)
     result.fp32_throughput = fp32.throughput
