@@ -14,22 +14,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from poolformer import create_model  # noqa: E402
+from poolformer.model import randomize_  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _own_tile_cache(tmp_path, monkeypatch):
     """Autotuned Triton tiles go to each test's own file, never the user's ~/.cache, and no test sees another's."""
     monkeypatch.setenv("POOLFORMER_TRITON_TILE_CACHE", str(tmp_path / "triton_tiles.json"))
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter random values (not the init's ones and zeros), so norms' affines, LayerScale and
-    biases all matter in comparisons."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
-    return model
 
 
 @pytest.fixture

@@ -22,9 +22,9 @@ from typer.testing import CliRunner
 
 from poolformer import create_model
 from poolformer.labels import imagenet_wnids
+from poolformer.model import randomize_
 from poolformer.weights import export_state_dict
 from poolformer_cli.app import app
-from tests.conftest import randomize_
 
 skdata = pytest.importorskip("skimage.data")
 runner = CliRunner()

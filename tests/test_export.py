@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from poolformer import create_model
+from poolformer.model import randomize_
 from poolformer.runtimes import exporting
 from poolformer.runtimes.export_forms import FoldedExport, mean_pool, portable_form
 from poolformer.runtimes.exporting import export_model, export_onnx
 from poolformer_cli.app import app
 
-from .conftest import assert_one_line_error, randomize_
+from .conftest import assert_one_line_error
 
 runner = CliRunner()
 

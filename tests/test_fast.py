@@ -21,9 +21,8 @@ from poolformer.fast import cpu as fast_cpu
 from poolformer.fast import runtime as fast_runtime
 from poolformer.fast.cpu import block_forward, head_forward, per_sample_inv_sigma, pool_minus_identity, pool_mix
 from poolformer.implementations import IMPLEMENTATIONS, build
+from poolformer.model import randomize_
 from poolformer_cli.app import app
-
-from .conftest import randomize_
 
 TOLERANCE = 1e-4  # fp32 logits, absolute
 

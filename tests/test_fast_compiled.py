@@ -21,9 +21,9 @@ from poolformer.fast import compiled as fast_compiled
 from poolformer.fast import fold
 from poolformer.fast.compiled import FoldedGraph, Frozen
 from poolformer.fast.module import explain_backend
+from poolformer.model import randomize_
 from poolformer_cli.app import app
 
-from .conftest import randomize_
 from .test_fast import _seeded, v1_model, v2_model  # noqa: F401  (the same seeded, randomised models)
 
 TOLERANCE = 1e-4  # fp32 logits, absolute (or twice the reference's own fp32 error against float64)

@@ -22,7 +22,7 @@ from poolformer.fast.roofline import (
     achieved_tb_per_s, bytes_per_image, fast_traffic, kernel_table, time_kernels,
 )
 
-from .conftest import randomize_
+from poolformer.model import randomize_
 
 def _interpreter_on() -> bool:
     try:

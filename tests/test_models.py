@@ -8,8 +8,8 @@ import torch
 from transformers import PoolFormerConfig, PoolFormerForImageClassification
 
 from poolformer import ConfigError, UnknownModelError, create_model, get_spec, list_models
+from poolformer.model import randomize_
 from poolformer.weights import export_state_dict
-from tests.conftest import randomize_
 
 V1 = ["poolformer_s12", "poolformer_s24", "poolformer_s36", "poolformer_m36", "poolformer_m48"]
 V2 = [f"poolformerv2_{s}" for s in ("s12", "s24", "s36", "m36", "m48")]

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.conftest import randomize_
 from poolformer import create_model
+from poolformer.model import randomize_
 from poolformer.weights import export_state_dict
 from poolformer_cli.app import app
 

@@ -14,12 +14,13 @@ from typer.testing import CliRunner
 from poolformer import CheckpointError, ConfigError, create_model
 from poolformer.bench import BenchConfig, BenchSettings, run_config
 from poolformer.implementations import build
+from poolformer.model import randomize_
 from poolformer.regression import compare
 from poolformer.runtimes import export_model
 from poolformer.runtimes.runners import RuntimeModule, available, make_runner
 from poolformer_cli.app import app
 
-from .conftest import assert_one_line_error, randomize_
+from .conftest import assert_one_line_error
 
 runner = CliRunner()
 QUICK = BenchSettings(warmup=0, iters=2)

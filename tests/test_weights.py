@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from transformers import PoolFormerConfig, PoolFormerForImageClassification
 
 from poolformer import CheckpointError, create_model, get_spec
+from poolformer.model import randomize_
 from poolformer.weights import LAYOUTS, convert_state_dict, export_state_dict, load_checkpoint, read_checkpoint
-from tests.conftest import randomize_
 
 V1 = ["s12", "s24", "s36", "m36", "m48"]
 V2 = [f"v2_{s}" for s in V1]
