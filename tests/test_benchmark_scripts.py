@@ -1,31 +1,75 @@
 """The benchmark scripts at tiny sizes (the GPU ones in their --smoke form: the same code on the CPU), so they never rot
-between the sessions that have a GPU. Each runs in a fresh interpreter where fvcore and thop cannot be
-imported, as on the GPU machine."""
+between the sessions that have a GPU. Each runs as `python benchmarks/NAME.py`, in a fresh interpreter where
+fvcore and thop cannot be imported, as on the GPU machine."""
 
 from __future__ import annotations
 
+import ast
+import atexit
+import functools
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK_OPTIONAL_COUNTERS = "import sys; sys.modules['fvcore'] = None; sys.modules['thop'] = None"
+BENCHMARKS = ROOT / "benchmarks"
+
+
+@functools.cache
+def _hidden_counters() -> str:
+    """A folder whose fvcore and thop raise ImportError: first on PYTHONPATH, it hides the installed ones."""
+    folder = tempfile.mkdtemp(prefix="poolformer-no-counters-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    for name in ("fvcore", "thop"):
+        Path(folder, f"{name}.py").write_text(f"raise ImportError('{name} is not installed on the GPU machine')\n")
+    return folder
 
 
 def _run_script(script: str, *args: str, timeout: int = 600,
                 env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    code = (f"{BLOCK_OPTIONAL_COUNTERS}; import runpy; sys.argv = {[script, *args]!r}; "
-            f"runpy.run_path({script!r}, run_name='__main__')")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((_hidden_counters(), str(ROOT))), **(env_extra or {})}
     for name in ("POOLFORMER_TRITON_INTERPRET", "TRITON_INTERPRET", "POOLFORMER_FAST_BACKEND"):
         env.pop(name, None)  # the scripts set what they need themselves
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def _import_script(name: str, monkeypatch) -> object:
+    """benchmarks/NAME.py as a module, its sibling _common with it, loaded from their files (as
+    `python benchmarks/NAME.py` finds them) for this test only."""
+    for module_name in ("_common", name):
+        spec = importlib.util.spec_from_file_location(module_name, BENCHMARKS / f"{module_name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, module_name, module)
+        spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_scripts_use_the_library_only_and_leave_the_import_path_alone():
+    """The scripts import poolformer, never poolformer_cli (a command runs as `python -m poolformer_cli` in a
+    process of its own), and none edits sys.path: their shared helpers are the sibling module _common."""
+    scripts = sorted(BENCHMARKS.glob("*.py"))
+    assert BENCHMARKS / "_common.py" in scripts
+    for path in scripts:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            where = f"benchmarks/{path.name}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Import):
+                imported = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                imported = [node.module or ""] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                imported = []
+            assert not [n for n in imported if n.split(".")[0] == "poolformer_cli"], where
+            assert "sys.path" not in imported, where
+            assert not (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+                        and node.value.id == "sys"), where
 
 
 @pytest.fixture(scope="module")
@@ -211,9 +255,9 @@ def test_openvino_profile_splits_each_forms_time_by_node_kind(tmp_path):
 
 
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")), reason="no C compiler")
-def test_fma_peak_probe_counts_two_threads_as_twice_one_and_refuses_what_it_cannot_measure(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from openvino_profile import build_peak_probe, fma_peak
+def test_fma_peak_probe_counts_two_threads_as_twice_one_and_refuses_what_it_cannot_measure(tmp_path, monkeypatch):
+    openvino_profile = _import_script("openvino_profile", monkeypatch)
+    build_peak_probe, fma_peak = openvino_profile.build_peak_probe, openvino_profile.fma_peak
 
     probe, why = build_peak_probe(tmp_path)
     assert probe is not None, why
