@@ -17,6 +17,16 @@ from poolformer import create_model  # noqa: E402
 from poolformer.model import randomize_  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need CUDA: without it they are skipped, not failed (the markers: pyproject.toml)."""
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(no_gpu)
+
+
 @pytest.fixture(autouse=True)
 def _own_tile_cache(tmp_path, monkeypatch):
     """Autotuned Triton tiles go to each test's own file, never the user's ~/.cache, and no test sees another's."""
@@ -36,6 +46,12 @@ def s12_checkpoint(tmp_path, s12_random):
     path = tmp_path / "poolformer_s12.pth.tar"
     torch.save(export_state_dict(s12_random, "official"), path)
     return path
+
+
+def marked_slow(values: list, *slow: object) -> list:
+    """Cases for @pytest.mark.parametrize with the ones in `slow` marked slow, so that the quick loop
+    (-m "not slow") still runs the check on the others."""
+    return [pytest.param(value, marks=pytest.mark.slow) if value in slow else value for value in values]
 
 
 def assert_one_line_error(result, message: str, exit_code: int = 2) -> None:

@@ -80,6 +80,8 @@ def gpu_suite(tmp_path_factory):
     return json.loads((out / "gpu_suite.json").read_text()), (out / "gpu_suite.md").read_text()
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_gpu_suite_smoke_runs_every_section_without_defects(gpu_suite):
     document, report = gpu_suite
     assert document["defects"] == [], document["defects"]
@@ -88,6 +90,8 @@ def test_gpu_suite_smoke_runs_every_section_without_defects(gpu_suite):
     assert "## bench: main: s12" in report and "## regression" in report
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_gpu_suite_sweep_covers_impls_compile_and_max_batch(gpu_suite):
     sweep = gpu_suite[0]["sections"]["sweep"]
     main = sweep["main: s12"]["rows"]
@@ -102,6 +106,8 @@ def test_gpu_suite_sweep_covers_impls_compile_and_max_batch(gpu_suite):
     assert sweep["env"]["device"] == "cpu" and sweep["env"]["cpu"]
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_gpu_suite_oom_row_and_recovery(gpu_suite):
     oom = gpu_suite[0]["sections"]["oom"]
     assert oom["statuses"] == ["ok", "oom", "ok"] and oom["ok"]
@@ -110,6 +116,8 @@ def test_gpu_suite_oom_row_and_recovery(gpu_suite):
     assert oom["throughput_after_oom"] > 0 and oom["throughput_without_oom"] > 0
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_gpu_suite_timing_profile_memory_and_known_answers(gpu_suite):
     sections = gpu_suite[0]["sections"]
     timing = sections["timing"]["batch 2"]
@@ -125,6 +133,9 @@ def test_gpu_suite_timing_profile_memory_and_known_answers(gpu_suite):
     assert regression["unchanged"]["fired"] in (0, 1, 2) and len(regression["slowed"]["changes_pct"]) == 2
 
 
+@pytest.mark.subprocess
+@pytest.mark.interpreter
+@pytest.mark.slow
 def test_fast_gpu_smoke_measures_every_contender(tmp_path):
     done = _run_script("benchmarks/fast_gpu.py", "--smoke", "--out", str(tmp_path), "--models", "poolformer_s12")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -150,6 +161,9 @@ def test_fast_gpu_smoke_measures_every_contender(tmp_path):
     assert "| poolformer_s12 |" in report and "Batch-1 latency" in report and "Kernel by kernel" in report
 
 
+@pytest.mark.subprocess
+@pytest.mark.interpreter
+@pytest.mark.slow
 def test_fast_gpu_kernel_table_of_the_gemm_form(tmp_path):
     """The lease's `gemm` step in smoke form (POOLFORMER_TRITON_MLP=gemm): every stage's MLP runs as the GEMM
     form, the kernel table names its launches and the MLP comparison labels the form."""
@@ -163,6 +177,8 @@ def test_fast_gpu_kernel_table_of_the_gemm_form(tmp_path):
     assert "(gemm)" in (tmp_path / "fast_gpu.md").read_text()
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_fast_gpu_runs_only_the_chosen_contenders(tmp_path):
     """--candidates leaves out contenders (the H200 run had no time for max-autotune's compile); a name that is
     not a contender is refused before anything runs."""
@@ -176,20 +192,27 @@ def test_fast_gpu_runs_only_the_chosen_contenders(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("script", ["benchmarks/gpu_suite.py", "benchmarks/fast_gpu.py", "benchmarks/triton_sm90.py"])
+@pytest.mark.subprocess
+@pytest.mark.parametrize("script", [pytest.param("benchmarks/gpu_suite.py", marks=pytest.mark.slow),
+                                    "benchmarks/fast_gpu.py",
+                                    pytest.param("benchmarks/triton_sm90.py", marks=pytest.mark.slow)])
 def test_scripts_refuse_an_unknown_model_in_one_line(script, tmp_path):
     done = _run_script(script, "--out", str(tmp_path / "out"), "--models", "s12,s99")
     assert done.returncode == 2 and "unknown models ['s99']" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here: the scripts would run in full")
-@pytest.mark.parametrize("script", ["benchmarks/gpu_suite.py", "benchmarks/fast_gpu.py"])
+@pytest.mark.parametrize("script", ["benchmarks/gpu_suite.py",
+                                    pytest.param("benchmarks/fast_gpu.py", marks=pytest.mark.slow)])
 def test_scripts_without_a_gpu_say_so(script, tmp_path):
     done = _run_script(script, "--out", str(tmp_path))
     assert done.returncode == 2 and "no CUDA GPU here" in done.stderr
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_openvino_crash_check_counts_processes_per_case(tmp_path):
     pytest.importorskip("openvino")
     pytest.importorskip("onnxruntime")
@@ -212,12 +235,13 @@ def test_openvino_crash_check_counts_processes_per_case(tmp_path):
         out.with_suffix(".md").read_text())
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("script, args, message", [
     ("openvino_crash_check", ["--runs", "0"], "--runs must be at least 1"),
     ("openvino_crash_check", ["--cases", "cores-in-order,bogus"], "unknown case(s) bogus"),
-    ("openvino_profile", ["--precisions", "fp8"], "unknown precision"),
+    pytest.param("openvino_profile", ["--precisions", "fp8"], "unknown precision", marks=pytest.mark.slow),
     ("openvino_profile", ["--batch-sizes", "one"], "comma-separated integers"),
-    ("openvino_profile", ["--calls", "0"], "at least 1"),
+    pytest.param("openvino_profile", ["--calls", "0"], "at least 1", marks=pytest.mark.slow),
 ])
 def test_openvino_scripts_refuse_bad_arguments_in_one_line(tmp_path, script, args, message):
     done = _run_script(f"benchmarks/{script}.py", *args, "--out", str(tmp_path / "out"))
@@ -225,6 +249,8 @@ def test_openvino_scripts_refuse_bad_arguments_in_one_line(tmp_path, script, arg
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_openvino_profile_splits_each_forms_time_by_node_kind(tmp_path):
     pytest.importorskip("openvino")
     import torch
@@ -274,6 +300,8 @@ def test_fma_peak_probe_counts_two_threads_as_twice_one_and_refuses_what_it_cann
     assert fma_peak(None, "fp32", 1) is None
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_runtimes_cpu_benchmark_measures_every_candidate_with_parity_and_a_floor(tmp_path):
     pytest.importorskip("openvino")
     pytest.importorskip("onnxruntime")
@@ -321,12 +349,16 @@ def test_runtimes_cpu_benchmark_measures_every_candidate_with_parity_and_a_floor
     assert "## fp32" in report and "`fast` over `fast (openvino, ONNX export)`" in report
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_runtimes_cpu_benchmark_refuses_an_unknown_compiler(tmp_path):
     done = _run_script("benchmarks/runtimes_cpu.py", "--compiler", "tvm", "--out", str(tmp_path / "r"))
     assert done.returncode == 2 and "unknown --compiler 'tvm'" in done.stderr and "Traceback" not in done.stderr
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_triton_sm90_compiles_the_recorded_launches_without_a_gpu(tmp_path):
     """The kernels' launches of a real forward (meta tensors), compiled for Hopper by Triton and its ptxas: every
     kernel of a stage appears with its registers and spills. Recording drifts with the launch code, so this
@@ -350,6 +382,8 @@ def test_triton_sm90_compiles_the_recorded_launches_without_a_gpu(tmp_path):
     assert "| s12 | mlp C=64 D=256" in (tmp_path / "triton_sm90.md").read_text()
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_gpu_lease_script_checks_its_steps_and_packs_every_step(tmp_path):
     """benchmarks/gpu_lease.sh (one lease's measurements): an unknown step is refused before anything runs; a
     step runs under its timeout and its log is packed into OUT/results.tgz (here the GPU script exits at once:

@@ -115,6 +115,7 @@ def _check_summary(document, expected=EXPECTED):
     assert document["throughput"] > 0
 
 
+@pytest.mark.slow
 def test_imagenet_layout_exact_top1_top5_and_files(tmp_path, known):
     checkpoint = known[0]
     targets, broken = _imagenet_tree(tmp_path / "imagenet", known)
@@ -141,6 +142,7 @@ def test_imagenet_layout_exact_top1_top5_and_files(tmp_path, known):
     assert [r["path"] for r in rows if r["error"]] == [str(broken)]
 
 
+@pytest.mark.slow
 def test_options_keep_the_answer(tmp_path, known):
     """channels_last, another batch size, bf16 autocast and --json change nothing that is counted."""
     _imagenet_tree(tmp_path, known)
@@ -153,6 +155,7 @@ def test_options_keep_the_answer(tmp_path, known):
     assert json.loads(low.stdout)["images"] == 6 and json.loads(low.stdout)["precision"] == "bf16"
 
 
+@pytest.mark.slow
 def test_limit_takes_images_spread_over_the_dataset(tmp_path, known):
     targets, broken = _imagenet_tree(tmp_path, known)
     in_order = sorted([*targets, str(broken)], key=lambda p: (p.split("/")[-2], p))  # class folder, then file
@@ -167,6 +170,7 @@ def test_limit_takes_images_spread_over_the_dataset(tmp_path, known):
     assert document["correct_top1"] == sum(targets[p][0] == targets[p][1][0] for p in scored)
 
 
+@pytest.mark.slow
 def test_class_map_for_any_folder_names(tmp_path, known):
     checkpoint, images, rankings = known
     mapping = {}
@@ -185,6 +189,7 @@ def test_class_map_for_any_folder_names(tmp_path, known):
     assert document["mapping"] == "class-map"
 
 
+@pytest.mark.slow
 def test_sorted_folders_when_count_equals_classes(tmp_path, known):
     _, images, _ = known
     model = randomize_(create_model("s12", num_classes=10), seed=8)
@@ -205,6 +210,8 @@ def test_sorted_folders_when_count_equals_classes(tmp_path, known):
     assert document["mapping"] == "sorted" and document["images"] == 3 and document["correct_top1"] == 2
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path, known):
     _imagenet_tree(tmp_path / "data", known)
     single_json, single_csv = tmp_path / "one.json", tmp_path / "one.csv"

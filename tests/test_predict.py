@@ -46,6 +46,7 @@ def _predict(*args: str):
     return runner.invoke(app, ["predict", *map(str, args)])
 
 
+@pytest.mark.slow
 def test_json_matches_independent_pipeline(photos, s12_random, s12_checkpoint):
     from timm.data import ImageNetInfo
 
@@ -63,6 +64,7 @@ def test_json_matches_independent_pipeline(photos, s12_random, s12_checkpoint):
         assert [p["label"] for p in entry["predictions"]] == [info.index_to_description(i) for i in indices]
 
 
+@pytest.mark.slow
 def test_table_per_image_and_batch_size_does_not_change_results(photos, s12_checkpoint):
     table = _predict(photos, "--weights", s12_checkpoint, "--top-k", "2")
     assert table.exit_code == 0, table.output
@@ -75,6 +77,7 @@ def test_table_per_image_and_batch_size_does_not_change_results(photos, s12_chec
     assert len(one) == 3 and all(len(e["predictions"]) == 5 for e in one)
 
 
+@pytest.mark.slow
 def test_directory_glob_and_failures(photos, s12_checkpoint):
     (photos / "broken.jpg").write_bytes((photos / "coffee.jpg").read_bytes()[:2000])
     (photos / "notes.txt").write_text("not an image, and not picked up from the directory")
@@ -95,6 +98,7 @@ def test_directory_glob_and_failures(photos, s12_checkpoint):
     assert "astronaut.jpg" in table.stdout
 
 
+@pytest.mark.slow
 def test_other_class_count_shows_indices_or_labels_file(tmp_path, photos):
     model = randomize_(create_model("s12", num_classes=10), seed=3)
     checkpoint = tmp_path / "ten_classes.pth"
@@ -132,6 +136,7 @@ def test_refuses_without_weights_and_bad_options(photos, s12_checkpoint):
         assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_impl_choices_are_read_at_run_time(photos, s12_checkpoint, monkeypatch):
     """A newly registered implementation (as issue #6 adds "fast") is accepted without touching predict."""
     from poolformer import implementations
@@ -148,6 +153,7 @@ def test_impl_choices_are_read_at_run_time(photos, s12_checkpoint, monkeypatch):
     assert built == ["MetaFormer"]
 
 
+@pytest.mark.slow
 def test_timm_implementation_runs_the_timm_model(photos, s12_random, s12_checkpoint):
     import timm
 
