@@ -28,22 +28,16 @@ import torch
 from poolformer import create_model
 from poolformer.fast import optimize
 from poolformer.implementations import IMPLEMENTATIONS
+from poolformer.model import randomize_
+
+from _common import write_report
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights around the init scale, so norms' affines and LayerScale all matter (as tests do)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02 + (1.0 if p.ndim == 1 else 0.0))
-    return model
-
-
 def candidates(model_name: str) -> dict[str, tuple[torch.nn.Module, str]]:
     """name -> (module, input memory format); all carry the same weights."""
-    ours = randomize_(create_model(model_name))
+    ours = randomize_(create_model(model_name), std=0.02)
     timm_nchw = IMPLEMENTATIONS["timm"].convert(ours)
     timm_cl = IMPLEMENTATIONS["timm"].convert(ours).to(memory_format=torch.channels_last)
     return {
@@ -187,10 +181,7 @@ def main() -> None:
         "utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
+    write_report(Path(args.out), report, markdown(report))
 
 
 if __name__ == "__main__":

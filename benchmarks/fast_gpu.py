@@ -46,8 +46,9 @@ from poolformer import bench, create_model, optimize  # noqa: E402
 from poolformer.envinfo import environment  # noqa: E402
 from poolformer.fast.triton.chooser import TileChooser  # noqa: E402
 from poolformer.implementations import IMPLEMENTATIONS  # noqa: E402
-from poolformer.zoo import unknown_models  # noqa: E402
-from poolformer_cli.common import write_atomic  # noqa: E402
+from poolformer.model import randomize_  # noqa: E402
+
+from _common import model_list, write_text  # noqa: E402
 
 MODELS = ("poolformer_s12", "poolformerv2_s12", "poolformer_m36")
 SECTIONS = ("throughput", "latency", "exactness", "kernels")
@@ -61,11 +62,7 @@ def randomised_build(seed: int = 0, tiles: TileChooser | None = None):
     would make every block nearly the identity and parity trivially good), in the requested implementation;
     fast models take their Triton tiles from `tiles` (a TileChooser; None: each its own)."""
     def build(name: str, impl: str, **kwargs):
-        model = create_model(name, **kwargs)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.02 + (1.0 if p.ndim == 1 else 0.0))
+        model = randomize_(create_model(name, **kwargs), seed, std=0.02)
         if impl == "fast":
             return optimize(model, tiles=tiles)
         return IMPLEMENTATIONS[impl].convert(model)
@@ -318,10 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
-    models = [m for m in args.models.split(",") if m]
-    unknown = unknown_models(models)
-    if unknown or not models:
-        parser.error(f"unknown models {unknown}; see `poolformer list`" if unknown else "--models names no model")
+    models = model_list(parser, args.models)
     names = [c[0] for c in candidates("s12", "cpu", 1, 64, "bf16")]
     chosen = names if args.candidates is None else [c.strip() for c in args.candidates.split(",") if c.strip()]
     if set(chosen) - set(names):
@@ -354,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         document["mlp_tiles"] = tiles.mlp_tiles_in_use()  # which tile each shape ran with (autotuned on a GPU)
         document["pool_mix_tiles"] = tiles.pool_tiles_in_use()
         document["autotune_timings"] = tiles.autotune_timings()
-        write_atomic(args.out / "fast_gpu.json", json.dumps(document, indent=2) + "\n")
-        write_atomic(args.out / "fast_gpu.md", markdown(document))
+        write_text(args.out / "fast_gpu.json", json.dumps(document, indent=2) + "\n")
+        write_text(args.out / "fast_gpu.md", markdown(document))
 
     for model in models:
         print(model, file=sys.stderr)

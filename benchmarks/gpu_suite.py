@@ -45,8 +45,8 @@ import torch
 from poolformer import bench, create_model
 from poolformer.envinfo import environment
 from poolformer.implementations import IMPLEMENTATIONS
-from poolformer.zoo import unknown_models
-from poolformer_cli.common import write_atomic
+
+from _common import model_list, write_text
 
 
 @dataclass(frozen=True)
@@ -89,23 +89,26 @@ SECTIONS = ("sweep", "oom", "timing", "profile", "predict_eval", "memory", "regr
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def cli(*args: str) -> tuple[int, str]:
-    """Run `poolformer ARGS` in this process (the Typer app, as the console script runs it): exit code, stdout."""
-    from typer.testing import CliRunner
+def command_env() -> dict[str, str]:
+    """This process's environment with the repository first on PYTHONPATH: a command run from here runs this
+    checkout's poolformer, as this script does."""
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
 
-    from poolformer_cli.app import app
 
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """Run `poolformer ARGS` as a user does, in a fresh process (`python -m poolformer_cli`, what the console
+    script runs); stdout and stderr captured."""
+    return subprocess.run([sys.executable, "-m", "poolformer_cli", *map(str, args)], capture_output=True, text=True,
+                          env=command_env())
 
 
 def run_json(*args: str) -> dict:
-    code, out = cli(*args)
-    if code != 0:
-        raise RuntimeError(f"poolformer {' '.join(args)} exited {code}: {out.strip()[-500:]}")
-    return json.loads(out)
+    done = cli(*args)
+    if done.returncode != 0:
+        message = (done.stderr.strip() or done.stdout.strip())[-500:]
+        raise RuntimeError(f"poolformer {' '.join(map(str, args))} exited {done.returncode}: {message}")
+    return json.loads(done.stdout)
 
 
 def rows_summary(rows: list[dict]) -> list[dict]:
@@ -371,7 +374,7 @@ def section_predict_eval(plan: Plan, work: Path) -> dict:
                    "eval", str(data), "--weights", str(checkpoint), "--device", plan.device, "--batch-size", "4",
                    "--workers", "0", "--json"]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                              env=command_env())
         if done.returncode != 0:
             raise RuntimeError(f"torchrun eval exited {done.returncode}: {done.stderr.strip()[-500:]}")
         start = done.stdout.index("{")
@@ -534,11 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown sections {sorted(set(sections) - set(SECTIONS))}; choose from {SECTIONS}")
     plan = SMOKE if args.smoke else GPU
     if args.models is not None:
-        models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-        unknown = unknown_models(list(models))
-        if unknown or not models:
-            parser.error(f"unknown models {unknown}; see `poolformer list`" if unknown else "--models names no model")
-        plan = replace(plan, models=models)
+        plan = replace(plan, models=tuple(model_list(parser, args.models)))
     if plan.device == "cuda" and not torch.cuda.is_available():
         print("gpu_suite.py: no CUDA GPU here (use --smoke for the CPU run)", file=sys.stderr)
         return 2
@@ -550,8 +549,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         document["wall_s"] = time.perf_counter() - started
-        write_atomic(args.out / "gpu_suite.json", json.dumps(document, indent=2, default=str) + "\n")
-        write_atomic(args.out / "gpu_suite.md", markdown(document))
+        write_text(args.out / "gpu_suite.json", json.dumps(document, indent=2, default=str) + "\n")
+        write_text(args.out / "gpu_suite.md", markdown(document))
 
     with tempfile.TemporaryDirectory() as scratch:
         for name in sections:

@@ -14,7 +14,6 @@ Writes benchmarks/results/method_crosscheck_cpu.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,6 +25,8 @@ import torch.utils.benchmark as tbench
 from poolformer import bench
 from poolformer.envinfo import environment
 from poolformer.implementations import build
+
+from _common import write_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -86,8 +87,6 @@ def main() -> None:
     command = "flock /tmp/poolformer-bench.lock python benchmarks/method_crosscheck.py " + " ".join(sys.argv[1:])
     document = {"env": environment("cpu"), "command": command, "config": vars(args), "rounds": rounds,
                 "summary": summary}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "method_crosscheck_cpu.json").write_text(json.dumps(document, indent=2) + "\n")
     env = document["env"]
     lines = [f"# Method cross-check (s12, CPU, fp32, batch {args.batch_size}, {args.resolution}px, "
              f"{args.threads} thread(s))", "", f"Command: `{command}`  ",
@@ -96,7 +95,7 @@ def main() -> None:
              "| timer | latency ms | img/s | vs ours |", "|---|---|---|---|"]
     for key, s in summary.items():
         lines.append(f"| {key} | {s['latency_ms']:.2f} | {s['img_per_s']:.1f} | {s['vs_ours_pct']:+.1f}% |")
-    (RESULTS / "method_crosscheck_cpu.md").write_text("\n".join(lines) + "\n")
+    write_report(RESULTS / "method_crosscheck_cpu", document, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

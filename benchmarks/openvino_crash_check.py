@@ -34,7 +34,6 @@ Writes OUT.json and OUT.md (command, machine, one row per case).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -45,7 +44,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from poolformer_cli.common import write_atomic
+from _common import write_report
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,9 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     results["cases"] = rows
-    write_atomic(out.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
-    write_atomic(out.with_suffix(".md"), markdown(results))
-    print(f"wrote {out.with_suffix('.md')}")
+    write_report(out, results, markdown(results))
 
 
 if __name__ == "__main__":

@@ -38,12 +38,11 @@ from poolformer import create_model
 from poolformer.capabilities import cpu_capabilities
 from poolformer.fast import fold
 from poolformer.fast.openvino_graph import build_model
+from poolformer.model import randomize_
 from poolformer.runtimes.exporting import openvino_converter
 from poolformer.runtimes.sessions import openvino_core
 
-sys.path.insert(0, str(Path(__file__).parent))
-from runtimes_cpu import (  # noqa: E402  (shared with the throughput benchmark)
-    add_model_arguments, batches_and_precisions, randomize_, write_report)
+from _common import add_model_arguments, batches_and_precisions, write_report
 
 RESULTS = Path(__file__).parent / "results"
 PEAK_SOURCE = Path(__file__).parent / "fma_peak.c"
@@ -204,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         parser.error("openvino is not installed: pip install -e '.[dev]'")
     torch.set_num_threads(args.threads)
-    model = randomize_(create_model(args.model)).eval()
+    model = randomize_(create_model(args.model), std=0.02).eval()
     build = tempfile.TemporaryDirectory(prefix="fma_peak_")
     probe, why_no_probe = build_peak_probe(Path(build.name))
     results = {"model": model.spec.name, "resolution": args.resolution, "calls": args.calls, "rounds": args.rounds,

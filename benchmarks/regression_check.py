@@ -20,7 +20,6 @@ Writes benchmarks/results/regression_check_cpu.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import statistics
 import sys
@@ -33,6 +32,8 @@ from torch import nn
 from poolformer import bench, implementations
 from poolformer.envinfo import environment
 from poolformer.regression import compare
+
+from _common import write_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # What the committed results show; regenerate by hand if a rerun says otherwise.
@@ -143,8 +144,6 @@ def main() -> None:
                 "benchmarks/regression_check.py " + " ".join(sys.argv[1:]), "threshold_pct": args.threshold,
                 "config": {**CI_ARGS, "warmup": SETTINGS.warmup, "iters": SETTINGS.iters, "threads": SETTINGS.threads},
                 "baseline": baseline, "scenarios": scenarios, "summary": summary}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "regression_check_cpu.json").write_text(json.dumps(document, indent=2) + "\n")
     lines = [f"# Regression check on noise and on a 20% slowdown (CPU, threshold {args.threshold:g}%)", "",
              f"Command: `{document['command']}`  ", f"Date: {document['env']['date']}, CPU: "
              f"{document['env']['cpu_model']}, torch {document['env']['torch']}, commit {document['env']['git_commit']}",
@@ -156,7 +155,7 @@ def main() -> None:
             lines.append(f"| {name} | {mode} | {s['runs']} | {s['fired']} | {s['change_pct_min']:+.1f}% | "
                          f"{s['change_pct_median']:+.1f}% | {s['change_pct_max']:+.1f}% |")
     lines += ["", READING]
-    (RESULTS / "regression_check_cpu.md").write_text("\n".join(lines) + "\n")
+    write_report(RESULTS / "regression_check_cpu", document, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -68,25 +67,18 @@ from poolformer.fast.folding import FoldedModel, Plan
 from poolformer.fast.runtime_backends import BACKEND_NAMES
 from poolformer.fast.runtime_backends import runs as runtime_runs
 from poolformer.implementations import IMPLEMENTATIONS
+from poolformer.model import randomize_
 from poolformer.runtimes.export_forms import portable_form
 from poolformer.runtimes.exporting import export_onnx, openvino_converter
 from poolformer.runtimes.sessions import OnnxRuntimeRunner, OpenVinoRunner, RuntimeModule
-from poolformer_cli.common import write_atomic
+
+from _common import add_model_arguments, batches_and_precisions, write_report
 
 RESULTS = Path(__file__).parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RUNTIMES = {"fp32": ("onnxruntime", "openvino"), "bf16": ("openvino",)}  # ONNX Runtime: no bf16 CPU kernels
 EXPORTS = {"onnxruntime": ("torch-export", "portable-export"),
            "openvino": ("torch-export", "portable-export", "convert-model")}  # convert-model: OpenVINO's own frontend
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights around the init scale, so norms' affines and LayerScale all matter (as tests do)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02 + (1.0 if p.ndim == 1 else 0.0))
-    return model
 
 
 FOLDED_ONNX = "fast (openvino, ONNX export)"
@@ -332,43 +324,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options the CPU runtime benchmarks share: model, resolution, batch sizes, precisions, threads."""
-    parser.add_argument("--model", default="s12")
-    parser.add_argument("--resolution", type=int, default=224)
-    parser.add_argument("--batch-sizes", default="1,16")
-    parser.add_argument("--precisions", default="fp32,bf16", help="bf16 only runs on CPUs with native bf16")
-    parser.add_argument("--threads", type=int, default=2)
-
-
-def batches_and_precisions(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                           cpu) -> tuple[list[int], list[str], str | None]:
-    """The batch sizes and precisions asked for (parser.error for ones that are not), without bf16 where `cpu`
-    would only emulate it, and what was skipped (None: nothing)."""
-    try:
-        batches = [int(b) for b in args.batch_sizes.split(",")]
-    except ValueError:
-        parser.error(f"--batch-sizes takes comma-separated integers, not {args.batch_sizes!r}")
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    unknown = [p for p in precisions if p not in DTYPES]
-    if unknown:
-        parser.error(f"unknown precision(s) {', '.join(unknown)}; choose from {', '.join(DTYPES)}")
-    skipped = None
-    if "bf16" in precisions and not cpu.native_bf16:
-        precisions.remove("bf16")
-        skipped = "bf16 (this CPU has no native bf16: it would be emulated)"
-        print(f"skipping {skipped}", flush=True)
-    return batches, precisions, skipped
-
-
-def write_report(out: Path, results: dict, report: str) -> None:
-    """OUT.json (the results) and OUT.md (`report`), each written atomically, the folder made if need be."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
-    write_atomic(out.with_suffix(".md"), report)
-    print(f"wrote {out.with_suffix('.md')}")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(parser)
@@ -391,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cpu = cpu_capabilities()
     batches, precisions, skipped = batches_and_precisions(parser, args, cpu)
-    ours = randomize_(create_model(args.model)).eval()
+    ours = randomize_(create_model(args.model), std=0.02).eval()
     results = {
         "model": ours.spec.name, "resolution": args.resolution, "rounds": args.rounds, "block": args.block,
         "repeats": args.repeats, "skipped": skipped, "compiler": compiler,

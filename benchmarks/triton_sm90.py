@@ -35,7 +35,8 @@ from poolformer.fast.triton.forward import TritonForward
 from poolformer.fast.triton.tiles import elementwise_tiles, gemm_configs, mlp_configs
 from poolformer.fast.triton.weights import prepare
 from poolformer.zoo import unknown_models
-from poolformer_cli.common import write_atomic
+
+from _common import model_list, write_text
 
 TARGET_ARCH = 90
 SM90_SM_COUNT = 132  # an H100 SXM's and an H200's multiprocessors: the GPUs the tile candidates are for
@@ -251,17 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = unknown_models(models)
-    if unknown or not models:
-        parser.error(f"unknown models {unknown}; see `poolformer list`" if unknown else "--models names no model")
+    models = model_list(parser, args.models)
     document = {"command": "PYTHONPATH=. python " + " ".join(["benchmarks/triton_sm90.py", *(argv if argv is not None else sys.argv[1:])]),
                 "triton": triton.__version__, "torch": torch.__version__, "dtype": args.precision,
                 "batch": args.batch, "resolution": args.resolution,
                 **analyse(models, args.batch, args.resolution, dtype, args.all_tiles)}
     args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "triton_sm90.json", json.dumps(document, indent=2, default=str) + "\n")
-    write_atomic(args.out / "triton_sm90.md", markdown(document))
+    write_text(args.out / "triton_sm90.json", json.dumps(document, indent=2, default=str) + "\n")
+    write_text(args.out / "triton_sm90.md", markdown(document))
     return 0
 
 

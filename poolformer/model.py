@@ -289,3 +289,16 @@ def create_model(
 
 def spec_of(model: nn.Module) -> ModelSpec | None:
     return getattr(model, "spec", None)
+
+
+def randomize_(model: nn.Module, seed: int = 0, std: float = 0.2) -> nn.Module:
+    """Give every parameter random, non-trivial values in place and return the model: a helper for tests and
+    benchmarks, where no weights can be downloaded. The init's ones and zeros (norms' affines, biases) and
+    LayerScale's 1e-5 would make blocks nearly the identity, so a comparison against another implementation
+    would pass whatever those parameters did. Each parameter becomes N(0, std²) noise, plus 1 for the 1-D ones
+    (norm scales and shifts, biases, layer and residual scales). Deterministic for a seed (CPU generator)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * std + (1.0 if p.ndim == 1 else 0.0))
+    return model

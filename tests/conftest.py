@@ -18,6 +18,17 @@ if "POOLFORMER_TRITON_INTERPRET" in os.environ:
 import pytest  # noqa: E402
 
 from poolformer import create_model  # noqa: E402
+from poolformer.model import randomize_  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need CUDA: without it they are skipped, not failed (the markers: pyproject.toml)."""
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(no_gpu)
 
 
 def triton_kernel_device() -> torch.device | None:
@@ -49,16 +60,6 @@ def _own_tile_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("POOLFORMER_TRITON_TILE_CACHE", str(tmp_path / "triton_tiles.json"))
 
 
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter random values (not the init's ones and zeros), so norms' affines, LayerScale and
-    biases all matter in comparisons."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
-    return model
-
-
 @pytest.fixture
 def s12_random() -> torch.nn.Module:
     return randomize_(create_model("s12"))
@@ -72,6 +73,12 @@ def s12_checkpoint(tmp_path, s12_random):
     path = tmp_path / "poolformer_s12.pth.tar"
     torch.save(export_state_dict(s12_random, "official"), path)
     return path
+
+
+def marked_slow(values: list, *slow: object) -> list:
+    """Cases for @pytest.mark.parametrize with the ones in `slow` marked slow, so that the quick loop
+    (-m "not slow") still runs the check on the others."""
+    return [pytest.param(value, marks=pytest.mark.slow) if value in slow else value for value in values]
 
 
 def assert_one_line_error(result, message: str, exit_code: int = 2) -> None:

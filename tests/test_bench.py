@@ -165,6 +165,7 @@ def test_noisy_flag_follows_the_iqr():
     assert not bench.run_config(bench.BenchConfig("s12", batch_size=1, resolution=64), settings).noisy
 
 
+@pytest.mark.slow
 def test_compile_time_is_reported_apart(monkeypatch):
     """torch.compile path with the 'eager' backend (the default inductor needs a C++ toolchain and minutes)."""
     config = bench.BenchConfig("s12", batch_size=1, resolution=64, compile=True)
@@ -176,6 +177,7 @@ def test_compile_time_is_reported_apart(monkeypatch):
                             bench.BenchSettings(warmup=0, iters=1)).to_row()["compile_ms"] is None
 
 
+@pytest.mark.slow
 def test_oom_gives_an_oom_row_and_the_run_goes_on(monkeypatch):
     _register(monkeypatch, "oom_at_4", 4, _oom)
     configs = bench.expand_configs(["s12"], ["oom_at_4"], "cpu", [2, 4, 1], [64], ["fp32"], False, False)
@@ -221,13 +223,16 @@ def test_a_crashing_model_gives_an_error_row(monkeypatch):
     assert result.status == "error" and result.error == "RuntimeError: kernel exploded"
 
 
-@pytest.mark.parametrize("oom_at, limit, expected", [(5, 64, 4), (1, 64, None), (100, 8, 8), (7, 64, 6)])
+@pytest.mark.parametrize("oom_at, limit, expected", [pytest.param(5, 64, 4, marks=pytest.mark.slow), (1, 64, None),
+                                                       pytest.param(100, 8, 8, marks=pytest.mark.slow),
+                                                       pytest.param(7, 64, 6, marks=pytest.mark.slow)])
 def test_find_max_batch(monkeypatch, oom_at, limit, expected):
     _register(monkeypatch, "oom", oom_at, _oom)
     config = bench.BenchConfig("s12", "oom", resolution=64)
     assert bench.find_max_batch(config, limit=limit) == expected
 
 
+@pytest.mark.slow
 def test_max_batch_search_stops_at_a_kernel_limit_below_memory(monkeypatch):
     """Huge batches can fail before memory runs out (CUDA avg_pool2d refuses outputs over 2^31 elements: s12
     at 224 px above ~10,700 images). That used to abort the search, and `--max-batch` then benchmarked
@@ -254,6 +259,7 @@ def test_library_allocation_failures_count_as_out_of_memory(message):
     assert measure.is_out_of_memory(RuntimeError(message))
 
 
+@pytest.mark.slow
 def test_a_sweep_builds_each_model_once_per_batch_size_sweep(monkeypatch):
     """Configurations that differ only in batch size share one built model (a build can take longer than the
     measurement); another precision, memory format or implementation gets its own; compiled ones never share."""
@@ -330,6 +336,16 @@ def test_device_and_precision_validation():
     with pytest.raises(ConfigError, match="unknown precision"):
         bench.check_precision("cpu", "fp8")
     bench.check_precision("cpu", "bf16")  # supported by every torch this package allows
+
+
+@pytest.mark.gpu
+def test_a_cuda_row_measures_speed_tensor_memory_and_parity():
+    """On a GPU the row runs on CUDA: its throughput, the peak of tensor memory and its logits against the fp32
+    reference (bf16 within parity's tolerance)."""
+    result = bench.run_config(bench.BenchConfig("s12", "ours", "cuda", 2, 64, "bf16"), bench.BenchSettings(iters=3))
+    assert result.status == "ok" and result.throughput > 0, result.error
+    assert result.peak_memory_bytes > 0
+    assert result.parity is not None and result.parity.ok
 
 
 def test_precision_that_autocast_silently_ignores_is_rejected(monkeypatch):
@@ -492,6 +508,7 @@ def _run(args, **kwargs):
     return runner.invoke(app, ["bench", *args], **kwargs)
 
 
+@pytest.mark.slow
 def test_bench_json_output_file_and_csv(tmp_path):
     out, csv_path = tmp_path / "r.json", tmp_path / "r.csv"
     result = _run(["s12", *FAST, "--batch-sizes", "1,2", "--impl", "ours,timm", "--output", str(out),
@@ -521,6 +538,7 @@ def test_bench_table_output():
     assert "s12/ours" in result.stdout and "img/s" in result.stdout and "rel." in result.stdout
 
 
+@pytest.mark.slow
 def test_bench_oom_row_through_the_cli(monkeypatch, tmp_path):
     _register(monkeypatch, "oom_at_2", 2, _oom)
     out = tmp_path / "r.json"
@@ -529,6 +547,7 @@ def test_bench_oom_row_through_the_cli(monkeypatch, tmp_path):
     assert [r["status"] for r in json.loads(out.read_text())["results"]] == ["ok", "oom", "ok"]
 
 
+@pytest.mark.slow
 def test_bench_max_batch_through_the_cli(monkeypatch):
     _register(monkeypatch, "oom_at_6", 6, _oom)
     result = _run([*FAST, "--impl", "oom_at_6", "--max-batch", "--max-batch-limit", "16", "--json"])
@@ -538,6 +557,7 @@ def test_bench_max_batch_through_the_cli(monkeypatch):
     assert list(document["env"]["max_batch"].values()) == [5]
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_finished_rows(monkeypatch, tmp_path):
     _register(monkeypatch, "interrupt_at_3", 3, KeyboardInterrupt)
     out = tmp_path / "r.json"
@@ -692,6 +712,7 @@ def test_profile_bad_input():
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.subprocess
 def test_help_does_not_import_torch():
     import subprocess
 
@@ -716,6 +737,7 @@ def test_cast_rows_convert_weights_and_input_and_skip_autocast(monkeypatch):
     assert result.to_row()["cast"] is True
 
 
+@pytest.mark.slow
 def test_cast_fast_rows_run_the_fast_path_in_the_precision():
     config = bench.BenchConfig("s12", "fast", "cpu", batch_size=1, resolution=64, precision="bf16", cast=True)
     model = bench.prepare_model(config)
@@ -726,6 +748,7 @@ def test_cast_fast_rows_run_the_fast_path_in_the_precision():
     assert result.backend == model.backend_for(torch.bfloat16) and result.backend != "onnxruntime-folded"
 
 
+@pytest.mark.slow
 def test_cast_and_compile_mode_on_the_command_line(tmp_path):
     out = tmp_path / "r.json"
     result = _run(["s12", *FAST, "--impl", "ours", "--batch-sizes", "1", "--precision", "fp32,bf16", "--cast-model",
@@ -736,6 +759,7 @@ def test_cast_and_compile_mode_on_the_command_line(tmp_path):
     assert "bf16 cast" in result.stdout
 
 
+@pytest.mark.slow
 def test_compile_mode_reaches_torch_compile_and_the_row(monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)

@@ -1,31 +1,75 @@
 """The benchmark scripts at tiny sizes (the GPU ones in their --smoke form: the same code on the CPU), so they never rot
-between the sessions that have a GPU. Each runs in a fresh interpreter where fvcore and thop cannot be
-imported, as on the GPU machine."""
+between the sessions that have a GPU. Each runs as `python benchmarks/NAME.py`, in a fresh interpreter where
+fvcore and thop cannot be imported, as on the GPU machine."""
 
 from __future__ import annotations
 
+import ast
+import atexit
+import functools
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK_OPTIONAL_COUNTERS = "import sys; sys.modules['fvcore'] = None; sys.modules['thop'] = None"
+BENCHMARKS = ROOT / "benchmarks"
+
+
+@functools.cache
+def _hidden_counters() -> str:
+    """A folder whose fvcore and thop raise ImportError: first on PYTHONPATH, it hides the installed ones."""
+    folder = tempfile.mkdtemp(prefix="poolformer-no-counters-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    for name in ("fvcore", "thop"):
+        Path(folder, f"{name}.py").write_text(f"raise ImportError('{name} is not installed on the GPU machine')\n")
+    return folder
 
 
 def _run_script(script: str, *args: str, timeout: int = 600,
                 env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    code = (f"{BLOCK_OPTIONAL_COUNTERS}; import runpy; sys.argv = {[script, *args]!r}; "
-            f"runpy.run_path({script!r}, run_name='__main__')")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((_hidden_counters(), str(ROOT))), **(env_extra or {})}
     for name in ("POOLFORMER_TRITON_INTERPRET", "TRITON_INTERPRET", "POOLFORMER_FAST_BACKEND"):
         env.pop(name, None)  # the scripts set what they need themselves
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def _import_script(name: str, monkeypatch) -> object:
+    """benchmarks/NAME.py as a module, its sibling _common with it, loaded from their files (as
+    `python benchmarks/NAME.py` finds them) for this test only."""
+    for module_name in ("_common", name):
+        spec = importlib.util.spec_from_file_location(module_name, BENCHMARKS / f"{module_name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, module_name, module)
+        spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_scripts_use_the_library_only_and_leave_the_import_path_alone():
+    """The scripts import poolformer, never poolformer_cli (a command runs as `python -m poolformer_cli` in a
+    process of its own), and none edits sys.path: their shared helpers are the sibling module _common."""
+    scripts = sorted(BENCHMARKS.glob("*.py"))
+    assert BENCHMARKS / "_common.py" in scripts
+    for path in scripts:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            where = f"benchmarks/{path.name}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Import):
+                imported = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                imported = [node.module or ""] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                imported = []
+            assert not [n for n in imported if n.split(".")[0] == "poolformer_cli"], where
+            assert "sys.path" not in imported, where
+            assert not (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+                        and node.value.id == "sys"), where
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +80,8 @@ def gpu_suite(tmp_path_factory):
     return json.loads((out / "gpu_suite.json").read_text()), (out / "gpu_suite.md").read_text()
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_gpu_suite_smoke_runs_every_section_without_defects(gpu_suite):
     document, report = gpu_suite
     assert document["defects"] == [], document["defects"]
@@ -44,6 +90,8 @@ def test_gpu_suite_smoke_runs_every_section_without_defects(gpu_suite):
     assert "## bench: main: s12" in report and "## regression" in report
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_gpu_suite_sweep_covers_impls_compile_and_max_batch(gpu_suite):
     sweep = gpu_suite[0]["sections"]["sweep"]
     main = sweep["main: s12"]["rows"]
@@ -58,6 +106,8 @@ def test_gpu_suite_sweep_covers_impls_compile_and_max_batch(gpu_suite):
     assert sweep["env"]["device"] == "cpu" and sweep["env"]["cpu"]
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_gpu_suite_oom_row_and_recovery(gpu_suite):
     oom = gpu_suite[0]["sections"]["oom"]
     assert oom["statuses"] == ["ok", "oom", "ok"] and oom["ok"]
@@ -66,6 +116,8 @@ def test_gpu_suite_oom_row_and_recovery(gpu_suite):
     assert oom["throughput_after_oom"] > 0 and oom["throughput_without_oom"] > 0
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_gpu_suite_timing_profile_memory_and_known_answers(gpu_suite):
     sections = gpu_suite[0]["sections"]
     timing = sections["timing"]["batch 2"]
@@ -81,6 +133,9 @@ def test_gpu_suite_timing_profile_memory_and_known_answers(gpu_suite):
     assert regression["unchanged"]["fired"] in (0, 1, 2) and len(regression["slowed"]["changes_pct"]) == 2
 
 
+@pytest.mark.subprocess
+@pytest.mark.interpreter
+@pytest.mark.slow
 def test_fast_gpu_smoke_measures_every_contender(tmp_path):
     done = _run_script("benchmarks/fast_gpu.py", "--smoke", "--out", str(tmp_path), "--models", "poolformer_s12")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -106,6 +161,9 @@ def test_fast_gpu_smoke_measures_every_contender(tmp_path):
     assert "| poolformer_s12 |" in report and "Batch-1 latency" in report and "Kernel by kernel" in report
 
 
+@pytest.mark.subprocess
+@pytest.mark.interpreter
+@pytest.mark.slow
 def test_fast_gpu_kernel_table_of_the_gemm_form(tmp_path):
     """The lease's `gemm` step in smoke form (POOLFORMER_TRITON_MLP=gemm): every stage's MLP runs as the GEMM
     form, the kernel table names its launches and the MLP comparison labels the form."""
@@ -119,6 +177,8 @@ def test_fast_gpu_kernel_table_of_the_gemm_form(tmp_path):
     assert "(gemm)" in (tmp_path / "fast_gpu.md").read_text()
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_fast_gpu_runs_only_the_chosen_contenders(tmp_path):
     """--candidates leaves out contenders (the H200 run had no time for max-autotune's compile); a name that is
     not a contender is refused before anything runs."""
@@ -132,20 +192,27 @@ def test_fast_gpu_runs_only_the_chosen_contenders(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("script", ["benchmarks/gpu_suite.py", "benchmarks/fast_gpu.py", "benchmarks/triton_sm90.py"])
+@pytest.mark.subprocess
+@pytest.mark.parametrize("script", [pytest.param("benchmarks/gpu_suite.py", marks=pytest.mark.slow),
+                                    "benchmarks/fast_gpu.py",
+                                    pytest.param("benchmarks/triton_sm90.py", marks=pytest.mark.slow)])
 def test_scripts_refuse_an_unknown_model_in_one_line(script, tmp_path):
     done = _run_script(script, "--out", str(tmp_path / "out"), "--models", "s12,s99")
     assert done.returncode == 2 and "unknown models ['s99']" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here: the scripts would run in full")
-@pytest.mark.parametrize("script", ["benchmarks/gpu_suite.py", "benchmarks/fast_gpu.py"])
+@pytest.mark.parametrize("script", ["benchmarks/gpu_suite.py",
+                                    pytest.param("benchmarks/fast_gpu.py", marks=pytest.mark.slow)])
 def test_scripts_without_a_gpu_say_so(script, tmp_path):
     done = _run_script(script, "--out", str(tmp_path))
     assert done.returncode == 2 and "no CUDA GPU here" in done.stderr
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_openvino_crash_check_counts_processes_per_case(tmp_path):
     pytest.importorskip("openvino")
     pytest.importorskip("onnxruntime")
@@ -168,12 +235,13 @@ def test_openvino_crash_check_counts_processes_per_case(tmp_path):
         out.with_suffix(".md").read_text())
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("script, args, message", [
     ("openvino_crash_check", ["--runs", "0"], "--runs must be at least 1"),
     ("openvino_crash_check", ["--cases", "cores-in-order,bogus"], "unknown case(s) bogus"),
-    ("openvino_profile", ["--precisions", "fp8"], "unknown precision"),
+    pytest.param("openvino_profile", ["--precisions", "fp8"], "unknown precision", marks=pytest.mark.slow),
     ("openvino_profile", ["--batch-sizes", "one"], "comma-separated integers"),
-    ("openvino_profile", ["--calls", "0"], "at least 1"),
+    pytest.param("openvino_profile", ["--calls", "0"], "at least 1", marks=pytest.mark.slow),
 ])
 def test_openvino_scripts_refuse_bad_arguments_in_one_line(tmp_path, script, args, message):
     done = _run_script(f"benchmarks/{script}.py", *args, "--out", str(tmp_path / "out"))
@@ -181,6 +249,8 @@ def test_openvino_scripts_refuse_bad_arguments_in_one_line(tmp_path, script, arg
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_openvino_profile_splits_each_forms_time_by_node_kind(tmp_path):
     pytest.importorskip("openvino")
     import torch
@@ -211,9 +281,9 @@ def test_openvino_profile_splits_each_forms_time_by_node_kind(tmp_path):
 
 
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")), reason="no C compiler")
-def test_fma_peak_probe_counts_two_threads_as_twice_one_and_refuses_what_it_cannot_measure(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from openvino_profile import build_peak_probe, fma_peak
+def test_fma_peak_probe_counts_two_threads_as_twice_one_and_refuses_what_it_cannot_measure(tmp_path, monkeypatch):
+    openvino_profile = _import_script("openvino_profile", monkeypatch)
+    build_peak_probe, fma_peak = openvino_profile.build_peak_probe, openvino_profile.fma_peak
 
     probe, why = build_peak_probe(tmp_path)
     assert probe is not None, why
@@ -230,6 +300,8 @@ def test_fma_peak_probe_counts_two_threads_as_twice_one_and_refuses_what_it_cann
     assert fma_peak(None, "fp32", 1) is None
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_runtimes_cpu_benchmark_measures_every_candidate_with_parity_and_a_floor(tmp_path):
     pytest.importorskip("openvino")
     pytest.importorskip("onnxruntime")
@@ -277,12 +349,16 @@ def test_runtimes_cpu_benchmark_measures_every_candidate_with_parity_and_a_floor
     assert "## fp32" in report and "`fast` over `fast (openvino, ONNX export)`" in report
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_runtimes_cpu_benchmark_refuses_an_unknown_compiler(tmp_path):
     done = _run_script("benchmarks/runtimes_cpu.py", "--compiler", "tvm", "--out", str(tmp_path / "r"))
     assert done.returncode == 2 and "unknown --compiler 'tvm'" in done.stderr and "Traceback" not in done.stderr
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_triton_sm90_compiles_the_recorded_launches_without_a_gpu(tmp_path):
     """The kernels' launches of a real forward (meta tensors), compiled for Hopper by Triton and its ptxas: every
     kernel of a stage appears with its registers and spills. Recording drifts with the launch code, so this
@@ -306,6 +382,8 @@ def test_triton_sm90_compiles_the_recorded_launches_without_a_gpu(tmp_path):
     assert "| s12 | mlp C=64 D=256" in (tmp_path / "triton_sm90.md").read_text()
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_gpu_lease_script_checks_its_steps_and_packs_every_step(tmp_path):
     """benchmarks/gpu_lease.sh (one lease's measurements): an unknown step is refused before anything runs; a
     step runs under its timeout and its log is packed into OUT/results.tgz (here the GPU script exits at once:

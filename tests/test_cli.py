@@ -32,6 +32,7 @@ def _imports_after(invocations: list[list[str]]) -> set[str]:
     return set(out.stdout.split())
 
 
+@pytest.mark.subprocess
 def test_help_version_and_list_do_not_import_torch():
     invocations = [["--help"], ["--version"], ["list"], ["list", "--json"], ["list", "--family", "v2"]]
     invocations += [[command, "--help"] for command in COMMANDS]
@@ -44,6 +45,7 @@ def test_every_command_is_covered_by_the_torch_free_help_check():
     assert sorted(get_command(app).commands) == sorted(COMMANDS)
 
 
+@pytest.mark.subprocess
 def test_module_entry_point_prints_the_version():
     out = subprocess.run([sys.executable, "-m", "poolformer_cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("poolformer ")

@@ -27,6 +27,7 @@ def test_pareto_front_keeps_exactly_the_undominated_points():
     assert pareto_front([("alone", 1.0, 1.0)]) == ["alone"]
 
 
+@pytest.mark.slow
 def test_compare_counts_costs_on_the_models_and_measures_speed():
     result = compare_models(["s12", "v2_s12", "timm:resnet10t", "s12_dwconv"], resolution=32, batch_size=1,
                             settings=BenchSettings(warmup=0, iters=2))
@@ -52,6 +53,7 @@ def test_models_without_a_published_top1_are_listed_but_not_ranked():
     assert result.fronts == {"macs": ["poolformer_s12"], "params": ["poolformer_s12"]}
 
 
+@pytest.mark.slow
 def test_compare_cli_json_csv_and_plot(tmp_path):
     csv_path, plot = tmp_path / "c.csv", tmp_path / "c.svg"
     result = runner.invoke(app, ["compare", "s12", "timm:resnet10t", "--device", "cpu", "--resolution", "32",

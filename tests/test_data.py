@@ -18,6 +18,8 @@ from poolformer.errors import ConfigError
 from poolformer.labels import class_names, imagenet_names, imagenet_wnids, read_labels_file
 from poolformer.zoo import get_spec
 
+from .conftest import marked_slow
+
 skdata = pytest.importorskip("skimage.data")
 
 
@@ -46,7 +48,8 @@ def _photos() -> dict[str, np.ndarray]:
     }
 
 
-@pytest.mark.parametrize("model", ["poolformer_s12", "poolformer_m36", "poolformerv2_s12"])
+@pytest.mark.parametrize("model", marked_slow(["poolformer_s12", "poolformer_m36", "poolformerv2_s12"],
+                                               "poolformer_m36"))
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])
 def test_preprocess_equals_timm_on_real_photos(tmp_path, timm_transforms, model, suffix):
     ours = Preprocess.for_spec(get_spec(model))

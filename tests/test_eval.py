@@ -24,9 +24,9 @@ from typer.testing import CliRunner
 
 from poolformer import create_model
 from poolformer.labels import imagenet_wnids
+from poolformer.model import randomize_
 from poolformer.weights import export_state_dict
 from poolformer_cli.app import app
-from tests.conftest import randomize_
 
 skdata = pytest.importorskip("skimage.data")
 runner = CliRunner()
@@ -117,6 +117,7 @@ def _check_summary(document, expected=EXPECTED):
     assert document["throughput"] > 0
 
 
+@pytest.mark.slow
 def test_imagenet_layout_exact_top1_top5_and_files(tmp_path, known):
     checkpoint = known[0]
     targets, broken = _imagenet_tree(tmp_path / "imagenet", known)
@@ -160,6 +161,7 @@ def test_eval_runs_the_published_weights_by_default(tmp_path, known):
     _check_summary(json.loads(result.stdout))
 
 
+@pytest.mark.slow
 def test_options_keep_the_answer(tmp_path, known):
     """channels_last, another batch size, bf16 autocast and --json change nothing that is counted."""
     _imagenet_tree(tmp_path, known)
@@ -172,6 +174,7 @@ def test_options_keep_the_answer(tmp_path, known):
     assert json.loads(low.stdout)["images"] == 6 and json.loads(low.stdout)["precision"] == "bf16"
 
 
+@pytest.mark.slow
 def test_limit_takes_images_spread_over_the_dataset(tmp_path, known):
     targets, broken = _imagenet_tree(tmp_path, known)
     in_order = sorted([*targets, str(broken)], key=lambda p: (p.split("/")[-2], p))  # class folder, then file
@@ -186,6 +189,7 @@ def test_limit_takes_images_spread_over_the_dataset(tmp_path, known):
     assert document["correct_top1"] == sum(targets[p][0] == targets[p][1][0] for p in scored)
 
 
+@pytest.mark.slow
 def test_class_map_for_any_folder_names(tmp_path, known):
     checkpoint, images, rankings = known
     mapping = {}
@@ -204,6 +208,7 @@ def test_class_map_for_any_folder_names(tmp_path, known):
     assert document["mapping"] == "class-map"
 
 
+@pytest.mark.slow
 def test_sorted_folders_when_count_equals_classes(tmp_path, known):
     _, images, _ = known
     model = randomize_(create_model("s12", num_classes=10), seed=8)
@@ -224,6 +229,8 @@ def test_sorted_folders_when_count_equals_classes(tmp_path, known):
     assert document["mapping"] == "sorted" and document["images"] == 3 and document["correct_top1"] == 2
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path, known):
     _imagenet_tree(tmp_path / "data", known)
     single_json, single_csv = tmp_path / "one.json", tmp_path / "one.csv"

@@ -16,11 +16,12 @@ from poolformer import create_model
 from poolformer import export as exporting
 from poolformer.export import export_model
 from poolformer.fast.folded_export import FoldedExport
+from poolformer.model import randomize_
 from poolformer.runtimes.export_forms import mean_pool, portable_form
 from poolformer.runtimes.exporting import export_onnx
 from poolformer_cli.app import app
 
-from .conftest import assert_one_line_error, randomize_
+from .conftest import assert_one_line_error, marked_slow
 
 runner = CliRunner()
 
@@ -47,7 +48,8 @@ def test_conv_pooling_is_avg_pool_without_padding(pool_size, height, width):
     torch.testing.assert_close(mean_pool(x, pool_size), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["s12", "v2_s12", "s12_pool5", "s12_relu"])
+@pytest.mark.parametrize("name", marked_slow(["s12", "v2_s12", "s12_pool5", "s12_relu"],
+                                              "v2_s12", "s12_pool5", "s12_relu"))
 def test_portable_and_folded_forms_give_the_models_logits(name):
     model = randomize_(create_model(name), seed=3)
     x = torch.randn(2, 3, 97, 75)
@@ -58,6 +60,7 @@ def test_portable_and_folded_forms_give_the_models_logits(name):
         assert (FoldedExport(model)(x) - expected).abs().max().item() < 1e-5 * scale
 
 
+@pytest.mark.slow
 def test_exported_graph_avoids_the_operators_runtimes_get_wrong(tmp_path, s12):
     """No GroupNormalization / InstanceNormalization (TensorRT's one-group trap) and no AveragePool
     (count_include_pad traps): plain reductions, element-wise ops and convolutions."""
@@ -69,7 +72,7 @@ def test_exported_graph_avoids_the_operators_runtimes_get_wrong(tmp_path, s12):
         assert {"Conv", "ReduceMean"} <= ops
 
 
-@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("fast", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_export_passes_on_both_runtimes_and_writes_the_file(tmp_path, s12, fast):
     path = tmp_path / "out" / "s12.onnx"
     report = export_model(s12, path, resolution=64, dynamic_batch=True, fast=fast, images=_photographs(64))
@@ -80,6 +83,7 @@ def test_export_passes_on_both_runtimes_and_writes_the_file(tmp_path, s12, fast)
     assert [p.name for p in path.parent.iterdir()] == ["s12.onnx"]  # no temporary left
 
 
+@pytest.mark.slow
 def test_a_file_that_does_not_match_is_not_written(tmp_path, s12, monkeypatch):
     real = exporting._run_file
     monkeypatch.setattr(exporting, "_run_file", lambda *a: real(*a) + np.float32(0.01))  # a runtime off by 0.01
@@ -90,6 +94,7 @@ def test_a_file_that_does_not_match_is_not_written(tmp_path, s12, monkeypatch):
     assert path.read_text() == "the previous file" and [p.name for p in tmp_path.iterdir()] == ["s12.onnx"]
 
 
+@pytest.mark.slow
 def test_pt2_export_round_trips_through_torch_export(tmp_path, s12):
     path = tmp_path / "s12.pt2"
     report = export_model(s12, path, fmt="pt2", resolution=64, dynamic_batch=True)
@@ -100,7 +105,7 @@ def test_pt2_export_round_trips_through_torch_export(tmp_path, s12):
         torch.testing.assert_close(program.module()(x), s12(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("fast", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_openvino_ir_export_writes_the_xml_and_its_weights_and_runs_at_any_batch(tmp_path, s12, fast):
     """IR is the graph `--impl fast` runs on a CPU (fast: built from OpenVINO's operators, one MVN per norm) or
     OpenVINO's own conversion; written only after OpenVINO ran it, the weights beside it in float32."""
@@ -123,6 +128,7 @@ def test_openvino_ir_export_writes_the_xml_and_its_weights_and_runs_at_any_batch
         assert (module(x) - expected).abs().max().item() < 1e-4 * max(1.0, expected.abs().max().item())
 
 
+@pytest.mark.slow
 def test_an_openvino_ir_that_does_not_match_leaves_the_old_files(tmp_path, s12, monkeypatch):
     pytest.importorskip("openvino")
     real = exporting._run_file
@@ -136,6 +142,7 @@ def test_an_openvino_ir_that_does_not_match_leaves_the_old_files(tmp_path, s12, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s12.bin", "s12.xml"]
 
 
+@pytest.mark.slow
 def test_export_cli_reports_parity_as_json(tmp_path, s12_checkpoint):
     path = tmp_path / "s12.onnx"
     result = runner.invoke(app, ["export", "s12", "--weights", str(s12_checkpoint), "--output", str(path),
@@ -146,6 +153,7 @@ def test_export_cli_reports_parity_as_json(tmp_path, s12_checkpoint):
     assert {c["inputs"] for c in report["checks"]} == {"random", "images"}
 
 
+@pytest.mark.slow
 def test_export_cli_exits_1_and_writes_nothing_on_mismatch(tmp_path, monkeypatch):
     real = exporting._run_file
     monkeypatch.setattr(exporting, "_run_file", lambda *a: real(*a) * np.float32(-1.0))
@@ -178,13 +186,14 @@ def test_export_output_path_is_checked_first(tmp_path):
                           "is a file, not a folder")
 
 
+@pytest.mark.slow
 def test_attention_hybrids_export_through_the_reference_model(tmp_path):
     model = randomize_(create_model("s12_pppa", img_size=64), seed=2)
     report = export_model(model, tmp_path / "pppa.onnx", resolution=64, runtimes=("onnxruntime",))
     assert report.passed and report.written
 
 
-@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("fast", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_an_export_made_under_autocast_holds_the_float32_graph(tmp_path, s12, fast):
     """A runtime's first call under a bf16 bench row exports there: the file must not freeze bf16 casts in."""
     ort = pytest.importorskip("onnxruntime")

@@ -21,9 +21,10 @@ from poolformer.fast import cpu as fast_cpu
 from poolformer.fast import runtime_backends
 from poolformer.fast.cpu import block_forward, head_forward, per_sample_inv_sigma, pool_minus_identity, pool_mix
 from poolformer.implementations import IMPLEMENTATIONS, build
+from poolformer.model import randomize_
 from poolformer_cli.app import app
 
-from .conftest import randomize_
+from .conftest import marked_slow
 
 TOLERANCE = 1e-4  # fp32 logits, absolute
 
@@ -197,13 +198,14 @@ def test_mlp_in_row_chunks_equals_one_pass(monkeypatch, v2_model):
     assert (chunked - one_pass).abs().max().item() < TOLERANCE
 
 
-@pytest.mark.parametrize("family", ["v1", "v2"])
+@pytest.mark.parametrize("family", ["v1", pytest.param("v2", marks=pytest.mark.slow)])
 def test_portable_path_without_onednn_matches(monkeypatch, family, v1_model, v2_model):
     """The plain-PyTorch MLP (used off CPU, or where oneDNN is missing) gives the same logits too."""
     monkeypatch.setenv("POOLFORMER_FAST_BACKEND", "portable")
     _assert_as_exact_as_reference(v1_model if family == "v1" else v2_model, torch.randn(2, 3, 64, 48))
 
 
+@pytest.mark.slow
 def test_each_norms_own_eps_is_used():
     model = randomize_(create_model("s12"), seed=4)
     model.stages[1].blocks[0].norm1.eps = 0.5  # large enough to move the logits far beyond the tolerance
@@ -221,28 +223,35 @@ def test_fold_leaves_reference_model_untouched(v2_model):
 
 
 @pytest.mark.parametrize("family", ["v1", "v2"])
-@pytest.mark.parametrize(("batch", "resolution"), [(1, 64), (3, 97), (2, 225), (1, 33)])
+@pytest.mark.parametrize(("batch", "resolution"),
+                         [(1, 64), (3, 97), pytest.param(2, 225, marks=pytest.mark.slow), (1, 33)])
 def test_logits_match_reference(family, batch, resolution, v1_model, v2_model):
     model = v1_model if family == "v1" else v2_model
     _assert_as_exact_as_reference(model, torch.randn(batch, 3, resolution, resolution))
 
 
+@pytest.mark.slow
 def test_logits_match_reference_at_224(v1_model):
     _assert_as_exact_as_reference(v1_model, torch.randn(2, 3, 224, 224))
 
 
-@pytest.mark.parametrize("name", [n for n in list_models("v1") + list_models("v2") if not n.endswith("s12")])
+OTHER_SIZES = [n for n in list_models("v1") + list_models("v2") if not n.endswith("s12")]
+
+
+@pytest.mark.parametrize("name", marked_slow(OTHER_SIZES, *OTHER_SIZES[1:]))
 def test_every_size_matches_reference(name):
     _assert_as_exact_as_reference(randomize_(create_model(name), seed=3), torch.randn(1, 3, 64, 64))
 
 
+@pytest.mark.slow
 def test_features_and_headless_models_match(v2_model):
     x = torch.randn(2, 3, 64, 80)
     _assert_as_exact_as_reference(v2_model, x, features=True)
     _assert_as_exact_as_reference(randomize_(create_model("s12", num_classes=0)), x)
 
 
-@pytest.mark.parametrize("variant", ["poolformer_s12_pool5", "poolformer_s12_relu", "poolformer_s12_silu"])
+@pytest.mark.parametrize("variant", marked_slow(["poolformer_s12_pool5", "poolformer_s12_relu", "poolformer_s12_silu"],
+                                                 "poolformer_s12_pool5", "poolformer_s12_silu"))
 def test_supported_ablations_match(variant):
     _assert_as_exact_as_reference(randomize_(create_model(variant)), torch.randn(1, 3, 64, 64))
 
@@ -270,7 +279,7 @@ def _needs(runtime: str):
 
 @pytest.mark.parametrize("runtime", [pytest.param(r, marks=_needs(r)) for r in runtime_backends.RUNTIMES])
 @pytest.mark.parametrize("family", ["v1", "v2"])
-@pytest.mark.parametrize(("batch", "height", "width"), [(1, 64, 64), (3, 97, 75)])
+@pytest.mark.parametrize(("batch", "height", "width"), [(1, 64, 64), pytest.param(3, 97, 75, marks=pytest.mark.slow)])
 def test_runtime_backends_run_the_folded_graph_exactly(runtime, family, batch, height, width, v1_model, v2_model):
     model = v1_model if family == "v1" else v2_model
     backend = runtime_backends.BACKEND_NAMES[runtime]
@@ -289,7 +298,8 @@ def test_the_runtime_backends_are_named_apart_from_the_runtime_implementations()
 
 
 @_needs("openvino")
-@pytest.mark.parametrize("name", ["poolformer_s12_pool5", "poolformer_s12_relu", "poolformer_s12_silu", "headless"])
+@pytest.mark.parametrize("name", marked_slow(
+    ["poolformer_s12_pool5", "poolformer_s12_relu", "poolformer_s12_silu", "headless"], "poolformer_s12_silu"))
 def test_openvino_graph_matches_reference_for_every_supported_form(name):
     """The graph built from OpenVINO's operators (poolformer.fast.openvino_graph) for the forms the v1/v2 tests
     above do not reach: other pool sizes and activations, and a model without a classifier."""
@@ -298,7 +308,7 @@ def test_openvino_graph_matches_reference_for_every_supported_form(name):
 
 
 @_needs("openvino")
-@pytest.mark.parametrize("family", ["v1", "v2"])
+@pytest.mark.parametrize("family", ["v1", pytest.param("v2", marks=pytest.mark.slow)])
 def test_openvino_graph_stays_exact_reshaped_to_each_new_shape(family, v1_model, v2_model):
     """One fast model meeting new batch sizes and resolutions reshapes the graph it built first (the runtime
     module builds once) and stays as exact at each."""
@@ -343,6 +353,7 @@ def test_openvino_mvn_statistics_are_as_accurate_as_torch_group_norm(offset):
     assert (got.double() - exact).abs().max().item() <= max(2 * torch_error, 1e-6)
 
 
+@pytest.mark.slow
 @_needs("openvino")
 def test_openvino_is_the_default_cpu_backend_and_features_fall_back(v2_model):
     fast = optimize(v2_model)
@@ -415,7 +426,7 @@ BF16_BACKENDS = ["auto", "portable", ONEDNN_BF16, OPENVINO_BF16]
 
 
 @pytest.mark.parametrize("backend", BF16_BACKENDS)
-@pytest.mark.parametrize("family", ["v1", "v2"])
+@pytest.mark.parametrize("family", ["v1", pytest.param("v2", marks=pytest.mark.slow)])
 def test_bf16_autocast_agrees_with_fp32_on_photographs(family, backend, v1_model, v2_model):
     model = v1_model if family == "v1" else v2_model
     x = _photographs()
@@ -498,6 +509,7 @@ def test_registered_as_implementation():
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
 
 
+@pytest.mark.slow
 def test_bench_cli_runs_fast_impl(tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", "s12", "--device", "cpu", "--impl", "ours,fast", "--batch-sizes", "1",
@@ -509,6 +521,7 @@ def test_bench_cli_runs_fast_impl(tmp_path):
         (impl, precision) for impl in ("ours", "fast") for precision in ("fp32", "bf16")}
 
 
+@pytest.mark.slow
 def test_predict_cli_with_fast_impl_matches_ours(tmp_path, s12_checkpoint):
     from PIL import Image
 

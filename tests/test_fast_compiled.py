@@ -21,9 +21,10 @@ from poolformer.fast import compiled as fast_compiled
 from poolformer.fast import fold
 from poolformer.fast.compiled import FoldedGraph, Frozen
 from poolformer.fast.module import explain_backend
+from poolformer.model import randomize_
 from poolformer_cli.app import app
 
-from .conftest import randomize_
+from .conftest import marked_slow
 from .test_fast import _seeded, v1_model, v2_model  # noqa: F401  (the same seeded, randomised models)
 
 TOLERANCE = 1e-4  # fp32 logits, absolute (or twice the reference's own fp32 error against float64)
@@ -58,7 +59,9 @@ def test_folded_graph_matches_reference(family, batch, height, width, v1_model, 
         _assert_as_exact_as_reference(model, _graph(model)(x), x)
 
 
-@pytest.mark.parametrize("variant", ["poolformer_s12_pool5", "poolformer_s12_relu", "poolformer_s12_silu", "v2_s24"])
+@pytest.mark.parametrize("variant", marked_slow(
+    ["poolformer_s12_pool5", "poolformer_s12_relu", "poolformer_s12_silu", "v2_s24"],
+    "poolformer_s12_pool5", "poolformer_s12_silu", "v2_s24"))
 def test_folded_graph_matches_every_supported_variant(variant):
     model = randomize_(create_model(variant), seed=3)
     x = torch.randn(2, 3, 64, 80)
@@ -90,6 +93,7 @@ def test_folded_graph_in_bf16_agrees_with_fp32(family, v1_model, v2_model):
 # ------------------------------------------------------------------------------ the backend
 
 
+@pytest.mark.slow
 def test_inductor_backend_traced_runs_the_folded_graph(v2_model):
     """Through optimize(): aot_eager traces the same graph torch.compile would hand inductor."""
     fast = optimize(v2_model, backend="inductor")
@@ -106,6 +110,7 @@ def test_inductor_backend_traced_runs_the_folded_graph(v2_model):
     _assert_as_exact_as_reference(v2_model, got, x)
 
 
+@pytest.mark.slow
 def test_compile_with_switches_the_backend_and_drops_prepared_forms(v1_model):
     fast = optimize(v1_model)
     x = torch.randn(1, 3, 64, 64)
@@ -157,6 +162,7 @@ def test_auto_never_takes_the_compiled_backend(v1_model):
         assert optimize(v1_model).backend_for(dtype) != "inductor"
 
 
+@pytest.mark.slow
 @needs_cxx
 def test_inductor_compiles_the_folded_graph_exactly(v1_model):
     """The real thing: inductor with freezing, two input shapes (each compiles on its first call)."""
@@ -168,6 +174,7 @@ def test_inductor_compiles_the_folded_graph_exactly(v1_model):
         _assert_as_exact_as_reference(v1_model, got, x)
 
 
+@pytest.mark.slow
 @needs_cxx
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="bf16 is emulated on this CPU (slow)")
 def test_inductor_compiles_bf16_under_autocast(v2_model):
@@ -185,6 +192,7 @@ def test_inductor_compiles_bf16_under_autocast(v2_model):
 # ------------------------------------------------------------------------------ bench --compile
 
 
+@pytest.mark.slow
 def test_bench_compiles_the_fast_paths_folded_graph():
     config = bench.BenchConfig("s12", "fast", "cpu", batch_size=2, resolution=64, compile=True)
     settings = bench.BenchSettings(warmup=0, iters=2, compile_backend="aot_eager")
@@ -202,6 +210,7 @@ def test_bench_compiles_other_cpu_models_with_freezing():
     assert isinstance(model, Frozen)
 
 
+@pytest.mark.slow
 def test_bench_cli_fast_compile_row(tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", "s12", "--device", "cpu", "--impl", "fast", "--compile",
@@ -212,6 +221,7 @@ def test_bench_cli_fast_compile_row(tmp_path):
     assert row["status"] == "ok" and row["compile"] and row["backend"] == "inductor" and row["compile_ms"] > 0
 
 
+@pytest.mark.slow
 def test_every_compiled_bench_row_compiles_past_dynamos_recompile_limit():
     """dynamo compiles one forward for at most 8 new instances, then runs the rest eagerly without a word;
     every bench row builds a new model, so a long sweep of compiled rows must not reach that limit."""

@@ -27,10 +27,13 @@ from poolformer.fast.triton.instrument import Recorder
 from poolformer.fast.triton.tiles import GemmMlp, MlpConfig, Partials, SplitMlp, Tile
 from poolformer.fast.triton.weights import TritonBlock
 
-from .conftest import randomize_, triton_kernel_device
+from poolformer.model import randomize_
 
-pytestmark = pytest.mark.skipif(triton_kernel_device() is None,
-                                reason="the Triton kernels cannot run in this process (see tests/conftest.py)")
+from .conftest import triton_kernel_device
+
+pytestmark = [pytest.mark.interpreter,
+              pytest.mark.skipif(triton_kernel_device() is None,
+                                 reason="the Triton kernels cannot run in this process (see tests/conftest.py)")]
 
 SHAPES = [(1, 7, 7, 64), (3, 13, 17, 64), (3, 7, 7, 320), (1, 13, 17, 320)]  # B, H, W, C
 
@@ -163,6 +166,7 @@ def test_pool_mix_kernel_matches_pooling_and_groupnorm(run, kernel_device, shape
     np.testing.assert_allclose(var, _reference_moments(y)[1], rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("whole_slots", [False, True], ids=["per-tile", "whole-slots"])
 @pytest.mark.parametrize("tile", [Tile(16, 64), Tile(16, 32)], ids=["one-chunk", "two-chunks"])
 @pytest.mark.parametrize("height, width", [(55, 57), (56, 56)], ids=["slots-cross-samples", "slots-in-samples"])
@@ -184,7 +188,9 @@ def test_pool_mix_statistics_stay_exact_far_from_zero_over_many_tiles(run, kerne
     np.testing.assert_allclose(var, expected_var, rtol=1e-4)
 
 
-@pytest.mark.parametrize("shape", SHAPES + [(2, 8, 8, 64), (3, 8, 8, 96)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [SHAPES[0], *(pytest.param(s, marks=pytest.mark.slow) for s in SHAPES[1:]),
+                                   (2, 8, 8, 64), pytest.param((3, 8, 8, 96), marks=pytest.mark.slow)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_pool_mix_whole_slots_give_the_same_output_and_moments(run, kernel_device, shape):
     """WHOLE_SLOTS (an autotuning candidate) changes only how the output's moments are summed: the same y,
     bitwise, and the same moments to float32 rounding; at odd shapes (slots crossing samples, masked channel
@@ -222,6 +228,7 @@ def test_mlp_kernel_matches_norm_fc1_activation_fc2_residual(run, kernel_device,
     np.testing.assert_allclose(mean, _reference_moments(y)[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_polynomial_gelu_switch_stays_within_the_float32_target(run, kernel_device, monkeypatch):
     """POOLFORMER_TRITON_GELU=poly (for an A/B timing): the fused kernel's GELU from Abramowitz & Stegun's erf,
     within 1e-4 of the float64 reference like the default, and not the same code path (ACT 4)."""
@@ -373,7 +380,8 @@ def _gemm(x: torch.Tensor) -> GemmMlp:
 
 
 @pytest.mark.parametrize("form", [_split, _gemm], ids=["split", "gemm"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [*SHAPES[:2], *(pytest.param(s, marks=pytest.mark.slow) for s in SHAPES[2:])],
+                         ids=lambda s: "x".join(map(str, s)))  # C = 320 is slow
 @pytest.mark.parametrize("activation", ["gelu", "starrelu", "relu", "silu"])
 def test_other_mlp_forms_match_norm_fc1_activation_fc2_residual(run, kernel_device, shape, activation, form):
     """The split form (normalising kernel, GEMMs, activation, GEMM adding the residual base, statistics kernel)
@@ -392,7 +400,8 @@ def test_other_mlp_forms_match_norm_fc1_activation_fc2_residual(run, kernel_devi
 
 
 @pytest.mark.parametrize("shape, tile, in_epilogue", [
-    ((3, 7, 7, 320), GemmMlp(16, 64, 32, 4, 1), False),  # 10 row tiles (the last masked), 20 + 5 column tiles
+    # 10 row tiles (the last masked), 20 + 5 column tiles
+    pytest.param((3, 7, 7, 320), GemmMlp(16, 64, 32, 4, 1), False, marks=pytest.mark.slow),
     ((2, 5, 3, 96), GemmMlp(16, 128, 64, 4, 1), False),  # C = 96: 32-column fc2 tiles, a masked K step in fc1
     ((3, 7, 7, 64), GemmMlp(16, 64, 32, 4, 1), True),  # one column tile: fc2's epilogue writes the partials
     ((1, 13, 17, 72), GemmMlp(32, 128, 32, 4, 1), True),  # C = 72 in one masked 128-column tile
@@ -425,7 +434,7 @@ def test_gemm_stats_leave_the_epilogue_when_a_sample_spans_too_many_row_tiles():
     assert tiles.gemm_partials_rows(tile, 96 * 96, 64, 256) == tiles.GEMM_STATS_BLOCK_ROWS
 
 
-@pytest.mark.parametrize("offset", [0.0, 30.0])
+@pytest.mark.parametrize("offset", [0.0, pytest.param(30.0, marks=pytest.mark.slow)])
 def test_bf16_gemm_mlp_is_within_the_storage_rounding(run, kernel_device, offset):
     """bf16, far from zero too: within the storage rounding of float64, and rounding where the fused kernel rounds
     (the normalised input, the activated hidden tile, the output once), so within an ulp or so of it."""
@@ -502,7 +511,8 @@ def test_mlp_candidates_order_the_forms(monkeypatch):
     assert set(kinds(64, torch.bfloat16)) == {"GemmMlp"} and kinds(64, torch.float32, interpret=True) == ["GemmMlp"]
 
 
-@pytest.mark.parametrize("form, kind, launch", [("split", "SplitMlp", "fc2"), ("gemm", "GemmMlp", "fc2 residual")])
+@pytest.mark.parametrize("form, kind, launch", [
+    ("split", "SplitMlp", "fc2"), pytest.param("gemm", "GemmMlp", "fc2 residual", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", ["s12", "v2_s12"])
 def test_whole_model_on_the_other_mlp_forms_is_exact_and_its_traffic_is_counted(monkeypatch, kernel_device, name,
                                                                                  form, kind, launch):
@@ -538,6 +548,7 @@ def test_the_tile_cache_keeps_the_form_of_the_mlp(tmp_path):
     assert autotune.cached_tile(cache, "old", (MlpConfig, SplitMlp)) == MlpConfig(16, 16, 4, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", [None, "0", "1"])
 def test_statistics_after_fc1_only_when_switched_on(monkeypatch, kernel_device, setting):
     """Normalising first is the default (it timed faster on an H200); POOLFORMER_TRITON_NORM_AFTER_FC1=1 turns the
@@ -563,6 +574,7 @@ def test_statistics_after_fc1_only_when_switched_on(monkeypatch, kernel_device, 
 # ------------------------------------------------------------------------------ whole models
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, seed", [("s12", 1), ("v2_s12", 2)])
 @pytest.mark.parametrize("batch, height, width", [(1, 64, 64), (3, 71, 97)])
 def test_triton_backend_is_exact_in_fp32(kernel_device, name, seed, batch, height, width):
@@ -579,6 +591,7 @@ def test_triton_backend_is_exact_in_fp32(kernel_device, name, seed, batch, heigh
     torch.testing.assert_close(features, expected_features, rtol=1e-4, atol=1e-4 * expected_features.abs().max().item())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_backend_low_precision_is_as_close_as_the_portable_path(kernel_device, dtype):
     """bf16/fp16 logits are as far from fp32 as the portable path's in the same dtype (same rounding points)."""
@@ -592,6 +605,7 @@ def test_triton_backend_low_precision_is_as_close_as_the_portable_path(kernel_de
     assert triton_error <= 2 * portable_error + 1e-3, (triton_error, portable_error)
 
 
+@pytest.mark.slow
 def test_triton_backend_under_autocast_runs_the_autocast_dtype(kernel_device):
     model = randomize_(create_model("s12"), seed=4).eval()
     fast = optimize(model, backend="triton")
@@ -609,6 +623,7 @@ def test_triton_backend_under_autocast_runs_the_autocast_dtype(kernel_device):
 # ------------------------------------------------------------------------------ backend choice
 
 
+@pytest.mark.slow
 def test_auto_never_picks_the_interpreter_on_the_cpu(v1_random):
     assert optimize(v1_random).backend_for(torch.float32, "cpu") != "triton"
     assert optimize(v1_random).backend_note(torch.float32, "cpu") is None
@@ -692,6 +707,7 @@ def test_mlp_tiles_fit_the_shared_memory_budget():
 # ------------------------------------------------------------------------------ roofline
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["s12", "v2_s12"])
 def test_roofline_count_equals_the_traffic_the_kernels_record(kernel_device, name):
     """The analytic byte count (what bench reports on a GPU) equals what the launches themselves record."""
@@ -705,6 +721,7 @@ def test_roofline_count_equals_the_traffic_the_kernels_record(kernel_device, nam
     assert recorded == predicted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["s12", "v2_s12"])
 def test_time_kernels_lists_every_launch_with_its_stage_bytes_and_flops(kernel_device, name):
     """Kernel-by-kernel times: one entry per launch in forward order, the bytes the roofline counts, the
@@ -817,6 +834,7 @@ def test_graphs_switch(monkeypatch):
 # ------------------------------------------------------------------------------------------ in bench
 
 
+@pytest.mark.slow
 def test_bench_fast_rows_on_the_kernels_report_backend_and_roofline(monkeypatch, tmp_path, kernel_device):
     """A fast row that ran the Triton kernels (compiled, or in the interpreter) records its backend and the bytes
     its kernels moved per image; the table adds the roofline line."""
@@ -839,6 +857,7 @@ def test_bench_fast_rows_on_the_kernels_report_backend_and_roofline(monkeypatch,
     assert "roofline" in result.stdout and "MB moved per image" in result.stdout
 
 
+@pytest.mark.slow
 def test_profile_kernels_times_each_fast_kernel(monkeypatch, kernel_device):
     """`profile --impl fast --kernels` on the Triton backend (compiled, or in the interpreter): a row per (stage,
     kernel) with launches, time, share, bytes; the JSON form's shares add up; anything not on the kernels is one
@@ -885,6 +904,7 @@ def test_predict_and_eval_print_why_the_fast_path_skipped_its_kernels(monkeypatc
     assert captured.get() == ""
 
 
+@pytest.mark.slow
 def test_auto_falls_back_when_the_kernels_fail_on_this_gpu(monkeypatch, v1_random):
     """A GPU or Triton version the kernels do not compile on: backend="auto" answers on PyTorch operators and
     says why; backend="triton" (asked for by name) raises."""
@@ -931,6 +951,7 @@ def test_a_misspelt_mlp_form_is_a_configuration_error_not_a_fallback(monkeypatch
         assert tiles.mlp_form_setting() in ("auto", "fused", "gemm")
 
 
+@pytest.mark.slow
 def test_autotune_times_every_tile_and_keeps_the_fastest(monkeypatch, run, kernel_device):
     """POOLFORMER_TRITON_AUTOTUNE=1: each candidate tile runs (and gives the same answer); the fastest is kept
     for the shape, and later calls reuse it without timing again."""
@@ -991,6 +1012,7 @@ def test_autotuned_tiles_are_kept_for_later_processes(monkeypatch, tmp_path, ker
     assert cache.read_text() == "{not json" and autotune.tile_cache_path() is None
 
 
+@pytest.mark.slow
 def test_autotune_times_the_token_mixer_tiles_too(monkeypatch, kernel_device):
     """POOLFORMER_TRITON_AUTOTUNE=1 also times the token mixer's candidate tiles (same output from each), keeps
     the fastest for the shape and in the tile cache; without autotuning a cached tile is used untimed."""

@@ -18,7 +18,7 @@ from poolformer.fast.triton.forward import TritonForward
 from poolformer.fast.triton.instrument import Recorder
 from poolformer.fast.triton.tiles import MlpConfig, SplitMlp
 
-from .conftest import randomize_
+from poolformer.model import randomize_
 
 PACKAGE = Path(availability.__file__).parent
 

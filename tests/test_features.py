@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from poolformer import CheckpointError, ConfigError, create_model, get_spec
 from poolformer.weights import export_state_dict, load_checkpoint
-from tests.conftest import randomize_
+from poolformer.model import randomize_
 
 # official fork_feat backbone keys: the classifier's less norm.* and head.*, plus norm0/2/4/6
 DENSE_KEY_COUNTS = {"s12": 132 - 4 + 8, "m36": 372 - 4 + 8}

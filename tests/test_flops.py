@@ -64,6 +64,7 @@ def _v1_dense_macs(name: str, resolution: int) -> int:
 # ----------------------------------------------------------------------------------------- published figures
 
 
+@pytest.mark.slow
 def test_s12_fvcore_reproduces_the_published_figure_exactly_on_timms_twin():
     """The published 1,822,580,736 was counted on timm's model; our count of timm's twin must equal it."""
     from poolformer.implementations import IMPLEMENTATIONS

@@ -8,8 +8,10 @@ import torch
 from transformers import PoolFormerConfig, PoolFormerForImageClassification
 
 from poolformer import ConfigError, UnknownModelError, create_model, get_spec, list_models
+from poolformer.model import randomize_
 from poolformer.weights import export_state_dict
-from tests.conftest import randomize_
+
+from .conftest import marked_slow
 
 V1 = ["poolformer_s12", "poolformer_s24", "poolformer_s36", "poolformer_m36", "poolformer_m48"]
 V2 = [f"poolformerv2_{s}" for s in ("s12", "s24", "s36", "m36", "m48")]
@@ -27,12 +29,12 @@ def n_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-@pytest.mark.parametrize("name", V1)
+@pytest.mark.parametrize("name", marked_slow(V1, "poolformer_m36", "poolformer_m48"))
 def test_v1_parameter_counts_are_exact(name):
     assert n_params(create_model(name)) == OFFICIAL_PARAMS[name]
 
 
-@pytest.mark.parametrize("name", V2)
+@pytest.mark.parametrize("name", marked_slow(V2, *V2[1:]))
 def test_v2_parameter_counts_match_timm(name):
     assert n_params(create_model(name)) == n_params(timm.create_model(name))
 
@@ -72,7 +74,7 @@ def _transformers_twin(ours) -> PoolFormerForImageClassification:
     return twin
 
 
-@pytest.mark.parametrize("name", V1)
+@pytest.mark.parametrize("name", marked_slow(V1, *V1[1:]))
 def test_v1_logits_match_transformers(name):
     ours = randomize_(create_model(name), seed=1)
     twin = _transformers_twin(ours)
@@ -84,7 +86,7 @@ def test_v1_logits_match_transformers(name):
     torch.testing.assert_close(ours_logits, twin_logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", V1)
+@pytest.mark.parametrize("name", marked_slow(V1, *V1[1:]))
 def test_v1_stage_features_match_timm_and_only_its_head_differs(name):
     ours = randomize_(create_model(name), seed=2)
     twin = timm.create_model(name).eval()
@@ -100,7 +102,7 @@ def test_v1_stage_features_match_timm_and_only_its_head_differs(name):
     assert logit_gap > 1e-3
 
 
-@pytest.mark.parametrize("name", V2)
+@pytest.mark.parametrize("name", marked_slow(V2, *V2[1:]))
 def test_v2_logits_match_timm(name):
     ours = randomize_(create_model(name), seed=3)
     twin = timm.create_model(name).eval()
@@ -111,7 +113,7 @@ def test_v2_logits_match_timm(name):
         torch.testing.assert_close(ours(x), twin(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("size", [(224, 224), (97, 131), (256, 320), (32, 32)])
+@pytest.mark.parametrize("size", [(224, 224), (97, 131), pytest.param((256, 320), marks=pytest.mark.slow), (32, 32)])
 def test_any_resolution_gives_four_stage_maps_at_strides_4_to_32(size):
     model = create_model("s12")
     h, w = size
@@ -130,7 +132,8 @@ def test_any_resolution_gives_four_stage_maps_at_strides_4_to_32(size):
     assert logits.shape == (1, 1000)
 
 
-@pytest.mark.parametrize("name", [n for n in list_models() if get_spec(n).family in ("ablation", "hybrid")])
+@pytest.mark.parametrize("name", marked_slow([n for n in list_models() if get_spec(n).family in ("ablation", "hybrid")],
+                                              "poolformer_s12_ppaa"))
 def test_every_ablation_and_hybrid_runs(name):
     model = create_model(name)
     with torch.no_grad():
@@ -154,7 +157,7 @@ def test_token_count_mixers_follow_img_size_and_refuse_other_sizes():
             model(torch.randn(1, 3, 224, 224))
 
 
-@pytest.mark.parametrize("size", [230, 97])
+@pytest.mark.parametrize("size", [230, pytest.param(97, marks=pytest.mark.slow)])
 def test_token_count_mixers_are_sized_by_the_real_stage_maps(size):
     """230 is not a multiple of 32: its stage maps are 58, 29, 15, 8 (not 230 // stride)."""
     for name in ("s12_ppff", "s12_random", "s12_ppaa"):
@@ -169,6 +172,7 @@ def test_token_count_mixers_are_sized_by_the_real_stage_maps(size):
         assert all(p.shape[-2:] == maps[2].shape[-2:] for p in pos)
 
 
+@pytest.mark.slow
 def test_attention_hybrids_follow_the_authors_norms_and_crops():
     """sail-sg/poolformer models/metaformer.py: the attention hybrids use LayerNormChannel everywhere (their
     default norm_layer) and crop 0.95; pppf uses GroupNorm and crop 0.9; ppff GroupNorm and crop 0.95."""
@@ -191,6 +195,7 @@ def test_channel_layernorm_equals_torch_layer_norm_over_channels():
         torch.testing.assert_close(norm(x), expected.permute(0, 3, 1, 2), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_overrides_build_the_zoo_ablations():
     built = create_model("s12", token_mixer="dwconv", pool_size=5, norm="batchnorm", act="silu")
     assert built.arch.token_mixers == ("dwconv",) * 4 and built.arch.pool_size == 5
@@ -242,6 +247,7 @@ def test_aliases_and_case_resolve_to_the_same_model():
     assert get_spec("v2_m48").name == "poolformerv2_m48"
 
 
+@pytest.mark.slow
 def test_models_come_in_eval_mode_and_drop_path_only_acts_in_training():
     model = create_model("s12", drop_path_rate=0.5)
     assert not model.training

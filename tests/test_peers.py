@@ -42,6 +42,7 @@ def test_a_peer_is_timms_model_built_for_the_input_size():
     assert convnet(torch.randn(1, 3, 80, 80)).shape == (1, 1000)
 
 
+@pytest.mark.slow
 def test_summary_flops_and_bench_take_peers():
     result = runner.invoke(app, ["summary", TINY, "--resolution", "64", "--json"])
     assert result.exit_code == 0, result.output

@@ -47,6 +47,7 @@ def test_bench_figure_has_a_panel_per_resolution_and_a_line_per_series_with_oom_
     assert len(latency_lines) == 4 and list(latency_lines[1].get_ydata()) == pytest.approx([12.0, 12.0, 12.0])
 
 
+@pytest.mark.slow
 def test_flops_figure_draws_every_counter_per_model():
     from poolformer.flops import analyse
 
@@ -73,7 +74,7 @@ def test_compare_figure_labels_every_ranked_model_and_draws_the_fronts():
     assert len(front) == 1 and len(front[0].get_xdata()) == len(result.fronts["macs"])
 
 
-@pytest.mark.parametrize("suffix", [".png", ".svg"])
+@pytest.mark.parametrize("suffix", [".png", pytest.param(".svg", marks=pytest.mark.slow)])
 def test_bench_plot_github_benchmark_and_markdown_files(tmp_path, suffix):
     plot, gb, md = tmp_path / f"b{suffix}", tmp_path / "gb.json", tmp_path / "r.md"
     result = runner.invoke(app, ["bench", "s12", "--device", "cpu", "--batch-sizes", "1,2", "--resolutions", "32",
@@ -92,6 +93,7 @@ def test_bench_plot_github_benchmark_and_markdown_files(tmp_path, suffix):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([plot.name, gb.name, md.name, "b.json"])
 
 
+@pytest.mark.slow
 def test_markdown_carries_the_regression_verdict(tmp_path):
     baseline = tmp_path / "base.json"
     args = ["bench", "s12", "--device", "cpu", "--batch-sizes", "1", "--resolutions", "32", "--warmup", "0",

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.conftest import randomize_
 from poolformer import create_model
+from poolformer.model import randomize_
 from poolformer.weights import export_state_dict
 from poolformer_cli.app import app
 
@@ -50,6 +50,7 @@ def _predict(*args: str):
     return runner.invoke(app, ["predict", *map(str, args)])
 
 
+@pytest.mark.slow
 def test_json_matches_independent_pipeline(photos, s12_random, s12_checkpoint):
     from timm.data import ImageNetInfo
 
@@ -67,6 +68,7 @@ def test_json_matches_independent_pipeline(photos, s12_random, s12_checkpoint):
         assert [p["label"] for p in entry["predictions"]] == [info.index_to_description(i) for i in indices]
 
 
+@pytest.mark.slow
 def test_table_per_image_and_batch_size_does_not_change_results(photos, s12_checkpoint):
     table = _predict(photos, "--weights", s12_checkpoint, "--top-k", "2")
     assert table.exit_code == 0, table.output
@@ -79,6 +81,7 @@ def test_table_per_image_and_batch_size_does_not_change_results(photos, s12_chec
     assert len(one) == 3 and all(len(e["predictions"]) == 5 for e in one)
 
 
+@pytest.mark.slow
 def test_directory_glob_and_failures(photos, s12_checkpoint):
     (photos / "broken.jpg").write_bytes((photos / "coffee.jpg").read_bytes()[:2000])
     (photos / "notes.txt").write_text("not an image, and not picked up from the directory")
@@ -99,6 +102,7 @@ def test_directory_glob_and_failures(photos, s12_checkpoint):
     assert "astronaut.jpg" in table.stdout
 
 
+@pytest.mark.slow
 def test_other_class_count_shows_indices_or_labels_file(tmp_path, photos):
     model = randomize_(create_model("s12", num_classes=10), seed=3)
     checkpoint = tmp_path / "ten_classes.pth"
@@ -164,6 +168,7 @@ def test_predict_runs_the_published_weights_by_default(tmp_path, photos, s12_ran
     assert default["predictions"] == explicit["predictions"]
 
 
+@pytest.mark.slow
 def test_impl_choices_are_read_at_run_time(photos, s12_checkpoint, monkeypatch):
     """A newly registered implementation (as issue #6 adds "fast") is accepted without touching predict."""
     from poolformer import implementations
@@ -181,6 +186,7 @@ def test_impl_choices_are_read_at_run_time(photos, s12_checkpoint, monkeypatch):
     assert built == ["MetaFormer"]
 
 
+@pytest.mark.slow
 def test_timm_implementation_runs_the_timm_model(photos, s12_random, s12_checkpoint):
     import timm
 

@@ -114,7 +114,7 @@ def _scaled_baseline(tmp_path, factor: float, normalised: bool) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("normalised", [False, True])
+@pytest.mark.parametrize("normalised", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_cli_exit_1_on_regression_and_0_otherwise(tmp_path, normalised):
     flag = ["--normalised"] if normalised else []
     slow = runner.invoke(app, ["bench", *FAST, *flag, "--baseline", _scaled_baseline(tmp_path, 100.0, normalised),
@@ -178,6 +178,7 @@ def test_a_configuration_fails_only_when_every_measurement_regressed():
         recheck(compare(baseline, current, 10.0), baseline, current, remeasure, retries=-1)
 
 
+@pytest.mark.slow
 def test_cli_retries_measure_a_regressed_configuration_again(tmp_path):
     slow = runner.invoke(app, ["bench", *FAST, "--baseline", _scaled_baseline(tmp_path, 100.0, False),
                                "--max-regression", "20", "--retries", "1", "--output", str(tmp_path / "run.json"),

@@ -14,12 +14,13 @@ from typer.testing import CliRunner
 from poolformer import CheckpointError, ConfigError, create_model
 from poolformer.bench import BenchConfig, BenchSettings, run_config
 from poolformer.implementations import build
+from poolformer.model import randomize_
 from poolformer.regression import compare
 from poolformer.export import export_model
 from poolformer.runtimes.sessions import RuntimeModule, available, make_runner
 from poolformer_cli.app import app
 
-from .conftest import assert_one_line_error, randomize_
+from .conftest import assert_one_line_error, marked_slow
 
 runner = CliRunner()
 QUICK = BenchSettings(warmup=0, iters=2)
@@ -44,6 +45,7 @@ def exported(tmp_path_factory):
     return checkpoint, onnx_path, image
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["onnxruntime", "openvino"])
 def test_runtime_rows_match_our_model_and_time_session_creation_as_the_first_call(impl):
     result = run_config(BenchConfig("v2_s12", impl, "cpu", 2, 64), QUICK)
@@ -89,6 +91,7 @@ def _broken_fast(name, impl, **kwargs):
     return Shifted(model)
 
 
+@pytest.mark.slow
 def test_a_row_with_wrong_outputs_is_a_mismatch_not_a_speed_result():
     result = run_config(BenchConfig("s12", "fast", "cpu", 2, 64), QUICK, build_model=_broken_fast)
     assert result.status == "mismatch" and not result.parity.ok and result.parity.max_abs_diff == pytest.approx(5.0, abs=0.01)
@@ -98,6 +101,7 @@ def test_a_row_with_wrong_outputs_is_a_mismatch_not_a_speed_result():
     assert report.comparisons[0].regressed and report.comparisons[0].note == "status mismatch"
 
 
+@pytest.mark.slow
 def test_timm_rows_are_checked_against_timm():
     """timm's v1 head normalises after pooling: its logits differ from ours by design, not by mistake."""
     result = run_config(BenchConfig("s12", "timm", "cpu", 2, 64, channels_last=True), QUICK)
@@ -115,6 +119,7 @@ def test_runtimes_refuse_a_precision_they_would_not_compute(impl, message, monke
     assert result.status == "error" and message in result.error
 
 
+@pytest.mark.slow
 def test_bench_cli_runs_an_exported_file(exported):
     _, onnx_path, _ = exported
     result = runner.invoke(app, ["bench", "s12", "--weights", str(onnx_path), "--impl", "onnxruntime,openvino",
@@ -130,6 +135,7 @@ def test_bench_cli_runs_an_exported_file(exported):
     assert wrong_size.exit_code == 1 and "export it for this shape" in json.loads(wrong_size.stdout)["results"][0]["error"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(
     not available("openvino"), reason="openvino is not installed"))])
 def test_a_fixed_batch_file_refuses_another_batch_after_running_its_own(tmp_path, runtime):
@@ -143,7 +149,7 @@ def test_a_fixed_batch_file_refuses_another_batch_after_running_its_own(tmp_path
         module(torch.randn(2, 3, 64, 64))
 
 
-@pytest.mark.parametrize("impl", ["ours", "onnxruntime", "openvino"])
+@pytest.mark.parametrize("impl", marked_slow(["ours", "onnxruntime", "openvino"], "onnxruntime", "openvino"))
 def test_predict_with_an_exported_file_equals_the_checkpoint(exported, impl):
     checkpoint, small, image = exported
     onnx_path = small.with_name("s12_10_224.onnx")  # exported at the model's own 224 px, as the checkpoint runs
@@ -170,6 +176,7 @@ def test_predict_preprocesses_to_the_exported_files_size(exported):
     assert classifier.spec.input_size == 64 and classifier.spec.crop_pct == 0.9 and classifier.num_classes == 10
 
 
+@pytest.mark.slow
 def test_eval_with_an_exported_file(exported, tmp_path):
     checkpoint, small, image = exported
     onnx_path = small.with_name("s12_10_224.onnx")
@@ -219,6 +226,8 @@ def test_a_missing_runtime_is_a_one_line_error(monkeypatch, exported):
     assert result.status == "error" and "openvino is not installed here" in result.error
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="OpenVINO's CPU plugin swaps the signal stack on Linux only")
 def test_openvino_runners_freed_in_creation_order_leave_signals_deliverable(exported):
     """Each OpenVINO Core's CPU plugin puts its own signal stack on the thread that makes it and unmaps it when
@@ -261,7 +270,7 @@ def test_a_model_built_in_memory_runs_in_openvino_only():
 
 
 @pytest.mark.skipif(not available("openvino"), reason="openvino is not installed")
-@pytest.mark.parametrize("frontend", ["converts", "cannot trace"])
+@pytest.mark.parametrize("frontend", [pytest.param("converts", marks=pytest.mark.slow), "cannot trace"])
 def test_openvino_runs_its_own_conversion_of_the_model_or_the_onnx_export(monkeypatch, frontend):
     """`--impl openvino` is OpenVINO at its best: its own PyTorch frontend converts the model; where that frontend
     cannot trace a model, the portable ONNX export runs instead. Either way, our model's logits."""
@@ -285,6 +294,7 @@ def test_openvino_runs_its_own_conversion_of_the_model_or_the_onnx_export(monkey
     assert (got - expected).abs().max().item() < 1e-5 * max(1.0, expected.abs().max().item())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not available("openvino"), reason="openvino is not installed")
 def test_openvino_builds_once_reshapes_for_each_shape_and_refuses_a_precision_before_building():
     """A bench sweep over shapes and precisions converts the model once (a conversion traces it: seconds), not
@@ -342,8 +352,10 @@ def test_openvino_builds_once_reshapes_for_each_shape_and_refuses_a_precision_be
     ("<xml/>", "not an OpenVINO IR file (its root element is <xml>, not <net>)"),
     ("garbage", "not an OpenVINO IR file (not XML: syntax error"),
     ("", "not an OpenVINO IR file (not XML: no element found"),
-    ("cut short", "OpenVINO cannot read it: Error parsing"),
-    ("without weights", "OpenVINO cannot read it: Empty weights data in bin file or bin file cannot be found"),
+    # these two export a real IR first
+    pytest.param("cut short", "OpenVINO cannot read it: Error parsing", marks=pytest.mark.slow),
+    pytest.param("without weights", "OpenVINO cannot read it: Empty weights data in bin file or bin file cannot be found",
+                 marks=pytest.mark.slow),
 ])
 def test_a_bad_ir_file_is_one_line_that_says_what_is_wrong(tmp_path, capfd, content, message):
     """Not OpenVINO's first line ("Exception from src/inference/src/cpp/core.cpp:84:"), and a foreign .xml never
@@ -364,6 +376,7 @@ def test_a_bad_ir_file_is_one_line_that_says_what_is_wrong(tmp_path, capfd, cont
     assert "GraphDef" not in capfd.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not available("openvino"), reason="openvino is not installed")
 def test_an_openvino_ir_file_runs_as_weights_in_predict_and_bench(tmp_path, exported):
     """`poolformer export --format openvino` writes what predict and bench then run with --weights FILE.xml

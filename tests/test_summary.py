@@ -167,6 +167,8 @@ def test_trace_device_keeps_big_work_on_the_meta_device():
     assert trace_device(spec, 896, 1) == "meta"
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_summary_leaves_no_dynamo_import_behind():
     """The analytic counter opts out of dynamo.disable; the first call would otherwise import torch._dynamo."""
     import subprocess

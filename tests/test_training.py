@@ -19,7 +19,7 @@ from poolformer.training import (
     train_step, training_memory,
 )
 from poolformer.weights import export_state_dict
-from tests.conftest import randomize_
+from poolformer.model import randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
 

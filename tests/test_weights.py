@@ -15,8 +15,10 @@ from safetensors.torch import save_file
 from transformers import PoolFormerConfig, PoolFormerForImageClassification
 
 from poolformer import CheckpointError, create_model, get_spec
+from poolformer.model import randomize_
 from poolformer.weights import LAYOUTS, convert_state_dict, export_state_dict, load_checkpoint, read_checkpoint
-from tests.conftest import randomize_
+
+from .conftest import marked_slow
 
 V1 = ["s12", "s24", "s36", "m36", "m48"]
 V2 = [f"v2_{s}" for s in V1]
@@ -29,7 +31,7 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.mark.parametrize("size", V1)
+@pytest.mark.parametrize("size", marked_slow(V1, *V1[1:]))
 def test_official_layout_round_trips_for_every_v1_size(size):
     ours = randomize_(create_model(size))
     official = export_state_dict(ours, "official")
@@ -44,7 +46,7 @@ def test_official_layout_round_trips_for_every_v1_size(size):
     assert _same_weights(fresh, ours)
 
 
-@pytest.mark.parametrize("size", V1)
+@pytest.mark.parametrize("size", marked_slow(V1, *V1[1:]))
 def test_transformers_layout_round_trips_for_every_v1_size(size):
     ours = randomize_(create_model(size))
     spec = get_spec(size)
@@ -58,7 +60,7 @@ def test_transformers_layout_round_trips_for_every_v1_size(size):
     assert _same_weights(fresh, ours)
 
 
-@pytest.mark.parametrize("size", V1 + V2)
+@pytest.mark.parametrize("size", marked_slow(V1 + V2, *V1[1:], *V2[1:]))
 def test_timm_layout_round_trips_through_timms_own_model(size):
     spec = get_spec(size)
     ours = randomize_(create_model(size))
@@ -71,7 +73,7 @@ def test_timm_layout_round_trips_through_timms_own_model(size):
     assert _same_weights(fresh, ours)
 
 
-@pytest.mark.parametrize("size", V2)
+@pytest.mark.parametrize("size", marked_slow(V2, *V2[1:]))
 def test_metaformer_v2_layout_uses_linear_mlps_and_round_trips(size):
     ours = randomize_(create_model(size))
     official = export_state_dict(ours, "metaformer")
@@ -90,6 +92,7 @@ def test_metaformer_v2_layout_uses_linear_mlps_and_round_trips(size):
     assert _same_weights(fresh, twin)
 
 
+@pytest.mark.slow
 def test_official_v1_files_agree_with_timms_converter():
     """timm's checkpoint_filter_fn reads official sail-sg files independently of our rules."""
     from timm.models.metaformer import checkpoint_filter_fn
@@ -100,7 +103,7 @@ def test_official_v1_files_agree_with_timms_converter():
     assert _same_weights(twin, ours)
 
 
-@pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
+@pytest.mark.parametrize("wrap", marked_slow([None, "state_dict", "model"], "state_dict", "model"))
 def test_official_files_load_plain_or_wrapped(tmp_path, s12_random, wrap):
     sd = export_state_dict(s12_random, "official")
     obj = sd if wrap is None else {wrap: sd, "epoch": 300, "arch": "poolformer_s12"}
@@ -110,13 +113,14 @@ def test_official_files_load_plain_or_wrapped(tmp_path, s12_random, wrap):
     assert _same_weights(model, s12_random)
 
 
+@pytest.mark.slow
 def test_ddp_prefixed_checkpoints_load(tmp_path, s12_random):
     path = tmp_path / "ddp.pth"
     torch.save({"module." + k: v for k, v in export_state_dict(s12_random, "official").items()}, path)
     assert _same_weights(create_model("s12", weights=path), s12_random)
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".pth", ".bin"])
+@pytest.mark.parametrize("suffix", marked_slow([".safetensors", ".pth", ".bin"], ".pth", ".bin"))
 def test_timm_files_load_as_safetensors_and_pth(tmp_path, s12_random, suffix):
     path = tmp_path / f"model{suffix}"
     sd = {k: v.contiguous() for k, v in export_state_dict(s12_random, "timm").items()}
@@ -126,6 +130,7 @@ def test_timm_files_load_as_safetensors_and_pth(tmp_path, s12_random, suffix):
     assert _same_weights(model, s12_random)
 
 
+@pytest.mark.slow
 def test_transformers_checkpoint_gives_transformers_logits(tmp_path):
     twin = PoolFormerForImageClassification(PoolFormerConfig(num_labels=1000)).eval()
     randomize_(twin)
@@ -186,6 +191,7 @@ def test_a_file_of_non_tensors_is_refused(tmp_path):
         read_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_wrong_architecture_lists_missing_and_unexpected_keys(tmp_path):
     path = tmp_path / "s24.pth"
     torch.save(export_state_dict(create_model("s24"), "official"), path)
@@ -203,6 +209,7 @@ def test_wrong_class_count_reports_mis_shaped_keys(tmp_path, s12_checkpoint):
         create_model("s12", weights=s12_checkpoint, num_classes=10)
 
 
+@pytest.mark.slow
 def test_v1_weights_into_v2_model_are_refused(s12_checkpoint):
     with pytest.raises(CheckpointError, match="does not fit poolformerv2_s12"):
         create_model("v2_s12", weights=s12_checkpoint)
@@ -218,10 +225,11 @@ def test_unrelated_state_dicts_match_no_layout(tmp_path):
 @pytest.mark.parametrize("code, expected", [
     # The authors' hybrids keep the position embedding as its own `network` entry (AddPositionEmb) before
     # the first attention stage, shifting later entries by one (sail-sg/poolformer models/metaformer.py).
-    ("ppaa", ["network.3.proj.weight", "network.4.pos_embed", "network.5.5.token_mixer.qkv.weight",
-              "network.6.proj.weight", "network.7.1.token_mixer.proj.bias", "norm.weight"]),
-    ("pppa", ["network.5.proj.weight", "network.6.pos_embed", "network.7.0.token_mixer.qkv.weight",
-              "network.4.5.layer_scale_2"]),
+    pytest.param("ppaa", ["network.3.proj.weight", "network.4.pos_embed", "network.5.5.token_mixer.qkv.weight",
+                          "network.6.proj.weight", "network.7.1.token_mixer.proj.bias", "norm.weight"],
+                 marks=pytest.mark.slow),
+    pytest.param("pppa", ["network.5.proj.weight", "network.6.pos_embed", "network.7.0.token_mixer.qkv.weight",
+                          "network.4.5.layer_scale_2"], marks=pytest.mark.slow),
     ("ppff", ["network.4.0.token_mixer.fc.weight", "network.6.1.token_mixer.fc.weight", "network.5.proj.bias"]),
 ])
 def test_official_hybrid_files_round_trip_with_the_position_embedding_slot(tmp_path, code, expected):
@@ -259,6 +267,8 @@ def _run_offline(tmp_path, name: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_pretrained_offline_without_cache_says_what_to_pass(tmp_path):
     result = _run_offline(tmp_path, "s12")
     assert not result["ok"]
@@ -266,6 +276,8 @@ def test_pretrained_offline_without_cache_says_what_to_pass(tmp_path):
     assert "poolformer_s12.pth.tar" in result["error"]  # the file to download
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_pretrained_offline_uses_the_hub_cache(tmp_path, s12_random):
     snapshot = tmp_path / "hf" / "hub" / "models--timm--poolformer_s12.sail_in1k"
     commit = "0" * 40
@@ -278,6 +290,8 @@ def test_pretrained_offline_uses_the_hub_cache(tmp_path, s12_random):
     assert result == {"ok": True, "bias0": pytest.approx(s12_random.head.fc.bias[0].item())}
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_pretrained_offline_uses_the_release_file_in_torch_cache(tmp_path, s12_random):
     cache = tmp_path / "torch" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
