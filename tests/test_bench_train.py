@@ -47,6 +47,7 @@ def _train_rows(models, impls, **options):
     return list(bench.run_benchmark(configs, QUICK))
 
 
+@pytest.mark.slow
 def test_train_rows_match_the_other_implementation_in_loss_and_gradients():
     rows = _train_rows(["poolformer_s12", "poolformerv2_s12"], ["ours", "timm"])
     assert [(r.config.model, r.config.impl) for r in rows] == [
@@ -63,6 +64,7 @@ def test_train_rows_match_the_other_implementation_in_loss_and_gradients():
         assert json_row["grad_parity"]["ok"] and json_row["scaling_efficiency"] is None
 
 
+@pytest.mark.slow
 def test_checkpointed_rows_sit_beside_the_plain_ones_and_bf16_trains_within_tolerance():
     rows = _train_rows(["poolformer_s12"], ["ours"], grad_checkpointing=(False, True), precisions=["bf16"], optimizer="adamw")
     assert [r.config.grad_checkpointing for r in rows] == [False, True]
@@ -170,6 +172,7 @@ def _torchrun(tmp_path, *args) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_torchrun_trains_in_ddp_and_reports_the_scaling_efficiency(tmp_path):
     out = tmp_path / "ddp.json"
@@ -185,6 +188,7 @@ def test_torchrun_trains_in_ddp_and_reports_the_scaling_efficiency(tmp_path):
     assert "2 processes" in result.stdout and "scaling efficiency" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_torchrun_refuses_inference_rows(tmp_path):
     result = _torchrun(tmp_path, "--mode", "inference")

@@ -281,17 +281,16 @@ def test_openvino_profile_splits_each_forms_time_by_node_kind(tmp_path):
 
 
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")), reason="no C compiler")
-def test_fma_peak_probe_counts_two_threads_as_twice_one_and_refuses_what_it_cannot_measure(tmp_path, monkeypatch):
+def test_fma_peak_probe_measures_each_thread_count_and_refuses_what_it_cannot_measure(tmp_path, monkeypatch):
+    """The probe runs at 1 and 2 threads and gives a rate for each (how the rates compare is a measurement, kept in
+    benchmarks/results/openvino_profile_*.md: tests assert no timings)."""
     openvino_profile = _import_script("openvino_profile", monkeypatch)
     build_peak_probe, fma_peak = openvino_profile.build_peak_probe, openvino_profile.fma_peak
 
     probe, why = build_peak_probe(tmp_path)
     assert probe is not None, why
     one, two = (fma_peak(probe, "fp32", threads, seconds=0.2) for threads in (1, 2))
-    # each thread keeps its own chains, and the rate sums them: two cores (nearly) double one
-    assert two < 2.2 * one
-    if len(os.sched_getaffinity(0)) >= 2:
-        assert two > 1.5 * one
+    assert 0 < one < float("inf") and 0 < two < float("inf")
     from poolformer.capabilities import cpu_capabilities
 
     assert (fma_peak(probe, "bf16", 1, seconds=0.2) is not None) == cpu_capabilities().native_bf16

@@ -144,6 +144,7 @@ def test_imagenet_layout_exact_top1_top5_and_files(tmp_path, known):
     assert [r["path"] for r in rows if r["error"]] == [str(broken)]
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_eval_runs_the_published_weights_by_default(tmp_path, known):
     """No --weights: the published s12 weights, here the release file in torch hub's cache (offline), give the

@@ -50,7 +50,7 @@ def test_a_features_only_model_gives_four_normalised_maps_and_no_head():
         model.forward_head(stages[-1])
 
 
-@pytest.mark.parametrize("name", ["s12", "m36", "v2_s12"])
+@pytest.mark.parametrize("name", ["s12", pytest.param("m36", marks=pytest.mark.slow), "v2_s12"])
 def test_backbone_maps_match_timms_features_only_model_before_the_norms(name):
     ours = randomize_(create_model(name, features_only=True), seed=2)
     twin = timm.create_model(get_spec(name).name, features_only=True).eval()
@@ -64,7 +64,8 @@ def test_backbone_maps_match_timms_features_only_model_before_the_norms(name):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name, task", [("s12", "retinanet"), ("s12", "mask_rcnn"), ("m36", "fpn")])
+@pytest.mark.parametrize("name, task", [("s12", "retinanet"), ("s12", "mask_rcnn"),
+                                        pytest.param("m36", "fpn", marks=pytest.mark.slow)])
 def test_official_dense_checkpoints_load_the_backbone_and_set_the_heads_aside(tmp_path, name, task):
     source = randomize_(create_model(name, features_only=True), seed=3)
     checkpoint = _dense_checkpoint(source, task)
@@ -90,6 +91,7 @@ def test_a_dense_checkpoint_into_a_classifier_says_to_use_features(tmp_path):
         create_model("s12", weights=str(path))
 
 
+@pytest.mark.slow
 def test_a_dense_checkpoint_of_another_size_is_refused(tmp_path):
     path = tmp_path / "fpn_m36.pth"
     torch.save(_dense_checkpoint(create_model("m36", features_only=True), "fpn"), path)

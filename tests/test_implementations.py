@@ -109,7 +109,8 @@ def test_models_are_sized_for_the_resolution_only_where_their_shape_depends_on_i
     assert resolution_kwargs("timm:vit_tiny_patch16_224", 288) == {"img_size": 288}  # a fixed token grid
 
 
-ENGINES = ["poolformer/bench.py", "poolformer/predict.py", "poolformer/evaluate.py", "poolformer/profiling.py",
+ENGINES = [*(f"poolformer/bench/{p.name}" for p in sorted((ROOT / "poolformer" / "bench").glob("*.py"))),
+           "poolformer/predict.py", "poolformer/evaluate.py", "poolformer/profiling.py",
            "poolformer_cli/bench.py", "poolformer_cli/predict.py", "poolformer_cli/evaluate.py",
            "poolformer_cli/common.py"]
 CONCRETE = ("FastPoolFormer", "RuntimeModule", "Frozen", "compile_with", "backend_for", "backend_note(", ".signature",

@@ -149,6 +149,7 @@ def _offline_cli(tmp_path, *args) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_predict_runs_the_published_weights_by_default(tmp_path, photos, s12_random, s12_checkpoint):
     """No --weights: the published weights, from the cache when offline; not cached: one line naming the file to
