@@ -245,7 +245,8 @@ def render(block: Block, cwd: Path, env: dict[str, str]) -> str:
         raise RuntimeError(f"{block.path.name}: `{block.command}` exited {code}:\n{output}")
     caption = ""
     if block.kind == "timed":
-        caption = (f"Measured by `python docs/generate.py` on {cpu_name()}, {_dt.date.today().isoformat()}: "
+        load = f" (load average {os.getloadavg()[0]:.1f})" if hasattr(os, "getloadavg") else ""
+        caption = (f"Measured by `python docs/generate.py` on {cpu_name()}{load}, {_dt.date.today().isoformat()}: "
                    "times differ from machine to machine and run to run.\n\n")
     elif block.kind == "random-weights":
         caption = ("Generated offline, with random weights in the place of the published ones: the classes "
