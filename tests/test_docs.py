@@ -219,11 +219,13 @@ def positionals(name: str, args: list[str]) -> tuple[list[str], list[str]]:
 def small(args: list[str]) -> list[str]:
     """The command at a small size: options that make it slow are dropped or overridden (Click keeps the last
     value of an option given twice), and it runs on the CPU."""
-    if args[0] == "compare":
+    if args[0] == "compare":  # every name is resolved in test_documented_model_names_exist; a few are built here
+        from poolformer_cli.common import resolve_models
+
         models, options = positionals("compare", args[1:])
+        ours = resolve_models([m for m in models if not m.startswith("timm:")] or ["s12"])
         peers = [m for m in models if m.startswith("timm:")]
-        kept = [m for m in models if not m.startswith("timm:")][:MODELS_SHOWN - 1] + peers[:1]
-        args = ["compare", *kept, *options]
+        args = ["compare", *ours[:MODELS_SHOWN - 1], *resolve_models(peers)[:1], *options]
     name, rest, out = args[0], args[1:], [args[0]]
     drop = {"--min-time": 1, "--max-batch": 0, "--compile": 0, "--compile-mode": 1, "--compile-backend": 1,
             "--device": 1, "--retries": 1}
@@ -234,17 +236,12 @@ def small(args: list[str]) -> list[str]:
             continue
         out.append(rest[i])
         i += 1
-    values = {"--resolution": [], "--resolutions": []}
-    for i, word in enumerate(out[:-1]):
-        if word in values:
-            values[word] = out[i + 1].split(",")
-    several = (lambda option: "64,96" if len(values[option]) > 1 else "64")
     if name == "bench":
         baseline = out[out.index("--baseline") + 1] if "--baseline" in out else None
         if baseline and (ROOT / baseline).is_file():  # a committed baseline: measure its configuration briefly
             out += ["--warmup", "1", "--iters", "5"]
         else:
-            out += ["--warmup", "0", "--iters", "2", "--batch-sizes", "1", "--resolutions", several("--resolutions")]
+            out += ["--warmup", "0", "--iters", "2", "--batch-sizes", "1", "--resolutions", "64"]
         out += ["--device", "cpu"] + (["--max-regression", "99"] if baseline else [])  # options, not speed
     elif name == "profile":
         out += ["--device", "cpu", "--warmup", "0", "--steps", "1", "--batch-size", "1", "--resolution", "64"]
@@ -254,8 +251,8 @@ def small(args: list[str]) -> list[str]:
         out += ["--device", "cpu", "--batch-size", "2"] + (["--workers", "0", "--no-progress"] if name == "eval" else [])
     elif name == "export":
         out += ["--resolution", "64"]
-    elif name == "flops":
-        out += ["--resolution", several("--resolution")]
+    elif name == "flops":  # four counters per model and size: one small size
+        out += ["--resolution", "64"]
     elif name == "summary":
         out += ["--resolution", "64"]
     return out
@@ -283,10 +280,10 @@ def test_small_variants_override_what_is_slow():
     assert small(["bench", "s12", "--device", "cuda", "--min-time", "2", "--batch-sizes", "256"]) == [
         "bench", "s12", "--batch-sizes", "256", "--warmup", "0", "--iters", "2", "--batch-sizes", "1",
         "--resolutions", "64", "--device", "cpu"]
-    assert small(["flops", "s12", "--resolution", "224,448"])[-2:] == ["--resolution", "64,96"]
-    compare = small(["compare", "'poolformer_s*'", "v2_s12", "s24", "timm:resnet50", "timm:vit_tiny", "--device",
-                     "cuda", "--no-measure", "--csv", "x.csv"])
-    assert compare[:4] == ["compare", "'poolformer_s*'", "v2_s12", "timm:resnet50"]
+    assert small(["flops", "s12", "--resolution", "224,448"])[-2:] == ["--resolution", "64"]
+    compare = small(["compare", "poolformer_s*", "v2_s12", "timm:resnet50", "timm:resnet18", "--device", "cuda",
+                     "--no-measure", "--csv", "x.csv"])
+    assert compare[:4] == ["compare", "poolformer_s12", "poolformer_s24", "timm:resnet50"]
     assert compare[4:7] == ["--no-measure", "--csv", "x.csv"]
 
 
