@@ -302,8 +302,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"could not read checkpoint {path}: not a PyTorch or safetensors checkpoint, or corrupt or truncated"
         ) from None
     except Exception as err:  # torch.load on arbitrary bytes raises many types (IndexError, EOFError, ...)
+        detail = _one_line(err)  # some say only a number (the bytes read as pickle's magic number)
+        detail = "" if detail.isdigit() else f" ({detail})"
         raise CheckpointError(
-            f"could not read checkpoint {path}: not a PyTorch or safetensors checkpoint, or truncated ({_one_line(err)})"
+            f"could not read checkpoint {path}: not a PyTorch or safetensors checkpoint, or truncated{detail}"
         ) from None
     for wrapper in _WRAPPERS:
         if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):

@@ -47,7 +47,7 @@ def bench_command(
     resolutions: str = typer.Option("224", help="Comma-separated input resolutions (square images)."),
     precision: str = typer.Option("fp32", help="Comma-separated: fp32, bf16, fp16. bf16/fp16 use torch.autocast "
                                                 "(weights stay fp32; convolutions and matmuls run in low precision)."),
-    channels_last: bool = typer.Option(False, "--channels-last/--no-channels-last",
+    channels_last: bool = typer.Option(False, "--channels-last",
                                        help="Model and input in channels_last memory format."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model; the compile time (first "
                                                           "call) is reported separately."),
@@ -58,8 +58,8 @@ def bench_command(
                                         "--compile: inductor, or eager / aot_eager to check tracing quickly."),
     cast_model: bool = typer.Option(False, "--cast-model", help="bf16/fp16 rows: convert the weights and input "
                                     "to the precision and run without autocast (timm's --model-dtype)."),
-    impl: str = typer.Option("ours", help="Comma-separated implementations of the same model (see "
-                                          "poolformer.implementations), e.g. ours,timm,fast,onnxruntime,openvino."),
+    impl: str = typer.Option("ours", help="Comma-separated implementations of the same model: ours, "
+                                          "timm, fast, onnxruntime, openvino."),
     mode: str = typer.Option("inference", help="Comma-separated: inference, train. A train step is forward, "
                                                "cross-entropy on fixed random labels, backward, optimizer step; "
                                                "with --impl ours or timm (or timm:NAME peers)."),
@@ -74,7 +74,7 @@ def bench_command(
     iters: Optional[int] = typer.Option(None, help="Timed steps per configuration (default 50)."),
     min_time: Optional[float] = typer.Option(None, "--min-time", help="Instead of --iters: time steps for at "
                                                                        "least this many seconds."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (torch.set_num_threads)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's own choice)."),
     max_batch: bool = typer.Option(False, "--max-batch", help="Search the largest batch size that fits in memory "
                                                               "and benchmark at it (replaces --batch-sizes)."),
     max_batch_limit: int = typer.Option(4096, help="Upper bound for --max-batch."),
@@ -165,6 +165,7 @@ def bench_command(
                                         modes, optimizer, (False, True) if grad_checkpointing else (False,))
         for config in configs:
             engine.check_config(config)
+        engine.check_weights(configs)
         procs = stack.enter_context(_processes(device_name, modes, min_time))
         env["world_size"] = procs.world_size
         if not procs.is_main:  # rank 0 prints and writes; the others only train beside it
@@ -306,8 +307,8 @@ def _save(env: dict, results: list[BenchResult], output: Optional[Path], csv_pat
 
 
 CSV_COLUMNS = ("model", "impl", "mode", "optimizer", "grad_checkpointing", "device", "batch_size", "resolution",
-               "precision", "channels_last", "compile", "cast", "compile_mode", "status", "throughput", "latency_median_ms", "latency_p90_ms", "latency_iqr_ms",
-               "peak_memory_bytes", "peak_reserved_bytes", "first_call_ms", "compile_ms", "noisy",
+               "precision", "channels_last", "compile", "cast", "compile_mode", "status", "throughput",
+               "latency_median_ms", "latency_p90_ms", "latency_iqr_ms", "peak_memory_bytes", "peak_reserved_bytes", "first_call_ms", "compile_ms", "noisy",
                "reference_ms", "relative_throughput", "fp32_throughput", "precision_note",
                "parity_max_abs_diff", "parity_relative_diff", "parity_top1_agreement", "parity_ok", "parity_note",
                "backend", "backend_note", "bytes_per_image", "achieved_tb_per_s", "grad_parity_loss_relative_diff",
@@ -533,13 +534,13 @@ def profile_command(
     batch_size: int = typer.Option(8, min=1, help="Batch size."),
     resolution: int = typer.Option(224, min=32, help="Input resolution."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (torch.autocast)."),
-    channels_last: bool = typer.Option(False, "--channels-last/--no-channels-last"),
-    impl: str = typer.Option("ours", help="Implementation (see poolformer.implementations)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Model and input in channels_last memory format."),
+    impl: str = typer.Option("ours", help="Implementation: ours, timm, fast, onnxruntime or openvino."),
     warmup: int = typer.Option(3, min=0, help="Unprofiled steps first."),
     steps: int = typer.Option(5, min=1, help="Profiled steps."),
-    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (torch.set_num_threads)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch (default: torch's own choice)."),
     top: int = typer.Option(15, min=1, help="Operators shown."),
-    trace: Optional[Path] = typer.Option(None, help="Also write a Chrome trace (chrome://tracing, Perfetto)."),
+    trace: Optional[Path] = typer.Option(None, help="Also write a Chrome trace (open it in Perfetto or Chrome's tracing page)."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     kernels: bool = typer.Option(False, "--kernels", help="--impl fast on its Triton kernels: time each kernel on "
                                  "its own (CUDA events, graphs off; --steps forwards), with bytes, TB/s, TFLOP/s."),

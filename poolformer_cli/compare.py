@@ -29,11 +29,11 @@ def compare_command(
     resolution: Optional[str] = typer.Option(None, help="Input resolution for MACs and throughput (default 224)."),
     impl: str = typer.Option("ours", help="Implementation of the PoolFormer models (ours, timm, fast); peers always "
                                           "run as timm builds them."),
-    measure: bool = typer.Option(True, "--measure/--no-measure", help="Measure throughput (off: MACs and "
-                                                                      "parameters only)."),
+    no_measure: bool = typer.Option(False, "--no-measure", help="MACs and parameters only; throughput is not "
+                                                                 "measured."),
     warmup: int = typer.Option(3, min=0, help="Untimed steps per model."),
     iters: int = typer.Option(10, min=1, help="Timed steps per model."),
-    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (torch.set_num_threads)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch (default: torch's own choice)."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write one row per model as CSV."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw top-1 against MACs, parameters and throughput "
@@ -62,7 +62,7 @@ def compare_command(
     settings = engine.BenchSettings(warmup=warmup, iters=iters, threads=threads)
     with user_errors():
         device_name = None
-        if measure:
+        if not no_measure:
             device_name = engine.resolve_device(device)
             engine.check_precision(device_name, precision)
             print_precision_note(device_name, precision)

@@ -99,13 +99,14 @@ def eval_command(
     device: str = typer.Option("auto", help="auto (GPU if available), cpu, cuda or cuda:N. Under torchrun "
                                             "each process uses cuda:LOCAL_RANK."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (bf16/fp16 via torch.autocast)."),
-    channels_last: bool = typer.Option(False, "--channels-last/--no-channels-last",
+    channels_last: bool = typer.Option(False, "--channels-last",
                                        help="Model and input in channels_last memory format."),
-    impl: str = typer.Option("ours", help="Implementation to run (see poolformer.implementations)."),
+    impl: str = typer.Option("ours", help="Implementation to run: ours, timm, fast, onnxruntime or openvino."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the summary as JSON (atomically)."),
     predictions: Optional[Path] = typer.Option(None, help="Write one CSV row per image (atomically)."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary JSON instead of a table."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar on stderr (by default one shows "
+                                                                   "the running top-1 and images/s)."),
 ) -> None:
     """ImageNet top-1 / top-5 accuracy of a trained model on a folder of labelled images.
 
@@ -134,7 +135,7 @@ def eval_command(
             classifier = load_classifier(name, weights=weights, pretrained=pretrained, impl=impl, device=procs.device)
             if procs.is_main:
                 print_classifier_notes(classifier, precision)
-            with _progress_bar(progress and procs.is_main and not json_output) as on_batch:
+            with _progress_bar(not no_progress and procs.is_main and not json_output) as on_batch:
                 result = evaluate(classifier, dataset, batch_size=batch_size, workers=workers, limit=limit,
                                   precision=precision, channels_last=channels_last,
                                   keep_outcomes=predictions is not None, procs=procs, progress=on_batch)

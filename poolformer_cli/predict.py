@@ -48,7 +48,7 @@ def predict_command(
     top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="How many classes to show per image."),
     device: str = typer.Option("auto", help="auto (GPU if available), cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
-    impl: str = typer.Option("ours", help="Implementation to run (see poolformer.implementations)."),
+    impl: str = typer.Option("ours", help="Implementation to run: ours, timm, fast, onnxruntime or openvino."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (bf16/fp16 via torch.autocast)."),
     labels: Optional[Path] = typer.Option(None, help="Class names, one per line (line i names output i); "
                                                      "default: ImageNet names for 1000 classes, else indices."),

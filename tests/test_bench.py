@@ -525,7 +525,9 @@ def test_bench_json_output_file_and_csv(tmp_path):
         assert row["status"] == "ok" and row["model"] == "poolformer_s12" and row["resolution"] == 64
         assert len(row["latency_ms"]["steps"]) == 3
     lines = csv_path.read_text().splitlines()
-    assert len(lines) == 1 + 4 and lines[0].startswith("model,impl,device,batch_size")
+    header = lines[0].split(",")
+    assert len(lines) == 1 + 4 and header[:3] == ["model", "impl", "mode"]
+    assert {"device", "batch_size", "resolution", "throughput"} <= set(header)
     first = next(csv.DictReader(io.StringIO(csv_path.read_text())))
     assert float(first["throughput"]) == pytest.approx(rows[0]["throughput"])
     assert first["cast"] == "False" and first["backend"] == ""
@@ -793,3 +795,24 @@ def test_regression_keys_treat_files_without_cast_as_autocast():
     old = {"model": "poolformer_s12", "impl": "ours", "device": "cuda:0", "batch_size": 1, "resolution": 224,
            "precision": "bf16", "channels_last": False, "compile": False}
     assert config_key(old) == config_key({**old, "cast": False}) != config_key({**old, "cast": True})
+
+
+@pytest.mark.parametrize("content, impl, message", [
+    (b"not a model", "onnxruntime", "ONNX Runtime cannot load it"),
+    (b"not a model", "ours", "not a PyTorch or safetensors checkpoint"),
+    (None, "ours", "does not fit poolformer_s12"),
+])
+def test_an_unusable_weights_file_is_refused_before_the_sweep(tmp_path, content, impl, message):
+    """A weights file that cannot run is one line on stderr and exit 1 before any row: no table, nothing on
+    stdout (it used to start the sweep and print an error row per configuration)."""
+    from poolformer import create_model
+    from poolformer.weights import export_state_dict
+
+    path = tmp_path / ("w.onnx" if impl == "onnxruntime" else "w.pth")
+    if content is None:  # a real checkpoint of another architecture
+        torch.save(export_state_dict(create_model("s24"), "official"), path)
+    else:
+        path.write_bytes(content)
+    result = _run(["s12", *FAST, "--impl", impl, "--weights", str(path), "--batch-sizes", "1,2"])
+    assert result.exit_code == 1 and result.stdout == "", result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1

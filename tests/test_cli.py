@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -212,6 +213,19 @@ def test_help_reads_as_its_docstring_in_paragraphs_and_ends_with_an_example(comm
         for line, following in zip(paragraph, paragraph[1:]):
             assert len(line) + 1 + len(following.split()[0]) > room, f"{line!r} breaks before it has to"
     assert expected[-1].startswith(f"Example: poolformer {command} ")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_help_is_whole_at_80_columns(command, monkeypatch):
+    """The option panels fit 80 columns without cutting a word: no "…", and no "--no-X" twin column taking the
+    room (every flag here is off by default or named for what it turns off)."""
+    monkeypatch.setenv("COLUMNS", str(HELP_WIDTH))
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout, result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= HELP_WIDTH
+    flags = re.findall(r"--no-[a-z-]+", result.stdout)
+    assert all(f"--{flag[5:]} " not in result.stdout for flag in flags), flags
 
 
 def test_the_root_help_lists_every_command_in_one_sentence_each(monkeypatch):

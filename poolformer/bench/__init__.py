@@ -42,7 +42,7 @@ from .config import (
 )
 from .inference import check_parity, run_config
 from .max_batch import MaxBatch, find_max_batch, search_max_batch
-from .models import ModelCache, describe, make_input, prepare_model, row_autocast, target
+from .models import ModelCache, check_weights, describe, make_input, prepare_model, row_autocast, target
 from .reference import reference_workload
 from .runner import apply_settings, expand_configs, run_benchmark
 from .train import check_train_parity, run_train_config, train_reference
@@ -52,7 +52,7 @@ __all__ = [
     "BUILD_SEED", "COMPILE_BACKENDS", "COMPILE_MODES", "PARITY_SAMPLES", "PARITY_TOLERANCE", "STATUSES", "BenchConfig",
     "BenchResult", "BenchSettings", "BuildModel", "LatencyStats", "Parity", "check_precision", "check_settings",
     "percentile", "resolve_device", "check_parity", "run_config", "MaxBatch", "find_max_batch", "search_max_batch",
-    "ModelCache", "describe", "make_input", "prepare_model", "row_autocast", "target", "reference_workload",
+    "ModelCache", "check_weights", "describe", "make_input", "prepare_model", "row_autocast", "target", "reference_workload",
     "apply_settings", "expand_configs", "run_benchmark", "synchronize", "check_train_parity", "run_train_config",
     "train_reference", "check_config",
 ]

@@ -91,3 +91,17 @@ class ModelCache:
     def discard(self, config: BenchConfig) -> None:
         """Forget the model of `config` (one that ran out of memory: memory is short, and it would only fail again)."""
         self.models.pop(replace(config, batch_size=0, precision=config.precision if config.cast else ""), None)
+
+
+def check_weights(configs: list[BenchConfig], build_model: BuildModel | None = None) -> None:
+    """Build each distinct (model, implementation, weights file) of `configs` once on the CPU, as its rows will:
+    an unreadable or wrong-architecture file is one CheckpointError before any row runs, not an error row per
+    configuration after a sweep has started. Configurations without a weights file are not built."""
+    build_model = build_model or default_build()
+    seen = set()
+    for config in configs:
+        key = (config.model, config.impl, config.weights)
+        if config.weights is None or key in seen:
+            continue
+        seen.add(key)
+        build_model(config.model, config.impl, **build_kwargs(config))
