@@ -201,3 +201,25 @@ def test_single_process_rows_keep_their_batch(tmp_path):
     row = _train_rows(["poolformer_s12"], ["ours"])[0]
     assert row.throughput == pytest.approx(2 * 1000.0 / row.latency_ms.median)
     assert replace(row.config, mode="inference", optimizer=None) != row.config
+
+
+def test_plot_and_github_benchmark_keep_train_rows_apart_from_inference_rows():
+    """A train row and an inference row of the same model, impl and batch are separate series in the picture and
+    separate entries for github-action-benchmark (their names say train(sgd) / ckpt)."""
+    from poolformer.plots import bench_figure
+    from poolformer_cli.reports import github_benchmark
+
+    rows = []
+    for mode, ckpt, speed in (("inference", False, 100.0), ("train", False, 30.0), ("train", True, 20.0)):
+        for batch in (1, 2):
+            config = bench.BenchConfig("poolformer_s12", batch_size=batch, resolution=64, mode=mode,
+                                       optimizer="sgd" if mode == "train" else None, grad_checkpointing=ckpt)
+            stats = bench.LatencyStats.from_steps([1000.0 * batch / speed] * 3)
+            rows.append(bench.BenchResult(config=config, status="ok", throughput=speed, latency_ms=stats).to_row())
+    figure = bench_figure(rows)
+    labels = [line.get_label() for line in figure.axes[0].get_lines()]
+    assert labels == ["poolformer_s12/ours fp32", "poolformer_s12/ours fp32 train(sgd)",
+                      "poolformer_s12/ours fp32 train(sgd) ckpt"]
+    names = [entry["name"] for entry in github_benchmark({"env": {}, "results": rows})]
+    assert len(names) == len(set(names)) == 6
+    assert sum("train(sgd) ckpt" in n for n in names) == 2 and sum("train" not in n for n in names) == 2
