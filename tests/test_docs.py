@@ -192,6 +192,46 @@ def test_command_pages_list_only_real_options(name):
     assert primary <= in_table, f"{name}: options missing from the table: {sorted(primary - in_table)}"
 
 
+# ---------------------------------------------------------------------------------- project layout
+
+
+def layout_paths() -> set[str]:
+    """The files and folders the project layout in docs/architecture.md names, as paths from the repository root:
+    the first column of each line, several names separated by ", ", nested by two-space indents."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    block = text.split("## Project layout", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    paths, parents = set(), []
+    for line in block.splitlines():
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        first = re.split(r"\s{2,}", line.strip())[0]
+        names = [n for n in first.split(", ") if n.endswith((".py", "/")) or "." in n]
+        del parents[depth:]
+        for n in names:
+            paths.add("/".join([*parents, n.rstrip("/")]))
+        folders = [n.rstrip("/") for n in names if n.endswith("/")]
+        if folders:
+            parents.append(folders[0])
+    return paths
+
+
+def test_the_project_layout_names_every_module_and_nothing_that_is_gone():
+    """docs/architecture.md's layout lists every module and subpackage of the library and every CLI module that
+    is not a command's own; and whatever it lists exists."""
+    listed = layout_paths()
+    gone = sorted(p for p in listed if not (ROOT / p).exists())
+    assert not gone, f"docs/architecture.md lists paths that do not exist: {gone}"
+    commands = {sys.modules[f.__module__].__file__ for f in COMMANDS.values()}
+    wanted = set()
+    for package in ("poolformer", "poolformer_cli"):
+        for path in (ROOT / package).rglob("*.py"):
+            if path.name in ("__init__.py", "__main__.py") or str(path) in commands:
+                continue
+            wanted.add(path.relative_to(ROOT).as_posix())
+        wanted |= {i.parent.relative_to(ROOT).as_posix() for i in (ROOT / package).rglob("*/__init__.py")}
+    missing = sorted(wanted - listed)
+    assert not missing, f"docs/architecture.md's project layout does not list: {missing}"
+
+
 # ---------------------------------------------------------------------------------- commands run
 
 SLOW_COMMANDS = {"bench", "profile", "compare", "export", "predict", "eval", "flops"}
