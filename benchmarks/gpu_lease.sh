@@ -22,9 +22,9 @@
 # Results: benchmarks/results/gpu/README.md says how the earlier leases' files were named and committed.
 set -u
 for name in "$@"; do
-    case $name in mat|fast|gemm|gelu|m36|exact|suite|sweep) ;; *) echo "unknown step '$name' (mat, fast, gemm, gelu, m36, exact, suite, sweep)" >&2; exit 2 ;; esac
+    case $name in mat|fast|gemm|gelu|m36|exact|suite|sweep|train) ;; *) echo "unknown step '$name' (mat, fast, gemm, gelu, m36, exact, suite, sweep, train)" >&2; exit 2 ;; esac
 done
-[ $# -gt 0 ] || { echo "usage: bash benchmarks/gpu_lease.sh STEP [STEP ...] (mat, fast, gemm, gelu, m36, exact, suite, sweep)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash benchmarks/gpu_lease.sh STEP [STEP ...] (mat, fast, gemm, gelu, m36, exact, suite, sweep, train)" >&2; exit 2; }
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 PY=${PYTHON:-python}
 OUT=${OUT:?run this through the device tool, which sets OUT}
@@ -64,6 +64,7 @@ for name in "$@"; do
         suite) step suite 120 "$PY" benchmarks/gpu_suite.py --out "$R/suite" \
                 --sections oom,timing,profile,predict_eval,memory ;;
         sweep) step sweep 240 "$PY" benchmarks/gpu_suite.py --out "$R/sweep" --sections sweep --models s12 ;;
+        train) step train 240 "$PY" benchmarks/gpu_suite.py --out "$R/train" --sections train ;;
     esac
 done
 cat "$R/steps.txt"

@@ -20,7 +20,10 @@ with its error, and the suite goes on):
   the CPU (fp32 exactly, bf16 within one image), and under `torchrun --nproc-per-node 1` (nccl);
 - memory: `summary`'s activation-memory figure against the measured CUDA peak at batch 64;
 - regression: the throughput gate on this GPU: 10 repeats against a baseline made here never fire at 10%;
-  a model made ~20% slower (an extra matmul) fires every time.
+  a model made ~20% slower (an extra matmul) fires every time;
+- train: `bench --mode train` for s12 and m36 at 224 and 512 px in bf16, with and without gradient
+  checkpointing (ours against timm, loss and gradients checked), then `--max-batch`: the largest batch that
+  trains, with and without checkpointing.
 Nothing here imports fvcore or thop; torch 2.11 is enough.
 """
 
@@ -71,6 +74,11 @@ class Plan:
     regression_repeats: int
     regression_batch: int
     torchrun: bool
+    train_models: tuple[str, ...] = ("s12", "m36")
+    train_resolutions: str = "224,512"
+    train_batch: int = 32
+    train_precision: str = "bf16"
+    train_impls: str = "ours,timm"
 
 
 GPU = Plan(device="cuda", models=("s12", "s24", "m48", "v2_s12"), impls="ours,timm,fast",
@@ -81,9 +89,10 @@ GPU = Plan(device="cuda", models=("s12", "s24", "m48", "v2_s12"), impls="ours,ti
 SMOKE = Plan(device="cpu", models=("s12",), impls="ours,timm,fast", precisions="fp32",
              batch_sizes="1,2", resolution=32, extra_resolutions="64", timing_batches=(2,), warmup=0, iters=1,
              compile_backend="eager", max_batch_limit=2, oom_config=("m48", 64, 2), eval_images=6,
-             memory_batch=2, regression_repeats=2, regression_batch=1, torchrun=False)
+             memory_batch=2, regression_repeats=2, regression_batch=1, torchrun=False, train_models=("s12",),
+             train_resolutions="32", train_batch=2, train_precision="fp32", train_impls="ours")
 RANK_FOR_IMAGE = (0, 0, 1, 4, 5, 499)  # image i is filed under the class at this rank of its own prediction
-SECTIONS = ("sweep", "oom", "timing", "profile", "predict_eval", "memory", "regression")
+SECTIONS = ("sweep", "oom", "timing", "profile", "predict_eval", "memory", "regression", "train")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -477,9 +486,49 @@ def section_regression(plan: Plan, work: Path) -> dict:
     return out
 
 
+def section_train(plan: Plan, work: Path) -> dict:
+    """Training steps at the dense tasks' sizes: speed, peak memory and gradient parity with and without
+    checkpointing at one batch, then the largest batch that trains each way."""
+    common = ["--mode", "train", "--device", plan.device, "--precision", plan.train_precision, "--resolutions",
+              plan.train_resolutions, "--channels-last", "--grad-checkpointing", "--warmup", plan.warmup, "--iters",
+              plan.iters, "--json"]
+    runs = {"fixed batch": ["bench", *plan.train_models, "--impl", plan.train_impls, "--batch-sizes",
+                            plan.train_batch, *common],
+            "max batch": ["bench", *plan.train_models, "--impl", "ours", "--max-batch", "--max-batch-limit",
+                          plan.max_batch_limit, *common]}
+    out: dict[str, Any] = {}
+    for name, args in runs.items():
+        started = time.perf_counter()
+        document = run_json(*args)
+        rows = document["results"]
+        summary = rows_summary(rows)
+        for item, row in zip(summary, rows):
+            item["grad_checkpointing"] = row.get("grad_checkpointing")
+            item["grad_parity"] = row.get("grad_parity")
+        out[name] = {"command": "poolformer " + " ".join(map(str, args)), "rows": summary,
+                     "wall_s": time.perf_counter() - started,
+                     "not_ok": [f"{r['model']}/{r['impl']} bs{r['batch_size']} {r['resolution']}px"
+                                f"{' ckpt' if r.get('grad_checkpointing') else ''}: {r['status']} {r.get('error') or ''}"
+                                for r in rows if r["status"] != "ok"]}
+        if name == "max batch":
+            out[name]["max_batch"] = document["env"].get("max_batch")
+            out[name]["limited_by"] = document["env"].get("max_batch_limited_by")
+    plain = {(r["model"], r["impl"], r["resolution"]): r for r in out["fixed batch"]["rows"]
+             if not r["grad_checkpointing"] and r["status"] == "ok"}
+    out["checkpointing"] = [  # what checkpointing saves in memory and costs in speed, configuration by configuration
+        {"model": r["model"], "impl": r["impl"], "resolution": r["resolution"],
+         "memory_ratio": r["peak_memory_bytes"] / base["peak_memory_bytes"] if base["peak_memory_bytes"] else None,
+         "speed_ratio": r["throughput"] / base["throughput"]}
+        for r in out["fixed batch"]["rows"] if r["grad_checkpointing"] and r["status"] == "ok"
+        for base in [plain.get((r["model"], r["impl"], r["resolution"]))] if base is not None]
+    out["ok"] = not any(run["not_ok"] for run in out.values() if isinstance(run, dict) and "not_ok" in run)
+    return out
+
+
 SECTION_FUNCTIONS: dict[str, Callable[[Plan, Path], dict]] = {
     "sweep": section_sweep, "oom": section_oom, "timing": section_timing, "profile": section_profile,
-    "predict_eval": section_predict_eval, "memory": section_memory, "regression": section_regression}
+    "predict_eval": section_predict_eval, "memory": section_memory, "regression": section_regression,
+    "train": section_train}
 
 
 # ------------------------------------------------------------------------------------------ report

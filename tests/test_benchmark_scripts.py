@@ -85,7 +85,8 @@ def gpu_suite(tmp_path_factory):
 def test_gpu_suite_smoke_runs_every_section_without_defects(gpu_suite):
     document, report = gpu_suite
     assert document["defects"] == [], document["defects"]
-    assert set(document["sections"]) == {"sweep", "oom", "timing", "profile", "predict_eval", "memory", "regression"}
+    assert set(document["sections"]) == {"sweep", "oom", "timing", "profile", "predict_eval", "memory", "regression",
+                                         "train"}
     assert document["command"].startswith("PYTHONPATH=. python benchmarks/gpu_suite.py --smoke")
     assert "## bench: main: s12" in report and "## regression" in report
 
@@ -104,6 +105,19 @@ def test_gpu_suite_sweep_covers_impls_compile_and_max_batch(gpu_suite):
     assert list(sweep["max batch"]["max_batch"].values()) == [2]  # the smoke run's limit
     assert all(r["parity_rel"] is not None for r in main)
     assert sweep["env"]["device"] == "cpu" and sweep["env"]["cpu"]
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_gpu_suite_train_rows_with_and_without_checkpointing_and_the_largest_batch(gpu_suite):
+    train = gpu_suite[0]["sections"]["train"]
+    assert train["ok"], train
+    rows = train["fixed batch"]["rows"]
+    assert [(r["impl"], r["grad_checkpointing"]) for r in rows] == [("ours", False), ("ours", True)]
+    assert all(r["status"] == "ok" and r["grad_parity"]["ok"] and r["grad_parity"]["reference"] for r in rows)
+    assert "--mode train" in train["fixed batch"]["command"] and "--grad-checkpointing" in train["max batch"]["command"]
+    assert len(train["checkpointing"]) == 1 and train["checkpointing"][0]["speed_ratio"] > 0
+    assert list(train["max batch"]["max_batch"].values()) == [2, 2]  # plain and checkpointed, the smoke limit
 
 
 @pytest.mark.subprocess
