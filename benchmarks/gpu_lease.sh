@@ -15,6 +15,7 @@
 #   exact    90  fast fp32 against our fp32 model over 1,024 images; bf16 top-1 agreement (s12, v2_s12)
 #   suite   120  gpu_suite: oom, timing, profile, predict/eval, memory
 #   sweep   240  gpu_suite's bench sweep for s12 (compiled rows and --max-batch included)
+#   train   240  gpu_suite: bench --mode train, s12 and m36 at 224/512 px, checkpointing and --max-batch
 # Autotuned tiles: every step shares one tile cache, $RESULTS_DIR/triton_tiles.json, packed with the results.
 # Extract it here as .lease_cache/triton_tiles.json (.git/info/exclude it) and name .lease_cache in the next
 # call's carry: the steps then start from those tiles and skip autotuning (fast_gpu.py --no-autotune), which
