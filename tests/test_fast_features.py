@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from poolformer import ConfigError, create_model, optimize
 from poolformer.fast import cpu as fast_cpu
 from poolformer.fast import fold
+from poolformer.fast import runtime as fast_runtime
+from poolformer.fast.compiled import FoldedGraph
 from poolformer.fast.cuda import CapturedGraph, GraphCache
 from poolformer.fast.folding import FeatureNorm
 from poolformer.fast.triton import tiles
@@ -158,6 +160,77 @@ def test_bf16_maps_stay_close_to_fp32(backend, family, v1_backbone, v2_backbone)
     for a, b in zip(maps, explicit, strict=True):
         torch.testing.assert_close(a, b)  # autocast and dtype= take the same path
     _assert_bf16_maps_close(model, maps, x)
+
+
+# ------------------------------------------------------------------------------ whole-graph backends
+
+
+def _needs(runtime: str):
+    return pytest.mark.skipif(not fast_runtime.available(runtime), reason=f"{runtime} is not installed")
+
+
+@pytest.mark.parametrize("runtime", [pytest.param(r, marks=_needs(r)) for r in fast_runtime.RUNTIMES])
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_runtime_backends_give_the_four_maps(runtime, family, v1_backbone, v2_backbone):
+    model = _backbone(family, v1_backbone, v2_backbone)
+    fast = optimize(model, backend=runtime)
+    for batch, height, width in SIZES:  # one session per shape, each exact
+        x = torch.randn(batch, 3, height, width)
+        with torch.no_grad():
+            maps = fast(x)
+        _assert_maps_as_exact_as_reference(model, maps, x)
+    assert fast.prepared(torch.float32, torch.device("cpu")).backend == runtime
+
+
+@_needs("openvino")
+def test_auto_takes_openvino_for_backbones_as_for_classifiers(v1_backbone):
+    fast = optimize(v1_backbone)
+    assert fast.backend_for(torch.float32) == "openvino"
+    x = torch.randn(1, 3, 100, 167)
+    with torch.no_grad():
+        _assert_maps_as_exact_as_reference(v1_backbone, fast(x), x)
+
+
+@_needs("openvino")
+@pytest.mark.skipif(not fast_runtime.runs("openvino", torch.bfloat16, torch.device("cpu")),
+                    reason="OpenVINO computes bf16 only on CPUs with native bf16")
+def test_openvino_bf16_maps_stay_close_to_fp32(v2_backbone):
+    x = _photographs(96)
+    with torch.no_grad():
+        maps = optimize(v2_backbone, dtype=torch.bfloat16, backend="openvino")(x)
+    assert all(m.dtype == torch.float32 for m in maps)  # the runtimes hand back float32
+    _assert_bf16_maps_close(v2_backbone, maps, x)
+
+
+@_needs("openvino")
+def test_openvino_graph_normalises_each_map_with_one_mvn(v1_backbone):
+    from poolformer.fast.openvino_graph import build_model
+
+    folded, plan = fold(v1_backbone)
+    graph = build_model(folded, plan, (1, 3, 64, 64))
+    kinds = [op.get_type_name() for op in graph.get_ordered_ops()]
+    blocks = sum(len(stage.blocks) for stage in folded.stages)
+    assert kinds.count("MVN") == 2 * blocks + 4 and "ReduceMean" not in kinds and "MatMul" not in kinds
+    assert [o.get_any_name() for o in graph.outputs] == ["stage1", "stage2", "stage3", "stage4"]
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_backends_graph_gives_the_four_maps(family, dtype, v1_backbone, v2_backbone):
+    """The inductor backend's folded graph, eagerly (every operator it hands the compiler), then traced by
+    torch.compile's aot_eager backend (the same graph, no C++)."""
+    model = _backbone(family, v1_backbone, v2_backbone)
+    x = torch.randn(2, 3, 75, 97)
+    with torch.no_grad():
+        maps = FoldedGraph(*fold(model), dtype)(x)
+        if dtype == torch.float32:
+            _assert_maps_as_exact_as_reference(model, maps, x)
+            traced = optimize(model).compile_with(compiler="aot_eager")(x)
+            for a, b in zip(traced, maps, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        else:
+            assert all(m.dtype == torch.bfloat16 for m in maps)
+            _assert_bf16_maps_close(model, maps, x)
 
 
 # ------------------------------------------------------------------------------ what the fast path refuses

@@ -9,11 +9,13 @@ microsoft/onnxruntime#16203). So the exported graph spells both out:
   and the per-channel affine: nothing but element-wise ops and reductions.
 - pool(x) with count_include_pad=False: a depthwise convolution with weights 1/k^2 (zero padding), times a
   constant [H, W] map of k^2 / (window positions inside the map). The map is fixed by the input size, so these
-  forms export for one resolution (the batch may stay dynamic).
+  forms export for one resolution (the batch may stay dynamic), unless made with `dynamic_size`: then the graph
+  computes the map from its input (the same convolution over a [1, 1, H, W] map of ones) and takes any H, W.
 
 `portable_form(model)` rewrites a MetaFormer that way (same weights, same logits). `FoldedExport` is the fast
 path's folded model (poolformer.fast.folding) as a plain module: no norm affines, no LayerScale, one statistic
-per norm, so the runtime has fewer operators to run.
+per norm, so the runtime has fewer operators to run. Either form of a features-only model gives its four
+normalised stage maps instead of logits.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fast.cpu import window_counts
-from ..fast.folding import FoldedModel, Plan, fold
+from ..fast.folding import FeatureNorm, FoldedModel, Plan, fold
 from ..layers import GroupNorm1, Pooling
 from ..model import MetaFormer
 
@@ -37,12 +39,17 @@ def border_factor(height: int, width: int, pool_size: int) -> torch.Tensor:
     return (pool_size**2 / counts).float()[None, None]
 
 
-def mean_pool(x: torch.Tensor, pool_size: int) -> torch.Tensor:
-    """avg_pool2d(x, k, stride 1, padding k//2, count_include_pad=False) as a depthwise conv and a constant map."""
+def mean_pool(x: torch.Tensor, pool_size: int, dynamic_size: bool = False) -> torch.Tensor:
+    """avg_pool2d(x, k, stride 1, padding k//2, count_include_pad=False) as a depthwise conv and a constant map
+    (dynamic_size: the map computed in the graph from x's shape, as the same convolution of ones)."""
     # plain ints: under tracing they become constants, so the exported kernel and map have known shapes
-    channels, height, width = (int(v) for v in x.shape[1:])
+    channels = int(x.shape[1])
     weight = torch.full((channels, 1, pool_size, pool_size), 1.0 / pool_size**2, dtype=x.dtype)
     summed = F.conv2d(x, weight, padding=pool_size // 2, groups=channels)
+    if dynamic_size:  # (positions of the window inside the map) / k^2, for any H, W
+        inside = F.conv2d(torch.ones_like(x[:1, :1]), weight[:1], padding=pool_size // 2)
+        return summed / inside
+    height, width = int(x.shape[2]), int(x.shape[3])
     return summed * border_factor(height, width, pool_size).to(x.dtype)
 
 
@@ -70,32 +77,35 @@ class ExplicitGroupNorm1(nn.Module):
 class ConvPooling(nn.Module):
     """PoolFormer's mixer, pool(x) - x, with the pool as `mean_pool`. [B, C, H, W] -> [B, C, H, W]."""
 
-    def __init__(self, pooling: Pooling):
+    def __init__(self, pooling: Pooling, dynamic_size: bool = False):
         super().__init__()
         self.pool_size = pooling.pool.kernel_size
+        self.dynamic_size = dynamic_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mean_pool(x, self.pool_size) - x
+        return mean_pool(x, self.pool_size, self.dynamic_size) - x
 
 
-def portable_form(model: MetaFormer) -> MetaFormer:
+def portable_form(model: MetaFormer, dynamic_size: bool = False) -> MetaFormer:
     """A copy of `model` whose GroupNorm(1)s and pooling mixers are `ExplicitGroupNorm1` and `ConvPooling`
-    (same parameters, same logits); everything else is left as it is."""
+    (same parameters, same outputs); everything else is left as it is. dynamic_size: see `mean_pool`."""
     twin = copy.deepcopy(model).eval()
     for parent in list(twin.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, GroupNorm1):
                 setattr(parent, name, ExplicitGroupNorm1(child))
             elif isinstance(child, Pooling):
-                setattr(parent, name, ConvPooling(child))
+                setattr(parent, name, ConvPooling(child, dynamic_size))
     return twin
 
 
 class FoldedExport(nn.Module):
     """The folded model (see poolformer.fast.folding) in float32 with plain operators, for export.
-    Input [B, 3, H, W], output logits [B, num_classes]; the same logits as the reference model."""
+    Input [B, 3, H, W], output logits [B, num_classes]; the same logits as the reference model (a features-only
+    model: the same four normalised stage maps). dynamic_size: see `mean_pool`."""
 
-    def __init__(self, model: MetaFormer | None = None, folded: FoldedModel | None = None, plan: Plan | None = None):
+    def __init__(self, model: MetaFormer | None = None, folded: FoldedModel | None = None, plan: Plan | None = None,
+                 dynamic_size: bool = False):
         super().__init__()
         if model is not None:
             folded, plan = fold(model)
@@ -103,9 +113,11 @@ class FoldedExport(nn.Module):
             raise ValueError("FoldedExport needs a model, or folded tensors and their plan")
         self.plan: Plan = plan
         self.folded: FoldedModel = folded.to(torch.float32, "cpu")
+        self.dynamic_size = dynamic_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         f, plan = self.folded, self.plan
+        maps = []
         x = F.conv2d(x, f.stem_weight, f.stem_bias, stride=4, padding=2)
         if f.stem_norm_weight is not None:
             x = _channel_layernorm(x, plan.stem_norm_eps) * f.stem_norm_weight.view(1, -1, 1, 1)
@@ -116,11 +128,14 @@ class FoldedExport(nn.Module):
                 x = F.conv2d(x, stage.down_weight, stage.down_bias, stride=2, padding=1)
             for block in stage.blocks:
                 x = self._block(x, block)
+            maps.append(x)
+        if plan.features_only:
+            return [_group_norm(m, norm) for m, norm in zip(maps, f.feature_norms)]
         return self._head(x)
 
     def _block(self, x: torch.Tensor, block) -> torch.Tensor:
         _, inv1 = inverse_std(x, block.norm1_eps)
-        mixed = (mean_pool(x, self.plan.pool_size) - x) * (block.mix_scale.view(1, -1, 1, 1) * inv1)
+        mixed = (mean_pool(x, self.plan.pool_size, self.dynamic_size) - x) * (block.mix_scale.view(1, -1, 1, 1) * inv1)
         x1 = (x if block.skip_scale1 is None else x * block.skip_scale1.view(1, -1, 1, 1)) + mixed
         centred, inv2 = inverse_std(x1, block.norm2_eps)
         hidden = F.conv2d(centred * inv2, block.fc1_weight[:, :, None, None], block.fc1_bias)
@@ -139,6 +154,13 @@ class FoldedExport(nn.Module):
             centred = pooled - pooled.mean(dim=1, keepdim=True)
             normalised = centred / torch.sqrt((centred * centred).mean(dim=1, keepdim=True) + self.plan.head_norm_eps)
         return F.linear(normalised, self.folded.head_weight, self.folded.head_bias)
+
+
+def _group_norm(x: torch.Tensor, norm: FeatureNorm) -> torch.Tensor:
+    """A features-only model's output norm, GroupNorm(1) with its affine. [B, C, H, W] -> [B, C, H, W]."""
+    centred, inv = inverse_std(x, norm.eps)
+    out = centred * inv * norm.weight.view(1, -1, 1, 1)
+    return out if norm.bias is None else out + norm.bias.view(1, -1, 1, 1)
 
 
 def _channel_layernorm(x: torch.Tensor, eps: float) -> torch.Tensor:
