@@ -76,7 +76,7 @@ def exported_num_classes(path: str | os.PathLike) -> int:
     except Exception as err:  # onnx raises DecodeError and friends for files that are not ONNX
         raise CheckpointError(f"{path}: not an ONNX file ({type(err).__name__})") from None
     dims = [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] if graph.output else []
-    if len(graph.input) == 1 and len(dims) == 4:  # feature maps: `poolformer export --features`
+    if len(graph.input) == 1 and len(graph.output) > 1 and len(dims) == 4:  # `poolformer export --features`
         from .runtimes.runners import features_export_error
 
         raise features_export_error(path, len(graph.output))

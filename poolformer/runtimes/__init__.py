@@ -5,7 +5,8 @@ and parity checks against our fp32 model.
   (`portable_form`), and the fast path's folded model as a plain module (`FoldedExport`).
 - `runners`: ONNX Runtime / OpenVINO sessions, and `RuntimeModule`, the nn.Module that bench, predict and
   eval run as `--impl onnxruntime` / `--impl openvino` (or with `--weights FILE.onnx`).
-- `exporting`: `export_model`, which writes ONNX or pt2 atomically and only when the file's outputs match, and
+- `exporting`: `export_model`, which writes ONNX, pt2 or OpenVINO IR atomically and only when the file's outputs
+  match (a features-only model: four outputs stage1..stage4, each checked; optionally any input size), and
   `openvino_converter`, OpenVINO's own conversion of a model (what `--impl openvino` runs).
 
 onnxruntime and openvino are imported when a runner is made; a missing one is a one-line ConfigError.

@@ -87,7 +87,7 @@ def _check_signature(path: str, inputs: list[tuple[Any, ...]], outputs: list[tup
             raise CheckpointError(f"{path}: input {list(inputs[0])} and outputs {[list(o) for o in outputs]} are not "
                                   "[batch, 3, H, W] images to [batch, C, H', W'] maps: not a features-only export")
         return Signature(shape_in[0], shape_in[2], shape_in[3], 0)
-    if maps and len(shape_in) == 4 and shape_in[1] == 3:
+    if maps and len(outputs) > 1 and len(shape_in) == 4 and shape_in[1] == 3:  # what `export --features` writes
         raise features_export_error(path, len(outputs))
     if len(shape_in) != 4 or shape_in[1] != 3 or None in shape_in[2:] or len(shape_out) != 2 or shape_out[1] is None:
         raise CheckpointError(f"{path}: input {list(inputs[0])} and output {list(outputs[0])} are not [batch, 3, H, W] "
