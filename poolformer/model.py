@@ -79,6 +79,12 @@ def stage_side(size: int, stage: int) -> int:
     return side
 
 
+def stage_output_names(stages: int = 4) -> tuple[str, ...]:
+    """The names a features-only model's outputs carry in exported files: stage1 .. stageN, the stage maps at
+    strides 4, 8, 16, 32 through their output norms."""
+    return tuple(f"stage{i}" for i in range(1, stages + 1))
+
+
 class MetaFormerStage(nn.Module):
     """Downsampling (stages 2-4), an optional learned position embedding, then `depth` blocks."""
 
