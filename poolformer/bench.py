@@ -18,9 +18,10 @@ compile) is measured, in order:
    batch_size / median latency, and flag the measurement as noisy when IQR / median exceeds a threshold, with
    what the implementation says ran (the fast path's backend);
 
-7. check parity, untimed: the row's logits on its input against the fp32 eager reference with the same weights
-   (every model is built after seeding, so ours, fast, compiled and runtime rows share weights); a row whose
-   logits are off by more than PARITY_TOLERANCE gets status "mismatch": it ran, but it is not a speed result.
+7. check parity, untimed: the row's logits (a features-only backbone's four maps, each) on its input against the
+   fp32 eager reference with the same weights (every model is built after seeding, so ours, fast, compiled and
+   runtime rows share weights); a row whose outputs are off by more than PARITY_TOLERANCE gets status
+   "mismatch": it ran, but it is not a speed result.
 
 All steps run under torch.inference_mode() and, for bf16/fp16, torch.autocast (weights stay fp32; matmuls
 and convolutions run in the low precision). Out-of-memory at a configuration gives a row with status
@@ -44,10 +45,13 @@ from torch import nn
 from .devices import PRECISIONS, autocast
 from .devices import resolve_device as resolve_any_device
 from .errors import ConfigError
-from .implementations import Description, Target, implementation_for, is_exported_file, resolution_kwargs
+from .implementations import (
+    Description, Target, check_features, implementation_for, is_exported_file, resolution_kwargs,
+)
 from .measure import (
     current_memory, free_memory, is_out_of_memory, peak_memory, reset_peak_memory, synchronize, time_once, time_steps,
 )
+from .sizes import Size
 
 STATUSES = ("ok", "mismatch", "oom", "error")
 
@@ -56,18 +60,28 @@ BuildModel = Callable[..., nn.Module]  # (name, impl, **create_kwargs) -> nn.Mod
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One row of a benchmark: everything that changes the number."""
+    """One row of a benchmark: everything that changes the number. resolution: the input's height and width (an
+    int given here is a square)."""
 
     model: str
     impl: str = "ours"
     device: str = "cpu"
     batch_size: int = 1
-    resolution: int = 224
+    resolution: Size = Size(224, 224)
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
     weights: str | None = None  # a checkpoint or an exported .onnx file; None: random weights (seeded)
     cast: bool = False  # bf16/fp16: weights and input converted to the precision, no autocast (see prepare_model)
+    features: bool = False  # the features-only backbone (create_model(features_only=True)): four maps, no head
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "resolution", Size.of(self.resolution))
+
+    def as_json(self) -> dict[str, Any]:
+        """The configuration's fields as a JSON row has them: the size as resolution (224 for a square, else
+        "800x1333"), height and width."""
+        return {**asdict(self), **self.resolution.json_fields()}
 
 
 @dataclass
@@ -113,16 +127,17 @@ BUILD_SEED = 0  # every model is built after seeding with it: same name, same ra
 
 @dataclass
 class Parity:
-    """A row's logits against the fp32 reference (our eager model; timm's own for --impl timm) on the same
-    images. top1_agreement: fraction of images with the same top class."""
+    """A row's logits (a backbone's maps) against the fp32 reference (our eager model; timm's own for --impl
+    timm) on the same images. top1_agreement: fraction of images with the same top class (None for maps)."""
 
     reference: str
     samples: int
-    max_abs_diff: float
-    relative_diff: float  # max_abs_diff / max(1, max |reference logit|)
-    top1_agreement: float
+    max_abs_diff: float  # the largest over the maps of a backbone
+    relative_diff: float  # max_abs_diff / max(1, max |reference logit|); for maps the largest map's own
+    top1_agreement: float | None
     tolerance: float
     ok: bool
+    map_relative_diffs: list[float] | None = None  # a backbone: each map's relative difference, strides 4..32
 
 
 @dataclass
@@ -149,6 +164,7 @@ class BenchResult:
     fp32_throughput: float | None = None  # emulated precision: a short fp32 run of the same configuration
     parity: Parity | None = None  # the row's logits against the fp32 reference (None: not checked, see note)
     parity_note: str | None = None
+    impl_note: str | None = None  # how the implementation's model differs from ours (timm's features: no norms)
     backend: str | None = None  # --impl fast: the kernels the forward ran (triton, openvino-folded, onednn, ...)
     backend_note: str | None = None  # --impl fast: why it did not run its Triton kernels on a GPU
     bytes_per_image: float | None = None  # --impl fast on Triton: bytes its kernels move per image (roofline)
@@ -174,7 +190,7 @@ class BenchResult:
     def to_row(self) -> dict[str, Any]:
         """The JSON row: the documented keys first, then the details."""
         lat = self.latency_ms
-        row: dict[str, Any] = {**asdict(self.config), "status": self.status, "throughput": self.throughput,
+        row: dict[str, Any] = {**self.config.as_json(), "status": self.status, "throughput": self.throughput,
                                "latency_ms": {"median": lat.median if lat else None, "p90": lat.p90 if lat else None,
                                               "iqr": lat.iqr if lat else None},
                                "peak_memory_bytes": self.peak_memory_bytes}
@@ -190,7 +206,8 @@ class BenchResult:
                    error=self.error, telemetry=self.telemetry, precision_note=self.precision_note,
                    fp32_throughput=self.fp32_throughput,
                    parity=asdict(self.parity) if self.parity is not None else None, parity_note=self.parity_note,
-                   backend=self.backend, backend_note=self.backend_note, bytes_per_image=self.bytes_per_image,
+                   impl_note=self.impl_note, backend=self.backend, backend_note=self.backend_note,
+                   bytes_per_image=self.bytes_per_image,
                    achieved_tb_per_s=self.achieved_tb_per_s)
         return row
 
@@ -270,9 +287,11 @@ def _default_build() -> BuildModel:
 
 
 def _build_kwargs(config: BenchConfig) -> dict[str, Any]:
-    """The model sized for the row's resolution (see implementations.resolution_kwargs), with its weights."""
+    """The model sized for the row's resolution (see implementations.resolution_kwargs), with its weights, as a
+    features-only backbone where the row asks for one."""
     weights = {"weights": config.weights} if config.weights is not None else {}
-    return {**resolution_kwargs(config.model, config.resolution), **weights}
+    features = {"features_only": True} if config.features else {}
+    return {**resolution_kwargs(config.model, config.resolution), **weights, **features}
 
 
 def target(config: BenchConfig, compile_backend: str = "inductor", compile_mode: str | None = None) -> Target:
@@ -301,9 +320,10 @@ def describe(config: BenchConfig, model: nn.Module, compile_backend: str = "indu
 
 
 def make_input(config: BenchConfig) -> torch.Tensor:
-    """A random image batch [batch_size, 3, resolution, resolution] on the config's device and memory format
-    (in the cast dtype with config.cast)."""
-    x = torch.randn(config.batch_size, 3, config.resolution, config.resolution, device=config.device)
+    """A random image batch [batch_size, 3, height, width] on the config's device and memory format (in the cast
+    dtype with config.cast)."""
+    size = config.resolution
+    x = torch.randn(config.batch_size, 3, size.height, size.width, device=config.device)
     x = x if not config.cast else x.to(PRECISIONS[config.precision])
     return x.contiguous(memory_format=torch.channels_last) if config.channels_last else x
 
@@ -328,12 +348,12 @@ class _ReferenceBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def reference_workload(device: str, batch_size: int, resolution: int) -> Callable[[], Any]:
+def reference_workload(device: str, batch_size: int, resolution: Size | int) -> Callable[[], Any]:
     """A fixed plain-torch network, independent of this package's code: a half-depth PoolFormer-S12 (7x7/4
     stem, pooling blocks at 64/128/320/512 channels with depths 1/1/3/1, 3x3/2 downsampling) on an fp32 input
-    [batch_size, 3, resolution, resolution]. Same op mix as the models, so a busy or slow machine affects it
-    the way it affects them (a simpler workload was measured to react differently, e.g. to a neighbour on
-    the same core); scaled with the configuration, so each model step is paired with a reference run of
+    [batch_size, 3, height, width] (`resolution`; an int is a square). Same op mix as the models, so a busy or
+    slow machine affects it the way it affects them (a simpler workload was measured to react differently, e.g.
+    to a neighbour on the same core); scaled with the configuration, so each model step is paired with a reference run of
     similar length. Its speed tracks the machine and torch, not our code. See BenchSettings.normalised."""
     generator = torch.Generator().manual_seed(0)
     layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, stride=4, padding=2)]
@@ -346,7 +366,8 @@ def reference_workload(device: str, batch_size: int, resolution: int) -> Callabl
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
     net = net.to(device)
-    x = torch.randn(batch_size, 3, resolution, resolution, generator=generator).to(device)
+    size = Size.of(resolution)
+    x = torch.randn(batch_size, 3, size.height, size.width, generator=generator).to(device)
     device_type = torch.device(device).type
 
     def run() -> None:
@@ -419,6 +440,7 @@ def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildM
         described = describe(config, model, settings.compile_backend, settings.compile_mode)
         result.backend, result.backend_note = described.backend, described.backend_note
         result.bytes_per_image, result.compile_mode = described.bytes_per_image, described.compile_mode
+        result.impl_note = described.note
         if settings.parity:
             result.parity, result.parity_note = check_parity(config, model, x, build_model, settings)
             if result.parity is not None and not result.parity.ok:
@@ -437,8 +459,8 @@ def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildM
 def check_parity(config: BenchConfig, model: nn.Module, x: torch.Tensor, build_model: BuildModel | None,
                  settings: BenchSettings) -> tuple[Parity | None, str | None]:
     """Run the row's model once more on its input (untimed) and the fp32 reference on the first PARITY_SAMPLES
-    images; (Parity, None), or (None, why not) where no reference can be had (an exported file, a reference
-    that does not fit in memory, a model that cannot be rebuilt)."""
+    images, comparing the logits (a backbone's maps, each); (Parity, None), or (None, why not) where no reference
+    can be had (an exported file, a reference that does not fit in memory, a model that cannot be rebuilt)."""
     if is_exported_file(config.weights):
         return None, "no reference: the weights are inside the exported file"
     device = torch.device(config.device)
@@ -449,37 +471,53 @@ def check_parity(config: BenchConfig, model: nn.Module, x: torch.Tensor, build_m
     try:
         with torch.inference_mode():
             with row_autocast(config):
-                got = model(x)[:samples].float()
+                got = [out[:samples].float() for out in _outputs(model(x))]
             images = x[:samples].float().contiguous()  # the reference runs fp32 (a cast row's input is not)
             if same_model:
-                expected = model(images).float()
+                expected = [out.float() for out in _outputs(model(images))]
             else:
                 torch.manual_seed(BUILD_SEED)
                 build = build_model or _default_build()
                 reference = build(config.model, reference_name, **_build_kwargs(config))
                 reference = reference_implementation.prepare(reference, Target(config.device))
-                expected = reference(images).float()
+                expected = [out.float() for out in _outputs(reference(images))]
                 del reference
     except Exception as err:
         return None, f"not checked: the reference failed ({_one_line(err)})"
     finally:
         free_memory(device)
-    if got.shape != expected.shape:
-        return None, f"not checked: output {list(got.shape)} vs reference {list(expected.shape)}"
-    diff = (got - expected).abs().max().item()
-    relative = diff / max(1.0, expected.abs().max().item())
-    agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
+    shapes = ([list(t.shape) for t in got], [list(t.shape) for t in expected])
+    if shapes[0] != shapes[1]:
+        shown = [s[0] if len(s) == 1 else s for s in shapes]
+        return None, f"not checked: output {shown[0]} vs reference {shown[1]}"
+    diffs = [(a - b).abs().max().item() for a, b in zip(got, expected)]
+    relatives = [d / max(1.0, b.abs().max().item()) for d, b in zip(diffs, expected)]
     tolerance = PARITY_TOLERANCE[config.precision]
-    ok = relative <= tolerance and (agreement == 1.0 or config.precision != "fp32")
-    return Parity(reference_name, samples, diff, relative, agreement, tolerance, ok), None
+    if config.features:  # four maps: each within tolerance; no classes to agree on
+        ok = max(relatives) <= tolerance
+        return Parity(reference_name, samples, max(diffs), max(relatives), None, tolerance, ok, relatives), None
+    agreement = (got[0].argmax(1) == expected[0].argmax(1)).float().mean().item()
+    ok = relatives[0] <= tolerance and (agreement == 1.0 or config.precision != "fp32")
+    return Parity(reference_name, samples, diffs[0], relatives[0], agreement, tolerance, ok), None
+
+
+def _outputs(value: Any) -> list[torch.Tensor]:
+    """A model's outputs as a list: [logits], or a features-only backbone's maps (a list or tuple)."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def expand_configs(models: Iterable[str], impls: Iterable[str], device: str, batch_sizes: Iterable[int],
-                   resolutions: Iterable[int], precisions: Iterable[str], channels_last: bool,
-                   compile: bool, weights: str | None = None, cast: bool = False) -> list[BenchConfig]:
+                   resolutions: Iterable[Size | int], precisions: Iterable[str], channels_last: bool,
+                   compile: bool, weights: str | None = None, cast: bool = False,
+                   features: bool = False) -> list[BenchConfig]:
     """Every combination, in the order model > impl > precision > resolution > batch size (cast applies to
-    bf16/fp16 rows only)."""
-    return [BenchConfig(m, i, device, b, r, p, channels_last, compile, weights, cast and p != "fp32")
+    bf16/fp16 rows only). features: every row times the features-only backbone (ConfigError where a model or
+    implementation cannot build one: a timm peer, a runtime)."""
+    models, impls, resolutions = list(models), list(impls), [Size.of(r).check() for r in resolutions]
+    for model in models:
+        for impl in impls:
+            check_features(model, impl, features)
+    return [BenchConfig(m, i, device, b, r, p, channels_last, compile, weights, cast and p != "fp32", features)
             for m in models for i in impls for p in precisions for r in resolutions for b in batch_sizes]
 
 

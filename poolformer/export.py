@@ -31,6 +31,7 @@ from .model import MetaFormer
 from .runtimes.export_forms import portable_form
 from .runtimes.exporting import DEFAULT_OPSET, export_onnx, export_pt2, openvino_converter
 from .runtimes.sessions import available, make_runner, require
+from .sizes import Size
 
 FORMATS = ("onnx", "pt2", "openvino")  # openvino: OpenVINO IR, FILE.xml with its weights beside it in FILE.bin
 PARITY_TOLERANCE = 1e-4
@@ -54,7 +55,7 @@ class ExportReport:
     model: str
     format: str
     path: str
-    resolution: int
+    resolution: Size  # the input's height and width the file takes
     opset: int | None
     dynamic_batch: bool
     fast: bool
@@ -69,7 +70,8 @@ class ExportReport:
         return bool(self.checks) and all(c.passed for c in self.checks)
 
     def as_json(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
+        """Every field; the size as resolution (224 for a square, else "800x1333"), height and width."""
+        return {**asdict(self), **self.resolution.json_fields(), "passed": self.passed}
 
 
 def exportable(model: MetaFormer, fast: bool) -> nn.Module:
@@ -111,13 +113,14 @@ def _check(runtime: str, kind: str, got: np.ndarray, expected: np.ndarray, toler
                        passed=diff <= tolerance * max(1.0, scale) and agree == 1.0)
 
 
-def export_model(model: MetaFormer, path: str | os.PathLike, *, fmt: str = "onnx", resolution: int = 224,
+def export_model(model: MetaFormer, path: str | os.PathLike, *, fmt: str = "onnx", resolution: Size | int = 224,
                  opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, fast: bool = False,
                  images: torch.Tensor | None = None, runtimes: tuple[str, ...] | None = None,
                  tolerance: float = PARITY_TOLERANCE) -> ExportReport:
     """Export `model` to `path` (written atomically, and only when every parity check passes).
 
-    images: preprocessed photographs [N, 3, resolution, resolution] checked besides random inputs.
+    resolution: the input's height and width (a Size; an int is a square).
+    images: preprocessed photographs [N, 3, height, width] checked besides random inputs.
     runtimes: which runtimes run an ONNX file (default: every installed one of onnxruntime, openvino);
     a pt2 file runs in torch, an OpenVINO IR file (`path` .xml, its weights written beside it as .bin) in
     OpenVINO. With `fast`, ONNX and pt2 hold `FoldedExport`, IR the fast path's graph built from OpenVINO's
@@ -130,6 +133,7 @@ def export_model(model: MetaFormer, path: str | os.PathLike, *, fmt: str = "onnx
     if fmt == "onnx" and not 13 <= opset <= 20:
         raise ConfigError(f"--opset must be between 13 and 20 for the operators used here, not {opset}")
     spec = getattr(model, "spec", None)
+    resolution = Size.of(resolution).check()
     report = ExportReport(model=spec.name if spec else type(model).__name__, format=fmt, path=str(path),
                           resolution=resolution, opset=opset if fmt == "onnx" else None,
                           dynamic_batch=dynamic_batch, fast=fast, tolerance=tolerance)
@@ -150,7 +154,7 @@ def export_model(model: MetaFormer, path: str | os.PathLike, *, fmt: str = "onnx
     os.close(fd)
     weights = [(Path(tmp).with_suffix(".bin"), target.with_suffix(".bin"))] if fmt == "openvino" else []
     try:
-        shape = (batch, 3, resolution, resolution)
+        shape = (batch, 3, resolution.height, resolution.width)
         try:
             if fmt == "onnx":
                 export_onnx(module, tmp, shape, opset, dynamic_batch)
@@ -162,7 +166,8 @@ def export_model(model: MetaFormer, path: str | os.PathLike, *, fmt: str = "onnx
             first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
             raise ConfigError(f"{report.model} could not be exported as {fmt}: {type(err).__name__}: "
                               f"{first.strip()[:200]}") from None
-        inputs = {"random": torch.randn(3, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))}
+        inputs = {"random": torch.randn(3, 3, resolution.height, resolution.width,
+                                        generator=torch.Generator().manual_seed(0))}
         if images is not None and len(images):
             inputs["images"] = images
         for kind, x in inputs.items():

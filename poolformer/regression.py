@@ -1,7 +1,9 @@
 """Throughput-regression checks: compare a run's rows with a baseline result file.
 
-Rows match when they describe the same configuration (model, impl, device type, batch size, resolution,
-precision, channels_last, compile); the device index is ignored so a baseline from cuda:0 applies to cuda:1.
+Rows match when they describe the same configuration (model, impl, device type, batch size, input size,
+precision, channels_last, compile, cast, features); the device index is ignored so a baseline from cuda:0 applies
+to cuda:1, and a square row written before sizes had two sides (resolution 224 alone) matches one that names
+height and width.
 
 Two metrics:
 - ``throughput`` (images/s): right when baseline and run come from the same, quiet machine.
@@ -32,10 +34,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError
+from .sizes import row_size
 
 KEY_FIELDS = ("model", "impl", "device", "batch_size", "resolution", "precision", "channels_last", "compile",
-              "cast")
-REQUIRED_FIELDS = tuple(name for name in KEY_FIELDS if name != "cast")  # files before --cast-model lack it
+              "cast", "features")
+# files written before --cast-model or --features lack those keys (False)
+REQUIRED_FIELDS = tuple(name for name in KEY_FIELDS if name not in ("cast", "features"))
 ALPHA = 0.05  # significance level of the step-time test
 CLOCK_CHANGE = 0.05  # relative SM/memory clock difference that is reported
 TEMPERATURE_CHANGE_C = 10
@@ -69,25 +73,29 @@ class RegressionReport:
 
 
 def config_key(row: dict[str, Any]) -> tuple:
-    """The identity of a row: its configuration, with 'cuda:1' reduced to 'cuda'."""
+    """The identity of a row: its configuration, with 'cuda:1' reduced to 'cuda' and the size as (height, width)."""
     values = [row.get(name) for name in KEY_FIELDS]
     values[KEY_FIELDS.index("cast")] = bool(row.get("cast"))  # files written before --cast-model have no key
+    values[KEY_FIELDS.index("features")] = bool(row.get("features"))
+    size = row_size(row)
+    values[KEY_FIELDS.index("resolution")] = (size.height, size.width)
     values[KEY_FIELDS.index("device")] = str(values[KEY_FIELDS.index("device")]).split(":")[0]
     return tuple(values)
 
 
 def config_label(row: dict[str, Any]) -> str:
-    """'s12/ours cpu bs2 128px fp32' plus the options set (see options_suffix)."""
+    """'s12/ours cpu bs2 128px fp32' ('800x1333px' for height x width) plus the options set (see options_suffix)."""
     label = (f"{row.get('model')}/{row.get('impl')} {str(row.get('device')).split(':')[0]} "
-             f"bs{row.get('batch_size')} {row.get('resolution')}px {row.get('precision')}")
+             f"bs{row.get('batch_size')} {row_size(row)}px {row.get('precision')}")
     return label + options_suffix(row)
 
 
 def options_suffix(row: dict[str, Any]) -> str:
-    """' CL' (channels_last), ' cast' (weights in the precision, no autocast), ' compiled' or
-    ' compiled(max-autotune)' - for a row dict or a BenchConfig's asdict."""
+    """' CL' (channels_last), ' cast' (weights in the precision, no autocast), ' features' (the backbone alone),
+    ' compiled' or ' compiled(max-autotune)' - for a row dict or a BenchConfig's asdict."""
     mode = row.get("compile_mode")
     return ((" CL" if row.get("channels_last") else "") + (" cast" if row.get("cast") else "")
+            + (" features" if row.get("features") else "")
             + ((f" compiled({mode})" if mode and mode != "default" else " compiled") if row.get("compile") else ""))
 
 
