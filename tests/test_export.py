@@ -146,6 +146,29 @@ def test_export_cli_reports_parity_as_json(tmp_path, s12_checkpoint):
     assert {c["inputs"] for c in report["checks"]} == {"random", "images"}
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_export_at_height_x_width_takes_that_input(tmp_path, s12, fast):
+    """A file for 64 x 96 (the dense tasks' rectangles, small): its input is [1, 3, 64, 96] and it matches."""
+    path = tmp_path / "s12.onnx"
+    report = export_model(s12, path, resolution=(64, 96), fast=fast, runtimes=("onnxruntime",))
+    assert report.passed and report.written, report.reason
+    shape = [d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
+    assert shape == [1, 3, 64, 96]
+    assert {k: report.as_json()[k] for k in ("resolution", "height", "width")} == {
+        "resolution": "64x96", "height": 64, "width": 96}
+
+
+def test_export_cli_at_height_x_width_checks_photographs_of_that_size(tmp_path):
+    path = tmp_path / "s12.onnx"
+    result = runner.invoke(app, ["export", "s12", "--output", str(path), "--resolution", "64x96", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["written"] and (report["height"], report["width"]) == (64, 96)
+    assert {c["inputs"] for c in report["checks"]} == {"random", "images"}
+    table = runner.invoke(app, ["export", "s12", "--output", str(path), "--resolution", "64x96"])
+    assert table.exit_code == 0 and "64x96 px" in table.stdout
+
+
 def test_export_cli_exits_1_and_writes_nothing_on_mismatch(tmp_path, monkeypatch):
     real = exporting._run_file
     monkeypatch.setattr(exporting, "_run_file", lambda *a: real(*a) * np.float32(-1.0))
@@ -162,7 +185,10 @@ def test_export_cli_exits_1_and_writes_nothing_on_mismatch(tmp_path, monkeypatch
     (["s12", "--output", "x.xml", "--format", "openvino", "--opset", "18"], "--opset applies to ONNX exports only"),
     (["s12_dwconv", "--output", "x.onnx", "--fast"], "--fast: the fast path handles pooling token mixers only"),
     (["s12", "--output", "x.onnx", "--opset", "9", "--resolution", "64"], "--opset must be between 13 and 20"),
-    (["s12", "--output", "x.onnx", "--resolution", "16"], "--resolution must be at least 32"),
+    (["s12", "--output", "x.onnx", "--resolution", "16"], "--resolution: size '16': every side must be at least 32"),
+    (["s12", "--output", "x.onnx", "--resolution", "64x16"], "every side must be at least 32"),
+    (["s12", "--output", "x.onnx", "--resolution", "800*1333"], "HEIGHTxWIDTH"),
+    (["s12", "--output", "x.onnx", "--resolution", "64,96"], "one value"),
     (["s13", "--output", "x.onnx"], "unknown model 's13'"),
 ])
 def test_export_bad_input_is_one_line(tmp_path, monkeypatch, args, message):
