@@ -254,7 +254,7 @@ def test_bench_and_its_regression_check(monkeypatch, tmp_path, width):
         torch.set_num_threads(threads)
     results = [row for rows in _replayed("bench", "run_benchmark") for row in rows]
     rows = [((f"s12/ours bs{r.config.batch_size} 32px fp32", f"s12/ours bs{r.config.batch_size}"),
-             [(f"{r.throughput:,.1f}",)]) for r in results]
+             [(f"{r.throughput:,.1f}" if r.throughput >= 1 else f"{r.throughput:.2g}",)]) for r in results]
     rows += [((f"poolformer_s12/ours cpu bs{r.config.batch_size} 32px fp32", f"s12/ours bs{r.config.batch_size}"),
               [(f"{r.throughput:,.3f}",)]) for r in results]
     _check(output, width, rows)
