@@ -179,6 +179,22 @@ def test_profile_a_backbone_at_height_x_width():
 
 
 @pytest.mark.parametrize("args, message", [
+    (["--resolutions", "800x16"], "every side must be at least 32"),
+    (["--resolutions", "800x"], "HEIGHTxWIDTH"),
+    (["--resolutions", "800*1333"], "HEIGHTxWIDTH"),
+    (["--resolutions", "x512"], "HEIGHTxWIDTH"),
+    (["--resolutions", "0x512"], "every side must be at least 32"),
+    (["--resolutions", "64,"], "HEIGHTxWIDTH"),
+    (["timm:resnet18", "--features"], "is a timm peer"),
+    (["--features", "--impl", "onnxruntime"], "--features runs with --impl ours, timm, fast"),
+])
+def test_bench_bad_sizes_and_features_are_one_line(args, message):
+    result = runner.invoke(app, ["bench", "s12", *FAST, *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
     (["profile", "s12", "--resolution", "64x"], "HEIGHTxWIDTH"),
     (["profile", "s12", "--resolution", "64,96"], "one value"),
     (["profile", "s12", "--resolution", "64x16"], "at least 32"),
