@@ -36,6 +36,7 @@ from .model import MetaFormer, stage_output_names
 from .runtimes.export_forms import portable_form
 from .runtimes.exporting import DEFAULT_OPSET, export_onnx, export_pt2, openvino_converter
 from .runtimes.sessions import available, make_runner, require
+from .sizes import Size
 
 FORMATS = ("onnx", "pt2", "openvino")  # openvino: OpenVINO IR, FILE.xml with its weights beside it in FILE.bin
 PARITY_TOLERANCE = 1e-4
@@ -62,7 +63,7 @@ class ExportReport:
     model: str
     format: str
     path: str
-    resolution: int
+    resolution: Size  # the input's height and width the file takes
     opset: int | None
     dynamic_batch: bool
     fast: bool
@@ -79,7 +80,8 @@ class ExportReport:
         return bool(self.checks) and all(c.passed for c in self.checks)
 
     def as_json(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
+        """Every field; the size as resolution (224 for a square, else "800x1333"), height and width."""
+        return {**asdict(self), **self.resolution.json_fields(), "passed": self.passed}
 
 
 def exportable(model: MetaFormer, fast: bool, dynamic_size: bool = False) -> nn.Module:
@@ -101,9 +103,10 @@ def _output_names(model: MetaFormer) -> list[str]:
     return list(stage_output_names(len(model.stages))) if model.head is None else ["logits"]
 
 
-def second_size(resolution: int) -> tuple[int, int]:
-    """The odd, non-square input size a dynamic-size file is checked at besides `resolution` (64: 95x97)."""
-    height, width = 2 * (resolution // 2) + 31, 2 * (3 * resolution // 4) + 1
+def second_size(resolution: Size) -> tuple[int, int]:
+    """The odd, non-square input size a dynamic-size file is checked at besides `resolution` (64: 95x97;
+    64x96: 95x145)."""
+    height, width = 2 * (resolution.height // 2) + 31, 2 * (3 * resolution.width // 4) + 1
     return height, width + 2 if width == height else width
 
 
@@ -173,13 +176,14 @@ def _parity_checks(model: MetaFormer, fmt: str, path: str, runtimes: tuple[str, 
     return checks
 
 
-def export_model(model: MetaFormer, path: str | os.PathLike, *, fmt: str = "onnx", resolution: int = 224,
+def export_model(model: MetaFormer, path: str | os.PathLike, *, fmt: str = "onnx", resolution: Size | int = 224,
                  opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, fast: bool = False,
                  images: torch.Tensor | None = None, runtimes: tuple[str, ...] | None = None,
                  tolerance: float = PARITY_TOLERANCE, dynamic_size: bool = False) -> ExportReport:
     """Export `model` to `path` (written atomically, and only when every parity check passes).
 
-    images: preprocessed photographs [N, 3, resolution, resolution] checked besides random inputs.
+    resolution: the input's height and width (a Size; an int is a square).
+    images: preprocessed photographs [N, 3, height, width] checked besides random inputs.
     runtimes: which runtimes run an ONNX file (default: every installed one of onnxruntime, openvino);
     a pt2 file runs in torch, an OpenVINO IR file (`path` .xml, its weights written beside it as .bin) in
     OpenVINO. With `fast`, ONNX and pt2 hold `FoldedExport`, IR the fast path's graph built from OpenVINO's
@@ -194,6 +198,7 @@ def export_model(model: MetaFormer, path: str | os.PathLike, *, fmt: str = "onnx
     if fmt == "onnx" and not 13 <= opset <= 20:
         raise ConfigError(f"--opset must be between 13 and 20 for the operators used here, not {opset}")
     spec = getattr(model, "spec", None)
+    resolution = Size.of(resolution).check()
     report = ExportReport(model=spec.name if spec else type(model).__name__, format=fmt, path=str(path),
                           resolution=resolution, opset=opset if fmt == "onnx" else None,
                           dynamic_batch=dynamic_batch, fast=fast, tolerance=tolerance,
@@ -221,7 +226,7 @@ def export_model(model: MetaFormer, path: str | os.PathLike, *, fmt: str = "onnx
     os.close(fd)
     weights = [(Path(tmp).with_suffix(".bin"), target.with_suffix(".bin"))] if fmt == "openvino" else []
     try:
-        shape = (batch, 3, resolution, resolution)
+        shape = (batch, 3, resolution.height, resolution.width)
         try:
             if fmt == "onnx":
                 export_onnx(module, tmp, shape, opset, dynamic_batch, tuple(report.outputs), dynamic_size)
@@ -234,7 +239,7 @@ def export_model(model: MetaFormer, path: str | os.PathLike, *, fmt: str = "onnx
             raise ConfigError(f"{report.model} could not be exported as {fmt}: {type(err).__name__}: "
                               f"{first.strip()[:200]}") from None
         generator = torch.Generator().manual_seed(0)
-        inputs = {"random": torch.randn(3, 3, resolution, resolution, generator=generator)}
+        inputs = {"random": torch.randn(3, 3, resolution.height, resolution.width, generator=generator)}
         if images is not None and len(images):
             inputs["images"] = images
         if dynamic_size:

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.text import Text
 
-from .common import check_writable, console, err_console, fail, one_int, print_json, resolve_model, user_errors
+from .common import check_writable, console, err_console, fail, one_size, print_json, resolve_model, user_errors
 from .tables import name, number, print_table, print_words
 
 
@@ -21,7 +21,8 @@ def export_command(
     fmt: str = typer.Option("onnx", "--format", help="onnx, pt2 (torch.export program) or openvino (OpenVINO IR)."),
     weights: Optional[Path] = typer.Option(None, help="Checkpoint file (official, timm or transformers layout)."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Use the published ImageNet weights."),
-    resolution: str = typer.Option("224", metavar="INTEGER", help="Input height = width the file is exported for."),
+    resolution: str = typer.Option("224", metavar="SIZE", help="Input size the file is exported for: 224 (a square) "
+                                   "or HEIGHTxWIDTH, e.g. 800x1333."),
     opset: int = typer.Option(17, help="ONNX opset (13-20)."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Any batch size (default: batch 1)."),
     features: bool = typer.Option(False, "--features", help="Export the detection/segmentation backbone (the "
@@ -61,9 +62,7 @@ def export_command(
         fail("--dynamic-size applies to --features exports: a classifier file is exported for the one --resolution "
              "that predict and eval read from it")
     name = resolve_model(model)
-    size = one_int(resolution, "--resolution")
-    if size < 32:
-        fail(f"--resolution must be at least 32 (four downsamplings to stride 32), got {size}")
+    size = one_size(resolution, "--resolution", "export")
     if fmt not in ("onnx", "pt2", "openvino"):
         fail(f"unknown format {fmt!r} for --format; choose from: onnx, pt2, openvino")
     suffix = {"onnx": ".onnx", "pt2": ".pt2", "openvino": ".xml"}[fmt]
@@ -83,8 +82,7 @@ def export_command(
         if (weights is not None or pretrained) and not features:
             classes = trained_num_classes(name, weights=weights, pretrained=pretrained)
         net = create_model(name, weights=None if weights is None else str(weights), pretrained=pretrained,
-                           num_classes=classes, features_only=features,
-                           **({} if size == 224 else _size_overrides(name, size)))
+                           num_classes=classes, features_only=features, **_size_overrides(name, size))
         checked = _images(net.spec, size, images)
         if fast:
             from poolformer.errors import ConfigError
@@ -105,22 +103,29 @@ def export_command(
         fail(f"not written: the exported file does not match the model ({report.reason})", 1)
 
 
-def _size_overrides(name: str, size: int) -> dict:
+def _size_overrides(name: str, size) -> dict:
     """Models with token-count dependent parts (random / spatial-FC mixers, position embeddings) are built for
-    the export resolution."""
+    the export size (height and width)."""
     from poolformer.zoo import get_spec
 
-    return {} if get_spec(name).family in ("v1", "v2") else {"img_size": size}
+    return {} if get_spec(name).family in ("v1", "v2") else {"img_size": size.img_size}
 
 
-def _images(spec, size: int, arguments: Optional[list[str]]):
-    """[N, 3, size, size]: the photographs given (preprocessed as the model expects), else generated ones."""
+def _images(spec, size, arguments: Optional[list[str]]):
+    """[N, 3, height, width]: the photographs given (preprocessed as the model expects: a square crop of the
+    longer side, then its centre at height x width), else generated ones."""
     import torch
 
     from poolformer.data import Preprocess, load_batch, synthetic_images
     from poolformer.predict import collect_images
 
-    transform = dataclasses.replace(Preprocess.for_spec(spec), input_size=size)
+    side = max(size.height, size.width)
+    square = dataclasses.replace(Preprocess.for_spec(spec), input_size=side)
+    top, left = (side - size.height) // 2, (side - size.width) // 2
+
+    def transform(img):
+        return square(img)[:, top:top + size.height, left:left + size.width]
+
     if not arguments:
         return torch.stack([transform(img) for img in synthetic_images(4)])
     entries = collect_images(arguments)
@@ -135,7 +140,7 @@ def _images(spec, size: int, arguments: Optional[list[str]]):
 
 def _render(report) -> None:
     features = report.outputs != ["logits"]
-    size = "any size" if report.dynamic_size else f"{report.resolution}px"
+    size = "any size" if report.dynamic_size else f"{report.resolution.height}x{report.resolution.width} px"
     title = (f"{report.model} -> {report.path} ({report.format}{', opset ' + str(report.opset) if report.opset else ''}"
              f", {size}, {'dynamic batch' if report.dynamic_batch else 'batch 1'}"
              f"{', folded (--fast)' if report.fast else ''}"

@@ -525,7 +525,9 @@ def test_bench_json_output_file_and_csv(tmp_path):
         assert row["status"] == "ok" and row["model"] == "poolformer_s12" and row["resolution"] == 64
         assert len(row["latency_ms"]["steps"]) == 3
     lines = csv_path.read_text().splitlines()
-    assert len(lines) == 1 + 4 and lines[0].startswith("model,impl,device,batch_size")
+    header = lines[0].split(",")
+    assert len(lines) == 1 + 4 and header[:3] == ["model", "impl", "mode"]
+    assert {"device", "batch_size", "resolution", "throughput"} <= set(header)
     first = next(csv.DictReader(io.StringIO(csv_path.read_text())))
     assert float(first["throughput"]) == pytest.approx(rows[0]["throughput"])
     assert first["cast"] == "False" and first["backend"] == ""
@@ -574,7 +576,7 @@ def test_ctrl_c_keeps_the_finished_rows(monkeypatch, tmp_path):
     (["--precision", "fp32,int8"], "unknown precision"),
     (["--batch-sizes", "0"], "must be >= 1"),
     (["--batch-sizes", "8,x"], "integers"),
-    (["--resolutions", "16"], "must be >= 32"),
+    (["--resolutions", "16"], "every side must be at least 32"),
     (["--impl", "nope"], "unknown impl"),
     (["--iters", "0"], "--iters must be >= 1"),
     (["--iters", "5", "--min-time", "1"], "either --iters or --min-time"),

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from poolformer import CheckpointError, ConfigError, create_model
+from poolformer import CheckpointError, ConfigError, Size, create_model
 from poolformer import export as exporting
 from poolformer.export import export_model
 from poolformer.fast.folded_export import FoldedExport
@@ -154,6 +154,30 @@ def test_export_cli_reports_parity_as_json(tmp_path, s12_checkpoint):
     assert {c["inputs"] for c in report["checks"]} == {"random", "images"}
 
 
+@pytest.mark.parametrize("fast", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_export_at_height_x_width_takes_that_input(tmp_path, s12, fast):
+    """A file for 64 x 96 (the dense tasks' rectangles, small): its input is [1, 3, 64, 96] and it matches."""
+    path = tmp_path / "s12.onnx"
+    report = export_model(s12, path, resolution=(64, 96), fast=fast, runtimes=("onnxruntime",))
+    assert report.passed and report.written, report.reason
+    shape = [d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
+    assert shape == [1, 3, 64, 96]
+    assert {k: report.as_json()[k] for k in ("resolution", "height", "width")} == {
+        "resolution": "64x96", "height": 64, "width": 96}
+
+
+@pytest.mark.slow
+def test_export_cli_at_height_x_width_checks_photographs_of_that_size(tmp_path):
+    path = tmp_path / "s12.onnx"
+    result = runner.invoke(app, ["export", "s12", "--output", str(path), "--resolution", "64x96", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["written"] and (report["height"], report["width"]) == (64, 96)
+    assert {c["inputs"] for c in report["checks"]} == {"random", "images"}
+    table = runner.invoke(app, ["export", "s12", "--output", str(path), "--resolution", "64x96"])
+    assert table.exit_code == 0 and "64x96 px" in table.stdout
+
+
 @pytest.mark.slow
 def test_export_cli_exits_1_and_writes_nothing_on_mismatch(tmp_path, monkeypatch):
     real = exporting._run_file
@@ -171,7 +195,10 @@ def test_export_cli_exits_1_and_writes_nothing_on_mismatch(tmp_path, monkeypatch
     (["s12", "--output", "x.xml", "--format", "openvino", "--opset", "18"], "--opset applies to ONNX exports only"),
     (["s12_dwconv", "--output", "x.onnx", "--fast"], "--fast: the fast path handles pooling token mixers only"),
     (["s12", "--output", "x.onnx", "--opset", "9", "--resolution", "64"], "--opset must be between 13 and 20"),
-    (["s12", "--output", "x.onnx", "--resolution", "16"], "--resolution must be at least 32"),
+    (["s12", "--output", "x.onnx", "--resolution", "16"], "--resolution: size '16': every side must be at least 32"),
+    (["s12", "--output", "x.onnx", "--resolution", "64x16"], "every side must be at least 32"),
+    (["s12", "--output", "x.onnx", "--resolution", "800*1333"], "HEIGHTxWIDTH"),
+    (["s12", "--output", "x.onnx", "--resolution", "64,96"], "one value"),
     (["s12", "--output", "x.onnx", "--dynamic-size"], "--dynamic-size applies to --features exports"),
     (["s12_pppf", "--output", "x.onnx", "--features", "--dynamic-size", "--resolution", "64"],
      "poolformer_s12_pppf cannot be exported for any input size: its SpatialFC token mixer is built for 4 tokens"),
@@ -287,6 +314,14 @@ def test_a_backbone_file_off_in_one_map_is_not_written(tmp_path, backbone, monke
     assert not report.written and [c.output for c in report.checks if not c.passed] == ["stage3"]
     assert report.reason.startswith("onnxruntime on random inputs, output stage3: max |diff|")
     assert "top-1" not in report.reason and list(tmp_path.iterdir()) == []
+
+
+def test_a_dynamic_size_file_is_also_checked_at_an_odd_size_near_its_own():
+    """Near the export's height and width, odd on both sides and never square (the pooling's border factors and
+    the stride-2 roundings differ from the export size's)."""
+    assert exporting.second_size(Size(64, 64)) == (95, 97)
+    assert exporting.second_size(Size(64, 96)) == (95, 145)
+    assert exporting.second_size(Size(800, 1333)) == (831, 1999)
 
 
 def test_dynamic_size_is_for_backbones_whose_parts_take_any_size(tmp_path, s12):
