@@ -11,6 +11,8 @@ with its error, and the suite goes on):
 - sweep: `poolformer bench` over s12, s24, m48, v2_s12 x ours, timm, fast x fp32, bf16, fp16 x batch 1, 64, 256
   at 224, channels-last; s12 also without channels-last and at 384 and 512 px; `--compile` for ours and timm
   (compile time apart); `--max-batch` for s12 bf16; NVML telemetry per row;
+- backbone: the dense tasks' backbones (`--features`, s12 and m36, ours and timm's features_only peer) at
+  800x1333 batch 2 (COCO detection) and 512 batch 16 (ADE20K segmentation), bf16, channels-last;
 - oom: a real CUDA out-of-memory (m48, 1024 px, batch 2048) in the middle of a sweep: an `oom` row, memory
   freed, the rows after it as fast as the same rows in a run without it;
 - timing: bench's CUDA-event median against torch.utils.benchmark's blocked_autorange, a timm-style loop
@@ -69,6 +71,9 @@ class Plan:
     compile_backend: str
     max_batch_limit: int
     oom_config: tuple[str, int, int]  # model, resolution, batch that cannot fit
+    backbone_models: str  # --features runs: the dense tasks' backbones
+    backbone_runs: tuple[tuple[str, int], ...]  # (size, batch): detection's 800x1333 x 2, segmentation's 512 x 16
+    backbone_precision: str
     eval_images: int
     memory_batch: int
     regression_repeats: int
@@ -84,15 +89,17 @@ class Plan:
 GPU = Plan(device="cuda", models=("s12", "s24", "m48", "v2_s12"), impls="ours,timm,fast",
            precisions="fp32,bf16,fp16", batch_sizes="1,64,256", resolution=224, extra_resolutions="384,512",
            timing_batches=(256, 1), warmup=5, iters=20, compile_backend="inductor", max_batch_limit=16384,
-           oom_config=("m48", 1024, 2048), eval_images=6, memory_batch=64, regression_repeats=10,
-           regression_batch=256, torchrun=True)
+           oom_config=("m48", 1024, 2048), backbone_models="s12,m36",
+           backbone_runs=(("800x1333", 2), ("512", 16)), backbone_precision="bf16", eval_images=6, memory_batch=64,
+           regression_repeats=10, regression_batch=256, torchrun=True)
 SMOKE = Plan(device="cpu", models=("s12",), impls="ours,timm,fast", precisions="fp32",
              batch_sizes="1,2", resolution=32, extra_resolutions="64", timing_batches=(2,), warmup=0, iters=1,
-             compile_backend="eager", max_batch_limit=2, oom_config=("m48", 64, 2), eval_images=6,
+             compile_backend="eager", max_batch_limit=2, oom_config=("m48", 64, 2), backbone_models="s12",
+             backbone_runs=(("64x96", 1), ("64", 2)), backbone_precision="fp32", eval_images=6,
              memory_batch=2, regression_repeats=2, regression_batch=1, torchrun=False, train_models=("s12",),
              train_resolutions="32", train_batch=2, train_precision="fp32", train_impls="ours")
 RANK_FOR_IMAGE = (0, 0, 1, 4, 5, 499)  # image i is filed under the class at this rank of its own prediction
-SECTIONS = ("sweep", "oom", "timing", "profile", "predict_eval", "memory", "regression", "train")
+SECTIONS = ("sweep", "backbone", "oom", "timing", "profile", "predict_eval", "memory", "regression", "train")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -121,7 +128,8 @@ def run_json(*args: str) -> dict:
 
 
 def rows_summary(rows: list[dict]) -> list[dict]:
-    keep = ("model", "impl", "batch_size", "resolution", "precision", "channels_last", "compile", "status",
+    keep = ("model", "impl", "batch_size", "resolution", "height", "width", "features", "precision", "channels_last",
+            "compile", "status",
             "throughput", "peak_memory_bytes", "first_call_ms", "backend", "backend_note", "bytes_per_image",
             "achieved_tb_per_s")
     out = []
@@ -144,7 +152,6 @@ def rows_summary(rows: list[dict]) -> list[dict]:
 def section_sweep(plan: Plan, work: Path, progress: Callable[[dict], None] = lambda partial: None) -> dict:
     """Each bench run of the sweep; `progress` sees the runs done so far after each one (the suite saves them, so
     a run cut short by a time limit keeps what it measured)."""
-    common = ["--device", plan.device, "--warmup", plan.warmup, "--iters", plan.iters, "--json"]
     runs = {  # the main grid one model per bench run, so that a run cut short keeps the models it finished
         f"main: {model}": ["bench", model, "--impl", plan.impls, "--precision", plan.precisions, "--batch-sizes",
                            plan.batch_sizes.split(",")[0] if plan.device == "cpu" else plan.batch_sizes,
@@ -163,6 +170,22 @@ def section_sweep(plan: Plan, work: Path, progress: Callable[[dict], None] = lam
         "max batch": ["bench", "s12", "--impl", "ours", "--precision", "bf16", "--resolutions", plan.resolution,
                       "--channels-last", "--max-batch", "--max-batch-limit", plan.max_batch_limit],
     }
+    return _bench_runs(plan, runs, progress)
+
+
+def section_backbone(plan: Plan, work: Path) -> dict:
+    """The dense tasks' backbones (`--features`: no head, four maps each checked against ours) at their sizes,
+    ours beside timm's features_only model (the same backbone without the output norms)."""
+    runs = {f"backbone: {size} bs{batch}": ["bench", *plan.backbone_models.split(","), "--features", "--impl",
+                                            "ours,timm", "--precision", plan.backbone_precision, "--batch-sizes",
+                                            batch, "--resolutions", size, "--channels-last"]
+            for size, batch in plan.backbone_runs}
+    return _bench_runs(plan, runs)
+
+
+def _bench_runs(plan: Plan, runs: dict[str, list], progress: Callable[[dict], None] = lambda partial: None) -> dict:
+    """Run each `poolformer bench` of `runs` (name -> arguments) with the plan's device and step counts."""
+    common = ["--device", plan.device, "--warmup", plan.warmup, "--iters", plan.iters, "--json"]
     out: dict[str, Any] = {}
     for name, args in runs.items():
         started = time.perf_counter()
@@ -526,9 +549,12 @@ def section_train(plan: Plan, work: Path) -> dict:
 
 
 SECTION_FUNCTIONS: dict[str, Callable[[Plan, Path], dict]] = {
-    "sweep": section_sweep, "oom": section_oom, "timing": section_timing, "profile": section_profile,
-    "predict_eval": section_predict_eval, "memory": section_memory, "regression": section_regression,
-    "train": section_train}
+             compile_backend="eager", max_batch_limit=2, oom_config=("m48", 64, 2), backbone_models="s12",
+             backbone_runs=(("64x96", 1), ("64", 2)), backbone_precision="fp32", eval_images=6,
+             memory_batch=2, regression_repeats=2, regression_batch=1, torchrun=False, train_models=("s12",),
+             train_resolutions="32", train_batch=2, train_precision="fp32", train_impls="ours")
+RANK_FOR_IMAGE = (0, 0, 1, 4, 5, 499)  # image i is filed under the class at this rank of its own prediction
+SECTIONS = ("sweep", "backbone", "oom", "timing", "profile", "predict_eval", "memory", "regression", "train")
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -548,8 +574,8 @@ def markdown(document: dict) -> str:
     if document["defects"]:
         lines += ["## Defects found by this run", ""] + [f"- {d}" for d in document["defects"]] + [""]
     sections = document["sections"]
-    sweep = sections.get("sweep") or {}
-    for name, run in sweep.items():
+    benches = {**(sections.get("sweep") or {}), **(sections.get("backbone") or {})}
+    for name, run in benches.items():
         if not isinstance(run, dict) or "rows" not in run:
             continue
         lines += [f"## bench: {name}", "", f"`{run['command']}`", "",

@@ -10,6 +10,7 @@ from importlib import import_module
 from typing import Any
 
 from .errors import CheckpointError, ConfigError, PoolformerError, UnknownModelError, WeightsUnavailableError
+from .sizes import Size
 from .zoo import MODELS, ArchConfig, ModelSpec, get_spec, list_models
 
 __version__ = "0.1.0"
@@ -28,7 +29,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "MODELS", "ArchConfig", "ModelSpec", "get_spec", "list_models", "__version__",
+    "MODELS", "ArchConfig", "ModelSpec", "Size", "get_spec", "list_models", "__version__",
     "PoolformerError", "UnknownModelError", "ConfigError", "CheckpointError", "WeightsUnavailableError",
     *_LAZY,
 ]

@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Sequence
 
 from .bench import BenchConfig, BenchSettings, run_config
 from .errors import ConfigError
+from .sizes import Size
 
 # axis -> (row attribute, whether a larger value is better)
 AXES: dict[str, tuple[str, bool]] = {"macs": ("macs", False), "params": ("params", False),
@@ -38,7 +39,7 @@ class CompareRow:
 @dataclass
 class CompareResult:
     rows: list[CompareRow]
-    resolution: int
+    resolution: Size  # the input's height and width, for MACs and throughput
     device: str | None
     batch_size: int
     precision: str
@@ -46,7 +47,8 @@ class CompareResult:
     fronts: dict[str, list[str]] = field(default_factory=dict)  # axis -> models on its Pareto front
 
     def as_json(self) -> dict:
-        return asdict(self)
+        """Every field; the size as resolution (224 for a square, else "800x1333"), height and width."""
+        return {**asdict(self), **self.resolution.json_fields()}
 
 
 def pareto_front(points: Sequence[tuple[str, float, float]], larger_cost_is_better: bool = False) -> list[str]:
@@ -78,7 +80,7 @@ def published_top1(name: str) -> tuple[float | None, str | None]:
     return spec.published.top1, "paper" if spec.published.top1 is not None else None
 
 
-def describe(name: str, resolution: int) -> CompareRow:
+def describe(name: str, resolution: Size | int) -> CompareRow:
     """Everything but throughput: parameters and MACs counted on the model, published figures."""
     from .peers import is_peer
     from .summary import summarize
@@ -96,8 +98,9 @@ def describe(name: str, resolution: int) -> CompareRow:
                       published_macs=published_macs, top1=top1, top1_source=source)
 
 
-def compare_models(names: Iterable[str], *, resolution: int = 224, device: str | None = "cpu", batch_size: int = 32,
-                   precision: str = "fp32", impl: str = "ours", settings: BenchSettings | None = None,
+def compare_models(names: Iterable[str], *, resolution: Size | int = 224, device: str | None = "cpu",
+                   batch_size: int = 32, precision: str = "fp32", impl: str = "ours",
+                   settings: BenchSettings | None = None,
                    progress: Callable[[str], None] | None = None) -> CompareResult:
     """Describe every model and, unless device is None, measure its throughput (`impl` for PoolFormer models;
     peers always run as timm builds them). Fronts are computed over the models with a published top-1."""
@@ -109,6 +112,7 @@ def compare_models(names: Iterable[str], *, resolution: int = 224, device: str |
     from .peers import is_peer
 
     settings = settings or BenchSettings(warmup=3, iters=10)
+    resolution = Size.of(resolution).check()
     rows = []
     for name in names:
         if progress is not None:

@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import ConfigError
 from .model import STEM_STRIDE, stage_side
+from .sizes import Size
 from .zoo import get_spec
 
 MIN_RESOLUTION = STEM_STRIDE * 2**3  # four downsamplings: strides 4, 8, 16, 32
@@ -185,7 +186,7 @@ class ModuleRow:
 @dataclass
 class FlopsReport:
     model: str
-    resolution: int
+    resolution: Size  # the input's height and width
     batch_size: int
     params: int
     tokens: int  # tokens the first stage mixes, (H/4) * (W/4)
@@ -199,12 +200,15 @@ class FlopsReport:
     published_macs: int | None = None
     published_top1: float | None = None
     impl: str = "ours"  # which implementation was counted (poolformer.implementations)
+    features: bool = False  # the features-only backbone (no head; four normalised maps out)
 
     def as_json(self) -> dict[str, Any]:
-        """The machine-readable shape documented for `poolformer flops --json`."""
+        """The machine-readable shape documented for `poolformer flops --json`: the size as `resolution` (224 for
+        a square, "800x1333" otherwise), `height` and `width`."""
         return {
             "model": self.model,
-            "resolution": self.resolution,
+            **self.resolution.json_fields(),
+            "features": self.features,
             "counters": {
                 "fvcore": {"macs": self.fvcore.macs, "unsupported_ops": dict(self.fvcore.unsupported_ops)},
                 "thop": {"macs": self.thop.macs, "params": self.thop.params},
@@ -396,7 +400,8 @@ def count_analytic(model: nn.Module, x: torch.Tensor) -> AnalyticCount:
         mode = _AnalyticMode(stack)
         with eval_and_restored(model), mode:
             out = model(x)
-        outputs[""] = ModuleOutput(tuple(out.shape), _nbytes(out))
+        first = next(_tensors(out))  # logits, or a features-only model's first map
+        outputs[""] = ModuleOutput(tuple(first.shape), _nbytes(out))
     finally:
         for handle in handles:
             handle.remove()
@@ -572,44 +577,49 @@ def module_rows(model: nn.Module, fvcore: FvcoreCount, torch_count: TorchCount, 
 # Entry points.
 
 
-def check_resolution(resolution: int) -> None:
-    if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < MIN_RESOLUTION:
-        raise ConfigError(
-            f"resolution must be an integer >= {MIN_RESOLUTION} (four downsamplings, stride 32), got {resolution!r}"
-        )
+def check_resolution(resolution: Size | int | str) -> Size:
+    """The input size as a `Size` (an int is a square); ConfigError when a side is under MIN_RESOLUTION."""
+    if isinstance(resolution, bool) or not isinstance(resolution, (Size, int, str, tuple)):
+        raise ConfigError(f"a resolution is an integer or a Size, not {resolution!r}")
+    return Size.of(resolution).check(MIN_RESOLUTION)
 
 
-def model_for_resolution(name: str, resolution: int, device: str | torch.device = "cpu") -> nn.Module:
-    """Build a zoo model (or a peer) for square inputs of `resolution`: parts with a fixed token count are sized
-    for it, everything else is resolution independent (see implementations.resolution_kwargs)."""
-    check_resolution(resolution)
-    from .implementations import build, resolution_kwargs
+def model_for_resolution(name: str, resolution: Size | int, device: str | torch.device = "cpu",
+                         features: bool = False) -> nn.Module:
+    """Build a zoo model (or a peer) for inputs of `resolution` (height and width; an int is a square): parts with
+    a fixed token count are sized for it, everything else is size independent (see
+    implementations.resolution_kwargs). features: the features-only backbone (no head, four maps out)."""
+    size = check_resolution(resolution)
+    from .implementations import build, check_features, resolution_kwargs
 
+    check_features(name, "ours", features)
+    extra = {"features_only": True} if features else {}
     with torch.device(device):
-        return build(name, **resolution_kwargs(name, resolution))
+        return build(name, **resolution_kwargs(name, size), **extra)
 
 
-def first_stage_tokens(resolution: int) -> int:
-    """Tokens of the stride-4 stage for a square input."""
-    return stage_side(resolution, 0) ** 2
+def first_stage_tokens(resolution: Size | int) -> int:
+    """Tokens of the stride-4 stage: (H/4) * (W/4), rounded as the stem rounds."""
+    size = Size.of(resolution)
+    return stage_side(size.height, 0) * stage_side(size.width, 0)
 
 
-def count_all(model: nn.Module, resolution: int, batch_size: int = 1, name: str | None = None) -> FlopsReport:
-    """Every counter on `model` for a [batch_size, 3, resolution, resolution] input (random values, fixed seed)."""
-    check_resolution(resolution)
+def count_all(model: nn.Module, resolution: Size | int, batch_size: int = 1, name: str | None = None) -> FlopsReport:
+    """Every counter on `model` for a [batch_size, 3, height, width] input (random values, fixed seed)."""
+    size = check_resolution(resolution)
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    x = torch.randn(batch_size, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(batch_size, 3, size.height, size.width, generator=torch.Generator().manual_seed(0))
     spec = getattr(model, "spec", None)
     analytic = count_analytic(model, x)
     fvcore = count_fvcore(model, x)
     torch_count = count_torch(model, x)
     return FlopsReport(
         model=name or (spec.name if spec else type(model).__name__),
-        resolution=resolution,
+        resolution=size,
         batch_size=batch_size,
         params=sum(p.numel() for p in model.parameters()),
-        tokens=first_stage_tokens(resolution),
+        tokens=first_stage_tokens(size),
         fvcore=fvcore,
         thop=count_thop(model, x),
         torch=torch_count,
@@ -617,8 +627,10 @@ def count_all(model: nn.Module, resolution: int, batch_size: int = 1, name: str 
         fvcore_skipped=fvcore_skipped(fvcore, analytic),
         operators=operator_rows(fvcore, torch_count, analytic),
         modules=module_rows(model, fvcore, torch_count, analytic),
-        published_macs=spec.published.macs if spec and resolution == spec.input_size else None,
+        published_macs=(spec.published.macs if spec and size == Size.of(spec.input_size)
+                        and not getattr(model, "features_only", False) else None),
         published_top1=spec.published.top1 if spec else _peer_top1(model),
+        features=bool(getattr(model, "features_only", False)),
     )
 
 
@@ -629,22 +641,25 @@ def _peer_top1(model: nn.Module) -> float | None:
     return figures.top1 if figures else None
 
 
-def analyse(name: str, resolution: int | None = None, batch_size: int = 1, impl: str = "ours") -> FlopsReport:
+def analyse(name: str, resolution: Size | int | None = None, batch_size: int = 1, impl: str = "ours",
+            features: bool = False) -> FlopsReport:
     """All counters for zoo model `name` (default resolution: the model's own). impl="timm" counts timm's
     twin instead (v1/v2 only): its head pools before normalising, which is what the published v1 MACs
-    were counted on."""
+    were counted on. features: the features-only backbone (for timm, its features_only model: no output
+    norms)."""
     from .peers import is_peer
 
     if is_peer(name):
         if impl not in ("ours", "timm"):
             raise ConfigError(f"--impl {impl} applies to PoolFormer models; {name} is counted as timm builds it")
         resolution = 224 if resolution is None else resolution
-        report = count_all(model_for_resolution(name, resolution), resolution, batch_size, name=name)
+        report = count_all(model_for_resolution(name, resolution, features=features), resolution, batch_size,
+                           name=name)
         report.impl = "timm"
         return report
     spec = get_spec(name)
     resolution = spec.input_size if resolution is None else resolution
-    model = model_for_resolution(spec.name, resolution)
+    model = model_for_resolution(spec.name, resolution, features=features)
     if impl != "ours":
         from .implementations import IMPLEMENTATIONS
 
@@ -652,6 +667,7 @@ def analyse(name: str, resolution: int | None = None, batch_size: int = 1, impl:
             raise ConfigError(f"unknown implementation {impl!r}; choose from: {', '.join(IMPLEMENTATIONS)}")
         twin = IMPLEMENTATIONS[impl].convert(model)
         twin.spec = model.spec
+        twin.features_only = model.features_only
         model = twin
     report = count_all(model, resolution, batch_size, name=spec.name)
     report.impl = impl

@@ -17,6 +17,7 @@ picks the one that runs a request (a peer, or an exported file, runs in its own)
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch import nn
 from .devices import PRECISIONS
 from .errors import ConfigError
 from .model import MetaFormer, create_model
+from .sizes import Size
 from .zoo import get_spec
 
 
@@ -33,7 +35,7 @@ from .zoo import get_spec
 class Target:
     """Where and how a model is to run. precision: the autocast precision, or with `cast` the dtype weights and
     input are converted to (no autocast). compile: torch.compile with `compile_mode` and `compile_backend`.
-    batch_size, resolution: the input [batch_size, 3, resolution, resolution], where known (bench)."""
+    batch_size, resolution: the input [batch_size, 3, height, width] (resolution a `Size`), where known (bench)."""
 
     device: str = "cpu"
     precision: str = "fp32"
@@ -43,7 +45,11 @@ class Target:
     compile_mode: str | None = None
     compile_backend: str = "inductor"
     batch_size: int | None = None
-    resolution: int | None = None
+    resolution: Size | None = None
+
+    def __post_init__(self) -> None:
+        if self.resolution is not None:  # an int is a square
+            object.__setattr__(self, "resolution", Size.of(self.resolution))
 
     @property
     def cast_dtype(self) -> torch.dtype | None:
@@ -60,6 +66,7 @@ class Description:
     bytes_per_image: float | None = None  # the fast path on Triton: bytes its kernels move per image (roofline)
     compile_mode: str | None = None  # torch.compile's mode of a compiled model ("default" when none was given)
     input_size: tuple[int, int] | None = None  # (H, W) the model only takes (an exported file); None: any
+    note: str | None = None  # how this implementation's model differs from ours, for reading its row fairly
 
 
 class Implementation:
@@ -68,6 +75,7 @@ class Implementation:
 
     reference = "ours"  # the fp32 eager implementation a row's logits are checked against (bench)
     trains = True  # bench --mode train: forward, backward and optimizer step (the fast path and runtimes only infer)
+    builds_features = True  # whether it can run a features-only model (a backbone), see check_features
 
     def build(self, name: str, **create_kwargs: Any) -> nn.Module:
         """The zoo model `name` (`create_model`'s arguments: weights, num_classes, overrides) in this
@@ -133,9 +141,11 @@ class Implementation:
 
 class Timm(Implementation):
     """timm's own model of a v1/v2 zoo model, with the same weights; checked against itself (its v1 head differs
-    from the original by design)."""
+    from the original by design). A features-only model becomes timm's `features_only=True` model: the same
+    backbone and four maps, but without the per-output norms (a fair speed peer that does a little less)."""
 
     reference = "timm"
+    FEATURES_NOTE = "timm's features_only model has no output norms (ours normalises each of the four maps)"
 
     def convert(self, model: MetaFormer) -> nn.Module:
         import timm
@@ -145,9 +155,25 @@ class Timm(Implementation):
         spec = model.spec
         if spec.family not in ("v1", "v2") or model.arch != get_spec(spec.name).arch:
             raise ConfigError(f"timm has no implementation of {spec.name} with these options; use --impl ours")
+        weights = export_state_dict(model, "timm")
+        if model.features_only:
+            twin = timm.create_model(spec.name, pretrained=False, features_only=True)
+            # timm's feature wrapper names the stages stages_0..stages_3; it has no norms on its outputs
+            twin.load_state_dict({re.sub(r"^stages\.(\d+)\.", r"stages_\1.", key): value
+                                  for key, value in weights.items() if not key.startswith("feature_norms.")})
+            return twin.eval()
         twin = timm.create_model(spec.name, pretrained=False, num_classes=model.num_classes)
-        twin.load_state_dict(export_state_dict(model, "timm"))
+        twin.load_state_dict(weights)
         return twin.eval()
+
+    def describe(self, module: nn.Module, target: Target) -> Description:
+        described = super().describe(module, target)
+        return replace(described, note=self.FEATURES_NOTE) if _is_feature_list(module) else described
+
+
+def _is_feature_list(module: nn.Module) -> bool:
+    """timm's features_only wrapper (FeatureListNet and kin): they all carry `feature_info`."""
+    return hasattr(module, "feature_info") and not hasattr(module, "forward_head")
 
 
 class Fast(Implementation):
@@ -179,7 +205,8 @@ class Fast(Implementation):
         dtype, device = PRECISIONS[target.precision] or module.dtype, target.device
         traffic = None
         if target.batch_size is not None and target.resolution is not None:
-            traffic = module.bytes_per_image(target.batch_size, target.resolution, target.resolution, dtype, device)
+            size = target.resolution
+            traffic = module.bytes_per_image(target.batch_size, size.height, size.width, dtype, device)
         return replace(described, backend=module.backend_for(dtype, device),
                        backend_note=module.backend_note(dtype, device), bytes_per_image=traffic)
 
@@ -192,14 +219,16 @@ def _is_fast(module: nn.Module) -> bool:
 
 class Runtime(Implementation):
     """The model run by ONNX Runtime or OpenVINO (`poolformer.runtimes.sessions.RuntimeModule`), or an exported file
-    given as weights (the model name then only gives the preprocessing: crop, mean, std)."""
+    given as weights (the model name then only gives the preprocessing: crop, mean, std). Classifiers only."""
 
+    builds_features = False
     trains = False
 
     def __init__(self, runtime: str):
         self.runtime = runtime
 
     def build(self, name: str, **create_kwargs: Any) -> nn.Module:
+        check_features(name, self.runtime, create_kwargs.get("features_only", False))
         if not is_exported_file(create_kwargs.get("weights")):
             return super().build(name, **create_kwargs)
         from .runtimes.sessions import RuntimeModule
@@ -209,6 +238,7 @@ class Runtime(Implementation):
         return module
 
     def convert(self, model: MetaFormer) -> nn.Module:
+        check_features(getattr(model.spec, "name", ""), self.runtime, model.features_only)
         from .runtimes.exporting import onnx_exporter, openvino_converter
         from .runtimes.sessions import RuntimeModule
 
@@ -235,6 +265,7 @@ class Peer(Implementation):
     def build(self, name: str, **create_kwargs: Any) -> nn.Module:
         from .peers import create_peer
 
+        check_features(name, self.reference, create_kwargs.get("features_only", False))
         if create_kwargs.get("weights") is not None or create_kwargs.get("pretrained"):
             raise ConfigError(f"{name} is a peer for speed and cost comparisons and runs with random weights; "
                               "checkpoints load into PoolFormer models only")
@@ -282,20 +313,34 @@ def implementation_for(name: str, impl: str = "ours", weights: Any = None) -> Im
     return IMPLEMENTATIONS[impl]
 
 
+def check_features(name: str, impl: str, features: bool) -> None:
+    """ConfigError unless `impl` can build `name` as a features-only backbone (when `features`): PoolFormer
+    models in the implementations that build them (not the runtimes, which run classifiers); not timm peers."""
+    if not features:
+        return
+    from .peers import is_peer
+
+    if is_peer(name):
+        raise ConfigError(f"--features builds PoolFormer backbones; {name} is a timm peer")
+    implementation = IMPLEMENTATIONS.get(impl)
+    if implementation is not None and not implementation.builds_features:
+        able = ", ".join(n for n, i in IMPLEMENTATIONS.items() if i.builds_features)
+        raise ConfigError(f"--features runs with --impl {able}, not {impl} (it runs classifiers)")
+
+
 def build(name: str, impl: str = "ours", **kwargs: Any) -> nn.Module:
     """`create_model(name, **kwargs)` in the requested implementation, in eval mode, same weights.
     A peer (`timm:NAME`) is timm's model with random weights; only img_size and num_classes apply to it."""
     return implementation_for(name, impl, kwargs.get("weights")).build(name, **kwargs)
 
 
-def resolution_kwargs(name: str, resolution: int) -> dict[str, Any]:
-    """The arguments that build `name` for square inputs of `resolution`: parts with a fixed token count (random
-    and spatial-FC mixers, a peer's fixed token grid: ViT, Swin, Mixer) are sized for it; every other part runs
-    at any resolution, so the model is built as published."""
+def resolution_kwargs(name: str, resolution: Size | int) -> dict[str, Any]:
+    """The arguments that build `name` for inputs of `resolution` (a Size; an int is a square): parts with a
+    fixed token count (random and spatial-FC mixers, a peer's fixed token grid: ViT, Swin, Mixer) are sized for
+    it, height and width; every other part runs at any size, so the model is built as published."""
     from .peers import is_peer
 
-    if is_peer(name):
-        return {"img_size": resolution}
-    if {"random", "spatial_fc"} & set(get_spec(name).arch.token_mixers):
-        return {"img_size": resolution}
+    size = Size.of(resolution)
+    if is_peer(name) or {"random", "spatial_fc"} & set(get_spec(name).arch.token_mixers):
+        return {"img_size": size.img_size}
     return {}

@@ -70,6 +70,11 @@ class Downsample(nn.Module):
         return self.conv(self.norm(x))
 
 
+def img_sides(img_size: int | tuple[int, int]) -> tuple[int, int]:
+    """ArchConfig.img_size as (height, width): the side of a square, or the pair itself."""
+    return (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+
+
 def stage_side(size: int, stage: int) -> int:
     """Side of stage `stage`'s map for an input side `size`: the 7x7/4 stem (padding 2), then a 3x3/2 conv
     (padding 1) per later stage. Equals size // (4 * 2**stage) only when size is a multiple of 32."""
@@ -79,17 +84,23 @@ def stage_side(size: int, stage: int) -> int:
     return side
 
 
+def stage_output_names(stages: int = 4) -> tuple[str, ...]:
+    """The names a features-only model's outputs carry in exported files: stage1 .. stageN, the stage maps at
+    strides 4, 8, 16, 32 through their output norms."""
+    return tuple(f"stage{i}" for i in range(1, stages + 1))
+
+
 class MetaFormerStage(nn.Module):
     """Downsampling (stages 2-4), an optional learned position embedding, then `depth` blocks."""
 
     def __init__(self, arch: ArchConfig, stage: int, drop_paths: Sequence[float], pos_embed: bool):
         super().__init__()
         dim = arch.dims[stage]
-        side = stage_side(arch.img_size, stage)
+        height, width = (stage_side(side, stage) for side in img_sides(arch.img_size))
         self.downsample = Downsample(arch.dims[stage - 1], dim, arch.downsample_norm) if stage > 0 else nn.Identity()
-        self.pos_embed = nn.Parameter(torch.zeros(1, dim, side, side)) if pos_embed else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, dim, height, width)) if pos_embed else None
         self.blocks = nn.Sequential(
-            *[MetaFormerBlock(dim, arch, stage, drop_paths[j], side * side) for j in range(arch.depths[stage])]
+            *[MetaFormerBlock(dim, arch, stage, drop_paths[j], height * width) for j in range(arch.depths[stage])]
         )
         self.grad_checkpointing = False  # see MetaFormer.set_grad_checkpointing
 
@@ -220,8 +231,10 @@ def _validate(arch: ArchConfig) -> None:
     if arch.pool_size < 1 or arch.pool_size % 2 == 0:
         raise ConfigError(f"pool_size must be a positive odd number, not {arch.pool_size}")
     min_size = STEM_STRIDE * 2 ** (n - 1)
-    if arch.img_size < min_size:
-        raise ConfigError(f"img_size must be at least {min_size} for {n} stages, not {arch.img_size}")
+    if not isinstance(arch.img_size, int) and len(arch.img_size) != 2:
+        raise ConfigError(f"img_size is one side or (height, width), not {arch.img_size!r}")
+    if min(img_sides(arch.img_size)) < min_size:
+        raise ConfigError(f"img_size must be at least {min_size} on every side for {n} stages, not {arch.img_size}")
 
 
 # Overrides that take one value and set a per-stage field for every stage.
@@ -241,6 +254,8 @@ def apply_overrides(arch: ArchConfig, overrides: dict[str, Any]) -> ArchConfig:
             raise ConfigError(f"unknown model option {key!r}; known: {known}")
         if target in ("token_mixers", "norms", "res_scale_init", "depths", "dims"):
             value = tuple(value) if isinstance(value, (list, tuple)) else (value,) * len(arch.depths)
+        if target == "img_size" and isinstance(value, list):
+            value = tuple(value)  # (height, width), hashable like the rest of ArchConfig
         changes[target] = value
     if "norm" in overrides and "head_norm" not in overrides and arch.head_norm_on == "map":
         changes["head_norm"] = changes["norms"][-1]
@@ -261,7 +276,7 @@ def create_model(
     weights: a checkpoint file in any supported layout (official sail-sg, timm, Hugging Face transformers;
         .pth/.pth.tar/.safetensors), loaded safely. pretrained: download the published weights (or use the
         cached copy). overrides: architecture changes such as token_mixer="dwconv", pool_size=5,
-        norm="batchnorm", act="relu", img_size=384 (see `ArchConfig`).
+        norm="batchnorm", act="relu", img_size=384 or (800, 1333) (see `ArchConfig`).
     features_only: the backbone of a detection or segmentation model (see `MetaFormer`); it loads the
         official mmdet/mmseg checkpoints (the backbone's keys; the task heads' are set aside) and, for a
         backbone to fine-tune, classification weights (their head set aside, the feature norms left at

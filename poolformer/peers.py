@@ -100,9 +100,10 @@ def matches(pattern: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name.lower(), pattern.lower())
 
 
-def create_peer(name: str, *, num_classes: int = 1000, img_size: int | None = None) -> Any:
-    """timm's model for a peer name, random weights, eval mode. img_size: for models with a fixed token
-    grid (ViT, DeiT, Swin, MLP-Mixer) build it for this input; models that take any size ignore it."""
+def create_peer(name: str, *, num_classes: int = 1000, img_size: int | tuple[int, int] | None = None) -> Any:
+    """timm's model for a peer name, random weights, eval mode. img_size (a side, or (height, width)): for models
+    with a fixed token grid (ViT, DeiT, Swin, MLP-Mixer) build it for this input; models that take any size
+    ignore it."""
     import timm
 
     arch = architecture(name)

@@ -3,7 +3,7 @@
 
 - `bench_figure(rows)`: bench result rows (`BenchResult.to_row()` dicts, as in `--output` files): throughput,
   p50/p90 latency and peak memory against batch size, one line per model x impl x precision, one column of
-  panels per resolution; configurations that ran out of memory are marked with a red x.
+  panels per input size (height x width); configurations that ran out of memory are marked with a red x.
 - `flops_figure(reports)`: every counter's count and the bytes moved against resolution, one colour per model.
 - `compare_figure(result)`: published top-1 against MACs, parameters and measured throughput, each point
   labelled, the Pareto front drawn.
@@ -14,7 +14,10 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Iterable, Sequence
 
+from .sizes import row_size
+
 FIGURE_DPI = 100
+SIDE_LABEL = "input side (px; for H x W, the side of the square of equal area)"
 
 
 def _pyplot():
@@ -38,14 +41,14 @@ def bench_figure(rows: Iterable[dict[str, Any]]):
     if not rows:
         raise ValueError("no bench rows to plot")
     plt = _pyplot()
-    resolutions = sorted({r["resolution"] for r in rows})
+    resolutions = sorted({row_size(r) for r in rows})
     fig, axes = plt.subplots(3, len(resolutions), figsize=(5.2 * len(resolutions), 9.6), squeeze=False,
                              dpi=FIGURE_DPI, sharex="col")
     colours = {}
     for column, resolution in enumerate(resolutions):
         series: dict[str, list[dict]] = defaultdict(list)
         for row in rows:
-            if row["resolution"] == resolution:
+            if row_size(row) == resolution:
                 series[_series_label(row)].append(row)
         throughput_ax, latency_ax, memory_ax = axes[0][column], axes[1][column], axes[2][column]
         for label, points in series.items():
@@ -63,12 +66,12 @@ def bench_figure(rows: Iterable[dict[str, Any]]):
                 throughput_ax.plot([failed["batch_size"]], [0], "x", color="red", markersize=10, mew=2,
                                    label="out of memory" if "out of memory" not in
                                    throughput_ax.get_legend_handles_labels()[1] else None)
-        throughput_ax.set_title(f"{resolution}x{resolution} px")
+        throughput_ax.set_title(f"{resolution.height}x{resolution.width} px")
         throughput_ax.set_ylabel("throughput (images/s)")
         latency_ax.set_ylabel("latency per batch (ms)\nmedian solid, p90 dashed")
         memory_ax.set_ylabel("peak memory (MB)")
         memory_ax.set_xlabel("batch size")
-        batch_sizes = sorted({r["batch_size"] for r in rows if r["resolution"] == resolution})
+        batch_sizes = sorted({r["batch_size"] for r in rows if row_size(r) == resolution})
         for ax in (throughput_ax, latency_ax, memory_ax):
             ax.set_xscale("log", base=2)
             ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
@@ -102,15 +105,15 @@ def flops_figure(reports: Sequence[Any]):
         by_model[report.model].append(report)
     styles = ("o-", "s--", "^-.", "d:", "v-")
     for index, (model, model_reports) in enumerate(by_model.items()):
-        model_reports.sort(key=lambda r: r.resolution)
-        resolutions = [r.resolution for r in model_reports]
+        model_reports.sort(key=lambda r: r.resolution.pixels)
+        resolutions = [r.resolution.pixels ** 0.5 for r in model_reports]  # a rectangle: the equal-area square's side
         colour = f"C{index % 10}"
         for style, (counter, value, unit) in zip(styles, _COUNTERS):
             count_ax.plot(resolutions, [value(r) for r in model_reports], style, color=colour,
                           label=f"{model}: {counter} ({unit})")
         bytes_ax.plot(resolutions, [r.analytic.bytes / 1e6 for r in model_reports], "o-", color=colour, label=model)
     count_ax.set_yscale("log")
-    count_ax.set_xlabel("input resolution (px, square)")
+    count_ax.set_xlabel(SIDE_LABEL)
     count_ax.set_ylabel("count per batch (MACs: 1 multiply-add; FLOPs = 2 per MAC)")
     count_ax.set_title("what each counter counts")
     # colour = model, marker = counter: a legend of both instead of one entry per line
@@ -120,7 +123,7 @@ def flops_figure(reports: Sequence[Any]):
     handles += [Line2D([], [], color="grey", marker=style[0], linestyle="", label=f"{counter} ({unit})")
                 for style, (counter, _, unit) in zip(styles, _COUNTERS)]
     count_ax.legend(handles=handles, fontsize="x-small", loc="upper left")
-    bytes_ax.set_xlabel("input resolution (px, square)")
+    bytes_ax.set_xlabel(SIDE_LABEL)
     bytes_ax.set_ylabel("bytes read + written by the operators (MB)")
     bytes_ax.set_title("memory traffic (eager execution)")
     bytes_ax.legend(fontsize="small")

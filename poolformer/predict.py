@@ -81,6 +81,10 @@ def exported_num_classes(path: str | os.PathLike) -> int:
     except Exception as err:  # onnx raises DecodeError and friends for files that are not ONNX
         raise CheckpointError(f"{path}: not an ONNX file ({type(err).__name__})") from None
     dims = [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] if graph.output else []
+    if len(graph.input) == 1 and len(graph.output) > 1 and len(dims) == 4:  # `poolformer export --features`
+        from .runtimes.sessions import features_export_error
+
+        raise features_export_error(path, len(graph.output))
     if len(graph.input) != 1 or len(dims) != 2 or dims[1] < 1:
         raise CheckpointError(f"{path}: not an image classifier export (one input, [batch, classes] output)")
     return int(dims[1])

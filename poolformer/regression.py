@@ -1,7 +1,9 @@
 """Throughput-regression checks: compare a run's rows with a baseline result file.
 
-Rows match when they describe the same configuration (model, impl, device type, batch size, resolution,
-precision, channels_last, compile); the device index is ignored so a baseline from cuda:0 applies to cuda:1.
+Rows match when they describe the same configuration (model, impl, device type, batch size, input size,
+precision, channels_last, compile, cast, features, and for train rows mode, optimizer, gradient checkpointing);
+the device index is ignored so a baseline from cuda:0 applies to cuda:1, and a square row written before sizes
+had two sides (resolution 224 alone) matches one that names height and width.
 
 Two metrics:
 - ``throughput`` (images/s): right when baseline and run come from the same, quiet machine.
@@ -32,11 +34,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError
+from .sizes import row_size
 
 KEY_FIELDS = ("model", "impl", "device", "batch_size", "resolution", "precision", "channels_last", "compile",
-              "cast", "mode", "optimizer", "grad_checkpointing")
-# fields older files lack, and what a row without them was: no --cast-model, inference
-DEFAULTS = {"cast": False, "mode": "inference", "optimizer": None, "grad_checkpointing": False}
+              "cast", "features", "mode", "optimizer", "grad_checkpointing")
+# fields older files lack, and what a row without them was: no --cast-model, no --features, inference
+DEFAULTS = {"cast": False, "features": False, "mode": "inference", "optimizer": None, "grad_checkpointing": False}
 REQUIRED_FIELDS = tuple(name for name in KEY_FIELDS if name not in DEFAULTS)
 ALPHA = 0.05  # significance level of the step-time test
 CLOCK_CHANGE = 0.05  # relative SM/memory clock difference that is reported
@@ -71,30 +74,34 @@ class RegressionReport:
 
 
 def config_key(row: dict[str, Any]) -> tuple:
-    """The identity of a row: its configuration, with 'cuda:1' reduced to 'cuda'. A train row never matches an
+    """The identity of a row: its configuration, with 'cuda:1' reduced to 'cuda' and the size as (height, width)
+    (a square row written before sizes had two sides matches one that names them). A train row never matches an
     inference row, so an inference baseline never judges a train row."""
     values = [row.get(name, DEFAULTS.get(name)) for name in KEY_FIELDS]
-    values[KEY_FIELDS.index("cast")] = bool(row.get("cast"))
-    values[KEY_FIELDS.index("grad_checkpointing")] = bool(row.get("grad_checkpointing"))
+    for flag in ("cast", "features", "grad_checkpointing"):
+        values[KEY_FIELDS.index(flag)] = bool(row.get(flag))
+    size = row_size(row)
+    values[KEY_FIELDS.index("resolution")] = (size.height, size.width)
     values[KEY_FIELDS.index("device")] = str(values[KEY_FIELDS.index("device")]).split(":")[0]
     return tuple(values)
 
 
 def config_label(row: dict[str, Any]) -> str:
-    """'s12/ours cpu bs2 128px fp32' plus the options set (see options_suffix)."""
+    """'s12/ours cpu bs2 128px fp32' ('800x1333px' for height x width) plus the options set (see options_suffix)."""
     label = (f"{row.get('model')}/{row.get('impl')} {str(row.get('device')).split(':')[0]} "
-             f"bs{row.get('batch_size')} {row.get('resolution')}px {row.get('precision')}")
+             f"bs{row.get('batch_size')} {row_size(row)}px {row.get('precision')}")
     return label + options_suffix(row)
 
 
 def options_suffix(row: dict[str, Any]) -> str:
     """' train(sgd)' and ' ckpt' (a train row, with gradient checkpointing), ' CL' (channels_last), ' cast'
-    (weights in the precision, no autocast), ' compiled' or ' compiled(max-autotune)' - for a row dict or a
-    BenchConfig's asdict."""
+    (weights in the precision, no autocast), ' features' (the backbone alone), ' compiled' or
+    ' compiled(max-autotune)' - for a row dict or a BenchConfig's asdict."""
     mode = row.get("compile_mode")
     train = (f" train({row.get('optimizer') or 'sgd'})" + (" ckpt" if row.get("grad_checkpointing") else "")
              if row.get("mode") == "train" else "")
     return (train + (" CL" if row.get("channels_last") else "") + (" cast" if row.get("cast") else "")
+            + (" features" if row.get("features") else "")
             + ((f" compiled({mode})" if mode and mode != "default" else " compiled") if row.get("compile") else ""))
 
 

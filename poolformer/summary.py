@@ -17,6 +17,7 @@ from torch import nn
 from .errors import ConfigError
 from .flops import AnalyticCount, OpCost, check_resolution, count_analytic, model_for_resolution, module_levels
 from .layers import DropPath
+from .sizes import Size
 from .training import TrainingMemory, training_memory
 from .zoo import ModelSpec, get_spec
 
@@ -68,10 +69,17 @@ class ModelSummary:
     layers: list[LayerRow]
     stages: list[StageRow]
     training: TrainingMemory | None = None  # a training step's memory at this input (None: not counted)
+    features: bool = False  # the features-only backbone: no head, the four stage maps through their norms
+
+    @property
+    def resolution(self) -> Size:
+        return Size(self.input_shape[-2], self.input_shape[-1])
 
     def as_json(self) -> dict:
         return {
             "model": self.model,
+            **self.resolution.json_fields(),
+            "features": self.features,
             "input_shape": list(self.input_shape),
             "total_params": self.total_params,
             "trainable_params": self.trainable_params,
@@ -89,17 +97,18 @@ class ModelSummary:
         }
 
 
-def summarize_model(model: nn.Module, resolution: int, batch_size: int = 1, depth: int = DEFAULT_DEPTH,
+def summarize_model(model: nn.Module, resolution: Size | int, batch_size: int = 1, depth: int = DEFAULT_DEPTH,
                     name: str | None = None, optimizer: str | None = "sgd") -> ModelSummary:
-    """Summarise `model` for a [batch_size, 3, resolution, resolution] input on the model's device, with a
-    training step's memory under `optimizer` (poolformer.training.training_memory; None: not counted)."""
-    check_resolution(resolution)
+    """Summarise `model` for a [batch_size, 3, height, width] input (`resolution`; an int is a square) on the
+    model's device, with a training step's memory under `optimizer` (poolformer.training.training_memory; None:
+    not counted)."""
+    size = check_resolution(resolution)
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     if depth < 1:
         raise ConfigError(f"depth must be >= 1, got {depth}")
     device = next(model.parameters()).device
-    x = torch.zeros(batch_size, 3, resolution, resolution, device=device)
+    x = torch.zeros(batch_size, 3, size.height, size.width, device=device)
     count = count_analytic(model, x)
     params = list(model.parameters())
     spec = getattr(model, "spec", None)
@@ -114,52 +123,53 @@ def summarize_model(model: nn.Module, resolution: int, batch_size: int = 1, dept
         activation_bytes=count.written_bytes,
         layers=_layer_rows(model, count, depth),
         stages=_stage_rows(model, count),
-        training=_training_memory(model, batch_size, resolution, optimizer) if optimizer is not None else None,
+        training=_training_memory(model, batch_size, size, optimizer) if optimizer is not None else None,
+        features=bool(getattr(model, "features_only", False)),
     )
 
 
-def _training_memory(model: nn.Module, batch_size: int, resolution: int, optimizer: str) -> TrainingMemory:
+def _training_memory(model: nn.Module, batch_size: int, size: Size, optimizer: str) -> TrainingMemory:
     """training_memory, counted with one forward at batch 1 on the model's device: in fp32 every tensor autograd
     saves grows with the batch, so the count at the batch is batch_size times it (checked in the tests)."""
-    one = training_memory(model, 1, resolution, resolution, optimizer)
+    one = training_memory(model, 1, size.height, size.width, optimizer)
     checkpointed = one.activations_checkpointed_bytes
     return dataclasses.replace(one, batch_size=batch_size, activations_bytes=batch_size * one.activations_bytes,
                                activations_checkpointed_bytes=None if checkpointed is None else batch_size * checkpointed)
 
 
-def trace_device(spec: ModelSpec, resolution: int, batch_size: int) -> str:
+def trace_device(spec: ModelSpec, resolution: Size | int, batch_size: int) -> str:
     """"cpu" when the forward's estimated MACs (the published figure scaled to this input) stay under
     CPU_TRACE_MAX_MACS, else "meta". Token-mixing matrices (attention, random, spatial FC) grow with the
-    square of the token count, so their estimate grows with the fourth power of the resolution."""
+    square of the token count, so their estimate grows with the square of the pixel count."""
     if spec.published.macs is None:
         return "meta"
     quadratic = set(spec.arch.token_mixers) - {"pooling", "identity", "dwconv"}
-    scale = (resolution / spec.input_size) ** (4 if quadratic else 2)
+    scale = (Size.of(resolution).pixels / spec.input_size**2) ** (2 if quadratic else 1)
     return "cpu" if spec.published.macs * scale * batch_size <= CPU_TRACE_MAX_MACS else "meta"
 
 
-def summarize(name: str, resolution: int | None = None, batch_size: int = 1, depth: int = DEFAULT_DEPTH,
-              device: str | None = None, optimizer: str | None = "sgd") -> ModelSummary:
-    """Summarise zoo model `name` (default resolution: the model's own). device: where to trace ("meta" or
-    "cpu"; default `trace_device`'s choice). On the CPU the weights are zeros: only shapes matter here.
-    optimizer: whose state the training memory counts (sgd, adamw; None: no training memory)."""
+def summarize(name: str, resolution: Size | int | None = None, batch_size: int = 1, depth: int = DEFAULT_DEPTH,
+              device: str | None = None, optimizer: str | None = "sgd", features: bool = False) -> ModelSummary:
+    """Summarise zoo model `name` (default resolution: the model's own; a Size or a square's side). device: where
+    to trace ("meta" or "cpu"; default `trace_device`'s choice). On the CPU the weights are zeros: only shapes
+    matter here. optimizer: whose state the training memory counts (sgd, adamw; None: no training memory).
+    features: the features-only backbone (no head; the per-stage table ends with its norms)."""
     from .peers import is_peer
 
     if is_peer(name):  # timm's models: cost unknown beforehand; small inputs trace on the CPU
-        resolution = 224 if resolution is None else resolution
+        size = check_resolution(224 if resolution is None else resolution)
         canonical = name
-        small = batch_size * (resolution / 224) ** 2 <= PEER_CPU_TRACE_MAX_IMAGES
+        small = batch_size * size.pixels / 224**2 <= PEER_CPU_TRACE_MAX_IMAGES
         device = device or ("cpu" if small else "meta")
     else:
         spec = get_spec(name)
         canonical = spec.name
-        resolution = spec.input_size if resolution is None else resolution
-        device = device or trace_device(spec, resolution, batch_size)
-    check_resolution(resolution)
-    model = model_for_resolution(canonical, resolution, device="meta")
+        size = check_resolution(spec.input_size if resolution is None else resolution)
+        device = device or trace_device(spec, size, batch_size)
+    model = model_for_resolution(canonical, size, device="meta", features=features)
     if device != "meta":
         _zero_weights_on(model, torch.device(device))
-    return summarize_model(model, resolution, batch_size, depth, name=canonical, optimizer=optimizer)
+    return summarize_model(model, size, batch_size, depth, name=canonical, optimizer=optimizer)
 
 
 def _zero_weights_on(model: nn.Module, device: torch.device) -> None:

@@ -28,8 +28,9 @@ class ArchConfig:
         layernorm_nobias (eps 1e-6), batchnorm, none.
     head_norm_on: "map" normalises the 4-D map before global pooling (PoolFormer v1);
         "pooled" normalises the pooled vector (PoolFormerV2).
-    img_size: the resolution that sizes the token-count dependent parts (random and spatial_fc mixers,
-        the hybrids' position embedding); other resolutions still run where the mixers allow it.
+    img_size: the input size that sizes the token-count dependent parts (random and spatial_fc mixers, the
+        hybrids' position embedding): one side for squares or (height, width); other sizes still run where the
+        mixers allow it.
     """
 
     depths: tuple[int, ...]
@@ -47,7 +48,7 @@ class ArchConfig:
     head_norm: str = "groupnorm"
     head_norm_on: str = "map"
     drop_path_rate: float = 0.0
-    img_size: int = 224
+    img_size: int | tuple[int, int] = 224
     in_chans: int = 3
 
 

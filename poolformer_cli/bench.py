@@ -15,8 +15,9 @@ import typer
 from rich.text import Text
 
 from .common import (
-    PRECISION_NAMES, check_plot_path, check_writable, console, csv_text, err_console, fail, parse_int_list, print_json,
-    print_precision_note, resolve_models, save_figure, short_model_name, user_errors, write_atomic,
+    PRECISION_NAMES, check_features_models, check_plot_path, check_writable, console, csv_text, err_console, fail,
+    one_size, parse_int_list, parse_sizes, print_json, print_precision_note, resolve_models, save_figure,
+    short_model_name, user_errors, write_atomic,
 )
 from .tables import name, number, print_table, prose, shared_words, without_words
 
@@ -44,7 +45,11 @@ def bench_command(
                                                             "peers (default: s12)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
     batch_sizes: str = typer.Option("1,32", help="Comma-separated batch sizes."),
-    resolutions: str = typer.Option("224", help="Comma-separated input resolutions (square images)."),
+    resolutions: str = typer.Option("224", "--resolutions", "--resolution", metavar="SIZES",
+                                    help="Comma-separated input sizes: 224 (a square) or HEIGHTxWIDTH, e.g. "
+                                         "800x1333,512 (the detection and segmentation sizes)."),
+    features: bool = typer.Option(False, "--features", help="Time the features-only backbone of detection and "
+                                  "segmentation (no head; four stage maps out, each checked against ours)."),
     precision: str = typer.Option("fp32", help="Comma-separated: fp32, bf16, fp16. bf16/fp16 use torch.autocast "
                                                 "(weights stay fp32; convolutions and matmuls run in low precision)."),
     channels_last: bool = typer.Option(False, "--channels-last",
@@ -106,7 +111,8 @@ def bench_command(
     --nproc-per-node N`, train rows run in DistributedDataParallel (gloo on CPUs, nccl on GPUs) and report the
     img/s of all processes and the scaling efficiency against one process; rank 0 prints and writes.
 
-    Example: poolformer bench s12 s24 --batch-sizes 1,64 --precision fp32,bf16 --output results.json
+    Example: poolformer bench s12 s24 --batch-sizes 1,64 --precision fp32,bf16 --output results.json;
+    poolformer bench s12 m36 --features --resolutions 800x1333 --batch-sizes 2
     """
     names = resolve_models(models or ["s12"])
     modes = _parse_names(mode, "--mode", ("inference", "train"))
@@ -116,8 +122,12 @@ def bench_command(
         fail("--optimizer and --grad-checkpointing apply to train rows; add --mode train")
     if modes == ["train"] and cast_model:
         fail("train rows run under autocast with fp32 weights; --cast-model is for inference rows")
+    if "train" in modes and features:
+        fail("--features times inference only: a train row's loss is cross-entropy on the classifier's logits, and "
+             "a backbone has no head")
+    check_features_models(names, features)
     batch_list = parse_int_list(batch_sizes, "--batch-sizes")
-    resolution_list = parse_int_list(resolutions, "--resolutions", minimum=32)
+    resolution_list = parse_sizes(resolutions, "--resolutions")
     precisions = _parse_names(precision, "--precision", PRECISION_NAMES)
     if iters is not None and min_time is not None:
         fail("use either --iters or --min-time, not both")
@@ -162,7 +172,7 @@ def bench_command(
         configs = engine.expand_configs(names, impls, device_name, [1] if max_batch else batch_list,
                                         resolution_list, precisions, channels_last, compile,
                                         None if weights is None else str(weights.expanduser()), cast_model,
-                                        modes, optimizer, (False, True) if grad_checkpointing else (False,))
+                                        modes, optimizer, (False, True) if grad_checkpointing else (False,), features)
         for config in configs:
             engine.check_config(config)
         engine.check_weights(configs)
@@ -307,13 +317,14 @@ def _save(env: dict, results: list[BenchResult], output: Optional[Path], csv_pat
 
 
 CSV_COLUMNS = ("model", "impl", "mode", "optimizer", "grad_checkpointing", "device", "batch_size", "resolution",
-               "precision", "channels_last", "compile", "cast", "compile_mode", "status", "throughput",
-               "latency_median_ms", "latency_p90_ms", "latency_iqr_ms", "peak_memory_bytes", "peak_reserved_bytes", "first_call_ms", "compile_ms", "noisy",
+               "height", "width", "precision", "channels_last", "compile", "cast", "features", "compile_mode", "status",
+               "throughput", "latency_median_ms", "latency_p90_ms", "latency_iqr_ms",
+               "peak_memory_bytes", "peak_reserved_bytes", "first_call_ms", "compile_ms", "noisy",
                "reference_ms", "relative_throughput", "fp32_throughput", "precision_note",
                "parity_max_abs_diff", "parity_relative_diff", "parity_top1_agreement", "parity_ok", "parity_note",
-               "backend", "backend_note", "bytes_per_image", "achieved_tb_per_s", "grad_parity_loss_relative_diff",
-               "grad_parity_grad_relative_diff", "grad_parity_ok", "world_size", "single_process_throughput",
-               "scaling_efficiency", "error")
+               "impl_note", "backend", "backend_note", "bytes_per_image", "achieved_tb_per_s",
+               "grad_parity_loss_relative_diff", "grad_parity_grad_relative_diff", "grad_parity_ok", "world_size",
+               "single_process_throughput", "scaling_efficiency", "error")
 
 
 def _csv_row(row: dict) -> dict:
@@ -333,6 +344,13 @@ def _ms(value: Optional[float]) -> str:
     if value is None:
         return "-"
     return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def _rate(value: Optional[float]) -> str:
+    """img/s to 0.1, or two significant digits below 1 (an m36 backbone at 800x1333 on a CPU: 0.14)."""
+    if value is None:
+        return "-"
+    return f"{value:,.1f}" if value >= 1 else f"{value:.2g}"
 
 
 def _megabytes(n: Optional[int]) -> str:
@@ -368,7 +386,7 @@ def _print_results(results: list, normalised: bool, hardware: str = "",
     print_table([
         name("config", lambda r: labels[id(r)], lambda r: without_words(labels[id(r)], shared)),
         name("status", _status),
-        number("img/s", lambda r: "-" if r.throughput is None else f"{r.throughput:,.1f}"),
+        number("img/s", lambda r: _rate(r.throughput)),
         number("median ms", lambda r: _ms(r.latency_ms and r.latency_ms.median)),
         number("p90 ms", lambda r: _ms(r.latency_ms and r.latency_ms.p90), priority=3),
         number("IQR", _iqr, priority=2),
@@ -382,7 +400,9 @@ def _print_results(results: list, normalised: bool, hardware: str = "",
     errors = [f"{labels[id(r)]}: {r.error}" for r in results if r.status == "error"]
     for line in errors:
         console.print(f"[red]error[/] {line}", soft_wrap=True)
-    for line in _precision_notes(results) + _fast_notes(results, bandwidth_tb_s) + _scaling_notes(results):
+    impl_notes = list(dict.fromkeys(f"--impl {r.config.impl}: {r.impl_note}" for r in results if r.impl_note))
+    notes_above = _precision_notes(results) + impl_notes + _fast_notes(results, bandwidth_tb_s) + _scaling_notes(results)
+    for line in notes_above:
         console.print(f"[yellow]note[/] {line}", soft_wrap=True)
     memory = ("peak mem = peak bytes allocated by tensors on the GPU (1 MB = 10^6 bytes)" if device.startswith("cuda")
               else "peak mem = peak resident memory of the whole process (1 MB = 10^6 bytes)")
@@ -391,7 +411,11 @@ def _print_results(results: list, normalised: bool, hardware: str = "",
              "creating the session, and the ONNX export of each new shape or OpenVINO's one conversion of the "
              "model where this row needed it first); max |Δ| = the row's logits against the fp32 eager reference with the same "
              "weights (timm's own for --impl timm), with the top-1 agreement where it is below 100%; mismatch = "
-             "beyond tolerance, not a speed result; CL = channels_last."]
+             "beyond tolerance, not a speed result; CL = channels_last; 224px = a 224x224 square, 800x1333px = "
+             "height x width."]
+    if any(r.config.features for r in results):
+        notes.append("features = the backbone alone (no head): its four stage maps, each through its output norm; "
+                     "max |Δ| = the largest difference over the four maps.")
     if any(r.config.mode == "train" for r in results):
         notes.append("train = forward, loss, backward and optimizer step per step (stochastic depth off); ckpt = "
                      "gradient checkpointing; ∇ = the largest relative difference of the loss and of any gradient "
@@ -429,7 +453,7 @@ def _parity(r) -> Text:
     if r.parity is None:
         return Text("-")
     p = r.parity
-    diff = (f"{p.max_abs_diff:.0e}" if p.max_abs_diff else "0") + ("" if p.top1_agreement == 1.0
+    diff = (f"{p.max_abs_diff:.0e}" if p.max_abs_diff else "0") + ("" if p.top1_agreement in (1.0, None)
                                                                      else f" {p.top1_agreement:.0%}")
     return Text(diff, style=None if p.ok else "red")
 
@@ -518,7 +542,8 @@ def _print_kernel_profile(report) -> None:
         number("MB", lambda k: f"{k['bytes'] / 1e6:.1f}", priority=2),
         number("TB/s", lambda k: "-" if k["tb_per_s"] is None else f"{k['tb_per_s']:.2f}"),
         number("TFLOP/s", lambda k: "-" if k["tflop_per_s"] is None else f"{k['tflop_per_s']:.0f}", priority=2),
-    ], report.kernels, title=f"{c.model}/fast kernels on {c.device}, batch {c.batch_size}, {c.resolution}px, "
+    ], report.kernels, title=f"{c.model}/fast kernels on {c.device}, batch {c.batch_size}, "
+                             f"{c.resolution.height}x{c.resolution.width} px, "
                              f"{c.precision}: {report.total_ms:.3f} ms per forward (median of {report.repeats} per "
                              "launch)")
     console.print("Each launch timed on its own between CUDA events with CUDA graphs off (host clocks in Triton's "
@@ -532,7 +557,10 @@ def profile_command(
     model: str = typer.Argument("s12", help="Model or alias, or a timm:NAME peer."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
     batch_size: int = typer.Option(8, min=1, help="Batch size."),
-    resolution: int = typer.Option(224, min=32, help="Input resolution."),
+    resolution: str = typer.Option("224", metavar="SIZE", help="Input size: 224 (a square) or HEIGHTxWIDTH, e.g. "
+                                   "800x1333."),
+    features: bool = typer.Option(False, "--features", help="Profile the features-only backbone of detection and "
+                                  "segmentation (no head; the four stage maps through their own norms)."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (torch.autocast)."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Model and input in channels_last memory format."),
     impl: str = typer.Option("ours", help="Implementation: ours, timm, fast, onnxruntime or openvino."),
@@ -555,11 +583,13 @@ def profile_command(
     if len(names) != 1:
         fail(f"profile takes one model; {model!r} matches {len(names)}")
     model_name = names[0]
+    check_features_models(names, features)
+    size = one_size(resolution, "--resolution", "profile")
     precision = _parse_names(precision, "--precision", PRECISION_NAMES)[0]
     check_writable(trace, "--trace")
     import dataclasses
 
-    from poolformer import bench as engine
+    from poolformer import bench as engine, implementations
     from poolformer.errors import PoolformerError
     from poolformer.implementations import IMPLEMENTATIONS
     from poolformer.profiling import profile_fast_kernels, profile_model
@@ -570,7 +600,9 @@ def profile_command(
         engine.check_precision(device_name, precision)
         print_precision_note(device_name, precision)
         engine.apply_settings(engine.BenchSettings(threads=threads), device_name)
-        config = engine.BenchConfig(model_name, impl, device_name, batch_size, resolution, precision, channels_last)
+        config = engine.BenchConfig(model_name, impl, device_name, batch_size, size, precision, channels_last,
+                                    features=features)
+        implementations.check_features(model_name, impl, features)
         if kernels and trace is not None:
             fail("--trace writes torch.profiler's trace; --kernels does not use the profiler: choose one")
         try:
@@ -584,13 +616,14 @@ def profile_command(
             reason = (str(err).strip().splitlines() or [""])[0]
             fail(f"profiling {_describe(config)} failed: {type(err).__name__}: {reason}", 1)
     if json_output:
-        print_json(dataclasses.asdict(report))
+        print_json({**dataclasses.asdict(report), "config": report.config.as_json()})
         return
     c = config
     if kernels:
         _print_kernel_profile(report)
         return
-    title = (f"{c.model}/{c.impl} on {c.device}, batch {c.batch_size}, {c.resolution}px, {c.precision}"
+    title = (f"{c.model}/{c.impl}{' backbone (features only)' if c.features else ''} on {c.device}, batch "
+             f"{c.batch_size}, {c.resolution.height}x{c.resolution.width} px, {c.precision}"
              f"{', channels_last' if c.channels_last else ''}: {report.total_ms:.2f} ms {report.time_kind} self time "
              f"per step ({report.steps} profiled steps)")
     print_table([

@@ -23,9 +23,10 @@ from poolformer.zoo import get_spec
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from poolformer.sizes import Size
+
 # poolformer.devices.PRECISIONS' names, written here so that --help needs no torch (a test keeps them equal).
 PRECISION_NAMES = ("fp32", "bf16", "fp16")
-MIN_RESOLUTION = 32  # four downsamplings: stride 32 (poolformer.flops.MIN_RESOLUTION, without importing torch)
 
 console = Console()
 err_console = Console(stderr=True, highlight=False)
@@ -156,23 +157,32 @@ def one_int(text: str, option: str) -> int:
     return value
 
 
-def parse_resolutions(text: str) -> list[int]:
-    """'224,384' -> [224, 384]; exit 2 on anything that is not an integer the model can downsample 4 times."""
-    values = parse_int_list(text, "--resolution", minimum=1)
-    for value in values:
-        if value < MIN_RESOLUTION:
-            fail(f"--resolution must be at least {MIN_RESOLUTION} (four downsamplings to stride 32), got {value}")
-    return values
+def parse_sizes(text: str, option: str) -> list[Size]:
+    """'800x1333,512' -> [Size(800, 1333), Size(512, 512)] (a bare number is a square); exit 2 naming the option
+    on anything else ('800x', 'x512', '800*1333', '0x512') or a side under 32 (four downsamplings)."""
+    from poolformer.sizes import parse_sizes as parse
+
+    try:
+        return parse(text)
+    except PoolformerError as err:
+        fail(f"{option}: {err}")
 
 
-def one_resolution(text: Optional[str], command: str) -> Optional[int]:
-    """--resolution for a command that takes one value (None when not given); exit 2 on several."""
+def one_size(text: Optional[str], option: str, command: str) -> Optional[Size]:
+    """The size for a command that takes one (None when not given); exit 2 on several or a bad one."""
     if text is None:
         return None
-    values = parse_resolutions(text)
-    if len(values) != 1:
-        fail(f"--resolution takes one value for {command}, got {len(values)} (flops accepts several)")
-    return values[0]
+    sizes = parse_sizes(text, option)
+    if len(sizes) != 1:
+        fail(f"{option} takes one value for {command}, got {len(sizes)} sizes")
+    return sizes[0]
+
+
+def check_features_models(names: Sequence[str], features: bool) -> None:
+    """Exit 2 when --features is asked of a timm peer: only PoolFormer models build a features-only backbone."""
+    peers = [name for name in names if name.lower().startswith("timm:")]
+    if features and peers:
+        fail(f"--features builds PoolFormer backbones; {peers[0]} is a timm peer")
 
 
 def check_writable(path: str | os.PathLike | None, option: str) -> None:

@@ -10,7 +10,7 @@ import typer
 
 from .common import (
     PRECISION_NAMES, check_impl, check_plot_path, check_precision_name, check_writable, console, csv_text,
-    err_console, fail, human, one_int, one_resolution, print_json, print_precision_note, resolve_models,
+    err_console, fail, human, one_int, one_size, print_json, print_precision_note, resolve_models,
     save_figure, short_model_name, user_errors, write_atomic,
 )
 from .tables import name, number, print_table
@@ -26,7 +26,8 @@ def compare_command(
                                                     "when available)."),
     batch_size: str = typer.Option("32", "--batch-size", metavar="INTEGER", help="Batch size for throughput."),
     precision: str = typer.Option("fp32", help=f"{', '.join(PRECISION_NAMES)} (bf16/fp16 via torch.autocast)."),
-    resolution: Optional[str] = typer.Option(None, help="Input resolution for MACs and throughput (default 224)."),
+    resolution: Optional[str] = typer.Option(None, metavar="SIZE", help="Input size for MACs and throughput: 224 (a "
+                                             "square) or HEIGHTxWIDTH, e.g. 800x1333 (default 224)."),
     impl: str = typer.Option("ours", help="Implementation of the PoolFormer models (ours, timm, fast); peers always "
                                           "run as timm builds them."),
     no_measure: bool = typer.Option(False, "--no-measure", help="MACs and parameters only; throughput is not "
@@ -51,7 +52,7 @@ def compare_command(
     """
     names = resolve_models(models)
     batch = one_int(batch_size, "--batch-size")
-    size = one_resolution(resolution, "compare") or 224
+    size = one_size(resolution, "--resolution", "compare") or 224
     check_precision_name(precision)
     check_writable(csv_path, "--csv")
     check_plot_path(plot)
@@ -110,7 +111,8 @@ def _render(result) -> None:
         number("top-1 %", lambda r: "-" if r.top1 is None else f"{r.top1:.2f}"),
         number("img/s", _speed),
         name("Pareto", lambda r: _marks(result, r.model)),
-    ], result.rows, title=f"accuracy vs cost at {result.resolution}px (throughput: {where})")
+    ], result.rows, title=f"accuracy vs cost at {result.resolution.height}x{result.resolution.width} px "
+                          f"(throughput: {where})")
     for r in result.rows:
         if r.error:
             console.print(f"[red]error[/] {r.model}: {r.error}", soft_wrap=True)

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.text import Text
 
-from .common import check_writable, console, err_console, fail, one_int, print_json, resolve_model, user_errors
+from .common import check_writable, console, err_console, fail, one_size, print_json, resolve_model, user_errors
 from .tables import name, number, print_table, print_words
 
 
@@ -21,9 +21,19 @@ def export_command(
     fmt: str = typer.Option("onnx", "--format", help="onnx, pt2 (torch.export program) or openvino (OpenVINO IR)."),
     weights: Optional[Path] = typer.Option(None, help="Checkpoint file (official, timm or transformers layout)."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Use the published ImageNet weights."),
-    resolution: str = typer.Option("224", metavar="INTEGER", help="Input height = width the file is exported for."),
+    resolution: str = typer.Option("224", metavar="SIZE", help="Input size the file is exported for: 224 (a square) "
+                                   "or HEIGHTxWIDTH, e.g. 800x1333."),
     opset: int = typer.Option(17, help="ONNX opset (13-20)."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Any batch size (default: batch 1)."),
+    features: bool = typer.Option(False, "--features", help="Export the detection/segmentation backbone (the "
+                                                            "dense tasks' fork_feat model) instead of the "
+                                                            "classifier: no head, four outputs stage1 .. stage4, the "
+                                                            "stage maps [batch, C_i, H_i, W_i] at strides 4, 8, 16 "
+                                                            "and 32, each through its GroupNorm output norm "
+                                                            "(official norm0/2/4/6). --weights takes an mmdet/mmseg "
+                                                            "checkpoint, or classification weights (fresh norms)."),
+    dynamic_size: bool = typer.Option(False, "--dynamic-size", help="Any input height and width (--features only; "
+                                                                    "checked at a second, odd non-square size too)."),
     fast: bool = typer.Option(False, "--fast", help="Export the folded model of poolformer.optimize: fewer "
                                                     "operators, the same logits (PoolFormer v1/v2 only)."),
     images: Optional[list[str]] = typer.Option(None, "--images", help="Photographs (files, folders or globs) to "
@@ -38,16 +48,21 @@ def export_command(
     |logit|), the same top-1 on every input). IR with --fast is the graph `--impl fast` runs on a CPU;
     without, OpenVINO's own conversion of the model.
 
+    With --features the file holds the backbone of the dense tasks: input "images" (batch x 3 x H x W), outputs
+    "stage1" .. "stage4" (strides 4, 8, 16, 32), each checked like the logits (no top-1). Such a file is not a
+    classifier: predict and eval refuse it.
+
     GroupNorm with one group and the pooling that skips padded positions are exported as plain reductions,
     a depthwise convolution and a constant map, which every runtime computes the same way (TensorRT, for
     example, computes ONNX GroupNormalization with one group per channel).
 
     Example: poolformer export s12 --pretrained --output s12.onnx
     """
+    if dynamic_size and not features:
+        fail("--dynamic-size applies to --features exports: a classifier file is exported for the one --resolution "
+             "that predict and eval read from it")
     name = resolve_model(model)
-    size = one_int(resolution, "--resolution")
-    if size < 32:
-        fail(f"--resolution must be at least 32 (four downsamplings to stride 32), got {size}")
+    size = one_size(resolution, "--resolution", "export")
     if fmt not in ("onnx", "pt2", "openvino"):
         fail(f"unknown format {fmt!r} for --format; choose from: onnx, pt2, openvino")
     suffix = {"onnx": ".onnx", "pt2": ".pt2", "openvino": ".xml"}[fmt]
@@ -64,10 +79,10 @@ def export_command(
         if weights is not None and pretrained:
             fail("pass either --weights PATH or --pretrained, not both")
         classes = 1000  # the checkpoint's classifier width where one is given (a fine-tuned 10-class head)
-        if weights is not None or pretrained:
+        if (weights is not None or pretrained) and not features:
             classes = trained_num_classes(name, weights=weights, pretrained=pretrained)
         net = create_model(name, weights=None if weights is None else str(weights), pretrained=pretrained,
-                           num_classes=classes, **({} if size == 224 else _size_overrides(name, size)))
+                           num_classes=classes, features_only=features, **_size_overrides(name, size))
         checked = _images(net.spec, size, images)
         if fast:
             from poolformer.errors import ConfigError
@@ -79,7 +94,7 @@ def export_command(
                 fail(f"--fast: {str(err).split(';')[0]}; export it without --fast")
         with err_console.status(f"exporting {name} as {fmt} and checking it ..."):
             report = export_model(net, output, fmt=fmt, resolution=size, opset=opset, dynamic_batch=dynamic_batch,
-                                  fast=fast, images=checked)
+                                  fast=fast, images=checked, dynamic_size=dynamic_size)
     if json_output:
         print_json(report.as_json())
     else:
@@ -88,22 +103,29 @@ def export_command(
         fail(f"not written: the exported file does not match the model ({report.reason})", 1)
 
 
-def _size_overrides(name: str, size: int) -> dict:
+def _size_overrides(name: str, size) -> dict:
     """Models with token-count dependent parts (random / spatial-FC mixers, position embeddings) are built for
-    the export resolution."""
+    the export size (height and width)."""
     from poolformer.zoo import get_spec
 
-    return {} if get_spec(name).family in ("v1", "v2") else {"img_size": size}
+    return {} if get_spec(name).family in ("v1", "v2") else {"img_size": size.img_size}
 
 
-def _images(spec, size: int, arguments: Optional[list[str]]):
-    """[N, 3, size, size]: the photographs given (preprocessed as the model expects), else generated ones."""
+def _images(spec, size, arguments: Optional[list[str]]):
+    """[N, 3, height, width]: the photographs given (preprocessed as the model expects: a square crop of the
+    longer side, then its centre at height x width), else generated ones."""
     import torch
 
     from poolformer.data import Preprocess, load_batch, synthetic_images
     from poolformer.predict import collect_images
 
-    transform = dataclasses.replace(Preprocess.for_spec(spec), input_size=size)
+    side = max(size.height, size.width)
+    square = dataclasses.replace(Preprocess.for_spec(spec), input_size=side)
+    top, left = (side - size.height) // 2, (side - size.width) // 2
+
+    def transform(img):
+        return square(img)[:, top:top + size.height, left:left + size.width]
+
     if not arguments:
         return torch.stack([transform(img) for img in synthetic_images(4)])
     entries = collect_images(arguments)
@@ -117,19 +139,29 @@ def _images(spec, size: int, arguments: Optional[list[str]]):
 
 
 def _render(report) -> None:
+    features = report.outputs != ["logits"]
+    size = "any size" if report.dynamic_size else f"{report.resolution.height}x{report.resolution.width} px"
     title = (f"{report.model} -> {report.path} ({report.format}{', opset ' + str(report.opset) if report.opset else ''}"
-             f", {report.resolution}px, {'dynamic batch' if report.dynamic_batch else 'batch 1'}"
-             f"{', folded (--fast)' if report.fast else ''})")
-    print_table([
-        name("runtime", lambda c: c.runtime),
-        name("inputs", lambda c: c.inputs),
+             f", {size}, {'dynamic batch' if report.dynamic_batch else 'batch 1'}"
+             f"{', folded (--fast)' if report.fast else ''}"
+             f"{', features ' + ' '.join(report.outputs) if features else ''})")
+    columns = [name("runtime", lambda c: c.runtime), name("inputs", lambda c: c.inputs)]
+    if features:
+        columns.append(name("output", lambda c: c.output))
+    columns += [
         number("count", lambda c: str(c.count), priority=2),
         number("max |diff|", lambda c: f"{c.max_abs_diff:.2e}"),
-        number("max |logit|", lambda c: f"{c.max_abs_logit:.3g}", priority=2),
-        number("top-1 agree", lambda c: f"{c.top1_agreement:.0%}"),
-        name("parity", lambda c: Text("ok", style="green") if c.passed else Text("FAILED", style="red")),
-    ], report.checks, title=title)
+        number("max |value|" if features else "max |logit|", lambda c: f"{c.max_abs_logit:.3g}", priority=2),
+    ]
+    if not features:
+        columns.append(number("top-1 agree", lambda c: f"{c.top1_agreement:.0%}"))
+    columns.append(name("parity", lambda c: Text("ok", style="green") if c.passed else Text("FAILED", style="red")))
+    print_table(columns, report.checks, title=title)
     if report.written:
         print_words(f"wrote {report.path} ({report.size_bytes / 1e6:,.1f} MB)")
-    console.print(f"parity: max |diff| <= {report.tolerance:g} x max(1, max |logit|) and the same top-1 on every "
-                  "input, against our fp32 model", style="dim")
+    if features:
+        console.print(f"parity: max |diff| <= {report.tolerance:g} x max(1, max |value|) for each output, against "
+                      "our fp32 model", style="dim")
+    else:
+        console.print(f"parity: max |diff| <= {report.tolerance:g} x max(1, max |logit|) and the same top-1 on "
+                      "every input, against our fp32 model", style="dim")

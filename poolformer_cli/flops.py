@@ -8,8 +8,8 @@ from typing import List, Optional
 import typer
 
 from .common import (
-    check_plot_path, console, err_console, fail, human, one_int, parse_resolutions, print_json, resolve_models,
-    save_figure, short_model_name, user_errors,
+    check_features_models, check_plot_path, console, err_console, fail, human, one_int, parse_sizes, print_json,
+    resolve_models, save_figure, short_model_name, user_errors,
 )
 from .tables import count, name, number, print_table, prose
 
@@ -30,8 +30,11 @@ def flops_command(
     models: List[str] = typer.Argument(..., help="Model names, aliases or patterns ('poolformer_s*'), or "
                                                  "timm:NAME peers (see `poolformer list`)."),
     resolution: Optional[str] = typer.Option(
-        None, help="Input height = width; several comma-separated values (e.g. 224,384,512) show how cost "
-                   "grows with tokens (default: each model's own, 224)."),
+        None, "--resolution", "--resolutions", metavar="SIZES",
+        help="Input sizes: 224 (a square) or HEIGHTxWIDTH (800x1333); several comma-separated (224,384,800x1333) "
+             "show how cost grows with tokens (default: each model's own, 224)."),
+    features: bool = typer.Option(False, "--features", help="Count the features-only backbone of detection and "
+                                  "segmentation (no head; the four stage maps through their own norms)."),
     by: Optional[str] = typer.Option(None, "--by", help="Also break the counts down by 'module' or 'operator'."),
     batch_size: str = typer.Option("1", "--batch-size", metavar="INTEGER", help="Batch size of the counted input."),
     impl: str = typer.Option("ours", help="Count our model or timm's twin ('timm', v1/v2 only: the "
@@ -46,10 +49,12 @@ def flops_command(
     convolutions and matrix products; our analytic count also charges pooling, elementwise ops, activations
     and norms, and the bytes each operator moves. Lists the ops fvcore skipped and what they would add.
 
-    Example: poolformer flops s12 s24 --resolution 224,384 --by operator
+    Example: poolformer flops s12 s24 --resolution 224,384 --by operator; poolformer flops m36 --features
+    --resolution 800x1333
     """
     names = resolve_models(models)
-    sizes = parse_resolutions(resolution) if resolution is not None else [None]
+    check_features_models(names, features)
+    sizes = parse_sizes(resolution, "--resolution") if resolution is not None else [None]
     batch = one_int(batch_size, "--batch-size")
     if by is not None and by not in BREAKDOWNS:
         fail(f"--by must be one of: {', '.join(BREAKDOWNS)}; got {by!r}")
@@ -63,7 +68,7 @@ def flops_command(
         for name in names:
             for size in sizes:
                 with err_console.status(f"counting {name} at {size or 'its own resolution'} ..."):
-                    reports.append(analyse(name, resolution=size, batch_size=batch, impl=impl))
+                    reports.append(analyse(name, resolution=size, batch_size=batch, impl=impl, features=features))
     if plot is not None:
         from poolformer.plots import flops_figure
 
@@ -83,11 +88,21 @@ def flops_command(
     if by is not None:
         for report in reports:
             (_render_by_module if by == "module" else _render_by_operator)(report)
+    if features and impl == "timm":
+        from poolformer.implementations import Timm
+
+        console.print(f"[yellow]note[/] {Timm.FEATURES_NOTE}", soft_wrap=True)
     console.print(UNITS_NOTE, style="dim")
 
 
 def _title(r) -> str:
-    return f"{r.model} @ {r.resolution}x{r.resolution}, batch {r.batch_size}"
+    backbone = " backbone (features only)" if r.features else ""
+    return f"{r.model}{backbone} @ {r.resolution.height}x{r.resolution.width}, batch {r.batch_size}"
+
+
+def _size(r) -> str:
+    """'224x224', '800x1333': height x width, both sides always."""
+    return f"{r.resolution.height}x{r.resolution.width}"
 
 
 def _render_counters_one(r) -> None:
@@ -144,7 +159,7 @@ def _published_note(r) -> str:
 def _render_counters_many(reports) -> None:
     print_table([
         name("model", lambda r: r.model, lambda r: short_model_name(r.model)),
-        number("res", lambda r: str(r.resolution)),
+        number("HxW", _size),
         number("fvcore MACs", lambda r: human(r.fvcore.macs)),
         number("thop MACs", lambda r: human(r.thop.macs), priority=2),
         number("torch FLOPs", lambda r: human(r.torch.flops), priority=2),
@@ -152,7 +167,7 @@ def _render_counters_many(reports) -> None:
         number("analytic ops", lambda r: human(r.analytic.ops)),
         number("bytes", lambda r: human(r.analytic.bytes, "B")),
         number("ops/B", lambda r: f"{r.analytic.intensity:.1f}", priority=2),
-    ], reports, title="Counters")
+    ], reports, title="Counters" + (" (features-only backbones)" if any(r.features for r in reports) else ""))
     console.print("exact integers: --json", style="dim")
 
 
@@ -160,7 +175,7 @@ def _render_skipped(reports) -> None:
     rows = [(r, s) for r in reports for s in r.fvcore_skipped]
     share = (lambda r, s: f"{100 * s.analytic_ops / r.fvcore.macs:.2f}" if s.analytic_ops and r.fvcore.macs else "-")
     which = [name("model", lambda row: row[0].model, lambda row: short_model_name(row[0].model)),
-             number("res", lambda row: str(row[0].resolution))]
+             number("HxW", lambda row: _size(row[0]))]
     print_table([
         *(which if len(reports) > 1 else []),
         name("op", lambda row: row[1].op, lambda row: row[1].op.removeprefix("aten::")),
@@ -183,7 +198,7 @@ def _render_growth(reports) -> None:
     ratio = (lambda value: (lambda r: f"{value(r) / value(first[r.model]):.2f}"))
     print_table([
         name("model", lambda r: r.model, lambda r: short_model_name(r.model)),
-        number("res", lambda r: str(r.resolution)),
+        number("HxW", _size),
         count("tokens (stage 1)", lambda r: r.tokens, priority=2),
         number("tokens x", ratio(lambda r: r.tokens)),
         count("fvcore MACs", lambda r: r.fvcore.macs, priority=2),
@@ -198,7 +213,7 @@ def _render_growth(reports) -> None:
 def _render_comparison(reports) -> None:
     print_table([
         name("model", lambda r: r.model, lambda r: short_model_name(r.model)),
-        number("res", lambda r: str(r.resolution), priority=2),
+        number("HxW", _size, priority=2),
         count("params", lambda r: r.params),
         count("fvcore MACs", lambda r: r.fvcore.macs),
         number("published MACs@224", lambda r: human(r.published_macs)),

@@ -9,8 +9,8 @@ from typing import Optional
 import typer
 
 from .common import (
-    check_writable, console, csv_text, fail, human, one_int, one_resolution, print_json, resolve_models, user_errors,
-    write_atomic,
+    check_features_models, check_writable, console, csv_text, fail, human, one_int, one_size, print_json,
+    resolve_models, user_errors, write_atomic,
 )
 from .tables import count, name, number, print_table, print_words, prose
 
@@ -20,7 +20,10 @@ CSV_COLUMNS = ("model", "name", "type", "depth", "output_shape", "params", "macs
 def summary_command(
     models: list[str] = typer.Argument(..., help="Model names, aliases or patterns ('v2_*'), or timm:NAME "
                                                  "(see `poolformer list`)."),
-    resolution: Optional[str] = typer.Option(None, help="Input height = width in pixels (default: the model's own, 224)."),
+    resolution: Optional[str] = typer.Option(None, metavar="SIZE", help="Input size in pixels: 224 (a square) or "
+                                             "HEIGHTxWIDTH, e.g. 800x1333 (default: the model's own, 224)."),
+    features: bool = typer.Option(False, "--features", help="The features-only backbone of detection and "
+                                  "segmentation (no head; the four stage maps through their own norms)."),
     batch_size: str = typer.Option("1", "--batch-size", metavar="INTEGER", help="Batch size of the traced input."),
     depth: str = typer.Option("2", metavar="INTEGER", help="How deep to expand modules: 1 = stem/stages/head, 2 = blocks within "
                                       "stages, 3 = inside blocks, 4 = everything."),
@@ -38,18 +41,20 @@ def summary_command(
     gradients, optimizer state and the activations autograd saves for backward, with and without gradient
     checkpointing, at the batch size and resolution given.
 
-    Example: poolformer summary s24 --depth 1
+    Example: poolformer summary s24 --depth 1; poolformer summary m36 --features --resolution 800x1333
     """
     names = resolve_models(models)
     if optimizer not in ("sgd", "adamw"):
         fail(f"unknown optimizer {optimizer!r} for --optimizer; choose from: sgd, adamw")
-    size = one_resolution(resolution, "summary")
+    check_features_models(names, features)
+    size = one_size(resolution, "--resolution", "summary")
     batch, levels = one_int(batch_size, "--batch-size"), one_int(depth, "--depth")
     check_writable(csv_path, "--csv")
     from poolformer.summary import summarize
 
     with user_errors():
-        results = [summarize(name, resolution=size, batch_size=batch, depth=levels, optimizer=optimizer)
+        results = [summarize(name, resolution=size, batch_size=batch, depth=levels, optimizer=optimizer,
+                             features=features)
                    for name in names]
     if csv_path is not None:
         write_atomic(csv_path, csv_text(CSV_COLUMNS, _csv_rows(results)))
@@ -91,19 +96,21 @@ def _render(result) -> None:
         count("params", lambda r: r.params),
         count("MACs", lambda r: r.macs),
         number("output size", lambda r: human(r.activation_bytes, "B"), priority=2),
-    ], result.layers, title=f"{result.model}  input {shape}")
+    ], result.layers, title=f"{result.model}{' backbone (features only)' if result.features else ''}  input {shape} "
+                            f"(batch x channels x height x width)")
 
     if result.stages:
         total = result.total_macs
+        shaped = (lambda s: s.stage != "norms")  # a backbone's output norms: one row for the four maps
         print_table([
-            name("stage", lambda s: s.stage),
-            count("tokens", lambda s: s.tokens, priority=2),
-            number("channels", lambda s: str(s.channels), priority=2),
-            number("blocks", lambda s: str(s.blocks), priority=2),
+            name("stage", lambda s: s.stage if shaped(s) else "output norms"),
+            count("tokens", lambda s: s.tokens if shaped(s) else None, priority=2),
+            number("channels", lambda s: str(s.channels) if shaped(s) else "-", priority=2),
+            number("blocks", lambda s: str(s.blocks) if shaped(s) else "-", priority=2),
             count("params", lambda s: s.params),
             count("MACs", lambda s: s.macs),
             number("MACs %", lambda s: f"{100 * s.macs / total if total else 0.0:.1f}"),
-        ], result.stages, title="Per stage")
+        ], result.stages, title="Per stage (tokens: height x width of the stage's map)")
 
     frozen = result.total_params - result.trainable_params
     exact = (lambda n: (f"{n:,}", human(n)))

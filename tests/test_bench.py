@@ -576,7 +576,7 @@ def test_ctrl_c_keeps_the_finished_rows(monkeypatch, tmp_path):
     (["--precision", "fp32,int8"], "unknown precision"),
     (["--batch-sizes", "0"], "must be >= 1"),
     (["--batch-sizes", "8,x"], "integers"),
-    (["--resolutions", "16"], "must be >= 32"),
+    (["--resolutions", "16"], "every side must be at least 32"),
     (["--impl", "nope"], "unknown impl"),
     (["--iters", "0"], "--iters must be >= 1"),
     (["--iters", "5", "--min-time", "1"], "either --iters or --min-time"),

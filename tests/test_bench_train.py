@@ -105,6 +105,21 @@ def test_peers_train_without_a_reference_and_say_why():
     assert row.parity_note == "not checked: a timm peer has no independent model"
 
 
+@pytest.mark.slow
+def test_train_rows_take_height_x_width_and_refuse_a_backbone():
+    """A train row at 64x96 trains on [1, 3, 64, 96] images (its gradients checked as at a square); a features-only
+    row cannot train: the step's loss is cross-entropy on logits, and a backbone has none."""
+    configs = bench.expand_configs(["poolformer_s12"], ["ours"], "cpu", [1], ["64x96"], ["fp32"], False, False,
+                                   modes=["train"])
+    (row,) = bench.run_benchmark(configs, QUICK)
+    assert row.status == "ok" and row.grad_parity.ok, (row.error, row.grad_parity)
+    json_row = row.to_row()
+    assert (json_row["resolution"], json_row["height"], json_row["width"]) == ("64x96", 64, 96)
+    assert config_label(json_row) == "poolformer_s12/ours cpu bs1 64x96px fp32 train(sgd)"
+    with pytest.raises(ConfigError, match="--features times inference only"):
+        bench.check_config(replace(configs[0], features=True))
+
+
 def test_the_largest_batch_that_trains():
     config = bench.BenchConfig("poolformer_s12", resolution=64, mode="train", optimizer="sgd")
     found = bench.search_max_batch(config, limit=4)
@@ -153,6 +168,7 @@ def test_the_command_prints_train_rows_with_their_gradient_parity(tmp_path):
     (["--mode", "train", "--impl", "fast"], "--impl fast is inference-only"),
     (["--mode", "train", "--impl", "onnxruntime", "--grad-checkpointing"], "--impl onnxruntime is inference-only"),
     (["--mode", "train", "--precision", "bf16", "--cast-model"], "--cast-model is for inference rows"),
+    (["--mode", "train", "--features"], "--features times inference only"),
 ])
 def test_bad_train_options_are_one_line(args, message):
     assert_one_line_error(runner.invoke(app, ["bench", "s12", *TINY, *args]), message)

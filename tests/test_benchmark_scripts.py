@@ -85,8 +85,8 @@ def gpu_suite(tmp_path_factory):
 def test_gpu_suite_smoke_runs_every_section_without_defects(gpu_suite):
     document, report = gpu_suite
     assert document["defects"] == [], document["defects"]
-    assert set(document["sections"]) == {"sweep", "oom", "timing", "profile", "predict_eval", "memory", "regression",
-                                         "train"}
+    assert set(document["sections"]) == {"sweep", "backbone", "oom", "timing", "profile", "predict_eval", "memory",
+                                         "regression", "train"}
     assert document["command"].startswith("PYTHONPATH=. python benchmarks/gpu_suite.py --smoke")
     assert "## bench: main: s12" in report and "## regression" in report
 
@@ -118,6 +118,20 @@ def test_gpu_suite_train_rows_with_and_without_checkpointing_and_the_largest_bat
     assert "--mode train" in train["fixed batch"]["command"] and "--grad-checkpointing" in train["max batch"]["command"]
     assert len(train["checkpointing"]) == 1 and train["checkpointing"][0]["speed_ratio"] > 0
     assert list(train["max batch"]["max_batch"].values()) == [2, 2]  # plain and checkpointed, the smoke limit
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_gpu_suite_backbone_runs_the_dense_tasks_sizes_features_only(gpu_suite):
+    backbone = gpu_suite[0]["sections"]["backbone"]
+    assert backbone["ok"] and set(backbone) == {"backbone: 64x96 bs1", "backbone: 64 bs2", "ok"}
+    rows = [r for name, run in backbone.items() if name != "ok" for r in run["rows"]]
+    assert {r["impl"] for r in rows} == {"ours", "timm"} and all(r["status"] == "ok" for r in rows)
+    assert all(r["features"] and r["parity_rel"] is not None for r in rows)
+    assert {(r["resolution"], r["height"], r["width"], r["batch_size"]) for r in rows} == {("64x96", 64, 96, 1),
+                                                                                          (64, 64, 64, 2)}
+    assert "--features" in backbone["backbone: 64x96 bs1"]["command"]
+    assert "## bench: backbone: 64x96 bs1" in gpu_suite[1]
 
 
 @pytest.mark.subprocess

@@ -76,7 +76,29 @@ def test_compare_table_without_measuring():
     assert "poolformerv2_s12" in result.stdout and "not measured" in result.stdout
 
 
+@pytest.mark.slow
+def test_compare_at_height_x_width_names_both_sides(monkeypatch):
+    from poolformer_cli.common import console
+
+    monkeypatch.setattr(console, "width", 200)
+    args = ["compare", "s12", "timm:resnet10t", "--device", "cpu", "--resolution", "64x96", "--batch-size", "1",
+            "--iters", "1", "--warmup", "0"]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert (document["resolution"], document["height"], document["width"]) == ("64x96", 64, 96)
+    rows = {r["model"]: r for r in document["rows"]}
+    square = compare_models(["s12"], resolution=64, device=None).rows[0]
+    assert rows["poolformer_s12"]["macs"] > square.macs  # 64x96 has 1.5x the pixels of 64x64
+    assert all(r["status"] == "ok" for r in document["rows"])
+    table = runner.invoke(app, args)
+    assert table.exit_code == 0 and "accuracy vs cost at 64x96 px" in table.stdout
+
+
 @pytest.mark.parametrize(("args", "message"), [
+    (["s12", "--resolution", "64x"], "HEIGHTxWIDTH"),
+    (["s12", "--resolution", "64x96,64"], "one value"),
+    (["s12", "--resolution", "16x96"], "at least 32"),
     (["s12", "--plot", "out.pdf"], "give a .png or .svg file name"),
     (["s12", "--precision", "int8"], "unknown precision 'int8'"),
     (["s12", "--impl", "onnx"], "unknown implementation 'onnx'"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from poolformer import create_model
+from poolformer import Size, create_model
 from poolformer.flops import (
     count_all,
     count_analytic,
@@ -265,7 +265,8 @@ def test_cli_json_has_exactly_the_documented_shape():
     assert [(m["model"], m["resolution"]) for m in data["models"]] == [("poolformer_s12", 64),
                                                                         ("poolformer_s12_pppa", 64)]
     for entry in data["models"]:
-        assert set(entry) == {"model", "resolution", "counters"}
+        assert set(entry) == {"model", "resolution", "height", "width", "features", "counters"}
+        assert (entry["height"], entry["width"], entry["features"]) == (64, 64, False)
         counters = entry["counters"]
         assert set(counters) == {"fvcore", "thop", "torch", "analytic"}
         assert set(counters["fvcore"]) == {"macs", "unsupported_ops"}
@@ -306,8 +307,66 @@ def test_cli_by_module_lists_blocks(wide_console):
     assert "Growth with tokens" in result.output
 
 
+# ----------------------------------------------------------------------------------------- backbones, any H x W
+
+
+def _v1_backbone_macs(name: str, height: int, width: int) -> int:
+    """The dense MACs of a v1 backbone at height x width: stem, downsampling and per-block MLP convs, no head."""
+    arch = get_spec(name).arch
+    tokens = [h * w for h, w in zip(_sides(height), _sides(width))]
+    dims, depths = arch.dims, arch.depths
+    macs = dims[0] * 3 * 7 * 7 * tokens[0]
+    macs += sum(dims[i] * dims[i - 1] * 9 * tokens[i] for i in range(1, 4))
+    return macs + sum(depths[i] * 2 * dims[i] * 4 * dims[i] * tokens[i] for i in range(4))
+
+
+@pytest.mark.parametrize("impl", ["ours", "timm"])
+def test_features_only_counts_agree_with_fvcore_on_the_same_module(impl):
+    """A backbone returns four maps: every counter takes the list. fvcore's count = the analytic MACs + its 5 per
+    normalised element (ours: two norms per block and the four output norms; timm's backbone has no output
+    norms); torch's FLOPs = 2 x analytic MACs = 2 x the hand-derived convolutions at 64 x 96."""
+    from poolformer.flops import analyse
+
+    report = analyse("s12", resolution=(64, 96), impl=impl, features=True)
+    arch = get_spec("s12").arch
+    tokens = [h * w for h, w in zip(_sides(64), _sides(96))]
+    normalised = sum(2 * d * c * t for d, c, t in zip(arch.depths, arch.dims, tokens))
+    normalised += sum(c * t for c, t in zip(arch.dims, tokens)) if impl == "ours" else 0
+    assert report.features and report.resolution == Size(64, 96) and report.published_macs is None
+    assert report.analytic.macs == _v1_backbone_macs("s12", 64, 96)
+    assert report.torch.flops == 2 * report.analytic.macs
+    assert report.fvcore.norm_macs == 5 * normalised
+    assert report.fvcore.macs == report.analytic.macs + report.fvcore.norm_macs
+    assert report.thop.macs > 0 and report.analytic.outputs[""].shape == (1, 64, 16, 24)  # the stride-4 map
+
+
+def test_features_only_counts_equal_fvcore_called_directly():
+    """analyse's features model is exactly what create_model(features_only=True) builds: fvcore on it agrees."""
+    from poolformer.flops import analyse
+
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    direct = count_fvcore(create_model("s12", features_only=True), x)
+    assert analyse("s12", resolution=Size(64, 96), features=True).fvcore.macs == direct.macs
+
+
+def test_cli_counts_a_backbone_at_height_x_width(wide_console):
+    result = runner.invoke(app, ["flops", "s12", "--features", "--resolutions", "64x96,64", "--json"])
+    assert result.exit_code == 0, result.output
+    models = json.loads(result.stdout)["models"]
+    assert [(m["resolution"], m["height"], m["width"], m["features"]) for m in models] == [
+        ("64x96", 64, 96, True), (64, 64, 64, True)]
+    assert models[0]["counters"]["analytic"]["macs"] == _v1_backbone_macs("s12", 64, 96)
+    table = runner.invoke(app, ["flops", "s12", "--features", "--resolution", "64x96", "--impl", "timm"])
+    assert table.exit_code == 0, table.output
+    assert "@ 64x96" in table.output and "backbone (features only)" in table.output
+    assert "no output norms" in table.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["flops", "s13"], "unknown model"),
+    (["flops", "s12", "--resolution", "800x"], "HEIGHTxWIDTH"),
+    (["flops", "s12", "--resolutions", "64x16"], "at least 32"),
+    (["flops", "timm:resnet18", "--features"], "timm peer"),
     (["flops", "s12", "--resolution", "16"], "at least 32"),
     (["flops", "s12", "--resolution", "0"], "--resolution"),
     (["flops", "s12", "--resolution", "224,abc"], "--resolution"),

@@ -127,8 +127,60 @@ def test_cli_table_shows_totals_and_stages(monkeypatch):
         assert text in result.output
 
 
+def test_a_backbone_at_height_x_width_matches_its_forward_and_ends_with_its_output_norms():
+    model = create_model("s12", features_only=True)
+    maps = model(torch.zeros(2, 3, 64, 96))
+    result = summarize("s12", resolution=(64, 96), batch_size=2, features=True)
+    assert result.features and result.input_shape == (2, 3, 64, 96)
+    assert result.as_json()["height"] == 64 and result.as_json()["width"] == 96
+    assert result.as_json()["resolution"] == "64x96" and result.as_json()["features"] is True
+    by_name = {r.name: r for r in result.layers}
+    assert "head" not in by_name
+    for i, feature in enumerate(maps):
+        assert by_name[f"feature_norms.{i}"].output_shape == tuple(feature.shape)
+    assert [s.stage for s in result.stages] == ["stem", "1", "2", "3", "4", "norms"]
+    assert [s.tokens for s in result.stages[1:5]] == [m.shape[2] * m.shape[3] for m in maps]
+    norms = result.stages[-1]
+    assert norms.params == sum(p.numel() for p in model.feature_norms.parameters()) == 2 * (64 + 128 + 320 + 512)
+    assert sum(s.params for s in result.stages) == result.total_params == _param_count(model)
+    assert sum(s.macs for s in result.stages) == result.total_macs
+
+
+def test_token_count_mixers_are_sized_for_height_x_width():
+    """random and spatial-FC mixers take one token count per stage: built for 64 x 96, they mix (16 x 24) tokens in
+    stage 1 of the random ablation and (4 x 6) in stage 3 of the spatial-FC hybrid."""
+    random = summarize("s12_random", resolution=(64, 96), depth=4)
+    matrix = next(r for r in random.layers if r.name == "stages.0.blocks.0.token_mixer")
+    assert matrix.output_shape == (1, 64, 16, 24)
+    assert random.total_params == _param_count(create_model("s12_random", img_size=(64, 96)))
+    assert (16 * 24) ** 2 * 2 < random.total_params - summarize("s12", resolution=(64, 96)).total_params
+    hybrid = create_model("s12_ppff", img_size=(64, 96))
+    assert hybrid.stages[2].blocks[0].token_mixer.fc.weight.shape == (4 * 6, 4 * 6)
+    with torch.no_grad():
+        assert hybrid(torch.zeros(1, 3, 64, 96)).shape == (1, 1000)
+
+
+def test_cli_names_both_sides_and_shows_the_output_norms(monkeypatch):
+    from poolformer_cli.common import console
+
+    monkeypatch.setattr(console, "width", 200)
+    result = runner.invoke(app, ["summary", "s12", "--features", "--resolution", "64x96", "--depth", "1"])
+    assert result.exit_code == 0, result.output
+    assert "input 1x3x64x96" in result.output and "backbone (features only)" in result.output
+    assert "output norms" in result.output and "feature_norms.3" in result.output and "head" not in result.output
+    data = json.loads(runner.invoke(app, ["summary", "s12", "--resolution", "64x96", "--json"]).stdout)
+    assert (data["resolution"], data["height"], data["width"], data["features"]) == ("64x96", 64, 96, False)
+    assert data["input_shape"] == [1, 3, 64, 96]
+
+
 @pytest.mark.parametrize("args, message", [
     (["summary", "s13"], "unknown model"),
+    (["summary", "s12", "--resolution", "800x"], "HEIGHTxWIDTH"),
+    (["summary", "s12", "--resolution", "800*1333"], "HEIGHTxWIDTH"),
+    (["summary", "s12", "--resolution", "x512"], "HEIGHTxWIDTH"),
+    (["summary", "s12", "--resolution", "0x512"], "at least 32"),
+    (["summary", "s12", "--resolution", "512x31"], "at least 32"),
+    (["summary", "timm:resnet18", "--features"], "timm peer"),
     (["summary", "s12", "--resolution", "31"], "at least 32"),
     (["summary", "s12", "--resolution", "big"], "--resolution"),
     (["summary", "s12", "--resolution", "224,384"], "one value"),
@@ -141,7 +193,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message):
 
 
 @pytest.mark.parametrize(("name", "resolution", "batch"), [("s12", 64, 2), ("s12_ppaa", 64, 1), ("s12_random", 96, 1),
-                                                           ("v2_s12", 97, 1), ("s12_batchnorm", 64, 1)])
+                                                           ("v2_s12", 97, 1), ("s12_batchnorm", 64, 1),
+                                                           ("s12_ppff", (64, 96), 1)])
 def test_cpu_trace_equals_meta_trace(name, resolution, batch):
     """summary traces small models on the CPU (zero weights) to skip the meta device's torch._dynamo import; the
     result must be exactly the meta trace's."""
@@ -153,6 +206,9 @@ def test_cpu_trace_equals_meta_trace(name, resolution, batch):
         assert cpu_training == meta_training
     else:  # eval-mode batch_norm on the meta device saves a little more for backward than the CPU kernel does
         assert 1 <= meta_training["activations_bytes"] / cpu_training["activations_bytes"] < 1.03
+    features = [summarize(name, resolution=resolution, batch_size=batch, depth=4, device=device, features=True)
+                for device in ("cpu", "meta")] if name == "s12" else []
+    assert all(f.as_json() == features[0].as_json() for f in features)
 
 
 def test_trace_device_keeps_big_work_on_the_meta_device():

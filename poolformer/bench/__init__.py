@@ -4,8 +4,8 @@ Modules: `config` (what a row is, its settings and result, the checks), `models`
 `inference` (an inference row), `runner` (a run over many rows), `reference` (normalised mode's workload),
 `max_batch` (the largest batch that runs). This package's names are the engine's API.
 
-How a configuration (model, implementation, device, batch size, resolution, precision, memory format,
-compile) is measured, in order:
+How a configuration (model, implementation, device, batch size, input size (height x width), precision, memory
+format, compile, features-only backbone) is measured, in order:
 
 1. build the model (random weights: speed does not depend on the values) and have its implementation prepare it
    (poolformer.implementations): on the device, channels_last, cast or compiled if asked (`--impl fast`
@@ -22,9 +22,10 @@ compile) is measured, in order:
    batch_size / median latency, and flag the measurement as noisy when IQR / median exceeds a threshold, with
    what the implementation says ran (the fast path's backend);
 
-7. check parity, untimed: the row's logits on its input against the fp32 eager reference with the same weights
-   (every model is built after seeding, so ours, fast, compiled and runtime rows share weights); a row whose
-   logits are off by more than PARITY_TOLERANCE gets status "mismatch": it ran, but it is not a speed result.
+7. check parity, untimed: the row's logits (a features-only backbone's four maps, each) on its input against the
+   fp32 eager reference with the same weights (every model is built after seeding, so ours, fast, compiled and
+   runtime rows share weights); a row whose outputs are off by more than PARITY_TOLERANCE gets status
+   "mismatch": it ran, but it is not a speed result.
 
 All steps run under torch.inference_mode() and, for bf16/fp16, torch.autocast (weights stay fp32; matmuls
 and convolutions run in the low precision). Out-of-memory at a configuration gives a row with status

@@ -13,7 +13,8 @@ from torch import nn
 from ..devices import PRECISIONS
 from ..devices import resolve_device as resolve_any_device
 from ..errors import ConfigError
-from ..implementations import implementation_for
+from ..implementations import check_features, implementation_for
+from ..sizes import Size
 from ..training import GradParity, check_mode, check_optimizer
 
 STATUSES = ("ok", "mismatch", "oom", "error")
@@ -23,13 +24,14 @@ BuildModel = Callable[..., nn.Module]  # (name, impl, **create_kwargs) -> nn.Mod
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One row of a benchmark: everything that changes the number."""
+    """One row of a benchmark: everything that changes the number. resolution: the input's height and width (an
+    int given here is a square)."""
 
     model: str
     impl: str = "ours"
     device: str = "cpu"
     batch_size: int = 1
-    resolution: int = 224
+    resolution: Size = Size(224, 224)
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
@@ -38,6 +40,15 @@ class BenchConfig:
     mode: str = "inference"  # or "train": forward, loss, backward, optimizer step (poolformer.training)
     optimizer: str | None = None  # train rows: sgd or adamw
     grad_checkpointing: bool = False  # train rows: each block recomputed in backward
+    features: bool = False  # the features-only backbone (create_model(features_only=True)): four maps, no head
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "resolution", Size.of(self.resolution))
+
+    def as_json(self) -> dict[str, Any]:
+        """The configuration's fields as a JSON row has them: the size as resolution (224 for a square, else
+        "800x1333"), height and width."""
+        return {**asdict(self), **self.resolution.json_fields()}
 
 
 @dataclass
@@ -52,7 +63,7 @@ class BenchSettings:
     noisy_iqr_ratio: float = 0.10  # IQR / median above this flags the measurement as noisy
     compile_backend: str = "inductor"
     compile_mode: str | None = None  # torch.compile's mode: None (its default), reduce-overhead, max-autotune, ...
-    parity: bool = True  # check every row's logits against the fp32 reference (see check_parity)
+    parity: bool = True  # check every row's outputs against the fp32 reference (see check_parity)
     fp32_comparison: bool = True  # emulated bf16/fp16 rows: also time fp32 (see _add_precision_note)
 
 
@@ -83,16 +94,17 @@ BUILD_SEED = 0  # every model is built after seeding with it: same name, same ra
 
 @dataclass
 class Parity:
-    """A row's logits against the fp32 reference (our eager model; timm's own for --impl timm) on the same
-    images. top1_agreement: fraction of images with the same top class."""
+    """A row's logits (a backbone's maps) against the fp32 reference (our eager model; timm's own for --impl
+    timm) on the same images. top1_agreement: fraction of images with the same top class (None for maps)."""
 
     reference: str
     samples: int
-    max_abs_diff: float
-    relative_diff: float  # max_abs_diff / max(1, max |reference logit|)
-    top1_agreement: float
+    max_abs_diff: float  # the largest over the maps of a backbone
+    relative_diff: float  # max_abs_diff / max(1, max |reference logit|); for maps the largest map's own
+    top1_agreement: float | None
     tolerance: float
     ok: bool
+    map_relative_diffs: list[float] | None = None  # a backbone: each map's relative difference, strides 4..32
 
 
 @dataclass
@@ -119,6 +131,7 @@ class BenchResult:
     fp32_throughput: float | None = None  # emulated precision: a short fp32 run of the same configuration
     parity: Parity | None = None  # the row's logits against the fp32 reference (None: not checked, see note)
     parity_note: str | None = None
+    impl_note: str | None = None  # how the implementation's model differs from ours (timm's features: no norms)
     backend: str | None = None  # --impl fast: the kernels the forward ran (triton, openvino-folded, onednn, ...)
     backend_note: str | None = None  # --impl fast: why it did not run its Triton kernels on a GPU
     bytes_per_image: float | None = None  # --impl fast on Triton: bytes its kernels move per image (roofline)
@@ -154,7 +167,7 @@ class BenchResult:
     def to_row(self) -> dict[str, Any]:
         """The JSON row: the documented keys first, then the details."""
         lat = self.latency_ms
-        row: dict[str, Any] = {**asdict(self.config), "status": self.status, "throughput": self.throughput,
+        row: dict[str, Any] = {**self.config.as_json(), "status": self.status, "throughput": self.throughput,
                                "latency_ms": {"median": lat.median if lat else None, "p90": lat.p90 if lat else None,
                                               "iqr": lat.iqr if lat else None},
                                "peak_memory_bytes": self.peak_memory_bytes}
@@ -170,7 +183,7 @@ class BenchResult:
                    error=self.error, telemetry=self.telemetry, precision_note=self.precision_note,
                    fp32_throughput=self.fp32_throughput,
                    parity=asdict(self.parity) if self.parity is not None else None, parity_note=self.parity_note,
-                   backend=self.backend, backend_note=self.backend_note, bytes_per_image=self.bytes_per_image,
+                   impl_note=self.impl_note, backend=self.backend, backend_note=self.backend_note, bytes_per_image=self.bytes_per_image,
                    achieved_tb_per_s=self.achieved_tb_per_s,
                    grad_parity=asdict(self.grad_parity) if self.grad_parity is not None else None,
                    world_size=self.world_size, single_process_throughput=self.single_process_throughput,
@@ -221,8 +234,9 @@ COMPILE_BACKENDS = ("inductor", "eager", "aot_eager", "cudagraphs")
 
 def check_config(config: BenchConfig) -> None:
     """ConfigError for a row that cannot run: an unknown mode or optimizer, options of the other mode, a train row of
-    an inference-only implementation."""
+    an inference-only implementation or of a backbone, a backbone an implementation cannot build."""
     check_mode(config.mode)
+    check_features(config.model, config.impl, config.features)
     if config.mode == "inference":
         if config.optimizer is not None or config.grad_checkpointing:
             raise ConfigError("--optimizer and --grad-checkpointing apply to train rows (--mode train)")
@@ -230,6 +244,9 @@ def check_config(config: BenchConfig) -> None:
     check_optimizer(config.optimizer or "sgd")
     if config.cast:
         raise ConfigError("train rows run under autocast with fp32 weights; --cast-model is for inference rows")
+    if config.features:
+        raise ConfigError("--features times inference only: a train row's loss is cross-entropy on the classifier's "
+                          "logits, and a backbone has no head")
     if not implementation_for(config.model, config.impl, config.weights).trains:
         raise ConfigError(f"--impl {config.impl} is inference-only; train rows run with --impl ours or timm "
                           "(or a timm:NAME peer)")

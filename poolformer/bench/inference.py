@@ -1,4 +1,5 @@
-"""One inference row: time the forward, read the memory peaks, and check the logits against the fp32 reference."""
+"""One inference row: time the forward, read the memory peaks, and check the logits (a backbone's four maps, each)
+against the fp32 reference."""
 
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildM
         described = describe(config, model, settings.compile_backend, settings.compile_mode)
         result.backend, result.backend_note = described.backend, described.backend_note
         result.bytes_per_image, result.compile_mode = described.bytes_per_image, described.compile_mode
+        result.impl_note = described.note
         if settings.parity:
             result.parity, result.parity_note = check_parity(config, model, x, build_model, settings)
             if result.parity is not None and not result.parity.ok:
@@ -71,8 +73,8 @@ def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildM
 def check_parity(config: BenchConfig, model: nn.Module, x: torch.Tensor, build_model: BuildModel | None,
                  settings: BenchSettings) -> tuple[Parity | None, str | None]:
     """Run the row's model once more on its input (untimed) and the fp32 reference on the first PARITY_SAMPLES
-    images; (Parity, None), or (None, why not) where no reference can be had (an exported file, a reference
-    that does not fit in memory, a model that cannot be rebuilt)."""
+    images, comparing the logits (a backbone's maps, each); (Parity, None), or (None, why not) where no reference
+    can be had (an exported file, a reference that does not fit in memory, a model that cannot be rebuilt)."""
     if is_exported_file(config.weights):
         return None, "no reference: the weights are inside the exported file"
     device = torch.device(config.device)
@@ -83,26 +85,36 @@ def check_parity(config: BenchConfig, model: nn.Module, x: torch.Tensor, build_m
     try:
         with torch.inference_mode():
             with row_autocast(config):
-                got = model(x)[:samples].float()
+                got = [out[:samples].float() for out in _outputs(model(x))]
             images = x[:samples].float().contiguous()  # the reference runs fp32 (a cast row's input is not)
             if same_model:
-                expected = model(images).float()
+                expected = [out.float() for out in _outputs(model(images))]
             else:
                 torch.manual_seed(BUILD_SEED)
                 build = build_model or default_build()
                 reference = build(config.model, reference_name, **build_kwargs(config))
                 reference = reference_implementation.prepare(reference, Target(config.device))
-                expected = reference(images).float()
+                expected = [out.float() for out in _outputs(reference(images))]
                 del reference
     except Exception as err:
         return None, f"not checked: the reference failed ({one_line(err)})"
     finally:
         free_memory(device)
-    if got.shape != expected.shape:
-        return None, f"not checked: output {list(got.shape)} vs reference {list(expected.shape)}"
-    diff = (got - expected).abs().max().item()
-    relative = diff / max(1.0, expected.abs().max().item())
-    agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
+    shapes = ([list(t.shape) for t in got], [list(t.shape) for t in expected])
+    if shapes[0] != shapes[1]:
+        shown = [s[0] if len(s) == 1 else s for s in shapes]
+        return None, f"not checked: output {shown[0]} vs reference {shown[1]}"
+    diffs = [(a - b).abs().max().item() for a, b in zip(got, expected)]
+    relatives = [d / max(1.0, b.abs().max().item()) for d, b in zip(diffs, expected)]
     tolerance = PARITY_TOLERANCE[config.precision]
-    ok = relative <= tolerance and (agreement == 1.0 or config.precision != "fp32")
-    return Parity(reference_name, samples, diff, relative, agreement, tolerance, ok), None
+    if config.features:  # four maps: each within tolerance; no classes to agree on
+        ok = max(relatives) <= tolerance
+        return Parity(reference_name, samples, max(diffs), max(relatives), None, tolerance, ok, relatives), None
+    agreement = (got[0].argmax(1) == expected[0].argmax(1)).float().mean().item()
+    ok = relatives[0] <= tolerance and (agreement == 1.0 or config.precision != "fp32")
+    return Parity(reference_name, samples, diffs[0], relatives[0], agreement, tolerance, ok), None
+
+
+def _outputs(value: Any) -> list[torch.Tensor]:
+    """A model's outputs as a list: [logits], or a features-only backbone's maps (a list or tuple)."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]

@@ -22,9 +22,11 @@ def default_build() -> BuildModel:
 
 
 def build_kwargs(config: BenchConfig) -> dict[str, Any]:
-    """The model sized for the row's resolution (see implementations.resolution_kwargs), with its weights."""
+    """The model sized for the row's resolution (see implementations.resolution_kwargs), with its weights, as a
+    features-only backbone where the row asks for one."""
     weights = {"weights": config.weights} if config.weights is not None else {}
-    return {**resolution_kwargs(config.model, config.resolution), **weights}
+    features = {"features_only": True} if config.features else {}
+    return {**resolution_kwargs(config.model, config.resolution), **weights, **features}
 
 
 def target(config: BenchConfig, compile_backend: str = "inductor", compile_mode: str | None = None) -> Target:
@@ -53,9 +55,10 @@ def describe(config: BenchConfig, model: nn.Module, compile_backend: str = "indu
 
 
 def make_input(config: BenchConfig) -> torch.Tensor:
-    """A random image batch [batch_size, 3, resolution, resolution] on the config's device and memory format
-    (in the cast dtype with config.cast)."""
-    x = torch.randn(config.batch_size, 3, config.resolution, config.resolution, device=config.device)
+    """A random image batch [batch_size, 3, height, width] on the config's device and memory format (in the cast
+    dtype with config.cast)."""
+    size = config.resolution
+    x = torch.randn(config.batch_size, 3, size.height, size.width, device=config.device)
     x = x if not config.cast else x.to(PRECISIONS[config.precision])
     return x.contiguous(memory_format=torch.channels_last) if config.channels_last else x
 

@@ -8,6 +8,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..sizes import Size
+
 
 class _ReferenceBlock(nn.Module):
     """x + mlp(norm(x)) after x + (pool(norm(x)) - norm(x)): a pooling block written with plain torch ops."""
@@ -24,11 +26,11 @@ class _ReferenceBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def reference_workload(device: str, batch_size: int, resolution: int) -> Callable[[], Any]:
+def reference_workload(device: str, batch_size: int, resolution: Size | int) -> Callable[[], Any]:
     """A fixed plain-torch network, independent of this package's code: a half-depth PoolFormer-S12 (7x7/4
     stem, pooling blocks at 64/128/320/512 channels with depths 1/1/3/1, 3x3/2 downsampling) on an fp32 input
-    [batch_size, 3, resolution, resolution]. Same op mix as the models, so a busy or slow machine affects it
-    the way it affects them (a simpler workload was measured to react differently, e.g. to a neighbour on
+    [batch_size, 3, height, width] (`resolution`; an int is a square). Same op mix as the models, so a busy or
+    slow machine affects it the way it affects them (a simpler workload was measured to react differently, e.g. to a neighbour on
     the same core); scaled with the configuration, so each model step is paired with a reference run of
     similar length. Its speed tracks the machine and torch, not our code. See BenchSettings.normalised."""
     generator = torch.Generator().manual_seed(0)
@@ -42,7 +44,8 @@ def reference_workload(device: str, batch_size: int, resolution: int) -> Callabl
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
     net = net.to(device)
-    x = torch.randn(batch_size, 3, resolution, resolution, generator=generator).to(device)
+    size = Size.of(resolution)
+    x = torch.randn(batch_size, 3, size.height, size.width, generator=generator).to(device)
     device_type = torch.device(device).type
 
     def run() -> None:

@@ -7,9 +7,10 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from ..errors import ConfigError
-
 from ..distributed import Distributed, barrier
+from ..errors import ConfigError
+from ..implementations import check_features
+from ..sizes import Size
 from .config import BenchConfig, BenchResult, BenchSettings, BuildModel, check_config, check_settings
 from .inference import run_config
 from .models import ModelCache
@@ -18,11 +19,18 @@ from .train import run_train_config
 
 
 def expand_configs(models: Iterable[str], impls: Iterable[str], device: str, batch_sizes: Iterable[int],
-                   resolutions: Iterable[int], precisions: Iterable[str], channels_last: bool,
+                   resolutions: Iterable[Size | int], precisions: Iterable[str], channels_last: bool,
                    compile: bool, weights: str | None = None, cast: bool = False, modes: Iterable[str] = ("inference",),
-                   optimizer: str = "sgd", grad_checkpointing: Iterable[bool] = (False,)) -> list[BenchConfig]:
+                   optimizer: str = "sgd", grad_checkpointing: Iterable[bool] = (False,),
+                   features: bool = False) -> list[BenchConfig]:
     """Every combination, in the order model > mode > impl > precision > resolution > gradient checkpointing >
-    batch size (cast applies to bf16/fp16 inference rows only; optimizer and checkpointing to train rows)."""
+    batch size (cast applies to bf16/fp16 inference rows only; optimizer and checkpointing to train rows).
+    resolutions: sizes (an int is a square). features: every row times the features-only backbone (ConfigError
+    where a model or implementation cannot build one: a timm peer, a runtime)."""
+    models, impls, resolutions = list(models), list(impls), [Size.of(r).check() for r in resolutions]
+    for model in models:
+        for impl in impls:
+            check_features(model, impl, features)
     rows = []
     for m in models:
         for mode in modes:
@@ -33,7 +41,8 @@ def expand_configs(models: Iterable[str], impls: Iterable[str], device: str, bat
                         for ckpt in (grad_checkpointing if train else (False,)):
                             rows.extend(BenchConfig(m, i, device, b, r, p, channels_last, compile, weights,
                                                     cast and p != "fp32" and not train, mode,
-                                                    optimizer if train else None, ckpt) for b in batch_sizes)
+                                                    optimizer if train else None, ckpt, features)
+                                        for b in batch_sizes)
     return rows
 
 

@@ -1,4 +1,5 @@
-"""Fast exact inference for PoolFormer v1 and v2: `optimize(model)` gives the same logits, faster.
+"""Fast exact inference for PoolFormer v1 and v2: `optimize(model)` gives the same logits, faster (and for a
+features-only model, the dense tasks' backbone, the same four normalised stage maps).
 
 What lives here:
 - `folding`: the algebra. The reference model's weights are rewritten once into a few tensors (norm
@@ -22,7 +23,9 @@ What lives here:
   hardware can do (`poolformer.capabilities`).
 
 Precision: float32 by default; bfloat16/float16 with `optimize(model, dtype=...)` or under torch.autocast,
-with statistics accumulated in float32 and the head in float32. Logits are always float32.
+with statistics accumulated in float32 and the head in float32. Logits are always float32; a backbone's maps
+come in the compute dtype (float32 from the OpenVINO and ONNX Runtime backends), their output norms computed
+with float32 statistics and affine.
 """
 
 from .folding import FoldedBlock, FoldedModel, FoldedStage, Plan, fold, pool_minus_identity_weight

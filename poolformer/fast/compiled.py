@@ -13,7 +13,8 @@ The graph: channels-last activations; per block the sample's sigma (float32 stat
 avg_pool2d(count_include_pad=False) scaled by mix_scale / sigma, norm2 as a plain standardisation (its affine
 is folded into fc1), fc1 -> activation -> fc2 as 1x1 convolutions (oneDNN's packed primitive under freezing;
 float32 linears went to a slower MKL kernel) and the residual. Element-wise work runs in float32 and is stored
-in the compute dtype.
+in the compute dtype. A features-only model's graph ends in its four output norms (GroupNorm(1) of each
+stage's map) instead of the head.
 """
 
 from __future__ import annotations
@@ -86,6 +87,15 @@ def _inv_sigma(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(var + eps).view(-1, 1, 1, 1)
 
 
+def _group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """GroupNorm(1) of a channels-last [B, C, H, W] map (a features-only model's output norm): statistics and
+    affine in float32, stored in x's dtype."""
+    wide = x.float()
+    var, mean = torch.var_mean(_samples(wide), dim=1, correction=0)
+    out = (wide - mean.view(-1, 1, 1, 1)) * (torch.rsqrt(var + eps).view(-1, 1, 1, 1) * weight.view(1, -1, 1, 1))
+    return (out if bias is None else out + bias.view(1, -1, 1, 1)).to(x.dtype)
+
+
 def _channel_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """LayerNorm over channels of [B, C, H, W] (v2's stem and downsampling norms; no bias), in float32."""
     wide = x.float()
@@ -96,8 +106,9 @@ def _channel_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float
 
 class FoldedGraph(nn.Module):
     """The folded model in `dtype` as a module of plain operators over channels-last [B, C, H, W] tensors, its
-    weights as buffers (constants under inductor's freezing). Input images [B, 3, H, W], output float32 logits.
-    Runs eagerly too (that is how the tests check it without compiling)."""
+    weights as buffers (constants under inductor's freezing). Input images [B, 3, H, W], output float32 logits
+    (a features-only model: the list of its four normalised stage maps, in `dtype`). Runs eagerly too (that is
+    how the tests check it without compiling)."""
 
     def __init__(self, folded: FoldedModel, plan: Plan, dtype: torch.dtype):
         super().__init__()
@@ -116,10 +127,18 @@ class FoldedGraph(nn.Module):
             self.stages.append(nn.Sequential(*(_Block(b, plan.pool_size, plan.activation) for b in stage.blocks)))
         _buffer(self, "head_weight", folded.head_weight)
         _buffer(self, "head_bias", folded.head_bias)
+        self.feature_norms = nn.ModuleList()
+        for norm in folded.feature_norms:
+            module = nn.Module()
+            _buffer(module, "weight", norm.weight)
+            _buffer(module, "bias", norm.bias)
+            module.eps = norm.eps
+            self.feature_norms.append(module)
         self.eval()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         plan = self.plan
+        maps = []
         x = images.to(self.dtype).contiguous(memory_format=torch.channels_last)
         x = F.conv2d(x, self.stem_weight, self.stem_bias, stride=4, padding=2)
         if self.stem_norm_weight is not None:
@@ -130,6 +149,9 @@ class FoldedGraph(nn.Module):
                     x = _channel_layer_norm(x, None, plan.down_norm_eps)
                 x = F.conv2d(x, down.weight, down.bias, stride=2, padding=1)
             x = blocks(x)
+            maps.append(x)
+        if plan.features_only:
+            return [_group_norm(m, norm.weight, norm.bias, norm.eps) for m, norm in zip(maps, self.feature_norms)]
         return self._head(x.float())
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:

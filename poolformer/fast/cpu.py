@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layers import window_counts
-from .folding import FoldedBlock, FoldedModel, Plan
+from .folding import FeatureNorm, FoldedBlock, FoldedModel, Plan
 
 ONEDNN_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "silu": "swish", "starrelu": "relu"}
 PORTABLE_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "starrelu": F.relu}
@@ -280,14 +280,50 @@ def downsample_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return conv_channels_last(x, weight, bias, 2, 1, packs)
 
 
-def features_forward(x: torch.Tensor, folded: FoldedModel, plan: Plan, onednn: bool = False,
-                     packs: ConvPacks | None = None) -> torch.Tensor:
-    """Stem and stages: images [B, 3, H, W] in the compute dtype -> last map [B, H/32, W/32, C] channels-last.
-    `packs` (oneDNN only): where the dense convolutions keep their packed weights."""
+def stages_forward(x: torch.Tensor, folded: FoldedModel, plan: Plan, onednn: bool = False,
+                   packs: ConvPacks | None = None) -> list[torch.Tensor]:
+    """Stem and stages: images [B, 3, H, W] in the compute dtype -> every stage's output map [B, H_i, W_i, C_i]
+    channels-last (strides 4, 8, 16, 32). `packs` (oneDNN only): where the dense convolutions keep their packed
+    weights."""
     x = stem_forward(x, folded, plan, packs)
+    maps = []
     for stage in folded.stages:
         if stage.down_weight is not None:
             x = downsample_forward(x, stage.down_weight, stage.down_bias, plan, packs)
         for block in stage.blocks:
             x = block_forward(x, block, stage.pool_minus_identity, plan, onednn)
-    return x
+        maps.append(x)
+    return maps
+
+
+def features_forward(x: torch.Tensor, folded: FoldedModel, plan: Plan, onednn: bool = False,
+                     packs: ConvPacks | None = None) -> torch.Tensor:
+    """Images [B, 3, H, W] in the compute dtype -> last map [B, H/32, W/32, C] channels-last."""
+    return stages_forward(x, folded, plan, onednn, packs)[-1]
+
+
+def feature_norm_forward(x: torch.Tensor, norm: FeatureNorm) -> torch.Tensor:
+    """A features-only model's output norm, GroupNorm(1), on a stage's map: [B, H, W, C] channels-last -> the
+    normalised map [B, C, H, W] (a channels-last view) in x's dtype, statistics and affine in float32.
+
+    The statistics are LayerNorm's over each sample (its kernel's centred variance, as accurate as group_norm's
+    on maps far from zero mean, where the sums of per_sample_inv_sigma lose digits; its own output is not
+    used). Then per-sample, per-channel scale w_c / sigma_b and shift b_c - mu_b w_c / sigma_b: in float32 one
+    addcmul over the map; in reduced precision BatchNorm's kernel per sample (float32 inside, one rounding at
+    the end; a mixed-dtype addcmul ran 2-5x slower). Not F.group_norm: on channels-last maps its CPU kernel
+    lost three digits of the variance far from zero mean, and a transpose to NCHW costs two passes.
+    """
+    batch, channels = x.shape[0], x.shape[-1]
+    flat = x.reshape(batch, -1)
+    _, mean, inv_sigma = torch.native_layer_norm(flat, [flat.shape[1]], None, None, norm.eps)
+    mean, inv_sigma = mean.view(-1).float(), inv_sigma.view(-1).float()
+    images = x.permute(0, 3, 1, 2)
+    if x.dtype != torch.float32:
+        variances = inv_sigma.reciprocal().square()  # with eps 0 below, BatchNorm's 1 / sqrt(var) is inv_sigma
+        return torch.cat([F.batch_norm(images[i:i + 1], mean[i].expand(channels), variances[i].expand(channels),
+                                       norm.weight, norm.bias, False, 0.0, 0.0) for i in range(batch)])
+    scale = norm.weight[None, :] * inv_sigma[:, None]  # [B, C]
+    shift = -mean[:, None] * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return torch.addcmul(shift.view(batch, 1, 1, channels), x, scale.view(batch, 1, 1, channels)).permute(0, 3, 1, 2)

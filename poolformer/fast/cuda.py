@@ -4,10 +4,10 @@ poolformer_s12), not by the GPU, so repeated shapes are captured once and replay
 `GraphCache` keeps one captured graph per key (input shape, input dtype, device and whatever else the caller
 puts in the key, e.g. the compute dtype) after `warmup_calls` ordinary calls with that key (the first calls
 compile the Triton kernels and let cuDNN pick its algorithms; neither may happen during a capture). A graph
-reads from a static input buffer and writes to a static output buffer, so each call copies the caller's input
-in (the caller may reuse or change its tensor afterwards) and returns a copy of the output (the next replay
-overwrites the buffer). Graphs hold their own memory pool, so at most `max_graphs` are kept (least recently
-used dropped first).
+reads from a static input buffer and writes to static output buffers (one tensor, or a list: a features-only
+model's maps), so each call copies the caller's input in (the caller may reuse or change its tensor
+afterwards) and returns copies of the outputs (the next replay overwrites the buffers). Graphs hold their
+own memory pool, so at most `max_graphs` are kept (least recently used dropped first).
 
 POOLFORMER_CUDA_GRAPHS=0 (or `optimize(..., cuda_graphs=False)`) turns graphs off, for debugging.
 """
@@ -24,7 +24,8 @@ GRAPHS_ENV = "POOLFORMER_CUDA_GRAPHS"
 WARMUP_CALLS = 2
 MAX_GRAPHS = 8
 
-Forward = Callable[[torch.Tensor], torch.Tensor]
+Output = torch.Tensor | list[torch.Tensor]
+Forward = Callable[[torch.Tensor], Output]
 
 
 def graphs_enabled_by_env() -> bool:
@@ -39,7 +40,7 @@ class CapturedGraph:
     """A replayable computation: replay() recomputes `static_output` from `static_input` in place."""
 
     static_input: torch.Tensor
-    static_output: torch.Tensor
+    static_output: Output
     replay: Callable[[], None]
 
 
@@ -80,7 +81,7 @@ class GraphCache:
     def key(x: torch.Tensor, extra: Hashable = None) -> Hashable:
         return tuple(x.shape), x.dtype, x.device, extra
 
-    def __call__(self, forward: Forward, x: torch.Tensor, extra: Hashable = None) -> torch.Tensor:
+    def __call__(self, forward: Forward, x: torch.Tensor, extra: Hashable = None) -> Output:
         key = self.key(x, extra)
         graph = self.graphs.get(key)
         if graph is None:
@@ -96,6 +97,8 @@ class GraphCache:
         self.graphs.move_to_end(key)
         graph.static_input.copy_(x)
         graph.replay()
+        if isinstance(graph.static_output, list):
+            return [t.clone() for t in graph.static_output]
         return graph.static_output.clone()
 
     def clear(self) -> None:

@@ -15,6 +15,9 @@ kernels need (no retraining, no new weights; the reference model is left untouch
    v2's downsampling LayerNorm (no bias) folds its weight into the following convolution.
 3. The heads fold too: v1 normalises the map then averages, which equals normalising the averaged map
    with the map's statistics; both heads' affines fold into the classifier.
+4. A features-only model (the dense tasks' backbone) has no head but an output norm per stage, GroupNorm(1)
+   over the stage's map: it needs that map's own per-sample statistics, so it stays a norm (`FeatureNorm`,
+   the affine kept) applied to each stage's output; the maps the next stage reads are left unnormalised.
 
 Everything is computed in float64 and stored in float32; `FoldedModel.to` converts for a compute dtype.
 """
@@ -71,6 +74,17 @@ class FoldedStage:
 
 
 @dataclass(frozen=True)
+class FeatureNorm:
+    """A features-only model's output norm of one stage (the official `norm0/2/4/6`): GroupNorm(1) over the
+    stage's map [B, C, H, W], per-channel weight [C] and bias [C] (None for v2's bias-free norm), eps inside
+    the root: y = weight * (x - mu_b) / sqrt(var_b + eps) + bias."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    eps: float
+
+
+@dataclass(frozen=True)
 class FoldedModel:
     """All tensors the fast forward needs, in one dtype on one device."""
 
@@ -78,13 +92,15 @@ class FoldedModel:
     stem_bias: torch.Tensor
     stem_norm_weight: torch.Tensor | None  # v2: LayerNorm over channels after the stem (no bias)
     stages: tuple[FoldedStage, ...]
-    head_weight: torch.Tensor  # [num_classes, C]; the head norm's affine folded in (identity if no classifier)
-    head_bias: torch.Tensor
+    # [num_classes, C]; the head norm's affine folded in (identity if no classifier); None: features-only model
+    head_weight: torch.Tensor | None
+    head_bias: torch.Tensor | None
+    feature_norms: tuple[FeatureNorm, ...] = ()  # a features-only model's, one per stage; () for a classifier
 
     def to(self, dtype: torch.dtype, device: torch.device | str) -> FoldedModel:
         """A copy with every tensor converted and contiguous (convolution weights channels-last); the head
-        stays float32 (it is tiny and sets the logits)."""
-        return _convert(self, dtype, torch.device(device), keep_float=("head_weight", "head_bias"))
+        and the output norms stay float32 (they are tiny, and set the logits or the maps' affine)."""
+        return _convert(self, dtype, torch.device(device), keep_float=("head_weight", "head_bias", "feature_norms"))
 
 
 def _convert(value, dtype, device, keep_float=()):
@@ -114,10 +130,11 @@ class Plan:
     pool_size: int
     stem_norm_eps: float | None
     down_norm_eps: float | None  # None: no norm before downsampling (v1)
-    head_norm_eps: float
+    head_norm_eps: float | None  # None: features-only model (no head)
     head_norm_on: str  # "map" (v1) or "pooled" (v2)
     activation: str  # a key of SUPPORTED_ACTIVATIONS
     has_classifier: bool
+    features_only: bool = False  # outputs: each stage's map through its FeatureNorm, not logits
 
 
 # ---------------------------------------------------------------------------------------------- folding
@@ -132,8 +149,6 @@ def _check_supported(model: nn.Module) -> None:
     if not isinstance(model, MetaFormer):
         raise ConfigError(f"optimize() takes a poolformer MetaFormer, not {type(model).__name__}")
     arch = model.arch
-    if model.head is None:
-        raise ConfigError("the fast path runs classifiers, not features-only models; use --impl ours")
     if set(arch.token_mixers) != {"pooling"}:
         mixers = "/".join(sorted(set(arch.token_mixers)))
         raise ConfigError(f"the fast path handles pooling token mixers only, not {mixers}; use --impl ours")
@@ -147,9 +162,13 @@ def _check_supported(model: nn.Module) -> None:
     for stage in list(model.stages)[1:]:
         if not (isinstance(stage.downsample.norm, nn.Identity) or _is_bias_free_layernorm(stage.downsample.norm)):
             raise ConfigError("the fast path handles no norm or a bias-free LayerNorm before downsampling")
-    head_norm = GroupNorm1 if arch.head_norm_on == "map" else LayerNormChannels
-    if not isinstance(model.head.norm, head_norm):
-        raise ConfigError(f"the fast path does not handle a {type(model.head.norm).__name__} head norm")
+    if model.head is None:
+        if not all(isinstance(norm, GroupNorm1) for norm in model.feature_norms):
+            raise ConfigError("the fast path handles GroupNorm output norms of a features-only model only")
+    else:
+        head_norm = GroupNorm1 if arch.head_norm_on == "map" else LayerNormChannels
+        if not isinstance(model.head.norm, head_norm):
+            raise ConfigError(f"the fast path does not handle a {type(model.head.norm).__name__} head norm")
     if any(stage.pos_embed is not None for stage in model.stages):
         raise ConfigError("the fast path does not handle position embeddings")
 
@@ -237,13 +256,19 @@ def _fold_head(model: MetaFormer) -> tuple[torch.Tensor, torch.Tensor]:
     return (weight * gamma[None, :]).float(), (bias + weight @ beta).float()
 
 
+def _feature_norm(norm: GroupNorm1) -> FeatureNorm:
+    bias = norm.bias.detach().float() if norm.bias is not None else None
+    return FeatureNorm(norm.weight.detach().float(), bias, norm.eps)
+
+
 def fold(model: MetaFormer) -> tuple[FoldedModel, Plan]:
     """The folded float32 tensors and the plan of a supported MetaFormer (raises ConfigError otherwise)."""
     _check_supported(model)
     arch = model.arch
     stem_norm = model.stem.norm
     down_norms = [s.downsample.norm for s in list(model.stages)[1:]]
-    head_weight, head_bias = _fold_head(model)
+    features_only = model.head is None
+    head_weight, head_bias = (None, None) if features_only else _fold_head(model)
     folded = FoldedModel(
         stem_weight=model.stem.conv.weight.detach().float(),
         stem_bias=model.stem.conv.bias.detach().float(),
@@ -251,14 +276,16 @@ def fold(model: MetaFormer) -> tuple[FoldedModel, Plan]:
         stages=tuple(_fold_stage(s, arch.pool_size) for s in model.stages),
         head_weight=head_weight,
         head_bias=head_bias,
+        feature_norms=tuple(_feature_norm(n) for n in model.feature_norms) if features_only else (),
     )
     plan = Plan(
         pool_size=arch.pool_size,
         stem_norm_eps=stem_norm.eps if isinstance(stem_norm, LayerNormChannels) else None,
         down_norm_eps=down_norms[0].eps if down_norms and isinstance(down_norms[0], LayerNormChannels) else None,
-        head_norm_eps=model.head.norm.eps,
+        head_norm_eps=None if features_only else model.head.norm.eps,
         head_norm_on=arch.head_norm_on,
         activation=arch.act,
-        has_classifier=isinstance(model.head.fc, nn.Linear),
+        has_classifier=not features_only and isinstance(model.head.fc, nn.Linear),
+        features_only=features_only,
     )
     return folded, plan

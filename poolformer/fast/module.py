@@ -20,8 +20,12 @@ Backends (the kernels one forward runs on), chosen once per (dtype, device) the 
 
 `backend="auto"` takes the first of these that can run the dtype on the device; where it passed over the
 Triton kernels on a GPU, `FastPoolFormer.backend_note` says why in one line (the command line prints it).
-`forward_features` (maps, not logits) never runs in a runtime or the compiled graph (it takes oneDNN or the
-portable path). The environment variable
+Every backend runs features-only models too (`create_model(..., features_only=True)`, the dense tasks'
+backbone): `forward` then gives the four stage maps, each through its GroupNorm(1) output norm, computed
+from the map's own per-sample statistics (see `poolformer.fast.cpu.feature_norm_forward`; on the Triton
+kernels, the statistics the stage's last block writes anyway, applied by one more kernel). `forward_features`
+(the last map, unnormalised) never runs in a runtime or the compiled graph (it takes oneDNN or the portable
+path). The environment variable
 POOLFORMER_FAST_BACKEND forces one backend everywhere (tests use it to cover every path on any host).
 
 On CUDA every forward goes through CUDA graphs (`poolformer.fast.cuda`) unless turned off.
@@ -49,7 +53,7 @@ from .triton.weights import TritonModel, prepare
 BACKEND_ENV = "POOLFORMER_FAST_BACKEND"
 BACKENDS = settings.SETTINGS[BACKEND_ENV].choices  # auto, then every backend (see the docstring)
 RUNTIME_BACKENDS = {backend: runtime for runtime, backend in runtime_backends.BACKEND_NAMES.items()}  # -> runtime
-GRAPH_BACKENDS = (*RUNTIME_BACKENDS, "inductor")  # whole-graph backends: logits only, no feature maps
+GRAPH_BACKENDS = (*RUNTIME_BACKENDS, "inductor")  # whole-graph backends: the model's outputs, no last map
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -136,7 +140,9 @@ class Prepared:
 
 class FastPoolFormer(nn.Module):
     """Inference-only PoolFormer with the reference model's outputs. Input [B, 3, H, W] (any H, W >= 32),
-    output float32 logits [B, num_classes].
+    output float32 logits [B, num_classes]; for a features-only model (`features_only`) the list of four
+    normalised stage maps [B, C_i, H_i, W_i] (channels-last in memory; in the compute dtype, float32 from the
+    OpenVINO and ONNX Runtime backends).
 
     Runs in `dtype` (float32 unless given), or in bfloat16/float16 when called under autocast. Weights are
     converted to each (dtype, device) it meets once and cached, with the backend chosen for them
@@ -159,6 +165,7 @@ class FastPoolFormer(nn.Module):
         self.spec = getattr(model, "spec", None)
         self.arch = model.arch
         self.num_classes = model.num_classes
+        self.features_only = self.plan.features_only
         self._cache: dict[tuple, Prepared] = {}
         self._triton_failures: dict[tuple, str] = {}  # (dtype, device) -> why the kernels were given up there
         self._triton_ran: set[tuple] = set()  # (dtype, device) where a forward on the kernels succeeded
@@ -223,7 +230,7 @@ class FastPoolFormer(nn.Module):
         return self._cache[key]
 
     def _torch_path(self, dtype: torch.dtype, device: torch.device) -> Prepared:
-        """oneDNN or portable, for what a whole-graph backend does not give (feature maps)."""
+        """oneDNN or portable, for what a whole-graph backend does not give (the last map, unnormalised)."""
         prepared = self.prepared(dtype, device)
         if prepared.backend not in GRAPH_BACKENDS:
             return prepared
@@ -259,40 +266,41 @@ class FastPoolFormer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, C, H/32, W/32] (a channels-last view), like MetaFormer.forward_features."""
-        return self._run(x, features_only=True)
+        return self._run(x, last_map=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x, features_only=False)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Logits, or a features-only model's four normalised maps (see the class docstring)."""
+        return self._run(x, last_map=False)
 
-    def _run(self, x: torch.Tensor, features_only: bool) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, last_map: bool) -> torch.Tensor | list[torch.Tensor]:
         if x.ndim != 4 or x.shape[1] != self.folded.stem_weight.shape[1]:
             raise ConfigError(f"expected images [B, {self.folded.stem_weight.shape[1]}, H, W], got {list(x.shape)}")
         dtype = self.compute_dtype(x)
         prepared = self.prepared(dtype, x.device)
-        if prepared.backend in RUNTIME_BACKENDS and not features_only:
+        if prepared.backend in RUNTIME_BACKENDS and not last_map:
             with torch.no_grad():
                 return prepared.session(x)
-        if prepared.backend == "inductor" and not features_only:
+        if prepared.backend == "inductor" and not last_map:
             with torch.autocast(x.device.type, enabled=False):
                 return prepared.graph(x)
         prepared = self._torch_path(dtype, x.device)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             try:
-                out = self._forward_or_replay(x, dtype, prepared, features_only)
+                out = self._forward_or_replay(x, dtype, prepared, last_map)
             except Exception as err:
                 if not self._may_give_up_triton(prepared, dtype, x.device, err):
                     raise
-                return self._run(x, features_only)
+                return self._run(x, last_map)
         if prepared.backend == "triton":
             self._triton_ran.add((dtype, x.device))
         return out
 
     def _forward_or_replay(self, x: torch.Tensor, dtype: torch.dtype, prepared: Prepared,
-                           features_only: bool) -> torch.Tensor:
+                           last_map: bool) -> torch.Tensor | list[torch.Tensor]:
         if self._use_graphs(x, prepared):
-            return self.graphs(lambda images: self._forward(images, dtype, prepared, features_only), x,
-                               extra=(dtype, features_only))
-        return self._forward(x, dtype, prepared, features_only)
+            return self.graphs(lambda images: self._forward(images, dtype, prepared, last_map), x,
+                               extra=(dtype, last_map))
+        return self._forward(x, dtype, prepared, last_map)
 
     def _may_give_up_triton(self, prepared: Prepared, dtype: torch.dtype, device: torch.device,
                             err: Exception) -> bool:
@@ -318,19 +326,23 @@ class FastPoolFormer(nn.Module):
             return False
         return prepared.backend != "triton" or not availability.triton_interprets()
 
-    def _forward(self, x: torch.Tensor, dtype: torch.dtype, prepared: Prepared, features_only: bool) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, dtype: torch.dtype, prepared: Prepared,
+                 last_map: bool) -> torch.Tensor | list[torch.Tensor]:
         if prepared.backend == "triton":
             run = TritonForward(self.tiles, self.recorder)
+            if self.features_only and not last_map:
+                return [m.permute(0, 3, 1, 2) for m in run.feature_maps(x, prepared.triton, self.plan)]
             features = run.features(x, prepared.triton, self.plan)
-            if features_only:
+            if last_map:
                 return features.permute(0, 3, 1, 2)
             return run.head(features, prepared.triton, self.plan)
         images = x.to(dtype).contiguous(memory_format=torch.channels_last)
-        features = cpu.features_forward(images, prepared.folded, self.plan, prepared.backend == "onednn",
-                                        prepared.packs)
-        if features_only:
-            return features.permute(0, 3, 1, 2)
-        return cpu.head_forward(features, prepared.folded, self.plan)
+        maps = cpu.stages_forward(images, prepared.folded, self.plan, prepared.backend == "onednn", prepared.packs)
+        if last_map:
+            return maps[-1].permute(0, 3, 1, 2)
+        if self.features_only:
+            return [cpu.feature_norm_forward(m, norm) for m, norm in zip(maps, prepared.folded.feature_norms)]
+        return cpu.head_forward(maps[-1], prepared.folded, self.plan)
 
     def extra_repr(self) -> str:
         name = self.spec.name if self.spec is not None else "MetaFormer"

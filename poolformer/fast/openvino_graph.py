@@ -12,7 +12,9 @@ two element-wise passes that each write a full map. Per block:
 
 pool(n) - n equals (pool(x) - x) / sigma because pooling keeps constants (poolformer.fast.folding), so this is
 the folded algebra with the standardisation done by MVN. v1's head is mean_hw(MVN(map)); v2's the LayerNorm
-(MVN over channels) of mean_hw(map). v2's stem and downsampling LayerNorms are MVNs over the channel axis.
+(MVN over channels) of mean_hw(map). v2's stem and downsampling LayerNorms are MVNs over the channel axis. A
+features-only model's graph has four outputs instead of logits, `stage1` .. `stage4`: each stage's map through
+its output norm, MVN(map) * weight + bias.
 
 On a 2-core Zen 5 the built graph ran s12 at 1.08-1.11x the same algebra exported to ONNX, fp32 and bf16 at
 batch 1 and 16, and level with OpenVINO's own conversion of the reference model (0.98-1.04x), which makes the
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..model import stage_output_names
 from .folding import FoldedBlock, FoldedModel, Plan
 
 ALL_BUT_BATCH = (1, 2, 3)
@@ -92,11 +95,14 @@ class _Builder:
         out = self.conv(hidden, block.fc2_weight[:, :, None, None], block.fc2_bias)
         return ops.add(out, self.scaled(x1, block.skip_scale2))
 
-    def model(self, folded: FoldedModel, plan: Plan, shape: tuple[int, int, int, int], dynamic_batch: bool) -> Any:
+    def model(self, folded: FoldedModel, plan: Plan, shape: tuple[int, int, int, int], dynamic_batch: bool,
+              dynamic_size: bool) -> Any:
         import openvino as ov
 
         ops = self.ops
-        images = ops.parameter([-1 if dynamic_batch else shape[0], *shape[1:]], ov.Type.f32, name="images")
+        sides = [-1, -1] if dynamic_size else list(shape[2:])
+        images = ops.parameter([-1 if dynamic_batch else shape[0], shape[1], *sides], ov.Type.f32, name="images")
+        maps = []
         x = self.conv(images, folded.stem_weight, folded.stem_bias, stride=4, padding=2)
         if folded.stem_norm_weight is not None:
             x = self.scaled(self.standardise(x, CHANNELS, plan.stem_norm_eps), folded.stem_norm_weight)
@@ -107,6 +113,15 @@ class _Builder:
                 x = self.conv(x, stage.down_weight, stage.down_bias, stride=2, padding=1)
             for block in stage.blocks:
                 x = self.block(x, block, plan.pool_size, plan.activation)
+            maps.append(x)
+        if plan.features_only:
+            outputs = []
+            for name, x, norm in zip(stage_output_names(len(maps)), maps, folded.feature_norms):
+                out = self.scaled(self.standardise(x, ALL_BUT_BATCH, norm.eps), norm.weight)
+                out = out if norm.bias is None else ops.add(out, self.channel_vector(norm.bias))
+                out.output(0).get_tensor().set_names({name})
+                outputs.append(out)
+            return ov.Model(outputs, [images], "poolformer_folded_features")
         if plan.head_norm_on == "map":  # mean_hw(GN(x)) = mean_hw of the standardised map (affine in the classifier)
             pooled = ops.reduce_mean(self.standardise(x, ALL_BUT_BATCH, plan.head_norm_eps), self.axes(SPATIAL), False)
         else:
@@ -117,9 +132,11 @@ class _Builder:
         return ov.Model([logits], [images], "poolformer_folded")
 
 
-def build_model(folded: FoldedModel, plan: Plan, shape: tuple[int, ...], dynamic_batch: bool = False) -> Any:
+def build_model(folded: FoldedModel, plan: Plan, shape: tuple[int, ...], dynamic_batch: bool = False,
+                dynamic_size: bool = False) -> Any:
     """An `openvino.Model` of the folded model taking float32 images of `shape` [B, 3, H, W] (static; with
-    `dynamic_batch`, any B) to float32 logits [B, num_classes]. Needs openvino installed."""
+    `dynamic_batch` any B, with `dynamic_size` any H, W) to float32 logits [B, num_classes], or a features-only
+    model's four normalised maps. Needs openvino installed."""
     if len(shape) != 4:
         raise ConfigError(f"expected an image batch shape [B, 3, H, W], got {list(shape)}")
-    return _Builder().model(folded, plan, tuple(int(v) for v in shape), dynamic_batch)
+    return _Builder().model(folded, plan, tuple(int(v) for v in shape), dynamic_batch, dynamic_size)

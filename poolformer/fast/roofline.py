@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .folding import FoldedModel, Plan
+from .folding import FeatureNorm, FoldedModel, Plan
 from .triton.availability import REFERENCE_SM_COUNT
 from .triton.chooser import TileChooser
 from .triton.instrument import KernelTraffic
@@ -51,7 +51,10 @@ def fast_traffic(folded: FoldedModel, plan: Plan, batch_size: int, height: int, 
     width] input of `input_dtype` (the stem kernel reads it as it is), with the bytes each reads and writes.
     `folded` is the float32 folded model; `dtype` the compute dtype; interpret: size the statistics buffers for
     the interpreter's tiles instead of the GPU's. Each MLP is counted in the form `tiles` runs it in, where it
-    ran; else in the first of its candidates for a GPU of `sm_count` multiprocessors."""
+    ran; else in the first of its candidates for a GPU of `sm_count` multiprocessors. features_only: a
+    `forward_features` (the last map, no head); a features-only model's forward counts its output norms (and
+    the partials each stage's last block writes for them) instead of a head."""
+    norms = plan.features_only and not features_only
     size = torch.empty(0, dtype=dtype).element_size()
     input_size = torch.empty(0, dtype=input_dtype).element_size()
     traffic: list[KernelTraffic] = []
@@ -66,7 +69,8 @@ def fast_traffic(folded: FoldedModel, plan: Plan, batch_size: int, height: int, 
     if folded.stem_norm_weight is not None:
         activation = batch * h * w * channels * size
         traffic.append(KernelTraffic("stem_norm", activation + channels * size, activation))
-    for stage in folded.stages:
+    for stage_index, stage in enumerate(folded.stages):
+        norm = folded.feature_norms[stage_index] if norms else None
         if stage.down_weight is not None:
             if plan.down_norm_eps is not None:
                 activation = batch * h * w * channels * size
@@ -76,11 +80,14 @@ def fast_traffic(folded: FoldedModel, plan: Plan, batch_size: int, height: int, 
             read = batch * h * w * channels * size + weight_bytes + bias_bytes
             h, w, channels = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1), stage.down_weight.shape[0]
             traffic.append(KernelTraffic("down", read, batch * h * w * channels * size))
-        if not stage.blocks:
-            continue
         rows, hw = batch * h * w, h * w
         activation = rows * channels * size
         tile_rows = elementwise_tile(rows, channels, interpret).block_rows
+        if not stage.blocks:
+            if norms:  # the map's statistics, then its output norm
+                traffic.append(KernelTraffic("stats", activation, _partials_bytes(rows, hw, tile_rows)))
+                traffic.append(_feature_norm_traffic(activation, _partials_bytes(rows, hw, tile_rows), norm))
+            continue
         hidden = stage.blocks[0].fc1_weight.shape[0]
         form = ((tiles.mlp_form_in_use(rows, channels, hidden, dtype) if tiles is not None else None)
                 or mlp_candidates(rows, channels, hidden, dtype, sm_count, interpret)[0])
@@ -97,7 +104,7 @@ def fast_traffic(folded: FoldedModel, plan: Plan, batch_size: int, height: int, 
             weights = 2 * hidden * channels * size + 4 * (
                 hidden * (block.fc1_bias is not None) + hidden * norm_after_fc1(dtype, channels)
                 + channels * (block.fc2_bias is not None) + channels * (block.skip_scale2 is not None))
-            emits = index < len(stage.blocks) - 1
+            emits = index < len(stage.blocks) - 1 or norms
             if isinstance(form, SplitMlp):
                 traffic += _split_mlp_traffic(block, rows, channels, hidden, size, elementwise_partials,
                                               mlp_partials if emits else None)
@@ -108,11 +115,20 @@ def fast_traffic(folded: FoldedModel, plan: Plan, batch_size: int, height: int, 
                 traffic.append(KernelTraffic("mlp", activation + elementwise_partials + weights,
                                              activation + (mlp_partials if emits else 0)))
             incoming = mlp_partials
-    if not features_only:
+        if norms:
+            traffic.append(_feature_norm_traffic(activation, incoming, norm))
+    if not features_only and not plan.features_only:
         classes = folded.head_bias.numel()
         head_reads = batch * h * w * channels * size + (folded.head_weight.numel() + classes) * 4
         traffic.append(KernelTraffic("head", head_reads, batch * classes * 4))
     return traffic
+
+
+def _feature_norm_traffic(activation: int, partials: int, norm: FeatureNorm) -> KernelTraffic:
+    """A features-only model's output norm of one stage: the map, its partials and the float32 affine in, the
+    normalised map out."""
+    vectors = 4 * (norm.weight.numel() + (norm.bias.numel() if norm.bias is not None else 0))
+    return KernelTraffic("feature_norm", activation + partials + vectors, activation)
 
 
 def _split_mlp_traffic(block, rows: int, channels: int, hidden: int, size: int, incoming: int,

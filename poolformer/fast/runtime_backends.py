@@ -43,16 +43,19 @@ def runs(runtime: str, dtype: torch.dtype, device: torch.device) -> bool:
 
 def folded_session(folded: FoldedModel, plan: Plan, runtime: str, dtype: torch.dtype = torch.float32):
     """The folded model run by `runtime` in `dtype` (see `runs`): a `poolformer.runtimes.sessions.RuntimeModule`
-    taking images [B, 3, H, W] to float32 logits, with one export and compiled model per input shape."""
+    taking images [B, 3, H, W] to float32 logits (a features-only model: its four normalised maps), with one
+    export and compiled model per input shape."""
+    from ..model import stage_output_names
     from ..runtimes.exporting import export_onnx
     from ..runtimes.sessions import RuntimeModule
     from .folded_export import FoldedExport
     from .openvino_graph import build_model
 
-    classes, precision = folded.head_weight.shape[0], PRECISIONS[dtype]
+    classes = folded.head_weight.shape[0] if folded.head_weight is not None else 0
+    shared = dict(num_classes=classes, precision=PRECISIONS[dtype], features=plan.features_only)
     if runtime == "openvino":
-        return RuntimeModule(runtime, build=lambda shape: build_model(folded, plan, shape), num_classes=classes,
-                             precision=precision)
+        return RuntimeModule(runtime, build=lambda shape: build_model(folded, plan, shape), **shared)
     module = FoldedExport(folded=folded, plan=plan)
-    return RuntimeModule(runtime, export=lambda path, shape: export_onnx(module, path, shape), num_classes=classes,
-                         precision=precision)
+    outputs = stage_output_names(len(folded.stages)) if plan.features_only else ("logits",)
+    return RuntimeModule(runtime, export=lambda path, shape: export_onnx(module, path, shape, outputs=outputs),
+                         **shared)

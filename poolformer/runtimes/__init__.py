@@ -4,8 +4,8 @@
   (`portable_form`).
 - `sessions`: ONNX Runtime / OpenVINO sessions, and `RuntimeModule`, the nn.Module that bench, predict and
   eval run as `--impl onnxruntime` / `--impl openvino` (or with `--weights FILE.onnx`).
-- `exporting`: ONNX and pt2 export of a module, and `openvino_converter`, OpenVINO's own conversion of a model
-  (what `--impl openvino` runs).
+- `exporting`: ONNX and pt2 export of a module (a features-only model's four outputs stage1..stage4; optionally
+  any input size), and `openvino_converter`, OpenVINO's own conversion of a model (what `--impl openvino` runs).
 
 Nothing here imports the fast path (`poolformer.fast` runs its folded graph on these runtimes, and
 `poolformer.export` writes either form to a file). onnxruntime and openvino are imported when a runner is made;

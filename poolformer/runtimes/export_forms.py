@@ -9,10 +9,12 @@ microsoft/onnxruntime#16203). So the exported graph spells both out:
   and the per-channel affine: nothing but element-wise ops and reductions.
 - pool(x) with count_include_pad=False: a depthwise convolution with weights 1/k^2 (zero padding), times a
   constant [H, W] map of k^2 / (window positions inside the map). The map is fixed by the input size, so these
-  forms export for one resolution (the batch may stay dynamic).
+  forms export for one resolution (the batch may stay dynamic), unless made with `dynamic_size`: then the graph
+  computes the map from its input (the same convolution over a [1, 1, H, W] map of ones) and takes any H, W.
 
-`portable_form(model)` rewrites a MetaFormer that way (same weights, same logits). The fast path's folded
-model is exported with the same operators (`poolformer.fast.folded_export`).
+`portable_form(model)` rewrites a MetaFormer that way (same weights, same outputs: a features-only model's four
+normalised stage maps instead of logits). The fast path's folded model is exported with the same operators
+(`poolformer.fast.folded_export`).
 """
 
 from __future__ import annotations
@@ -34,12 +36,17 @@ def border_factor(height: int, width: int, pool_size: int) -> torch.Tensor:
     return (pool_size**2 / counts).float()[None, None]
 
 
-def mean_pool(x: torch.Tensor, pool_size: int) -> torch.Tensor:
-    """avg_pool2d(x, k, stride 1, padding k//2, count_include_pad=False) as a depthwise conv and a constant map."""
+def mean_pool(x: torch.Tensor, pool_size: int, dynamic_size: bool = False) -> torch.Tensor:
+    """avg_pool2d(x, k, stride 1, padding k//2, count_include_pad=False) as a depthwise conv and a constant map
+    (dynamic_size: the map computed in the graph from x's shape, as the same convolution of ones)."""
     # plain ints: under tracing they become constants, so the exported kernel and map have known shapes
-    channels, height, width = (int(v) for v in x.shape[1:])
+    channels = int(x.shape[1])
     weight = torch.full((channels, 1, pool_size, pool_size), 1.0 / pool_size**2, dtype=x.dtype)
     summed = F.conv2d(x, weight, padding=pool_size // 2, groups=channels)
+    if dynamic_size:  # (positions of the window inside the map) / k^2, for any H, W
+        inside = F.conv2d(torch.ones_like(x[:1, :1]), weight[:1], padding=pool_size // 2)
+        return summed / inside
+    height, width = int(x.shape[2]), int(x.shape[3])
     return summed * border_factor(height, width, pool_size).to(x.dtype)
 
 
@@ -67,22 +74,23 @@ class ExplicitGroupNorm1(nn.Module):
 class ConvPooling(nn.Module):
     """PoolFormer's mixer, pool(x) - x, with the pool as `mean_pool`. [B, C, H, W] -> [B, C, H, W]."""
 
-    def __init__(self, pooling: Pooling):
+    def __init__(self, pooling: Pooling, dynamic_size: bool = False):
         super().__init__()
         self.pool_size = pooling.pool.kernel_size
+        self.dynamic_size = dynamic_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mean_pool(x, self.pool_size) - x
+        return mean_pool(x, self.pool_size, self.dynamic_size) - x
 
 
-def portable_form(model: MetaFormer) -> MetaFormer:
+def portable_form(model: MetaFormer, dynamic_size: bool = False) -> MetaFormer:
     """A copy of `model` whose GroupNorm(1)s and pooling mixers are `ExplicitGroupNorm1` and `ConvPooling`
-    (same parameters, same logits); everything else is left as it is."""
+    (same parameters, same outputs); everything else is left as it is. dynamic_size: see `mean_pool`."""
     twin = copy.deepcopy(model).eval()
     for parent in list(twin.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, GroupNorm1):
                 setattr(parent, name, ExplicitGroupNorm1(child))
             elif isinstance(child, Pooling):
-                setattr(parent, name, ConvPooling(child))
+                setattr(parent, name, ConvPooling(child, dynamic_size))
     return twin

@@ -31,22 +31,37 @@ def _no_autocast():
 
 
 def export_onnx(module: nn.Module, path: str | os.PathLike, shape: tuple[int, ...], opset: int = DEFAULT_OPSET,
-                dynamic_batch: bool = False) -> None:
-    """Trace `module` on zeros of `shape` [B, 3, H, W] and write ONNX (input "images", output "logits")."""
-    axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+                dynamic_batch: bool = False, outputs: tuple[str, ...] = ("logits",),
+                dynamic_size: bool = False) -> None:
+    """Trace `module` on zeros of `shape` [B, 3, H, W] and write ONNX (input "images", outputs named `outputs`:
+    "logits", or a features-only model's stage1 .. stage4), the batch and/or height and width dynamic if asked."""
+    batch = {0: "batch"} if dynamic_batch else {}
+    axes = {"images": {**batch, **({2: "height", 3: "width"} if dynamic_size else {})}}
+    for name in outputs:
+        axes[name] = {**batch, **({2: f"{name}_height", 3: f"{name}_width"} if dynamic_size else {})}
     with torch.no_grad(), _no_autocast(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         torch.onnx.export(module.eval(), (torch.zeros(shape),), str(path), opset_version=opset, dynamo=False,
-                          input_names=["images"], output_names=["logits"], dynamic_axes=axes)
+                          input_names=["images"], output_names=list(outputs),
+                          dynamic_axes=axes if dynamic_batch or dynamic_size else None)
 
 
-def export_pt2(module: nn.Module, path: str | os.PathLike, shape: tuple[int, ...], dynamic_batch: bool = False) -> None:
-    """torch.export the module for `shape` and save the program (load with torch.export.load)."""
-    dynamic = None
+# The input sides a dynamic-size pt2 program takes: from 35, where the stride-32 map has 2 positions a side
+# (torch.export treats a size of 1 as a special case it cannot keep symbolic), to 16384.
+MIN_SIDE, MAX_SIDE = 35, 16384
+
+
+def export_pt2(module: nn.Module, path: str | os.PathLike, shape: tuple[int, ...], dynamic_batch: bool = False,
+               dynamic_size: bool = False) -> None:
+    """torch.export the module for `shape` and save the program (load with torch.export.load); the batch and/or
+    height and width (MIN_SIDE to MAX_SIDE) dynamic if asked."""
+    dims = {}
     if dynamic_batch:
-        dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},)
+        dims[0] = torch.export.Dim("batch", min=1, max=4096)
+    if dynamic_size:
+        dims[2], dims[3] = (torch.export.Dim(side, min=MIN_SIDE, max=MAX_SIDE) for side in ("height", "width"))
     with torch.no_grad(), _no_autocast():
-        program = torch.export.export(module.eval(), (torch.zeros(shape),), dynamic_shapes=dynamic)
+        program = torch.export.export(module.eval(), (torch.zeros(shape),), dynamic_shapes=(dims,) if dims else None)
     torch.export.save(program, str(path))
 
 

@@ -1,6 +1,7 @@
 """ONNX Runtime and OpenVINO behind one small interface, and an nn.Module around them for bench, predict, eval.
 
-A runner takes one float32 NCHW array and returns float32 logits. `RuntimeModule` looks like any other
+A runner takes one float32 NCHW array and returns float32 logits (`run_all`: every output, e.g. a features-only
+export's four maps). `RuntimeModule` looks like any other
 implementation (tensor in, float32 logits tensor out): it exports the model to ONNX for each input shape it
 meets, or for OpenVINO converts it once and reshapes it (static shapes: what each runtime optimises best), and
 creates the session on that first call, so bench reports session creation and compilation as first-call time.
@@ -49,11 +50,11 @@ def available(runtime: str) -> bool:
 @dataclass(frozen=True)
 class Signature:
     """What an exported classifier takes and gives: input [batch, 3, H, W] (batch None = dynamic), output
-    [batch, num_classes]."""
+    [batch, num_classes]. A features-only export: num_classes 0, height and width None where dynamic."""
 
     batch: int | None
-    height: int
-    width: int
+    height: int | None
+    width: int | None
     num_classes: int
 
 
@@ -64,13 +65,30 @@ def _dim(value: Any) -> int | None:
         return None
 
 
-def _check_signature(path: str, inputs: list[tuple[Any, ...]], outputs: list[tuple[Any, ...]]) -> Signature:
+def features_export_error(path: str, outputs: int) -> CheckpointError:
+    """The one-line refusal of a features-only export (`poolformer export --features`) where a classifier is
+    needed."""
+    return CheckpointError(f"{path}: a features-only export ({outputs} feature maps, no logits): a detection or "
+                           "segmentation backbone, not a classifier; predict, eval and bench run classifier exports")
+
+
+def _check_signature(path: str, inputs: list[tuple[Any, ...]], outputs: list[tuple[Any, ...]],
+                     features: bool = False) -> Signature:
     """A Signature from the session's input and output shapes, or CheckpointError for a file that is not an
-    image classifier of this form (one [B, 3, H, W] input, one [B, classes] output, static H, W, classes)."""
+    image classifier of this form (one [B, 3, H, W] input, one [B, classes] output, static H, W, classes), or
+    with `features`, not a features-only export (one [B, 3, H, W] input, [B, C, H', W'] outputs)."""
     if len(inputs) != 1 or len(outputs) < 1:
         raise CheckpointError(f"{path}: expected one image input and a logits output, found {len(inputs)} "
                               f"input(s) and {len(outputs)} output(s): not a poolformer export")
     shape_in, shape_out = [_dim(d) for d in inputs[0]], [_dim(d) for d in outputs[0]]
+    maps = all(len(o) == 4 for o in outputs)
+    if features:
+        if len(shape_in) != 4 or shape_in[1] != 3 or not maps:
+            raise CheckpointError(f"{path}: input {list(inputs[0])} and outputs {[list(o) for o in outputs]} are not "
+                                  "[batch, 3, H, W] images to [batch, C, H', W'] maps: not a features-only export")
+        return Signature(shape_in[0], shape_in[2], shape_in[3], 0)
+    if maps and len(outputs) > 1 and len(shape_in) == 4 and shape_in[1] == 3:  # what `export --features` writes
+        raise features_export_error(path, len(outputs))
     if len(shape_in) != 4 or shape_in[1] != 3 or None in shape_in[2:] or len(shape_out) != 2 or shape_out[1] is None:
         raise CheckpointError(f"{path}: input {list(inputs[0])} and output {list(outputs[0])} are not [batch, 3, H, W] "
                               "images to [batch, classes] logits: not a poolformer export")
@@ -80,7 +98,7 @@ def _check_signature(path: str, inputs: list[tuple[Any, ...]], outputs: list[tup
 class OnnxRuntimeRunner:
     """An ONNX Runtime session (all graph optimisations; CPU, or CUDA/TensorRT where installed and asked)."""
 
-    def __init__(self, path: str, threads: int | None = None, device: str = "cpu"):
+    def __init__(self, path: str, threads: int | None = None, device: str = "cpu", features: bool = False):
         ort = require("onnxruntime")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -100,11 +118,14 @@ class OnnxRuntimeRunner:
             raise CheckpointError(f"{path}: ONNX Runtime cannot load it: {_first_line(err)}") from None
         self.input_name = self.session.get_inputs()[0].name
         self.signature = _check_signature(path, [tuple(i.shape) for i in self.session.get_inputs()],
-                                          [tuple(o.shape) for o in self.session.get_outputs()])
+                                          [tuple(o.shape) for o in self.session.get_outputs()], features)
         self.providers = self.session.get_providers()
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: images})[0]
+        return self.run_all(images)[0]
+
+    def run_all(self, images: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {self.input_name: images})
 
 
 _openvino_core: Any = None
@@ -131,7 +152,7 @@ class OpenVinoRunner:
     """An OpenVINO CPU compiled model, latency hint (one synchronous stream using every thread), in fp32
     unless bf16 is asked for on a CPU with native bf16."""
 
-    def __init__(self, path: str | Any, threads: int | None = None, precision: str = "fp32"):
+    def __init__(self, path: str | Any, threads: int | None = None, precision: str = "fp32", features: bool = False):
         """path: a file OpenVINO reads (ONNX or its own IR), or an `openvino.Model` built in memory."""
         core = openvino_core()
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY",
@@ -142,7 +163,7 @@ class OpenVinoRunner:
             model = _read_openvino(os.fspath(path))
         else:
             model, path = path, f"the built model {path.get_friendly_name()!r}"
-        self.signature = _openvino_signature(path, model)  # before compiling what it would refuse
+        self.signature = _openvino_signature(path, model, features)  # before compiling what it would refuse
         try:
             self.compiled = core.compile_model(model, "CPU", config)
         except Exception as err:  # OpenVINO raises RuntimeError subclasses with long multi-line messages
@@ -151,6 +172,10 @@ class OpenVinoRunner:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.request.infer({0: images})[self.compiled.output(0)]
+
+    def run_all(self, images: np.ndarray) -> list[np.ndarray]:
+        results = self.request.infer({0: images})
+        return [results[output] for output in self.compiled.outputs]
 
 
 def _read_openvino(path: str) -> Any:
@@ -176,9 +201,9 @@ def _check_ir_root(path: str) -> None:
         raise CheckpointError(f"{path}: not an OpenVINO IR file (its root element is <{root}>, not <net>)")
 
 
-def _openvino_signature(label: str, model: Any) -> Signature:
+def _openvino_signature(label: str, model: Any, features: bool = False) -> Signature:
     return _check_signature(label, [tuple(_ov_dims(i)) for i in model.inputs],
-                            [tuple(_ov_dims(o)) for o in model.outputs])
+                            [tuple(_ov_dims(o)) for o in model.outputs], features)
 
 
 def ir_signature(path: str) -> Signature:
@@ -216,12 +241,13 @@ def check_runnable(runtime: str, precision: str, device: str) -> None:
 
 
 def make_runner(runtime: str, path: str | Any, *, threads: int | None = None, precision: str = "fp32",
-                device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
-    """A runner for an exported file (or, for openvino, an `openvino.Model`); see `check_runnable`."""
+                device: str = "cpu", features: bool = False) -> OnnxRuntimeRunner | OpenVinoRunner:
+    """A runner for an exported file (or, for openvino, an `openvino.Model`); see `check_runnable`. features: the
+    file is a features-only export (its `run_all` gives the maps); otherwise it must be a classifier."""
     check_runnable(runtime, precision, device)
     if runtime == "onnxruntime":
-        return OnnxRuntimeRunner(path, threads, device)
-    return OpenVinoRunner(path, threads, precision)
+        return OnnxRuntimeRunner(path, threads, device, features)
+    return OpenVinoRunner(path, threads, precision, features)
 
 
 def _native_bf16() -> bool:
@@ -238,7 +264,7 @@ def _precision_of(x: torch.Tensor) -> str:
 
 class RuntimeModule(nn.Module):
     """A PoolFormer run by ONNX Runtime or OpenVINO. Input [B, 3, H, W] (a tensor on any device), output float32
-    logits [B, num_classes] on the input's device.
+    logits [B, num_classes] on the input's device (`features`: the list of a features-only model's maps).
 
     Built from a model (`export`: how to write an ONNX file for an input shape, or for openvino `build`: the
     `openvino.Model` for an input shape; one export per shape, or one build reshaped to each shape, made on the
@@ -250,13 +276,14 @@ class RuntimeModule(nn.Module):
 
     def __init__(self, runtime: str, export: Callable[[str, tuple[int, ...]], None] | None = None,
                  path: str | None = None, num_classes: int = 1000, precision: str | None = None,
-                 build: Callable[[tuple[int, ...]], Any] | None = None):
+                 build: Callable[[tuple[int, ...]], Any] | None = None, features: bool = False):
         super().__init__()
         require(runtime)
         if build is not None and runtime != "openvino":
             raise ConfigError(f"only openvino runs a model built in memory, not {runtime}")
         self.runtime, self._export, self._path, self.num_classes = runtime, export, path, num_classes
         self._build = build
+        self.features = features
         self._built: Any = None  # the openvino.Model built, reshaped to the last shape compiled
         self.precision = precision
         self._runners: dict[tuple, Callable] = {}
@@ -307,15 +334,16 @@ class RuntimeModule(nn.Module):
                 if not os.path.exists(source):
                     self._export(source, shape)
             self._runners[key] = make_runner(self.runtime, source, threads=self.threads or torch.get_num_threads(),
-                                             precision=precision, device=device)
+                                             precision=precision, device=device, features=self.features)
         return self._runners[key]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ConfigError(f"expected images [B, 3, H, W], got {list(x.shape)}")
         runner = self._runner(tuple(x.shape), self.precision or _precision_of(x), x.device.type)
         images = np.ascontiguousarray(x.detach().float().cpu().numpy())
-        return torch.from_numpy(np.asarray(runner(images), dtype=np.float32)).to(x.device)
+        outputs = [torch.from_numpy(np.asarray(out, dtype=np.float32)).to(x.device) for out in runner.run_all(images)]
+        return outputs if self.features else outputs[0]
 
     def to(self, *args: Any, **kwargs: Any) -> "RuntimeModule":  # no parameters here: nothing to move
         return self

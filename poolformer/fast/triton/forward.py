@@ -8,7 +8,9 @@ Per block, on channels-last activations [B, H, W, C] (= rows [R, C], R = B*H*W):
    two Triton GEMMs carrying the norm, activation and residual; plus y's partial moments for the next mixer.
 A stage's first block gets its input's moments from `stats_kernel` (one extra read per stage). The stem is an
 implicit GEMM over the caller's images as they are, v2's LayerNorms run on their own kernel; the downsampling
-convolutions and the head are PyTorch operators (cuDNN on a GPU).
+convolutions and the head are PyTorch operators (cuDNN on a GPU). A features-only model's output norms
+(GroupNorm(1) of each stage's map) run on `group_norm_kernel`, from the partials the stage's last block then
+writes too: one read and one write of each map.
 """
 
 from __future__ import annotations
@@ -71,7 +73,20 @@ class TritonForward:
     def features(self, images: torch.Tensor, model: TritonModel, plan: Plan) -> torch.Tensor:
         """Images [B, 3, H, W] (any layout and float dtype: the stem kernel reads them as they are) -> last map
         [B, H/32, W/32, C] (contiguous) in the compute dtype."""
+        return self.stages(images, model, plan)[-1]
+
+    def feature_maps(self, images: torch.Tensor, model: TritonModel, plan: Plan) -> list[torch.Tensor]:
+        """A features-only model's outputs: images [B, 3, H, W] -> each stage's map through its output norm,
+        [B, H_i, W_i, C_i] (contiguous) in the compute dtype."""
+        return self.stages(images, model, plan, normalise=True)
+
+    def stages(self, images: torch.Tensor, model: TritonModel, plan: Plan,
+               normalise: bool = False) -> list[torch.Tensor]:
+        """Each stage's output map [B, H_i, W_i, C_i] (contiguous, compute dtype); `normalise`: through the
+        stage's output norm, from the partials its last block then writes too (a stage without blocks gets
+        them from `stats_kernel`), right after the stage, while its map is fresh in the cache."""
         folded, recorder = model.folded, self.recorder
+        outputs = []
         recorder.stage = 0
         x = launches.stem(recorder, images, model.stem_matrix, model.stem_bias, folded.stem_weight.shape[-1])
         if folded.stem_norm_weight is not None:
@@ -82,14 +97,19 @@ class TritonForward:
                 if plan.down_norm_eps is not None:
                     x = launches.layer_norm(recorder, "down_norm", x, None, plan.down_norm_eps)
                 x = launches.conv(recorder, "down", x, stage.down_weight, stage.down_bias, stride=2, padding=1)
-            if not blocks:
-                continue
             x = x.contiguous()
-            stats = self.stage_input_stats(x)
+            stats = self.stage_input_stats(x) if blocks or normalise else None
             for index, block in enumerate(blocks):
                 x1, mixed_stats = self.pool_mix(x, stats, block, plan.pool_size)
-                x, stats = self.mlp(x1, mixed_stats, block, plan.activation, emit_stats=index < len(blocks) - 1)
-        return x
+                x, stats = self.mlp(x1, mixed_stats, block, plan.activation,
+                                    emit_stats=normalise or index < len(blocks) - 1)
+            if not normalise:
+                outputs.append(x)
+                continue
+            batch, height, width, channels = x.shape
+            tile = elementwise_tile(batch * height * width, channels, triton_interprets())
+            outputs.append(launches.group_norm(recorder, x, stats, folded.feature_norms[stage_index - 1], tile))
+        return outputs
 
     def head(self, x: torch.Tensor, model: TritonModel, plan: Plan) -> torch.Tensor:
         """Last map [B, H, W, C] -> float32 logits (PyTorch operators; see poolformer.fast.cpu.head_forward)."""

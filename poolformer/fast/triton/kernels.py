@@ -322,6 +322,34 @@ def mlp_norm_kernel(x_ptr, xn_ptr, base_ptr, in_part_ptr, skip_ptr, b2_ptr, R, H
 
 
 @triton.jit
+def group_norm_kernel(x_ptr, y_ptr, in_part_ptr, w_ptr, b_ptr, R, HW, C, SLOT_ROWS, IN_SLOT_ROWS, eps,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SEGS: tl.constexpr, IN_SEGS: tl.constexpr,
+                      IN_MAX_SLOTS: tl.constexpr, HAS_B: tl.constexpr):
+    """A features-only model's output norm, GroupNorm(1) of a stage's map x [R, C], one read and one write:
+    y = w_c * (x - mu_b) / sigma_b + b_c, with mu_b and sigma_b from the partials of x that the stage's last
+    block wrote (no pass of its own for the statistics). y goes to a new buffer: the next stage reads x."""
+    row0, first_sample, mean_in, inv_sigma = _slot_input_moments(in_part_ptr, R, HW, SLOT_ROWS, IN_SLOT_ROWS, eps,
+                                                                 SEGS, IN_SEGS, IN_MAX_SLOTS)
+    for tile in range(0, SLOT_ROWS, BLOCK_R):
+        rows = row0 + tile + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        seg = rows // HW - first_sample
+        row_mean = _per_row(mean_in, seg, SEGS)[:, None]
+        row_inv_sigma = _per_row(inv_sigma, seg, SEGS)[:, None]
+        row_offsets = rows.to(tl.int64) * C
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            col_ok = cols < C
+            valid = row_ok[:, None] & col_ok[None, :]
+            offsets = row_offsets[:, None] + cols[None, :]
+            x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+            y = (x - row_mean) * row_inv_sigma * tl.load(w_ptr + cols, mask=col_ok, other=0.0)[None, :]
+            if HAS_B:
+                y += tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
+            tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
 def _activation(h, ACT: tl.constexpr):
     if ACT == 0:  # GELU, exact (erf) form
         h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))

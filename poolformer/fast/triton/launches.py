@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ... import settings
 from .. import cpu
+from ..folding import FeatureNorm
 from .availability import kernels, triton_interprets
 from .instrument import Recorder
 from .tiles import (
@@ -51,6 +52,23 @@ def stats(recorder: Recorder, x: torch.Tensor, tile: Tile, name: str = "stats") 
         BLOCK_R=tile.block_rows, BLOCK_C=tile.block_channels, SEGS=out.segs, num_warps=tile.num_warps)
     recorder.record(name, [x], [out.buffer])
     return out
+
+
+def group_norm(recorder: Recorder, x: torch.Tensor, stats_in: Partials, norm: FeatureNorm,
+               tile: Tile) -> torch.Tensor:
+    """A features-only model's output norm on a stage's map x [B, H, W, C] -> a new [B, H, W, C] in x's dtype, on
+    `group_norm_kernel`, from x's partials `stats_in`."""
+    batch, height, width, channels = x.shape
+    rows, hw = batch * height * width, height * width
+    slots, segs = new_partials_shape(rows, hw, tile.block_rows)
+    y = torch.empty_like(x)
+    kernels().group_norm_kernel[(slots,)](
+        x, y, stats_in.buffer, norm.weight, norm.bias if norm.bias is not None else norm.weight, rows, hw, channels,
+        slot_rows_for(hw, tile.block_rows), stats_in.slot_rows, norm.eps, BLOCK_R=tile.block_rows,
+        BLOCK_C=tile.block_channels, SEGS=segs, IN_SEGS=stats_in.segs, IN_MAX_SLOTS=stats_in.max_slots,
+        HAS_B=norm.bias is not None, num_warps=tile.num_warps)
+    recorder.record("feature_norm", [x, stats_in.buffer, norm.weight, norm.bias], [y])
+    return y
 
 
 def pool_mix(recorder: Recorder, x: torch.Tensor, stats_in: Partials, block: TritonBlock, pool_size: int,
