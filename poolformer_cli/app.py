@@ -61,7 +61,33 @@ for _name, _command in COMMANDS.items():
 
 
 def main() -> None:
-    app()
+    """The console script. A usage error (an unknown option, a missing argument) is one line on stderr, exit 2,
+    like every other bad input, instead of Click's framed box; help without arguments is unchanged."""
+    import sys
+
+    try:  # typer 0.22+ carries its own copy of Click; older ones use Click's
+        from typer._click import exceptions as click
+    except ImportError:
+        from click import exceptions as click
+
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(prog_name="poolformer", standalone_mode=False)
+    except click.NoArgsIsHelpError as err:
+        err.show()
+        code = err.exit_code
+    except click.UsageError as err:
+        path = err.ctx.command_path if err.ctx is not None else "poolformer"
+        message = " ".join(err.format_message().split()).rstrip(".")
+        sys.stderr.write(f"error: {message}; see '{path} -h'\n")
+        code = err.exit_code
+    except click.ClickException as err:
+        sys.stderr.write(f"error: {' '.join(err.format_message().split())}\n")
+        code = err.exit_code
+    except click.Abort:
+        sys.stderr.write("aborted\n")
+        code = 1
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

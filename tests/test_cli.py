@@ -235,3 +235,31 @@ def test_the_root_help_lists_every_command_in_one_sentence_each(monkeypatch):
     for command in COMMANDS:
         assert f"│ {command} " in result.stdout
     assert max(len(line) for line in result.stdout.splitlines()) <= HELP_WIDTH
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "img.jpg", "--features"], "No such option: --features; see 'poolformer predict -h'"),
+    (["eval"], "Missing argument 'data'; see 'poolformer eval -h'"),
+    (["nosuch"], "No such command 'nosuch'"),
+    (["summary", "s12", "--csv"], "Option '--csv' requires an argument"),
+])
+def test_the_console_script_gives_usage_errors_in_one_line(argv, message, monkeypatch, capsys):
+    """Click frames a usage error in a box over several lines; the console script says it in one, exit 2, and
+    keeps help without arguments as it was."""
+    from poolformer_cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["poolformer", *argv])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    captured = capsys.readouterr()
+    assert exited.value.code == 2 and captured.out == ""
+    assert captured.err == f"error: {captured.err[7:].strip()}\n" and message in captured.err
+
+
+def test_the_console_script_without_arguments_prints_help(monkeypatch, capsys):
+    from poolformer_cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["poolformer"])
+    with pytest.raises(SystemExit):
+        main()
+    assert "Usage: poolformer" in capsys.readouterr().out
