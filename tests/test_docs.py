@@ -192,6 +192,15 @@ def test_command_pages_list_only_real_options(name):
     assert primary <= in_table, f"{name}: options missing from the table: {sorted(primary - in_table)}"
 
 
+def test_the_bench_page_lists_the_csv_columns_in_order():
+    from poolformer_cli.bench import CSV_COLUMNS
+
+    text = (ROOT / "docs" / "commands" / "bench.md").read_text(encoding="utf-8")
+    listed = " ".join(text.split("The CSV (`--csv`) has one line per row, the nested fields flattened: `", 1)[1]
+                      .split("`", 1)[0].split())
+    assert listed.split(", ") == list(CSV_COLUMNS)
+
+
 # ---------------------------------------------------------------------------------- project layout
 
 
