@@ -12,6 +12,7 @@ mixer and the elementwise ops (LayerScale, residual adds, GELU) do few MACs but 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,10 @@ def profile_model(config: BenchConfig, *, warmup: int = 3, steps: int = 5, trace
     Chrome trace (open in chrome://tracing or https://ui.perfetto.dev), atomically."""
     from torch.profiler import ProfilerActivity, profile
 
+    # Kineto, the profiler's backend, reads its log level when it first starts; at its default it writes its
+    # start/stop lines and, without a GPU, a "gpuGetDeviceCount failed" ERROR to stderr, noise in the middle of
+    # the command's output. 6 is above every level it logs at; set KINETO_LOG_LEVEL to see them.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     if warmup < 0 or steps < 1:
         raise ValueError("profile needs warmup >= 0 and steps >= 1")
     device = torch.device(config.device)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
 import sys
 import types
 from dataclasses import replace
@@ -816,3 +818,16 @@ def test_an_unusable_weights_file_is_refused_before_the_sweep(tmp_path, content,
     result = _run(["s12", *FAST, "--impl", impl, "--weights", str(path), "--batch-sizes", "1,2"])
     assert result.exit_code == 1 and result.stdout == "", result.output
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_profile_writes_nothing_to_stderr_on_success():
+    """The profiler's backend (Kineto) logs its start and stop, and a failed GPU probe, to stderr; the command's
+    output must not carry them."""
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-m", "poolformer_cli", "profile", "s12", "--device", "cpu",
+                           "--batch-size", "1", "--resolution", "64", "--warmup", "0", "--steps", "1", "--top", "3"],
+                          capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "" and "self time" in done.stdout
