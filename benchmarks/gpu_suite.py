@@ -549,12 +549,9 @@ def section_train(plan: Plan, work: Path) -> dict:
 
 
 SECTION_FUNCTIONS: dict[str, Callable[[Plan, Path], dict]] = {
-             compile_backend="eager", max_batch_limit=2, oom_config=("m48", 64, 2), backbone_models="s12",
-             backbone_runs=(("64x96", 1), ("64", 2)), backbone_precision="fp32", eval_images=6,
-             memory_batch=2, regression_repeats=2, regression_batch=1, torchrun=False, train_models=("s12",),
-             train_resolutions="32", train_batch=2, train_precision="fp32", train_impls="ours")
-RANK_FOR_IMAGE = (0, 0, 1, 4, 5, 499)  # image i is filed under the class at this rank of its own prediction
-SECTIONS = ("sweep", "backbone", "oom", "timing", "profile", "predict_eval", "memory", "regression", "train")
+    "sweep": section_sweep, "backbone": section_backbone, "oom": section_oom, "timing": section_timing,
+    "profile": section_profile, "predict_eval": section_predict_eval, "memory": section_memory,
+    "regression": section_regression, "train": section_train}
 
 
 # ------------------------------------------------------------------------------------------ report
