@@ -15,6 +15,13 @@ if not torch.cuda.is_available():
 if "POOLFORMER_TRITON_INTERPRET" in os.environ:
     os.environ.setdefault("TRITON_INTERPRET", os.environ["POOLFORMER_TRITON_INTERPRET"])
 
+# Under pytest-xdist (`-n auto`, the documented test command) the workers share the cores: each gets its share of
+# threads, and so do the processes its tests start, since OpenMP threads spinning on a busy core slow everyone.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 import pytest  # noqa: E402
 
 from poolformer import create_model  # noqa: E402
