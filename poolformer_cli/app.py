@@ -65,15 +65,16 @@ def main() -> None:
     like every other bad input, instead of Click's framed box; help without arguments is unchanged."""
     import sys
 
-    try:  # typer 0.22+ carries its own copy of Click; older ones use Click's
+    try:  # newer typer releases carry their own copy of Click; older ones use Click's
         from typer._click import exceptions as click
     except ImportError:
         from click import exceptions as click
+    no_args_is_help = getattr(click, "NoArgsIsHelpError", ())  # Click 8.2+; earlier ones print help themselves
 
     command = typer.main.get_command(app)
     try:
         code = command.main(prog_name="poolformer", standalone_mode=False)
-    except click.NoArgsIsHelpError as err:
+    except no_args_is_help as err:
         err.show()
         code = err.exit_code
     except click.UsageError as err:
