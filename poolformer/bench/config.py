@@ -140,6 +140,17 @@ class BenchResult:
     world_size: int = 1  # train rows under torchrun: processes, each training on batch_size images
     single_process_throughput: float | None = None  # under torchrun: the same row in one process, timed first
 
+    @classmethod
+    def timed(cls, config: BenchConfig, settings: BenchSettings, steps_ms: list[float], reference_ms: list[float],
+              world_size: int = 1, **fields: Any) -> "BenchResult":
+        """An "ok" row from its timed steps: img/s of all `world_size` processes from the median step, the
+        noisy flag from the spread, the reference workload's median (normalised mode); `fields` the rest."""
+        stats = LatencyStats.from_steps(steps_ms)
+        return cls(config=config, status="ok", throughput=world_size * config.batch_size * 1000.0 / stats.median,
+                   latency_ms=stats, steps_ms=steps_ms, noisy=stats.iqr > settings.noisy_iqr_ratio * stats.median,
+                   reference_ms=statistics.median(reference_ms) if reference_ms else None,
+                   reference_steps_ms=reference_ms, world_size=world_size, **fields)
+
     @property
     def scaling_efficiency(self) -> float | None:
         """Under torchrun: img/s of all processes over world_size x one process's img/s (1.0 = linear)."""

@@ -3,7 +3,6 @@ against the fp32 reference."""
 
 from __future__ import annotations
 
-import statistics
 from typing import Any, Callable
 
 import torch
@@ -14,8 +13,8 @@ from ..measure import (
     current_memory, free_memory, is_out_of_memory, peak_memory, reset_peak_memory, time_once, time_steps,
 )
 from .config import (
-    BUILD_SEED, PARITY_SAMPLES, PARITY_TOLERANCE, BenchConfig, BenchResult, BenchSettings, BuildModel, LatencyStats,
-    Parity, one_line,
+    BUILD_SEED, PARITY_SAMPLES, PARITY_TOLERANCE, BenchConfig, BenchResult, BenchSettings, BuildModel, Parity,
+    one_line,
 )
 from .models import ModelCache, build_kwargs, default_build, describe, make_input, prepare_model, row_autocast
 
@@ -43,14 +42,9 @@ def run_config(config: BenchConfig, settings: BenchSettings, build_model: BuildM
             steps_ms, reference_ms = time_steps(step, device, warmup=settings.warmup, iters=settings.iters,
                                                 min_time_s=settings.min_time_s, reference=reference)
         peak, reserved = peak_memory(device)
-        stats = LatencyStats.from_steps(steps_ms)
-        result = BenchResult(
-            config=config, status="ok", throughput=config.batch_size * 1000.0 / stats.median,
-            latency_ms=stats, steps_ms=steps_ms, peak_memory_bytes=peak, peak_reserved_bytes=reserved,
-            start_memory_bytes=start_memory, first_call_ms=first_call_ms,
-            noisy=stats.iqr > settings.noisy_iqr_ratio * stats.median,
-            reference_ms=statistics.median(reference_ms) if reference_ms else None,
-            reference_steps_ms=reference_ms)
+        result = BenchResult.timed(config, settings, steps_ms, reference_ms, peak_memory_bytes=peak,
+                                   peak_reserved_bytes=reserved, start_memory_bytes=start_memory,
+                                   first_call_ms=first_call_ms)
         described = describe(config, model, settings.compile_backend, settings.compile_mode)
         result.backend, result.backend_note = described.backend, described.backend_note
         result.bytes_per_image, result.compile_mode = described.bytes_per_image, described.compile_mode

@@ -8,7 +8,6 @@ images. The caller times the same row in one process first, for the scaling effi
 
 from __future__ import annotations
 
-import statistics
 from typing import Any, Callable
 
 import torch
@@ -24,7 +23,7 @@ from ..training import (
     train_step,
 )
 from ..zoo import get_spec
-from .config import BUILD_SEED, BenchConfig, BenchResult, BenchSettings, BuildModel, LatencyStats, one_line
+from .config import BUILD_SEED, BenchConfig, BenchResult, BenchSettings, BuildModel, one_line
 from .models import build_kwargs, default_build, make_input, target
 
 _WRAPPERS = ("module.", "_orig_mod.")  # DistributedDataParallel's and torch.compile's prefixes to parameter names
@@ -141,16 +140,10 @@ def run_train_config(config: BenchConfig, settings: BenchSettings, build_model: 
                                             reference=reference)
         steps_ms = _slowest_steps(procs, steps_ms)
         peak, reserved = peak_memory(device)
-        stats = LatencyStats.from_steps(steps_ms)
-        world = procs.world_size if distributed else 1
-        result = BenchResult(
-            config=config, status="ok", throughput=world * config.batch_size * 1000.0 / stats.median,
-            latency_ms=stats, steps_ms=steps_ms, peak_memory_bytes=peak, peak_reserved_bytes=reserved,
-            start_memory_bytes=start_memory, first_call_ms=first_call_ms,
-            noisy=stats.iqr > settings.noisy_iqr_ratio * stats.median,
-            reference_ms=statistics.median(reference_ms) if reference_ms else None,
-            reference_steps_ms=reference_ms, world_size=world,
-            compile_mode=(settings.compile_mode or "default") if config.compile else None)
+        result = BenchResult.timed(
+            config, settings, steps_ms, reference_ms, world_size=procs.world_size if distributed else 1,
+            peak_memory_bytes=peak, peak_reserved_bytes=reserved, start_memory_bytes=start_memory,
+            first_call_ms=first_call_ms, compile_mode=(settings.compile_mode or "default") if config.compile else None)
         if settings.parity:
             result.grad_parity, result.parity_note = check_train_parity(config, model, images, labels, build_model)
             if result.grad_parity is not None and not result.grad_parity.ok:
