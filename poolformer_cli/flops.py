@@ -223,16 +223,23 @@ def _render_comparison(reports) -> None:
     ], _first_per_model(reports).values(), title="Comparison (fvcore MACs at the first resolution counted)")
 
 
-def _render_by_operator(r) -> None:
-    print_table([
-        name("operator", lambda row: row.op),
-        number("calls", lambda row: str(row.analytic.calls)),
-        number("fvcore MACs", lambda row: "skipped" if row.fvcore_macs is None else human(row.fvcore_macs)),
+def _breakdown_columns() -> list:
+    """The counters' columns both breakdowns share (a row with torch_flops and an analytic count)."""
+    return [
         number("torch FLOPs", lambda row: human(row.torch_flops), priority=2),
         number("analytic MACs", lambda row: human(row.analytic.macs)),
         number("analytic ops", lambda row: human(row.analytic.ops)),
         number("bytes", lambda row: human(row.analytic.bytes, "B")),
         number("ops/B", lambda row: f"{row.analytic.intensity:.2f}", priority=2),
+    ]
+
+
+def _render_by_operator(r) -> None:
+    print_table([
+        name("operator", lambda row: row.op),
+        number("calls", lambda row: str(row.analytic.calls)),
+        number("fvcore MACs", lambda row: "skipped" if row.fvcore_macs is None else human(row.fvcore_macs)),
+        *_breakdown_columns(),
     ], r.operators, title=f"By operator: {_title(r)} (fvcore/analytic in MACs, torch in FLOPs)")
 
 
@@ -240,9 +247,5 @@ def _render_by_module(r) -> None:
     print_table([
         name("module", lambda row: row.name),
         number("fvcore MACs", lambda row: human(row.fvcore_macs)),
-        number("torch FLOPs", lambda row: human(row.torch_flops), priority=2),
-        number("analytic MACs", lambda row: human(row.analytic.macs)),
-        number("analytic ops", lambda row: human(row.analytic.ops)),
-        number("bytes", lambda row: human(row.analytic.bytes, "B")),
-        number("ops/B", lambda row: f"{row.analytic.intensity:.2f}", priority=2),
+        *_breakdown_columns(),
     ], r.modules, title=f"By module (own work): {_title(r)}")
