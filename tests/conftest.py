@@ -68,6 +68,16 @@ def _own_tile_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, and the process's own count back after it: small inputs gain nothing
+    from a second thread spinning on shared cores, and `--threads` changes a process-wide setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def s12_random() -> torch.nn.Module:
     return randomize_(create_model("s12"))
 

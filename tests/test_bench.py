@@ -37,13 +37,7 @@ REQUIRED_ENV_KEYS = {"poolformer", "torch", "timm", "cuda", "cpu_model", "thread
                      "matmul_precision", "cudnn_allow_tf32", "cuda_matmul_allow_tf32", "date", "git_commit"}
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """One thread here; and --threads changes a process-wide setting: give the rest of the suite its own back."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads on two shared cores stall badly when other jobs run
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class _Failing(nn.Module):

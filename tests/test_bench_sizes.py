@@ -26,12 +26,7 @@ FAST = ["--device", "cpu", "--warmup", "0", "--iters", "2", "--threads", "1"]
 QUICK = bench.BenchSettings(warmup=0, iters=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class _Seen(Implementation):

@@ -15,7 +15,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 from torch import nn
 from typer.testing import CliRunner
 
@@ -33,12 +32,7 @@ TINY = ["--device", "cpu", "--resolutions", "64", "--batch-sizes", "2", "--warmu
         "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _train_rows(models, impls, **options):

@@ -20,13 +20,7 @@ from tests.conftest import assert_one_line_error
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests count work on small inputs: a second intra-op thread only spins on the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _param_count(model: torch.nn.Module) -> int:
